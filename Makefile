@@ -1,0 +1,33 @@
+# `make train` and `make test` work on a fresh machine with only Python 3.11:
+# the first target that needs it builds .venv and installs lmjax into it.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/shakespeare_char.py
+WORKDIR ?= runs/shakespeare_char
+
+.PHONY: venv data train test test-slow clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# Downloads the corpus archive once (hash-checked) and builds the TFDS datasets.
+data: $(STAMP)
+	$(BIN)/python experiments/prepare_data.py
+
+train: data
+	$(BIN)/python experiments/train.py --config=$(CONFIG) --workdir=$(WORKDIR)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m 'not slow'
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""lmjax: language models in JAX and Flax."""
