@@ -1,0 +1,93 @@
+"""Character-level GPT on the embedded Shakespeare corpus.
+
+  python experiments/train.py --config=configs/shakespeare_char.py --workdir=runs/shakespeare_char
+  python experiments/train.py --config=configs/shakespeare_char.py:cpu --workdir=runs/cpu
+
+Variants (the text after ':'):
+  (none)  6 layers x 384 wide, context 256, batch 64 (the nanoGPT shakespeare_char size).
+          The step count is what 2 CPU cores finish in a few minutes; on an accelerator
+          pass --config.train.num_steps=5000 for the full recipe.
+  cpu     4 layers x 128 wide, context 64, batch 12, 2000 steps: a good model in minutes on a
+          laptop CPU.
+  tiny    2 layers x 64 wide, 80 steps: seconds; what the tests train.
+"""
+import ml_collections
+
+
+def get_config(variant: str = '') -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'transformer'  # transformer (the only family so far)
+  c.model.num_layers = 6  # decoder blocks
+  c.model.num_heads = 6  # attention heads; must divide d_model
+  c.model.d_model = 384  # residual stream width
+  c.model.d_ff = 0  # MLP hidden width; 0 means 4 * d_model
+  c.model.max_len = 256  # size of the learned position table; >= train.seq_len
+  c.model.dropout = 0.2  # dropout on embeddings, attention and residual branches
+  c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16
+  c.model.param_dtype = 'float32'  # storage dtype of the parameters
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'shakespeare'  # TFDS dataset registered by lmjax.data: shakespeare | milton
+  c.data.data_dir = ''  # TFDS data directory; '' means TFDS's default (~/tensorflow_datasets)
+  c.data.tokenizer = 'char'  # char | sentencepiece
+  c.data.vocab_size = 0  # sentencepiece only: vocabulary size to train
+  c.data.spm_model_type = 'bpe'  # sentencepiece only: bpe | unigram
+  c.data.eval_split = 'validation'  # split read whole at every evaluation
+
+  c.opt = ml_collections.ConfigDict()
+  c.opt.lr = 1e-3  # peak learning rate, reached after warmup
+  c.opt.min_lr = 1e-4  # learning rate at the end of the cosine decay
+  c.opt.warmup_steps = 100  # linear warmup from 0
+  c.opt.b1 = 0.9  # AdamW first-moment decay
+  c.opt.b2 = 0.99  # AdamW second-moment decay
+  c.opt.eps = 1e-8  # AdamW epsilon
+  c.opt.weight_decay = 0.1  # decoupled weight decay, on matrices only
+  c.opt.grad_clip = 1.0  # clip gradients to this global norm; 0 disables
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 40  # optimizer steps in the whole run
+  c.train.batch_size = 64  # global batch, in sequences; divides by the data-parallel devices
+  c.train.seq_len = 256  # tokens per training sequence
+  c.train.eval_batch_size = 64  # global batch for evaluation
+  c.train.eval_every = 20  # steps between evaluations (and at the end)
+  c.train.checkpoint_every = 20  # steps between checkpoints (and at the end)
+  c.train.keep_checkpoints = 3  # how many recent checkpoints to keep
+  c.train.log_every = 5  # steps between progress lines and train scalars
+  c.train.seed = 0  # seeds init, data order and dropout
+  c.train.sample_prompt = 'ROMEO:\n'  # prompt for the sample printed at the end
+  c.train.sample_tokens = 240  # length of that sample (prompt + sample <= model.max_len)
+
+  c.mesh = ml_collections.ConfigDict()
+  # Devices along ('data', 'fsdp', 'tensor'); one entry may be -1 to take what is left.
+  c.mesh.shape = (-1, 1, 1)
+  # Logical axis -> mesh axes. Batch splits over data and fsdp; parameters are replicated
+  # unless their logical axes map to a mesh axis.
+  c.mesh.rules = (
+      ('batch', ('data', 'fsdp')),
+      ('length', None),
+      ('vocab', None),
+      ('embed', None),
+      ('position', None),
+      ('heads', None),
+      ('head_dim', None),
+      ('mlp', None),
+  )
+
+  if variant == '':
+    pass
+  elif variant == 'cpu':
+    c.model.update(num_layers=4, num_heads=4, d_model=128, max_len=64, dropout=0.0)
+    c.train.update(num_steps=2000, batch_size=12, seq_len=64, eval_batch_size=256,
+                   eval_every=500, checkpoint_every=500, log_every=100, sample_tokens=56)
+  elif variant == 'tiny':
+    c.model.update(num_layers=2, num_heads=4, d_model=64, max_len=32, dropout=0.0)
+    c.opt.update(lr=3e-3, min_lr=3e-4, warmup_steps=10)
+    c.train.update(num_steps=80, batch_size=16, seq_len=32, eval_batch_size=64,
+                   eval_every=40, checkpoint_every=40, log_every=20, sample_tokens=20)
+  else:
+    raise ValueError(f'unknown variant {variant!r} of configs/shakespeare_char.py; '
+                     "use '', 'cpu' or 'tiny'")
+  c.lock()
+  return c

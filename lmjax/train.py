@@ -1,0 +1,321 @@
+"""Sharded training: state init, the jitted train / eval steps, and the training loop."""
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import metric_writers
+from flax import struct
+
+from lmjax import checkpoint as ckpt_lib
+from lmjax import decode, losses, models, optim, sharding
+from lmjax.data import corpora, pipeline, tokenizers
+from lmjax.models import transformer
+
+
+class TrainState(struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
+  """Rejects impossible configs with a message naming the field, before any compiling."""
+  m, t, o, d = config.model, config.train, config.opt, config.data
+  if m.d_model % m.num_heads:
+    raise ValueError(f'model.d_model={m.d_model} does not divide by model.num_heads='
+                     f'{m.num_heads}; pick a width that is a multiple of the head count.')
+  if t.seq_len > m.max_len:
+    raise ValueError(f'train.seq_len={t.seq_len} is longer than the position table '
+                     f'(model.max_len={m.max_len}); raise model.max_len or lower train.seq_len.')
+  dp = sharding.data_parallel_size(mesh)
+  for field in ('batch_size', 'eval_batch_size'):
+    value = t[field]
+    if value <= 0 or value % dp or value % jax.process_count():
+      raise ValueError(
+          f'train.{field}={value} does not divide by the {dp} data-parallel devices '
+          f"(mesh axes {sharding.BATCH_AXES} of mesh {dict(mesh.shape)}) and "
+          f'{jax.process_count()} process(es); use a multiple of {dp}.')
+  if t.num_steps < 1:
+    raise ValueError(f'train.num_steps={t.num_steps}; it must be at least 1.')
+  if not 0 <= o.warmup_steps < t.num_steps:
+    raise ValueError(f'opt.warmup_steps={o.warmup_steps} must be below train.num_steps='
+                     f'{t.num_steps}.')
+  for field in ('eval_every', 'checkpoint_every', 'log_every'):
+    if t[field] < 1:
+      raise ValueError(f'train.{field}={t[field]}; it must be at least 1.')
+  if d.tokenizer not in tokenizers.KINDS:
+    raise ValueError(f'data.tokenizer={d.tokenizer!r}; use one of {tokenizers.KINDS}.')
+  if d.tokenizer == 'sentencepiece' and d.vocab_size <= 0:
+    raise ValueError('data.tokenizer=sentencepiece needs data.vocab_size > 0 '
+                     '(e.g. --config.data.vocab_size=2000).')
+  if d.name not in corpora.DATASETS:
+    raise ValueError(f'data.name={d.name!r}; known datasets: {", ".join(corpora.DATASETS)}.')
+  if m.name not in models.MODEL_NAMES:
+    raise ValueError(f'model.name={m.name!r}; known models: {", ".join(models.MODEL_NAMES)}.')
+
+
+def save_config(config, workdir: str) -> None:
+  path = os.path.join(workdir, 'config.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    if previous != json.loads(config.to_json()):
+      print(f'note: {path} differs from this run\'s config; overwriting it.')
+  if jax.process_index() == 0:
+    with open(path, 'w') as f:
+      f.write(config.to_json(indent=2))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'no config.json in {workdir}: is it a training workdir '
+                            '(experiments/train.py --workdir=...)?')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+# ------------------------------------------------------------------------------ state
+
+
+def _init_state(rng, *, model, tx, seq_len: int, unbox: bool = True) -> TrainState:
+  params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))['params']
+  if unbox:
+    params = nn.meta.unbox(params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def create_train_state(model, tx, mesh, rules, seed: int, seq_len: int):
+  """Initialises the state directly into its shardings; no full host copy of the params."""
+  init = functools.partial(_init_state, model=model, tx=tx, seq_len=seq_len)
+
+  rng = jax.random.key(seed)
+  abstract_boxed = jax.eval_shape(functools.partial(init, unbox=False), rng)
+  state_shardings = sharding.logical_shardings(abstract_boxed, mesh, rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state = jax.jit(functools.partial(init, unbox=True), out_shardings=state_shardings)(rng)
+  return state, state_shardings
+
+
+# ------------------------------------------------------------------------------ steps
+
+
+def train_step(state: TrainState, batch: dict, rng, *, model, tx):
+  """One optimizer step: (state, batch, rng) -> (state, metrics)."""
+  dropout_rng = jax.random.fold_in(rng, state.step)
+
+  def loss_fn(params):
+    logits = model.apply({'params': params}, batch['inputs'], train=True,
+                         rngs={'dropout': dropout_rng})
+    sums = losses.token_cross_entropy(logits, batch['targets'],
+                                      jnp.ones(batch['targets'].shape, jnp.float32))
+    return sums['loss_sum'] / sums['weight_sum'], sums
+
+  (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            opt_state=opt_state)
+  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
+             'accuracy': sums['correct_sum'] / sums['weight_sum']}
+  return new_state, metrics
+
+
+def eval_step(params, batch: dict, *, model):
+  logits = model.apply({'params': params}, batch['inputs'], train=False)
+  return losses.token_cross_entropy(logits, batch['targets'], batch['weights'])
+
+
+def evaluate(eval_fn, params, evals: pipeline.EvalSet, batch_sharding, bits_per_char: bool):
+  totals = None
+  for local in evals.batches():
+    sums = eval_fn(params, pipeline.to_global(local, batch_sharding))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  return losses.summarize(jax.device_get(totals), bits_per_char)
+
+
+def load_trained(workdir: str, step: int | None = None):
+  """(config, tokenizer, params, step) of a training workdir, params on the default device."""
+  config = load_config(workdir)
+  tokenizer = tokenizers.load_tokenizer(workdir)
+  checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
+  step = checkpointer.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'no checkpoint in {checkpointer.directory}; train first '
+                            '(experiments/train.py --workdir=...).')
+  model = models.build_model(config.model, tokenizer.vocab_size)
+  tx = optim.make_optimizer(config.opt, config.train.num_steps)
+
+  init = functools.partial(_init_state, model=model, tx=tx, seq_len=config.train.seq_len)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.eval_shape(init, jax.random.key(0))
+  abstract = ckpt_lib.abstract_with_shardings(abstract, jax.tree.map(lambda _: device, abstract))
+  state, _ = checkpointer.restore(step, abstract)
+  checkpointer.close()
+  return config, tokenizer, state.params, step
+
+
+# ----------------------------------------------------------------------------- sample
+
+
+def sample_text(config, params, tokenizer, prompt: str, num_tokens: int, *, seed: int = 0,
+                temperature: float = 0.8, top_k: int = 0) -> str:
+  """Decodes a continuation of `prompt` with the KV-cached model (single device)."""
+  prompt_ids = tokenizer.encode(prompt)[None, :]
+  decode_model = models.build_model(config.model, tokenizer.vocab_size, decode=True)
+  tokens_to_logits, state = transformer.decode_fns(decode_model, jax.device_get(params),
+                                                   batch_size=1)
+  new_ids = decode.generate(tokens_to_logits, state, prompt_ids, max_new_tokens=num_tokens,
+                            rng=jax.random.key(seed), temperature=temperature, top_k=top_k,
+                            max_len=config.model.max_len)
+  return prompt + tokenizer.decode(np.asarray(new_ids[0]))
+
+
+# ------------------------------------------------------------------------------- loop
+
+
+def _mean_metrics(history: list[dict]) -> dict:
+  stacked = jax.device_get(history)
+  return {k: float(np.mean([h[k] for h in stacked])) for k in stacked[0]}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns final eval.
+
+  `devices` defaults to all of them; a subset is for comparisons (tests, benchmarks).
+  """
+  workdir = os.path.abspath(workdir)
+  t = config.train
+  mesh = sharding.make_mesh(config.mesh, devices)
+  validate_config(config, mesh)
+  os.makedirs(workdir, exist_ok=True)
+  save_config(config, workdir)
+  rules = sharding.rules_as_tuples(config.mesh.rules)
+
+  # Data and tokenizer. The tokenizer is trained once and then reused from the workdir.
+  data = config.data
+  tokenizer = tokenizers.build_tokenizer(
+      data.tokenizer, workdir,
+      lambda: [text for _, text in corpora.load_split_texts(data.name, 'train',
+                                                          data.data_dir or None)],
+      vocab_size=data.vocab_size or None, model_type=data.spm_model_type)
+  train_tokens = pipeline.load_tokens(data, 'train', tokenizer)
+  evals = pipeline.eval_set(pipeline.load_tokens(data, data.eval_split, tokenizer),
+                            seq_len=t.seq_len, batch_size=t.eval_batch_size)
+  bits_per_char = data.tokenizer == 'char'
+
+  model = models.build_model(config.model, tokenizer.vocab_size)
+  tx = optim.make_optimizer(config.opt, t.num_steps)
+  schedule = optim.learning_rate_schedule(config.opt, t.num_steps)
+  state, state_shardings = create_train_state(model, tx, mesh, rules, t.seed, t.seq_len)
+  num_params = models.count_params(state.params)
+
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
+  start_step = checkpointer.latest_step()
+  if start_step is not None:
+    abstract = ckpt_lib.abstract_with_shardings(jax.eval_shape(lambda: state), state_shardings)
+    state, data_state = checkpointer.restore(start_step, abstract)
+    next_example = int(data_state['next_example'])
+    print(f'Resuming from step {start_step} of {t.num_steps} '
+          f'(checkpoint {checkpointer.directory}/{start_step}).', flush=True)
+  else:
+    start_step, next_example = 0, 0
+    print(f'Starting a new run in {workdir}: {num_params:,} parameters, '
+          f'vocabulary {tokenizer.vocab_size}, {len(train_tokens):,} training tokens.',
+          flush=True)
+
+  batch_sharding = sharding.batch_sharding(mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    step_fn = jax.jit(
+        functools.partial(train_step, model=model, tx=tx),
+        in_shardings=(state_shardings, batch_sharding, sharding.replicated(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+    eval_fn = jax.jit(functools.partial(eval_step, model=model),
+                      in_shardings=(state_shardings.params, batch_sharding),
+                      out_shardings=sharding.replicated(mesh))
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if start_step == 0:
+    writer.write_hparams({'num_params': num_params, **_flatten(config.to_dict())})
+  batches = iter(pipeline.train_dataset(train_tokens, seq_len=t.seq_len,
+                                        global_batch=t.batch_size, seed=t.seed,
+                                        start_example=next_example).as_numpy_iterator())
+  dropout_rng = jax.random.key(t.seed + 1)
+  tokens_per_step = t.batch_size * t.seq_len
+  history, eval_metrics = [], {}
+  timer_start, timer_step = None, start_step
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    for step in range(start_step + 1, t.num_steps + 1):
+      state, metrics = step_fn(state, pipeline.to_global(next(batches), batch_sharding),
+                               dropout_rng)
+      history.append(metrics)
+      if timer_start is None:  # the first step compiles; rates are timed from its end
+        jax.block_until_ready(metrics)
+        timer_start, timer_step = time.perf_counter(), step
+
+      if step % t.log_every == 0 or step == t.num_steps:
+        scalars = _mean_metrics(history)
+        history = []
+        elapsed = time.perf_counter() - timer_start
+        steps_per_sec = (step - timer_step) / elapsed if step > timer_step else 0.0
+        scalars['tokens_per_sec'] = steps_per_sec * tokens_per_step
+        scalars['learning_rate'] = float(schedule(step - 1))
+        writer.write_scalars(step, {f'train/{k}': v for k, v in scalars.items()})
+        eta = (t.num_steps - step) / steps_per_sec if steps_per_sec else float('nan')
+        print(f'step {step:>6}/{t.num_steps}  loss {scalars["loss"]:.4f}  '
+              f'lr {scalars["learning_rate"]:.2e}  {scalars["tokens_per_sec"]:,.0f} tokens/s  '
+              f'ETA {_format_seconds(eta)}', flush=True)
+
+      if step % t.eval_every == 0 or step == t.num_steps:
+        eval_metrics = evaluate(eval_fn, state.params, evals, batch_sharding, bits_per_char)
+        writer.write_scalars(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
+        print(f'eval at step {step}: ' +
+              '  '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()), flush=True)
+
+      if step % t.checkpoint_every == 0 or step == t.num_steps:
+        checkpointer.save(step, state, {'next_example': step * t.batch_size})
+
+  checkpointer.wait()
+  checkpointer.close()
+  if not eval_metrics:  # resumed a finished run: report where it stands
+    eval_metrics = evaluate(eval_fn, state.params, evals, batch_sharding, bits_per_char)
+  sample = sample_text(config, state.params, tokenizer, t.sample_prompt, t.sample_tokens,
+                       seed=t.seed)
+  writer.write_texts(t.num_steps, {'sample': sample})
+  writer.flush()
+  writer.close()
+  print(f'\nDone: eval loss {eval_metrics["loss"]:.4f} at step {t.num_steps}; '
+        f'checkpoints in {checkpointer.directory}.\n'
+        f'Decode more with: python experiments/decode.py --workdir={workdir} '
+        f"--prompt='{t.sample_prompt.strip()}'\n"
+        f'\n--- sample ---\n{sample}\n--------------', flush=True)
+  return eval_metrics
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in tree.items():
+    name = f'{prefix}{k}'
+    if isinstance(v, dict):
+      out.update(_flatten(v, name + '.'))
+    else:
+      out[name] = v if isinstance(v, (int, float, str, bool)) else str(v)
+  return out
+
+
+def _format_seconds(seconds: float) -> str:
+  if seconds != seconds:  # nan
+    return '?'
+  seconds = int(round(seconds))
+  return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'

@@ -1,0 +1,76 @@
+"""The tf.data training stream and the fixed evaluation windows."""
+import itertools
+
+import numpy as np
+import pytest
+
+from lmjax.data import pipeline
+
+
+def _take(ds, n):
+  return list(itertools.islice(ds.as_numpy_iterator(), n))
+
+
+def _stream(n=5000):
+  # Distinct values, so a window's position in the stream can be read off its first token.
+  return np.arange(n, dtype=np.int32)
+
+
+def test_targets_are_inputs_shifted_by_one():
+  tokens = _stream()
+  for batch in _take(pipeline.train_dataset(tokens, seq_len=16, global_batch=4, seed=0), 5):
+    assert batch['inputs'].shape == batch['targets'].shape == (4, 16)
+    np.testing.assert_array_equal(batch['inputs'][:, 1:], batch['targets'][:, :-1])
+    np.testing.assert_array_equal(batch['inputs'] + 1, batch['targets'])  # contiguous
+
+
+def test_same_seed_same_batches_and_other_seed_differs():
+  tokens = _stream()
+  a = _take(pipeline.train_dataset(tokens, seq_len=16, global_batch=4, seed=3), 20)
+  b = _take(pipeline.train_dataset(tokens, seq_len=16, global_batch=4, seed=3), 20)
+  c = _take(pipeline.train_dataset(tokens, seq_len=16, global_batch=4, seed=4), 20)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x['inputs'], y['inputs'])
+  assert any(not np.array_equal(x['inputs'], z['inputs']) for x, z in zip(a, c))
+
+
+def test_starting_mid_stream_continues_the_same_stream():
+  tokens = _stream(2000)
+  # 2000 tokens / 16 = 124 windows an epoch: 40 batches of 4 cross two epoch boundaries.
+  full = _take(pipeline.train_dataset(tokens, seq_len=16, global_batch=4, seed=1), 80)
+  resumed = _take(pipeline.train_dataset(tokens, seq_len=16, global_batch=4, seed=1,
+                                         start_example=4 * 37), 43)
+  for x, y in zip(full[37:], resumed):
+    np.testing.assert_array_equal(x['inputs'], y['inputs'])
+
+
+def test_an_epoch_visits_every_window_once_in_shuffled_order():
+  tokens = _stream(16 * 101 + 7)
+  n = pipeline.windows_per_epoch(len(tokens), 16)
+  batches = _take(pipeline.train_dataset(tokens, seq_len=16, global_batch=1, seed=0), n)
+  starts = np.array([b['inputs'][0, 0] for b in batches])
+  offset = starts.min()
+  assert 0 <= offset < 16
+  np.testing.assert_array_equal(np.sort(starts), offset + 16 * np.arange(n))
+  assert not np.array_equal(starts, np.sort(starts))  # shuffled
+
+
+def test_eval_set_scores_every_token_once_in_fixed_windows():
+  tokens = _stream(1000)
+  evals = pipeline.eval_set(tokens, seq_len=16, batch_size=8)
+  batches = list(evals.batches())
+  assert all(b['inputs'].shape == (8, 16) for b in batches)
+  weights = np.concatenate([b['weights'].ravel() for b in batches])
+  targets = np.concatenate([b['targets'].ravel() for b in batches])
+  assert weights.sum() == len(tokens) - 1
+  np.testing.assert_array_equal(targets[weights > 0], tokens[1:])
+  again = list(pipeline.eval_set(tokens, seq_len=16, batch_size=8).batches())
+  for x, y in zip(batches, again):
+    np.testing.assert_array_equal(x['inputs'], y['inputs'])
+
+
+def test_split_too_short_for_one_window_is_a_clear_error():
+  with pytest.raises(ValueError, match='train.seq_len'):
+    pipeline.train_dataset(_stream(10), seq_len=16, global_batch=2, seed=0)
+  with pytest.raises(ValueError, match='evaluation split'):
+    pipeline.eval_set(_stream(10), seq_len=16, batch_size=2)

@@ -1,0 +1,291 @@
+"""The decoder-only Transformer: causality, KV cache, logical axes, config errors, sizes."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+
+from lmjax import models
+from lmjax.models import transformer
+from lmjax.models.transformer import Transformer
+
+TINY = dict(vocab_size=11, num_layers=2, num_heads=4, d_model=32, d_ff=64, max_len=16)
+
+
+def _key(seed):
+  # 'rbg' keys: compiling threefry for every initialiser dominates these tiny tests on CPU.
+  return jax.random.key(seed, impl='rbg')
+
+
+def _random_params(model, seed=0, stddev=0.2):
+  """Params with every leaf redrawn: GPT-2's init is so small that bugs hide in it."""
+  @jax.jit
+  def init_and_redraw():
+    params = model.init(_key(seed), jnp.zeros((1, 4), jnp.int32))['params']
+    leaves, treedef = jax.tree.flatten(nn.unbox(params))
+    keys = jax.random.split(_key(seed + 1), len(leaves))
+    leaves = [leaf + stddev * jax.random.normal(key, leaf.shape, leaf.dtype)
+              for leaf, key in zip(leaves, keys)]
+    return jax.tree.unflatten(treedef, leaves)
+
+  return init_and_redraw()
+
+
+def _random_ids(shape, seed=0, vocab_size=TINY['vocab_size']):
+  return jax.random.randint(_key(seed), shape, 0, vocab_size, jnp.int32)
+
+
+@pytest.fixture(scope='module')
+def tiny_params():
+  return _random_params(Transformer(**TINY))
+
+
+def _add_to_embeddings(delta_BxLxE):
+  """Interceptor that adds delta to the token embeddings, to differentiate w.r.t. them."""
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if isinstance(context.module, nn.Embed) and context.method_name == '__call__':
+      out = out + delta_BxLxE
+    return out
+
+  return interceptor
+
+
+def test_logits_depend_only_on_earlier_positions(tiny_params):
+  model = Transformer(**TINY)
+  length = 8
+  ids_BxL = _random_ids((2, length))
+  readout_V = jax.random.normal(_key(3), (TINY['vocab_size'],))
+
+  @jax.jit
+  def input_gradient(t):
+    def logit_at_t(delta_BxLxE):
+      with nn.intercept_methods(_add_to_embeddings(delta_BxLxE)):
+        logits_BxLxV = model.apply({'params': tiny_params}, ids_BxL)
+      return logits_BxLxV[0, t] @ readout_V
+
+    return jax.grad(logit_at_t)(jnp.zeros((2, length, TINY['d_model'])))
+
+  for t in range(length):
+    grad_BxLxE = np.asarray(input_gradient(t))
+    norms_L = np.linalg.norm(grad_BxLxE[0], axis=-1)
+    assert np.all(norms_L[:t + 1] > 1e-6), (t, norms_L)
+    assert np.all(grad_BxLxE[0, t + 1:] == 0.0), (t, norms_L)
+    assert np.all(grad_BxLxE[1] == 0.0), 'batch rows must not mix'
+
+
+def test_kv_cache_prefill_then_steps_matches_full_forward(tiny_params):
+  total_len, prompt_len = 12, 5
+  ids_BxL = _random_ids((2, total_len), seed=1)
+  full_logits_BxLxV = jax.jit(Transformer(**TINY).apply)({'params': tiny_params}, ids_BxL)
+
+  decode_model = Transformer(**TINY, decode=True)
+  tokens_to_logits = jax.jit(transformer.make_tokens_to_logits(decode_model, tiny_params))
+  cache = transformer.init_cache(decode_model, batch_size=2)
+  logits, cache = tokens_to_logits(ids_BxL[:, :prompt_len], cache)
+  step_logits = [logits]
+  for t in range(prompt_len, total_len):
+    logits, cache = tokens_to_logits(ids_BxL[:, t:t + 1], cache)
+    step_logits.append(logits)
+
+  np.testing.assert_allclose(np.concatenate(step_logits, axis=1), full_logits_BxLxV,
+                             atol=1e-5, rtol=1e-5)
+  assert int(cache['index']) == total_len
+
+
+def test_kv_cache_prefill_in_two_chunks_matches_one(tiny_params):
+  ids_BxL = _random_ids((2, 9), seed=2)
+  decode_model = Transformer(**TINY, decode=True)
+  tokens_to_logits = jax.jit(transformer.make_tokens_to_logits(decode_model, tiny_params))
+  empty = transformer.init_cache(decode_model, batch_size=2)
+
+  one_logits, one_cache = tokens_to_logits(ids_BxL, empty)
+  first_logits, cache = tokens_to_logits(ids_BxL[:, :4], empty)
+  second_logits, two_cache = tokens_to_logits(ids_BxL[:, 4:], cache)
+
+  np.testing.assert_allclose(np.concatenate([first_logits, second_logits], axis=1),
+                             one_logits, atol=1e-5, rtol=1e-5)
+  for one, two in zip(jax.tree.leaves(one_cache), jax.tree.leaves(two_cache)):
+    np.testing.assert_allclose(one, two, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_fns_state_carries_params_and_cache(tiny_params):
+  ids_BxL = _random_ids((1, 6), seed=4)
+  full_logits_BxLxV = jax.jit(Transformer(**TINY).apply)({'params': tiny_params}, ids_BxL)
+  decode_model = Transformer(**TINY, decode=True)
+  tokens_to_logits, state = transformer.decode_fns(decode_model, tiny_params, batch_size=1)
+  again, _ = transformer.decode_fns(Transformer(**TINY, decode=True), tiny_params, batch_size=1)
+  assert again is tokens_to_logits, 'equal models must share one function (jit cache)'
+
+  prefill_logits, state = jax.jit(tokens_to_logits)(ids_BxL[:, :5], state)
+  step_logits, state = jax.jit(tokens_to_logits)(ids_BxL[:, 5:], state)
+  np.testing.assert_allclose(np.concatenate([prefill_logits, step_logits], axis=1),
+                             full_logits_BxLxV, atol=1e-5, rtol=1e-5)
+  assert int(state['cache']['index']) == 6
+
+
+def test_cache_starts_empty_and_has_documented_layout():
+  decode_model = Transformer(**TINY, decode=True)
+  cache = transformer.init_cache(decode_model, batch_size=3)
+  assert set(cache) == {'index', 'layer_0', 'layer_1'}
+  assert cache['index'].dtype == jnp.int32 and int(cache['index']) == 0
+  layer_cache = cache['layer_0']['attention']
+  assert set(layer_cache) == {'cached_key', 'cached_value'}
+  assert layer_cache['cached_key'].shape == (3, 16, 4, 8)
+  # Initialising with a full-length dummy (the flax examples' way) also leaves it empty.
+  init_cache = jax.jit(decode_model.init)(_key(0), jnp.ones((3, 16), jnp.int32))
+  init_cache = init_cache['cache']
+  assert all(not np.any(leaf) for leaf in jax.tree.leaves(init_cache))
+  assert jax.tree.structure(init_cache) == jax.tree.structure(cache)
+
+
+def test_writing_past_max_len_gives_nan_logits(tiny_params):
+  decode_model = Transformer(**TINY, decode=True)
+  tokens_to_logits = jax.jit(transformer.make_tokens_to_logits(decode_model, tiny_params))
+  cache = transformer.init_cache(decode_model, batch_size=1)
+  logits, cache = tokens_to_logits(_random_ids((1, 16)), cache)
+  assert np.all(np.isfinite(logits))
+  logits, _ = tokens_to_logits(_random_ids((1, 1)), cache)
+  assert np.all(np.isnan(logits))
+
+
+def test_params_carry_logical_axis_names():
+  model = Transformer(**TINY)
+  abstract = jax.eval_shape(model.init, _key(0), jnp.zeros((1, 4), jnp.int32))
+  specs = nn.get_partition_spec(abstract)['params']
+  found = {'/'.join(k.key for k in path): tuple(spec)
+           for path, spec in jax.tree_util.tree_leaves_with_path(
+               specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))}
+
+  expected = {
+      'token_embed/embedding': ('vocab', 'embed'),
+      'position_embed': ('position', 'embed'),
+      'final_norm/scale': ('embed',),
+      'final_norm/bias': ('embed',),
+  }
+  for layer in ('layer_0', 'layer_1'):
+    for name in ('query', 'key', 'value'):
+      expected[f'{layer}/attention/{name}/kernel'] = ('embed', 'heads', 'head_dim')
+      expected[f'{layer}/attention/{name}/bias'] = ('heads', 'head_dim')
+    expected[f'{layer}/attention/out/kernel'] = ('heads', 'head_dim', 'embed')
+    expected[f'{layer}/attention/out/bias'] = ('embed',)
+    expected[f'{layer}/mlp/dense_in/kernel'] = ('embed', 'mlp')
+    expected[f'{layer}/mlp/dense_in/bias'] = ('mlp',)
+    expected[f'{layer}/mlp/dense_out/kernel'] = ('mlp', 'embed')
+    expected[f'{layer}/mlp/dense_out/bias'] = ('embed',)
+    for norm in ('attention_norm', 'mlp_norm'):
+      expected[f'{layer}/{norm}/scale'] = ('embed',)
+      expected[f'{layer}/{norm}/bias'] = ('embed',)
+  assert found == expected
+
+
+def test_initialisation_follows_gpt2():
+  num_layers = 4
+  model = Transformer(vocab_size=50, num_layers=num_layers, num_heads=4, d_model=64,
+                      d_ff=256, max_len=16)
+  params = jax.jit(model.init)(_key(0), jnp.zeros((1, 4), jnp.int32))
+  params = nn.unbox(params['params'])
+  residual_stddev = 0.02 / np.sqrt(2 * num_layers)
+  layer = params['layer_3']
+  for kernel, stddev in [(params['token_embed']['embedding'], 0.02),
+                         (layer['attention']['query']['kernel'], 0.02),
+                         (layer['mlp']['dense_in']['kernel'], 0.02),
+                         (layer['attention']['out']['kernel'], residual_stddev),
+                         (layer['mlp']['dense_out']['kernel'], residual_stddev)]:
+    assert np.std(kernel) == pytest.approx(stddev, rel=0.1)
+  assert np.all(layer['attention']['key']['bias'] == 0)
+  assert np.all(layer['mlp_norm']['scale'] == 1) and np.all(layer['mlp_norm']['bias'] == 0)
+
+
+def test_sharded_run_matches_unsharded(tiny_params):
+  model = Transformer(**TINY)
+  ids_BxL = _random_ids((4, 8), seed=5)
+  apply = lambda params, ids: model.apply({'params': params}, ids)  # noqa: E731
+  expected = jax.jit(apply)(tiny_params, ids_BxL)
+  assert 'sharding_constraint' not in str(jax.make_jaxpr(apply)(tiny_params, ids_BxL))
+
+  mesh = jax.make_mesh((2, 4), ('data', 'model'), axis_types=(AxisType.Auto,) * 2)
+  rules = [('batch', 'data'), ('embed', 'model'), ('mlp', 'model'), ('heads', 'model')]
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    assert 'sharding_constraint' in str(jax.make_jaxpr(apply)(tiny_params, ids_BxL))
+    sharded = jax.jit(apply)(tiny_params, ids_BxL)
+  np.testing.assert_allclose(sharded, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_head_count_raises_clear_error():
+  with pytest.raises(ValueError, match=r'model\.d_model=30.*model\.num_heads=4'):
+    Transformer(**{**TINY, 'd_model': 30})
+
+
+@pytest.mark.parametrize('decode', [False, True])
+def test_input_longer_than_max_len_raises_clear_error(decode):
+  model = Transformer(**TINY, decode=decode)
+  with pytest.raises(ValueError, match=r'train\.seq_len.*model\.max_len'):
+    jax.eval_shape(model.init, _key(0), jnp.zeros((1, 17), jnp.int32))
+
+
+def test_dropout_only_when_training(tiny_params):
+  model = Transformer(**{**TINY, 'dropout_rate': 0.2})
+  ids_BxL = _random_ids((2, 8), seed=6)
+  variables = {'params': tiny_params}
+  apply = jax.jit(model.apply, static_argnames='train')
+  eval_logits = apply(variables, ids_BxL)
+  eval_with_rng = apply(variables, ids_BxL, rngs={'dropout': _key(1)})
+  np.testing.assert_array_equal(eval_logits, eval_with_rng)
+  np.testing.assert_array_equal(eval_logits,
+                                jax.jit(Transformer(**TINY).apply)(variables, ids_BxL))
+
+  train_a = apply(variables, ids_BxL, train=True, rngs={'dropout': _key(1)})
+  train_b = apply(variables, ids_BxL, train=True, rngs={'dropout': _key(2)})
+  assert not np.allclose(train_a, eval_logits)
+  assert not np.allclose(train_a, train_b)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits(tiny_params):
+  model = Transformer(**TINY, dtype=jnp.bfloat16)
+  ids_BxL = _random_ids((2, 8), seed=7)
+  params = jax.eval_shape(model.init, _key(0), ids_BxL)['params']
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
+  logits = jax.jit(model.apply)({'params': tiny_params}, ids_BxL)
+  assert logits.dtype == jnp.float32
+  reference = jax.jit(Transformer(**TINY).apply)({'params': tiny_params}, ids_BxL)
+  np.testing.assert_allclose(logits, reference, atol=0.2)
+
+
+def test_gpt2_small_parameter_count():
+  model = Transformer(vocab_size=50257, num_layers=12, num_heads=12, d_model=768, d_ff=3072,
+                      max_len=1024)
+  abstract = jax.eval_shape(model.init, _key(0), jnp.zeros((1, 8), jnp.int32))
+  assert models.count_params(abstract['params']) == 124_439_808
+
+
+def _model_config(**overrides):
+  config = ml_collections.ConfigDict(dict(
+      name='transformer', num_layers=2, num_heads=4, d_model=32, d_ff=0, max_len=16,
+      dropout=0.1, dtype='bfloat16', param_dtype='float32'))
+  config.update(overrides)
+  return config
+
+
+def test_build_model_from_config():
+  model = models.build_model(_model_config(), vocab_size=11, decode=True)
+  assert isinstance(model, Transformer)
+  assert (model.d_ff, model.dtype, model.param_dtype) == (128, jnp.bfloat16, jnp.float32)
+  assert model.dropout_rate == 0.1 and model.decode and model.vocab_size == 11
+  params = jax.eval_shape(model.init, _key(0), jnp.zeros((1, 4), jnp.int32))['params']
+  per_layer = (4 * 32 * 32 + 4 * 32) + (2 * 32 * 128 + 128 + 32) + 2 * 2 * 32
+  embeddings_and_final_norm = 11 * 32 + 16 * 32 + 2 * 32
+  assert models.count_params(params) == 2 * per_layer + embeddings_and_final_norm
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(name='gpt5'), r"model\.name='gpt5'.*transformer"),
+    (dict(dtype='float8'), r'model\.dtype'),
+    (dict(num_heads=5), r'model\.num_heads'),
+])
+def test_build_model_rejects_bad_config(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    models.build_model(_model_config(**overrides), vocab_size=11)

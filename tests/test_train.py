@@ -1,0 +1,138 @@
+"""Training end to end on the real Shakespeare corpus, with tiny models."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import shakespeare_char
+from lmjax import checkpoint as ckpt_lib
+from lmjax import train
+from lmjax.data import pipeline, tokenizers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**train_overrides):
+  config = shakespeare_char.get_config('tiny')
+  config.unlock()
+  config.train.update(train_overrides)
+  config.lock()
+  return config
+
+
+def _restore_params(workdir, step):
+  _, _, params, _ = train.load_trained(workdir, step)
+  return jax.device_get(params)
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """One tiny run of 80 steps on all 8 devices, checkpoints every 20 steps."""
+  workdir = str(tmp_path_factory.mktemp('tiny'))
+  config = tiny_config(checkpoint_every=20, eval_every=80, keep_checkpoints=5)
+  metrics = train.train_and_evaluate(config, workdir)
+  return config, workdir, metrics
+
+
+def test_loss_falls_well_below_the_unigram_entropy(trained):
+  config, workdir, metrics = trained
+  tokenizer = tokenizers.load_tokenizer(workdir)
+  tokens = pipeline.load_tokens(config.data, 'validation', tokenizer)
+  freq = np.bincount(tokens, minlength=tokenizer.vocab_size) / len(tokens)
+  unigram_entropy = -np.sum(freq[freq > 0] * np.log(freq[freq > 0]))
+  assert metrics['loss'] < unigram_entropy - 0.5, (metrics, unigram_entropy)
+  assert metrics['bits_per_char'] == pytest.approx(metrics['loss'] / math.log(2))
+  assert metrics['perplexity'] == pytest.approx(math.exp(metrics['loss']))
+
+
+def test_workdir_holds_config_tokenizer_checkpoints_and_events(trained):
+  config, workdir, _ = trained
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f) == json.loads(config.to_json())
+  assert os.path.exists(os.path.join(workdir, 'tokenizer.json'))
+  assert ckpt_lib.Checkpointer(workdir, read_only=True).latest_step() == 80
+  events = [f for f in os.listdir(workdir) if f.startswith('events.out.tfevents')]
+  assert events
+  from tensorboard.backend.event_processing import event_accumulator
+  acc = event_accumulator.EventAccumulator(os.path.join(workdir, events[0]))
+  acc.Reload()
+  tags = set(acc.Tags()['scalars']) | set(acc.Tags()['tensors'])
+  for tag in ('train/loss', 'train/learning_rate', 'train/grad_norm', 'train/tokens_per_sec',
+              'eval/loss', 'eval/perplexity', 'eval/accuracy', 'eval/bits_per_char'):
+    assert tag in tags, (tag, tags)
+
+
+def test_resumed_run_ends_with_the_same_parameters(trained, tmp_path, capsys):
+  config, workdir, _ = trained
+  resumed = str(tmp_path / 'resumed')
+  shutil.copytree(workdir, resumed)
+  # As if the run had died after writing the checkpoint of step 40.
+  for step in ('60', '80'):
+    shutil.rmtree(os.path.join(resumed, 'checkpoints', step))
+  train.train_and_evaluate(config, resumed)
+  assert 'Resuming from step 40' in capsys.readouterr().out
+  expected, got = _restore_params(workdir, 80), _restore_params(resumed, 80)
+  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_eight_device_data_parallel_matches_one_device(tmp_path):
+  # Few steps: Adam amplifies reduction-order rounding as training goes on.
+  config = tiny_config(num_steps=6, eval_every=6, checkpoint_every=6)
+  config.opt.warmup_steps = 2
+  results = {}
+  for count in (8, 1):
+    workdir = str(tmp_path / str(count))
+    metrics = train.train_and_evaluate(config, workdir, devices=jax.devices()[:count])
+    results[count] = metrics, _restore_params(workdir, 6)
+  (metrics_8, params_8), (metrics_1, params_1) = results[8], results[1]
+  assert metrics_8['loss'] == pytest.approx(metrics_1['loss'], abs=1e-5)
+  for a, b in zip(jax.tree.leaves(params_8), jax.tree.leaves(params_1)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_rerunning_a_finished_run_resumes_and_does_not_retrain(trained, capsys):
+  config, workdir, metrics = trained
+  again = train.train_and_evaluate(config, workdir)
+  assert 'Resuming from step 80 of 80' in capsys.readouterr().out
+  assert again['loss'] == pytest.approx(metrics['loss'], abs=1e-6)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(model=dict(d_model=30, num_heads=4)), 'model.d_model=30 does not divide'),
+    (dict(train=dict(seq_len=64)), 'train.seq_len=64 is longer than the position table'),
+    (dict(train=dict(batch_size=12)), 'train.batch_size=12 does not divide by the 8'),
+    (dict(data=dict(tokenizer='bytes')), 'data.tokenizer'),
+])
+def test_bad_config_is_named_before_anything_runs(overrides, message, tmp_path):
+  config = shakespeare_char.get_config('tiny')
+  for section, fields in overrides.items():
+    config[section].update(fields)
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.path.exists(os.path.join(tmp_path, 'checkpoints'))
+
+
+def _decode(*flags):
+  env = dict(os.environ, XLA_FLAGS='')
+  return subprocess.run([sys.executable, os.path.join(REPO, 'experiments', 'decode.py'), *flags],
+                        capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+
+
+def test_decode_script_continues_the_prompt_and_rejects_unknown_characters(trained):
+  _, workdir, _ = trained
+  done = _decode(f'--workdir={workdir}', '--prompt=ROMEO:', '--max_new_tokens=20',
+                 '--strategy=greedy')
+  assert done.returncode == 0, done.stderr
+  lines = done.stdout.splitlines()
+  assert lines[0].startswith('# ') and 'step 80' in lines[0]
+  assert lines[1].startswith('ROMEO:') and len('\n'.join(lines[1:-1])) >= 26
+  bad = _decode(f'--workdir={workdir}', '--prompt=ROMEO: \u00e9t\u00e9', '--max_new_tokens=5')
+  assert bad.returncode != 0
+  assert "'\u00e9'" in bad.stderr and 'Traceback' not in bad.stderr, bad.stderr
