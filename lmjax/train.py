@@ -253,22 +253,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   dropout_rng = jax.random.key(t.seed + 1)
   tokens_per_step = t.batch_size * t.seq_len
   history, eval_metrics = [], {}
-  timer_start, timer_step = None, start_step
+  # Throughput is timed over train steps only: the compiling first step, evaluations and
+  # checkpoint writes restart the interval timer instead of counting against it.
+  timer_start, timer_step, steps_per_sec = None, start_step, 0.0
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     for step in range(start_step + 1, t.num_steps + 1):
       state, metrics = step_fn(state, pipeline.to_global(next(batches), batch_sharding),
                                dropout_rng)
       history.append(metrics)
-      if timer_start is None:  # the first step compiles; rates are timed from its end
+      if timer_start is None:
         jax.block_until_ready(metrics)
         timer_start, timer_step = time.perf_counter(), step
 
       if step % t.log_every == 0 or step == t.num_steps:
-        scalars = _mean_metrics(history)
+        scalars = _mean_metrics(history)  # waits for the step to finish
         history = []
-        elapsed = time.perf_counter() - timer_start
-        steps_per_sec = (step - timer_step) / elapsed if step > timer_step else 0.0
+        if step > timer_step:
+          steps_per_sec = (step - timer_step) / (time.perf_counter() - timer_start)
+          timer_start, timer_step = time.perf_counter(), step
         scalars['tokens_per_sec'] = steps_per_sec * tokens_per_step
         scalars['learning_rate'] = float(schedule(step - 1))
         writer.write_scalars(step, {f'train/{k}': v for k, v in scalars.items()})
@@ -285,6 +288,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
       if step % t.checkpoint_every == 0 or step == t.num_steps:
         checkpointer.save(step, state, {'next_example': step * t.batch_size})
+
+      if step % t.eval_every == 0 or step % t.checkpoint_every == 0:
+        timer_start, timer_step = time.perf_counter(), step
 
   checkpointer.wait()
   checkpointer.close()
