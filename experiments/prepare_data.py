@@ -9,6 +9,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('NO_GCE_CHECK', 'true')
 
 from absl import app, flags, logging  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
 
 from lmjax.data import corpora  # noqa: E402
 
@@ -24,6 +25,7 @@ def main(argv):
     raise app.UsageError(f'--datasets: unknown {unknown}; known: {", ".join(corpora.DATASETS)}.')
   # TFDS logs every file it opens; the sizes printed below say what matters.
   logging.set_verbosity(logging.WARNING)
+  tfds.disable_progress_bar()
   data_dir = _DATA_DIR.value or None
   for name in _DATASETS.value:
     builder = corpora.get_builder(name, data_dir)

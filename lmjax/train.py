@@ -15,7 +15,7 @@ from clu import metric_writers
 from flax import struct
 
 from lmjax import checkpoint as ckpt_lib
-from lmjax import decode, losses, models, optim, sharding
+from lmjax import decode, flops, losses, models, optim, runtime, sharding
 from lmjax.data import corpora, pipeline, tokenizers
 from lmjax.models import transformer
 
@@ -196,6 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   """
   workdir = os.path.abspath(workdir)
   t = config.train
+  runtime.keep_freed_host_memory()
   mesh = sharding.make_mesh(config.mesh, devices)
   validate_config(config, mesh)
   os.makedirs(workdir, exist_ok=True)
@@ -252,6 +253,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                                         start_example=next_example).as_numpy_iterator())
   dropout_rng = jax.random.key(t.seed + 1)
   tokens_per_step = t.batch_size * t.seq_len
+  flops_per_token = flops.train_flops_per_token(
+      num_params, models.count_params(state.params.get('position_embed', {})),
+      config.model.num_layers, config.model.d_model, t.seq_len)
+  peak_flops = flops.peak_flops_per_device(mesh.devices.flat[0])
+  peak_flops = peak_flops * mesh.size if peak_flops else None
   history, eval_metrics = [], {}
   # Throughput is timed over train steps only: the compiling first step, evaluations and
   # checkpoint writes restart the interval timer instead of counting against it.
@@ -273,12 +279,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
           steps_per_sec = (step - timer_step) / (time.perf_counter() - timer_start)
           timer_start, timer_step = time.perf_counter(), step
         scalars['tokens_per_sec'] = steps_per_sec * tokens_per_step
+        if peak_flops:
+          scalars['mfu'] = scalars['tokens_per_sec'] * flops_per_token / peak_flops
         scalars['learning_rate'] = float(schedule(step - 1))
         writer.write_scalars(step, {f'train/{k}': v for k, v in scalars.items()})
         eta = (t.num_steps - step) / steps_per_sec if steps_per_sec else float('nan')
         print(f'step {step:>6}/{t.num_steps}  loss {scalars["loss"]:.4f}  '
               f'lr {scalars["learning_rate"]:.2e}  {scalars["tokens_per_sec"]:,.0f} tokens/s  '
-              f'ETA {_format_seconds(eta)}', flush=True)
+              f'MFU {scalars.get("mfu", float("nan")):.1%}  ETA {_format_seconds(eta)}',
+              flush=True)
 
       if step % t.eval_every == 0 or step == t.num_steps:
         eval_metrics = evaluate(eval_fn, state.params, evals, batch_sharding, bits_per_char)

@@ -64,6 +64,7 @@ def test_workdir_holds_config_tokenizer_checkpoints_and_events(trained):
   acc.Reload()
   tags = set(acc.Tags()['scalars']) | set(acc.Tags()['tensors'])
   for tag in ('train/loss', 'train/learning_rate', 'train/grad_norm', 'train/tokens_per_sec',
+              'train/mfu',
               'eval/loss', 'eval/perplexity', 'eval/accuracy', 'eval/bits_per_char'):
     assert tag in tags, (tag, tags)
 

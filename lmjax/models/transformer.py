@@ -12,8 +12,8 @@ Decode mode (`decode=True`) keeps a 'cache' collection:
                                  'cached_value': dtype[B, max_len, H, D]}}}
 
 A call with T new tokens writes them at [index, index + T), attends causally over
-everything filled, and advances `index` by T. `init_cache`, `make_tokens_to_logits`
-and `decode_fns` wrap this for the model-agnostic decoder.
+everything filled, and advances `index` by T. `init_cache` and `decode_fns` wrap this
+for the model-agnostic decoder.
 """
 from __future__ import annotations
 
@@ -348,26 +348,6 @@ def init_cache(model: Transformer, batch_size: int) -> PyTree:
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def make_tokens_to_logits(
-    model: Transformer, params: PyTree) -> Callable[[Array, PyTree], tuple[Array, PyTree]]:
-  """Binds `params` into the decoder's `(ids_BxT, cache) -> (logits_BxTxV, new_cache)`.
-
-  `model` must have decode=True and `cache` come from `init_cache` (or a previous
-  call). Lengths are the caller's to bound: prompt_len + max_new_tokens must not
-  exceed model.max_len; logits of an overrunning call are NaN. The function is
-  pure, so the caller jits it (or the loop around it).
-  """
-  if not model.decode:
-    raise ValueError('make_tokens_to_logits needs a model built with decode=True.')
-
-  def tokens_to_logits(ids_BxT: Array, cache: PyTree) -> tuple[Array, PyTree]:
-    logits_BxTxV, mutated = model.apply(
-        {'params': params, 'cache': cache}, ids_BxT, mutable=['cache'])
-    return logits_BxTxV, mutated['cache']
-
-  return tokens_to_logits
-
-
 @functools.lru_cache(maxsize=None)
 def _state_tokens_to_logits(model: Transformer) -> Callable[[Array, PyTree], tuple[Array, PyTree]]:
   # Cached per (hashable) model so that equal models give the same function and
@@ -384,9 +364,10 @@ def decode_fns(model: Transformer, params: PyTree, *,
                batch_size: int) -> tuple[Callable[[Array, PyTree], tuple[Array, PyTree]], PyTree]:
   """Returns `(tokens_to_logits, state)` for the decoder, with state = {'params', 'cache'}.
 
-  Unlike `make_tokens_to_logits`, the params travel in the state rather than in a
-  closure, so a jitted decode loop takes them as arguments instead of baking them
-  in as constants. The same length bound applies.
+  The params travel in the state rather than in a closure, so a jitted decode loop
+  takes them as arguments instead of baking them in as constants. Lengths are the
+  caller's to bound: prompt + new tokens must not exceed model.max_len (the logits
+  of an overrunning call are NaN).
   """
   if not model.decode:
     raise ValueError('decode_fns needs a model built with decode=True.')

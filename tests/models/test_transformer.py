@@ -83,24 +83,24 @@ def test_kv_cache_prefill_then_steps_matches_full_forward(tiny_params):
   full_logits_BxLxV = jax.jit(Transformer(**TINY).apply)({'params': tiny_params}, ids_BxL)
 
   decode_model = Transformer(**TINY, decode=True)
-  tokens_to_logits = jax.jit(transformer.make_tokens_to_logits(decode_model, tiny_params))
-  cache = transformer.init_cache(decode_model, batch_size=2)
-  logits, cache = tokens_to_logits(ids_BxL[:, :prompt_len], cache)
+  tokens_to_logits, state = transformer.decode_fns(decode_model, tiny_params, batch_size=2)
+  tokens_to_logits = jax.jit(tokens_to_logits)
+  logits, state = tokens_to_logits(ids_BxL[:, :prompt_len], state)
   step_logits = [logits]
   for t in range(prompt_len, total_len):
-    logits, cache = tokens_to_logits(ids_BxL[:, t:t + 1], cache)
+    logits, state = tokens_to_logits(ids_BxL[:, t:t + 1], state)
     step_logits.append(logits)
 
   np.testing.assert_allclose(np.concatenate(step_logits, axis=1), full_logits_BxLxV,
                              atol=1e-5, rtol=1e-5)
-  assert int(cache['index']) == total_len
+  assert int(state['cache']['index']) == total_len
 
 
 def test_kv_cache_prefill_in_two_chunks_matches_one(tiny_params):
   ids_BxL = _random_ids((2, 9), seed=2)
   decode_model = Transformer(**TINY, decode=True)
-  tokens_to_logits = jax.jit(transformer.make_tokens_to_logits(decode_model, tiny_params))
-  empty = transformer.init_cache(decode_model, batch_size=2)
+  tokens_to_logits, empty = transformer.decode_fns(decode_model, tiny_params, batch_size=2)
+  tokens_to_logits = jax.jit(tokens_to_logits)
 
   one_logits, one_cache = tokens_to_logits(ids_BxL, empty)
   first_logits, cache = tokens_to_logits(ids_BxL[:, :4], empty)
@@ -144,11 +144,11 @@ def test_cache_starts_empty_and_has_documented_layout():
 
 def test_writing_past_max_len_gives_nan_logits(tiny_params):
   decode_model = Transformer(**TINY, decode=True)
-  tokens_to_logits = jax.jit(transformer.make_tokens_to_logits(decode_model, tiny_params))
-  cache = transformer.init_cache(decode_model, batch_size=1)
-  logits, cache = tokens_to_logits(_random_ids((1, 16)), cache)
+  tokens_to_logits, state = transformer.decode_fns(decode_model, tiny_params, batch_size=1)
+  tokens_to_logits = jax.jit(tokens_to_logits)
+  logits, state = tokens_to_logits(_random_ids((1, 16)), state)
   assert np.all(np.isfinite(logits))
-  logits, _ = tokens_to_logits(_random_ids((1, 1)), cache)
+  logits, _ = tokens_to_logits(_random_ids((1, 1)), state)
   assert np.all(np.isnan(logits))
 
 

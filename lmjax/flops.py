@@ -1,0 +1,62 @@
+"""Model FLOPs per token and the chip's peak, for model FLOPs utilisation (MFU)."""
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dense peak FLOP/s per chip for the dtype a model of that kind trains in (bf16 on
+# accelerators), from the vendors' data sheets (no sparsity). Matched against
+# `device.device_kind` by prefix, longest first.
+_PEAK_FLOPS = {
+    'NVIDIA H200': 989e12,
+    'NVIDIA H100 80GB HBM3': 989e12,  # SXM
+    'NVIDIA H100 PCIe': 756e12,
+    'NVIDIA H100': 989e12,
+    'NVIDIA A100': 312e12,
+    'NVIDIA L4': 121e12,
+    'NVIDIA A10G': 70e12,
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12,
+    'TPU v5e': 197e12,
+    'TPU v5p': 459e12,
+    'TPU v6 lite': 918e12,
+}
+
+
+def train_flops_per_token(num_params: int, num_position_params: int, num_layers: int,
+                          d_model: int, seq_len: int) -> float:
+  """6N for the matmuls (forward + backward) plus 12 L d T for attention, as PaLM's appendix B.
+
+  A position table is a lookup, not a matmul, so its parameters are left out of N; the tied
+  token embedding stays in, as it is the output projection.
+  """
+  return 6.0 * (num_params - num_position_params) + 12.0 * num_layers * d_model * seq_len
+
+
+@functools.cache
+def measured_cpu_peak_flops(size: int = 1024, repeats: int = 10) -> float:
+  """Float32 matmul FLOP/s this host's CPU sustains: the ceiling a CPU run is held to."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size), np.float32))
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * size**3 / best
+
+
+def peak_flops_per_device(device=None) -> float | None:
+  """Peak FLOP/s of one device, or None for an accelerator this table does not know."""
+  device = device or jax.devices()[0]
+  if device.platform == 'cpu':
+    # All fake CPU devices share the same cores: the host's peak is split among them.
+    return measured_cpu_peak_flops() / len(jax.local_devices())
+  kind = device.device_kind
+  for prefix in sorted(_PEAK_FLOPS, key=len, reverse=True):
+    if kind.startswith(prefix):
+      return _PEAK_FLOPS[prefix]
+  return None
