@@ -8,7 +8,7 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('NO_GCE_CHECK', 'true')
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir to decode from.')
 _PROMPT = flags.DEFINE_string('prompt', None, 'Text to continue.')
@@ -26,6 +26,7 @@ flags.mark_flags_as_required(['workdir', 'prompt'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads
   import jax  # noqa: PLC0415  (after absl has parsed flags)
   import numpy as np  # noqa: PLC0415
 
