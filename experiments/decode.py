@@ -1,7 +1,7 @@
 """Generates text from a trained workdir's latest (or a given) checkpoint.
 
   python experiments/decode.py --workdir=runs/shakespeare_char --prompt='ROMEO:' \
-      --strategy=sample --temperature=0.8 --top_k=40 --max_new_tokens=200
+      --strategy=sample --temperature=0.8 --top_k=40 --top_p=0.95 --max_new_tokens=200
 """
 import os
 
@@ -17,6 +17,8 @@ _STRATEGY = flags.DEFINE_enum('strategy', 'sample', ['greedy', 'sample'],
 _MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature (> 0).')
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens; 0: all.')
+_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Sample from the smallest set of most likely tokens '
+                            'holding this much probability (nucleus); 1: all.')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1, 'Continuations of the prompt.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed for sampling.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
@@ -53,7 +55,8 @@ def main(argv):
     new_ids = decode.generate(
         tokens_to_logits, state, np.tile(prompt_ids[None], (batch, 1)),
         max_new_tokens=_MAX_NEW_TOKENS.value, rng=jax.random.key(_SEED.value),
-        temperature=temperature, top_k=_TOP_K.value, max_len=config.model.max_len)
+        temperature=temperature, top_k=_TOP_K.value, top_p=_TOP_P.value,
+        max_len=config.model.max_len)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   print(f'# {_WORKDIR.value}, step {step}, {_STRATEGY.value}')

@@ -43,6 +43,27 @@ def test_sampling_matches_the_tempered_distribution():
   np.testing.assert_allclose(freq, [0.0, 0.04 / 0.53, 0.49 / 0.53], atol=0.015)
 
 
+@pytest.mark.parametrize('top_p', [0.05, 0.3, 0.5, 0.9, 0.999])
+def test_top_p_keeps_the_smallest_set_with_that_mass(top_p):
+  logits = jax.random.normal(jax.random.key(3), (64, 11)) * 2.0
+  kept = np.isfinite(np.asarray(decode.top_p_mask(logits, top_p)))
+  probs = np.asarray(jax.nn.softmax(logits, axis=-1), np.float64)
+  for row_probs, row_kept in zip(probs, kept):
+    order = np.argsort(-row_probs)
+    size = int(np.searchsorted(np.cumsum(row_probs[order]), top_p - 1e-7) + 1)
+    expected = np.zeros_like(row_kept)
+    expected[order[:size]] = True
+    np.testing.assert_array_equal(row_kept, expected)
+
+
+def test_top_p_sampling_renormalises_over_the_nucleus():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  rngs = jax.random.split(jax.random.key(0), 20000)
+  draws = jax.vmap(lambda r: decode.sample_logits(logits, r, temperature=1.0, top_p=0.75))(rngs)
+  freq = np.bincount(np.asarray(draws).ravel(), minlength=4) / draws.size
+  np.testing.assert_allclose(freq, [0.625, 0.375, 0.0, 0.0], atol=0.015)
+
+
 def test_same_seed_same_sample():
   def noisy(ids, state):
     return jnp.zeros(ids.shape + (VOCAB,)), state
@@ -57,6 +78,8 @@ def test_same_seed_same_sample():
     (dict(prompt=np.zeros((1, 0), np.int32)), 'prompt is empty'),
     (dict(max_new_tokens=0), 'max_new_tokens'),
     (dict(temperature=-1.0), 'temperature'),
+    (dict(top_p=0.0), 'top_p'),
+    (dict(top_p=1.5), 'top_p'),
     (dict(max_len=4), 'model.max_len'),
 ])
 def test_bad_arguments_are_named(kwargs, field):
