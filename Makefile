@@ -26,8 +26,9 @@ train: data
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m 'not slow'
 
+# pytest exits 5 when no test is marked slow; that is not a failure here.
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow || [ $$? -eq 5 ]
 
 clean:
 	rm -rf $(VENV) build *.egg-info
