@@ -29,11 +29,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads
-  import jax  # noqa: PLC0415  (after absl has parsed flags)
-  import numpy as np  # noqa: PLC0415
-
-  from lmjax import decode, models, train  # noqa: PLC0415
-  from lmjax.models import transformer  # noqa: PLC0415
+  from lmjax import train  # noqa: PLC0415  (after absl has parsed flags)
 
   if _STRATEGY.value == 'sample' and _TEMPERATURE.value <= 0:
     raise app.UsageError(f'--temperature={_TEMPERATURE.value}: sampling needs a positive '
@@ -44,24 +40,16 @@ def main(argv):
     raise app.UsageError('--prompt is empty; give some text to continue.')
   config, tokenizer, params, step = train.load_trained(_WORKDIR.value, _STEP.value)
   try:
-    prompt_ids = tokenizer.encode(_PROMPT.value)
-  except ValueError as e:
-    raise app.UsageError(f'--prompt: {e}') from None
-  batch = _NUM_SAMPLES.value
-  decode_model = models.build_model(config.model, tokenizer.vocab_size, decode=True)
-  tokens_to_logits, state = transformer.decode_fns(decode_model, params, batch_size=batch)
-  temperature = 0.0 if _STRATEGY.value == 'greedy' else _TEMPERATURE.value
-  try:
-    new_ids = decode.generate(
-        tokens_to_logits, state, np.tile(prompt_ids[None], (batch, 1)),
-        max_new_tokens=_MAX_NEW_TOKENS.value, rng=jax.random.key(_SEED.value),
-        temperature=temperature, top_k=_TOP_K.value, top_p=_TOP_P.value,
-        max_len=config.model.max_len)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
+    texts = train.continue_prompt(
+        config, params, tokenizer, _PROMPT.value, _MAX_NEW_TOKENS.value,
+        num_samples=_NUM_SAMPLES.value, seed=_SEED.value,
+        temperature=0.0 if _STRATEGY.value == 'greedy' else _TEMPERATURE.value,
+        top_k=_TOP_K.value, top_p=_TOP_P.value)
+  except ValueError as e:  # prompt out of vocabulary or too long, bad top_k / top_p
+    raise app.UsageError(f'--prompt / flags: {e}') from None
   print(f'# {_WORKDIR.value}, step {step}, {_STRATEGY.value}')
-  for row in np.asarray(new_ids):
-    print(_PROMPT.value + tokenizer.decode(row))
+  for text in texts:
+    print(text)
     print('-' * 40)
 
 

@@ -168,17 +168,21 @@ def load_trained(workdir: str, step: int | None = None):
 # ----------------------------------------------------------------------------- sample
 
 
-def sample_text(config, params, tokenizer, prompt: str, num_tokens: int, *, seed: int = 0,
-                temperature: float = 0.8, top_k: int = 0) -> str:
-  """Decodes a continuation of `prompt` with the KV-cached model (single device)."""
-  prompt_ids = tokenizer.encode(prompt)[None, :]
+def continue_prompt(config, params, tokenizer, prompt: str, num_tokens: int, *,
+                    num_samples: int = 1, seed: int = 0, temperature: float = 0.8,
+                    top_k: int = 0, top_p: float = 1.0) -> list[str]:
+  """`num_samples` continuations of `prompt` from the KV-cached model (temperature 0: greedy).
+
+  Raises ValueError with a readable message for a prompt out of vocabulary or too long.
+  """
+  prompt_ids = np.tile(tokenizer.encode(prompt)[None, :], (num_samples, 1))
   decode_model = models.build_model(config.model, tokenizer.vocab_size, decode=True)
   tokens_to_logits, state = transformer.decode_fns(decode_model, jax.device_get(params),
-                                                   batch_size=1)
+                                                   batch_size=num_samples)
   new_ids = decode.generate(tokens_to_logits, state, prompt_ids, max_new_tokens=num_tokens,
                             rng=jax.random.key(seed), temperature=temperature, top_k=top_k,
-                            max_len=config.model.max_len)
-  return prompt + tokenizer.decode(np.asarray(new_ids[0]))
+                            top_p=top_p, max_len=config.model.max_len)
+  return [prompt + tokenizer.decode(row) for row in np.asarray(new_ids)]
 
 
 # ------------------------------------------------------------------------------- loop
@@ -305,8 +309,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   checkpointer.close()
   if not eval_metrics:  # resumed a finished run: report where it stands
     eval_metrics = evaluate(eval_fn, state.params, evals, batch_sharding, bits_per_char)
-  sample = sample_text(config, state.params, tokenizer, t.sample_prompt, t.sample_tokens,
-                       seed=t.seed)
+  sample, = continue_prompt(config, state.params, tokenizer, t.sample_prompt,
+                            t.sample_tokens, seed=t.seed)
   writer.write_texts(t.num_steps, {'sample': sample})
   writer.flush()
   writer.close()
