@@ -1,28 +1,74 @@
-"""Generates text from a trained workdir's latest (or a given) checkpoint.
+"""Generates text from a trained (or imported) workdir's latest or given checkpoint.
 
   python experiments/decode.py --workdir=runs/shakespeare_char --prompt='ROMEO:' \
       --strategy=sample --temperature=0.8 --top_k=40 --top_p=0.95 --max_new_tokens=200
+  python experiments/decode.py --workdir=runs/shakespeare_char --prompt='ROMEO:' \
+      --strategy=beam --beam_size=8 --num_samples=3 --length_penalty=0.6
+  python experiments/decode.py --workdir=runs/shakespeare_char --prompt_file=prompts.txt \
+      --stop=$'\\n\\n' --output=out.jsonl
+
+Prompts come from --prompt (repeatable) and --prompt_file (one per line; write a newline
+inside a prompt as \\n). Continuations print as text; --output writes JSON lines with
+the prompt, text, tokens, score and why each one ended ('-' for stdout).
 """
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('NO_GCE_CHECK', 'true')
 
+import json  # noqa: E402
+import sys  # noqa: E402
+
 from absl import app, flags, logging  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir to decode from.')
-_PROMPT = flags.DEFINE_string('prompt', None, 'Text to continue.')
-_STRATEGY = flags.DEFINE_enum('strategy', 'sample', ['greedy', 'sample'],
-                              'greedy: most likely token; sample: draw from the model.')
-_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate.')
+_PROMPT = flags.DEFINE_multi_string('prompt', [], 'Text to continue; repeat for several.')
+_PROMPT_FILE = flags.DEFINE_string('prompt_file', None,
+                                   'File of prompts, one per line (\\n for a newline).')
+_STRATEGY = flags.DEFINE_enum('strategy', 'sample', ['greedy', 'sample', 'beam'],
+                              'greedy: most likely token; sample: draw from the model; '
+                              'beam: beam search for the most likely continuation.')
+_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate at most.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature (> 0).')
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens; 0: all.')
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Sample from the smallest set of most likely tokens '
                             'holding this much probability (nucleus); 1: all.')
-_NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1, 'Continuations of the prompt.')
+_REPETITION_PENALTY = flags.DEFINE_float(
+    'repetition_penalty', 1.0, 'Above 1 discourages tokens already in the text (CTRL).')
+_NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1, 'Continuations per prompt; for beam '
+                                    'search, how many of the best beams to return.')
+_BEAM_SIZE = flags.DEFINE_integer('beam_size', 4, 'Beams kept per prompt (beam search).')
+_LENGTH_PENALTY = flags.DEFINE_float('length_penalty', 0.6, 'Beam search: alpha of the length '
+                                     'penalty; 0 ranks by log-probability alone.')
+_BEAM_COMPAT = flags.DEFINE_enum('beam_compat', 'lmjax', ['lmjax', 'hf'],
+                                 "lmjax: GNMT length penalty, exact stopping; hf: Hugging "
+                                 "Face generate's beam search, result for result.")
+_EARLY_STOPPING = flags.DEFINE_bool('early_stopping', False, 'Beam search: stop a prompt as '
+                                    'soon as beam_size beams have finished.')
+_STOP = flags.DEFINE_multi_string('stop', [], 'Stop a continuation at this text (repeatable); '
+                                  'the text is cut before it.')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'Prompts decoded together.')
+_OUTPUT = flags.DEFINE_string('output', None, 'Write JSON lines here (- for stdout).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed for sampling.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
-flags.mark_flags_as_required(['workdir', 'prompt'])
+flags.mark_flag_as_required('workdir')
+
+
+def _read_prompts() -> list[str]:
+  prompts = list(_PROMPT.value)
+  if _PROMPT_FILE.value:
+    try:
+      with open(_PROMPT_FILE.value, encoding='utf-8') as f:
+        lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+      raise app.UsageError(f'--prompt_file={_PROMPT_FILE.value}: {e}') from None
+    prompts += [line.replace('\\n', '\n') for line in lines if line]
+  if not prompts:
+    raise app.UsageError('no prompt: give --prompt=TEXT or --prompt_file=FILE.')
+  for i, prompt in enumerate(prompts):
+    if not prompt:
+      raise app.UsageError(f'prompt {i + 1} is empty; give some text to continue.')
+  return prompts
 
 
 def main(argv):
@@ -31,26 +77,46 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads
   from lmjax import train  # noqa: PLC0415  (after absl has parsed flags)
 
-  if _STRATEGY.value == 'sample' and _TEMPERATURE.value <= 0:
-    raise app.UsageError(f'--temperature={_TEMPERATURE.value}: sampling needs a positive '
-                         'temperature; use --strategy=greedy for argmax decoding.')
-  if _NUM_SAMPLES.value < 1:
-    raise app.UsageError(f'--num_samples={_NUM_SAMPLES.value}; it must be at least 1.')
-  if not _PROMPT.value:
-    raise app.UsageError('--prompt is empty; give some text to continue.')
+  prompts = _read_prompts()
+  if _BATCH_SIZE.value < 1:
+    raise app.UsageError(f'--batch_size={_BATCH_SIZE.value}; it must be at least 1.')
+  strategy = _STRATEGY.value
+  options = dict(strategy=strategy, num_samples=_NUM_SAMPLES.value, seed=_SEED.value,
+                 repetition_penalty=_REPETITION_PENALTY.value)
+  if strategy == 'sample':
+    options.update(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
+  if strategy == 'beam':
+    options.update(beam_size=_BEAM_SIZE.value, length_penalty=_LENGTH_PENALTY.value,
+                   beam_compat=_BEAM_COMPAT.value, early_stopping=_EARLY_STOPPING.value)
   config, tokenizer, params, step = train.load_trained(_WORKDIR.value, _STEP.value)
-  try:
-    texts = train.continue_prompt(
-        config, params, tokenizer, _PROMPT.value, _MAX_NEW_TOKENS.value,
-        num_samples=_NUM_SAMPLES.value, seed=_SEED.value,
-        temperature=0.0 if _STRATEGY.value == 'greedy' else _TEMPERATURE.value,
-        top_k=_TOP_K.value, top_p=_TOP_P.value)
-  except ValueError as e:  # prompt out of vocabulary or too long, bad top_k / top_p
-    raise app.UsageError(f'--prompt / flags: {e}') from None
-  print(f'# {_WORKDIR.value}, step {step}, {_STRATEGY.value}')
-  for text in texts:
-    print(text)
-    print('-' * 40)
+
+  out = None
+  if _OUTPUT.value == '-':
+    out = sys.stdout
+  elif _OUTPUT.value:
+    out = open(_OUTPUT.value, 'w', encoding='utf-8')
+  else:
+    print(f'# {_WORKDIR.value}, step {step}, {strategy}')
+  batch = _BATCH_SIZE.value
+  for start in range(0, len(prompts), batch):
+    chunk = prompts[start:start + batch]
+    try:
+      results = train.generate_texts(config, params, tokenizer, chunk,
+                                     max_new_tokens=_MAX_NEW_TOKENS.value,
+                                     stop_strings=tuple(_STOP.value), **options)
+    except ValueError as e:  # out-of-vocabulary or too long prompt, bad option value
+      raise app.UsageError(str(e)) from None
+    for prompt, candidates in zip(chunk, results):
+      for rank, c in enumerate(candidates):
+        if out is not None:
+          out.write(json.dumps({'prompt': prompt, 'sample': rank, **c},
+                               ensure_ascii=False) + '\n')
+        else:
+          print(prompt + c['text'])
+          print(f'-- {c["finish"]}, score {c["score"]:.3f}, {len(c["tokens"])} tokens --')
+  if out is not None and out is not sys.stdout:
+    out.close()
+    print(f'wrote {_OUTPUT.value}')
 
 
 if __name__ == '__main__':

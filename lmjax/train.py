@@ -168,21 +168,55 @@ def load_trained(workdir: str, step: int | None = None):
 # ----------------------------------------------------------------------------- sample
 
 
-def continue_prompt(config, params, tokenizer, prompt: str, num_tokens: int, *,
-                    num_samples: int = 1, seed: int = 0, temperature: float = 0.8,
-                    top_k: int = 0, top_p: float = 1.0) -> list[str]:
-  """`num_samples` continuations of `prompt` from the KV-cached model (temperature 0: greedy).
+def generate_texts(config, params, tokenizer, prompts: list[str], *, max_new_tokens: int,
+                   stop_strings: tuple[str, ...] = (), **options) -> list[list[dict]]:
+  """Continues each prompt with the KV-cached model; `options` go to `decode.generate`
+  (strategy, num_samples, temperature, top_k, top_p, repetition_penalty, beam_size,
+  length_penalty, beam_compat, early_stopping, seed).
 
-  Raises ValueError with a readable message for a prompt out of vocabulary or too long.
+  Returns, per prompt, one dict per continuation: 'text' (the new text only), 'tokens',
+  'score' and 'finish' ('eos', 'stop' or 'length'). A continuation ends at the
+  tokenizer's EOS and at any of `stop_strings`; its text is cut before the stop string.
+  Raises ValueError with a readable message for bad prompts or options.
   """
-  prompt_ids = np.tile(tokenizer.encode(prompt)[None, :], (num_samples, 1))
+  encoded = []
+  for i, prompt in enumerate(prompts):
+    if not prompt:
+      raise ValueError(f'prompt {i + 1} is empty; give some text to continue.')
+    encoded.append(tokenizer.encode(prompt))
+  stops = []
+  for stop in stop_strings:
+    if not stop:
+      raise ValueError('a stop string is empty; drop it or give some text.')
+    stops.append(tokenizer.encode(stop))
   decode_model = models.build_model(config.model, tokenizer.vocab_size, decode=True)
   tokens_to_logits, state = transformer.decode_fns(decode_model, jax.device_get(params),
-                                                   batch_size=num_samples)
-  new_ids = decode.generate(tokens_to_logits, state, prompt_ids, max_new_tokens=num_tokens,
-                            rng=jax.random.key(seed), temperature=temperature, top_k=top_k,
-                            top_p=top_p, max_len=config.model.max_len)
-  return [prompt + tokenizer.decode(row) for row in np.asarray(new_ids)]
+                                                   batch_size=len(encoded))
+  results = decode.generate(tokens_to_logits, state, encoded, max_new_tokens=max_new_tokens,
+                            eos_id=tokenizer.eos_id, stop_sequences=stops,
+                            max_len=config.model.max_len, **options)
+  out = []
+  for candidates in results:
+    rows = []
+    for c in candidates:
+      text, finish = tokenizer.decode(c.tokens), c.finish
+      # A stop string may come out as tokens other than its own encoding; the text
+      # decides.
+      cuts = [text.find(stop) for stop in stop_strings if stop in text]
+      if cuts:
+        text, finish = text[:min(cuts)], 'stop'
+      rows.append({'text': text, 'tokens': c.tokens.tolist(), 'score': c.score,
+                   'finish': finish})
+    out.append(rows)
+  return out
+
+
+def continue_prompt(config, params, tokenizer, prompt: str, num_tokens: int, *,
+                    seed: int = 0, temperature: float = 0.8) -> str:
+  """One sampled continuation of `prompt`, prompt included (the end-of-training sample)."""
+  result, = generate_texts(config, params, tokenizer, [prompt], max_new_tokens=num_tokens,
+                           strategy='sample', temperature=temperature, seed=seed)
+  return prompt + result[0]['text']
 
 
 # ------------------------------------------------------------------------------- loop
@@ -309,8 +343,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   checkpointer.close()
   if not eval_metrics:  # resumed a finished run: report where it stands
     eval_metrics = evaluate(eval_fn, state.params, evals, batch_sharding, bits_per_char)
-  sample, = continue_prompt(config, state.params, tokenizer, t.sample_prompt,
-                            t.sample_tokens, seed=t.seed)
+  sample = continue_prompt(config, state.params, tokenizer, t.sample_prompt, t.sample_tokens,
+                           seed=t.seed)
   writer.write_texts(t.num_steps, {'sample': sample})
   writer.flush()
   writer.close()

@@ -1,46 +1,150 @@
-"""The model-agnostic decoder, driven by hand-written tokens_to_logits fakes."""
+"""The model-agnostic decoder: hand-written tokens_to_logits fakes, brute force on tiny
+vocabularies, and the real Transformer's KV cache against recomputing the prefix."""
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lmjax import decode
+from lmjax.models import transformer
+from lmjax.models.transformer import Transformer
+from tests.models.test_transformer import TINY, _random_params
 
 VOCAB = 7
 
 
 def _counting_model(ids_BxT, state):
-  """Always prefers (last token + 1) mod VOCAB; state counts the tokens it has seen."""
+  """Always prefers (last token + 1) mod VOCAB; the cache counts the tokens seen."""
   logits_BxTxV = 5.0 * jax.nn.one_hot((ids_BxT + 1) % VOCAB, VOCAB)
-  return logits_BxTxV, state + ids_BxT.shape[1]
+  return logits_BxTxV, {'cache': {'seen': state['cache']['seen'] + ids_BxT.shape[1]}}
+
+
+def _counting_state(batch):
+  return {'cache': {'seen': jnp.zeros((batch,), jnp.int32)}}
+
+
+def _tokens(result):
+  return [[c.tokens.tolist() for c in candidates] for candidates in result]
+
+
+# A stateful fake: next-token logits depend on the last two tokens through a random
+# table, so a beam search that reorders its cache wrongly gets the wrong scores.
+TRIGRAM_VOCAB = 4
+
+
+def _trigram_table(seed, vocab=TRIGRAM_VOCAB):
+  return jax.random.normal(jax.random.key(seed), (vocab, vocab, vocab)) * 1.5
+
+
+def _trigram_model(ids_BxT, state):
+  table = state['params']
+  prev_Bx2 = state['cache']['prev']
+  outs = []
+  for t in range(ids_BxT.shape[1]):
+    prev_Bx2 = jnp.stack([prev_Bx2[:, 1], ids_BxT[:, t]], axis=1)
+    outs.append(table[prev_Bx2[:, 0], prev_Bx2[:, 1]])
+  return jnp.stack(outs, axis=1), {'params': table, 'cache': {'prev': prev_Bx2}}
+
+
+def _trigram_state(table, batch):
+  return {'params': table, 'cache': {'prev': jnp.zeros((batch, 2), jnp.int32)}}
+
+
+def _trigram_log_prob(table, prompt, continuation):
+  log_probs = jax.nn.log_softmax(table, axis=-1)
+  seq = [0, 0] + list(prompt) + list(continuation)
+  return sum(float(log_probs[seq[i - 2], seq[i - 1], seq[i]])
+             for i in range(2 + len(prompt), len(seq)))
+
+
+# ----------------------------------------------------------------- greedy and sampling
 
 
 def test_greedy_follows_the_argmax_and_threads_the_state():
-  prompt = np.array([[0, 1, 2], [4, 4, 5]])
-  out = decode.generate(_counting_model, jnp.zeros(()), prompt, max_new_tokens=5,
-                        temperature=0.0)
-  np.testing.assert_array_equal(out, [[3, 4, 5, 6, 0], [6, 0, 1, 2, 3]])
+  out = decode.generate(_counting_model, _counting_state(2), [[0, 1, 2], [4, 4, 5]],
+                        max_new_tokens=5)
+  assert _tokens(out) == [[[3, 4, 5, 6, 0]], [[6, 0, 1, 2, 3]]]
+  assert all(c.finish == 'length' for cs in out for c in cs)
+
+
+def test_prompts_of_different_lengths_are_forced_then_continued():
+  out = decode.generate(_counting_model, _counting_state(3), [[2], [0, 5, 5, 5], [6, 6]],
+                        max_new_tokens=3)
+  assert _tokens(out) == [[[3, 4, 5]], [[6, 0, 1]], [[0, 1, 2]]]
+
+
+def test_eos_ends_a_row_and_is_not_returned():
+  out = decode.generate(_counting_model, _counting_state(2), [[1], [5]], max_new_tokens=6,
+                        eos_id=4)
+  assert _tokens(out) == [[[2, 3]], [[6, 0, 1, 2, 3]]]
+  assert [cs[0].finish for cs in out] == ['eos', 'eos']
+
+
+def test_stop_sequence_ends_a_row_and_is_kept():
+  out = decode.generate(_counting_model, _counting_state(2), [[0], [3, 4]], max_new_tokens=6,
+                        stop_sequences=[[3, 4], [6, 0, 1]])
+  # Row 2's prompt already holds 3 4: only a stop wholly in the new tokens counts.
+  assert _tokens(out) == [[[1, 2, 3, 4]], [[5, 6, 0, 1]]]
+  assert [cs[0].finish for cs in out] == ['stop', 'stop']
+
+
+def test_repetition_penalty_avoids_tokens_already_in_the_row():
+  def two_choice(ids_BxT, state):
+    # Token 1 always scores 2.0, token 2 scores 1.5, others 0.
+    logits = jnp.broadcast_to(jnp.array([0.0, 2.0, 1.5, 0.0]), ids_BxT.shape + (4,))
+    return logits, state
+  state = _counting_state(1)
+  plain = decode.generate(two_choice, state, [[0]], max_new_tokens=3)
+  # 2.0 / 1.5 = 1.33 < 1.5: once 1 is in the row, 2 wins; then both are penalised.
+  penalised = decode.generate(two_choice, state, [[0]], max_new_tokens=3,
+                              repetition_penalty=1.5)
+  assert _tokens(plain) == [[[1, 1, 1]]]
+  assert _tokens(penalised) == [[[1, 2, 1]]]
+  # Tokens in the prompt count too.
+  assert _tokens(decode.generate(two_choice, state, [[1]], max_new_tokens=1,
+                                 repetition_penalty=1.5)) == [[[2]]]
 
 
 def test_top_k_one_sampling_equals_greedy():
-  prompt = np.array([[3]])
-  greedy = decode.generate(_counting_model, jnp.zeros(()), prompt, max_new_tokens=6,
-                           temperature=0.0)
-  sampled = decode.generate(_counting_model, jnp.zeros(()), prompt, max_new_tokens=6,
-                            temperature=2.0, top_k=1, rng=jax.random.key(9))
-  np.testing.assert_array_equal(greedy, sampled)
+  table = _trigram_table(1)
+  greedy = decode.generate(_trigram_model, _trigram_state(table, 1), [[3, 1]],
+                           max_new_tokens=8)
+  sampled = decode.generate(_trigram_model, _trigram_state(table, 1), [[3, 1]],
+                            max_new_tokens=8, strategy='sample', temperature=2.0, top_k=1,
+                            num_samples=3, seed=9)
+  assert _tokens(sampled) == [_tokens(greedy)[0] * 3]
+
+
+def test_greedy_score_is_the_sum_of_log_probs():
+  table = _trigram_table(2)
+  out = decode.generate(_trigram_model, _trigram_state(table, 1), [[1, 2, 3]],
+                        max_new_tokens=5)[0][0]
+  assert out.score == pytest.approx(_trigram_log_prob(table, [1, 2, 3], out.tokens), abs=1e-5)
 
 
 def test_sampling_matches_the_tempered_distribution():
   logits = jnp.log(jnp.array([[0.1, 0.2, 0.7]]))
   rngs = jax.random.split(jax.random.key(0), 20000)
-  draws = jax.vmap(lambda r: decode.sample_logits(logits, r, temperature=1.0, top_k=0))(rngs)
+  draws = jax.vmap(lambda r: decode.sample_logits(logits, r, temperature=1.0))(rngs)
   freq = np.bincount(np.asarray(draws).ravel(), minlength=3) / draws.size
   np.testing.assert_allclose(freq, [0.1, 0.2, 0.7], atol=0.015)
   # temperature 0.5 squares the probabilities before renormalising
   draws = jax.vmap(lambda r: decode.sample_logits(logits, r, temperature=0.5, top_k=2))(rngs)
   freq = np.bincount(np.asarray(draws).ravel(), minlength=3) / draws.size
   np.testing.assert_allclose(freq, [0.0, 0.04 / 0.53, 0.49 / 0.53], atol=0.015)
+
+
+def test_generate_samples_from_the_model_distribution():
+  # One new token from a fixed distribution, many samples: the frequencies match.
+  probs = np.array([0.05, 0.15, 0.3, 0.5])
+  def fixed(ids_BxT, state):
+    return jnp.broadcast_to(jnp.log(probs), ids_BxT.shape + (4,)), state
+  out = decode.generate(fixed, _counting_state(1), [[0]], max_new_tokens=1, strategy='sample',
+                        num_samples=4000, seed=3)
+  freq = np.bincount([c.tokens[0] for c in out[0]], minlength=4) / 4000
+  np.testing.assert_allclose(freq, probs, atol=0.03)
 
 
 @pytest.mark.parametrize('top_p', [0.05, 0.3, 0.5, 0.9, 0.999])
@@ -65,25 +169,168 @@ def test_top_p_sampling_renormalises_over_the_nucleus():
 
 
 def test_same_seed_same_sample():
-  def noisy(ids, state):
+  def flat(ids, state):
     return jnp.zeros(ids.shape + (VOCAB,)), state
-  a = decode.generate(noisy, 0, np.array([[1]]), max_new_tokens=20, rng=jax.random.key(1))
-  b = decode.generate(noisy, 0, np.array([[1]]), max_new_tokens=20, rng=jax.random.key(1))
-  c = decode.generate(noisy, 0, np.array([[1]]), max_new_tokens=20, rng=jax.random.key(2))
-  np.testing.assert_array_equal(a, b)
-  assert not np.array_equal(a, c)
+  def run(seed):
+    return _tokens(decode.generate(flat, _counting_state(1), [[1]], max_new_tokens=20,
+                                   strategy='sample', num_samples=2, seed=seed))
+  a, b, c = run(1), run(1), run(2)
+  assert a == b
+  assert a != c
+  assert a[0][0] != a[0][1]  # the samples of one prompt differ from each other
+
+
+# ------------------------------------------------------------------------ beam search
+
+
+def _lp(length, alpha):
+  return ((5.0 + length) / 6.0) ** alpha
+
+
+def _brute_force_best(table, prompt, max_new, eos_id, alpha):
+  """Every continuation: those ending at EOS, and the ones that reach max_new without it."""
+  scored = []
+  for length in range(1, max_new + 1):
+    for seq in itertools.product(range(TRIGRAM_VOCAB), repeat=length):
+      if eos_id in seq[:-1]:
+        continue
+      if seq[-1] != eos_id and length < max_new:
+        continue
+      score = _trigram_log_prob(table, prompt, seq) / _lp(length, alpha)
+      scored.append((score, list(seq)))
+  scored.sort(key=lambda s: -s[0])
+  return scored
+
+
+@pytest.mark.parametrize('seed, alpha', [(0, 0.0), (1, 0.6), (2, 1.0), (5, 2.0)])
+def test_wide_beam_finds_the_exhaustive_optimum(seed, alpha):
+  table, prompt, max_new, eos = _trigram_table(seed), [2, 1], 4, 3
+  expected = _brute_force_best(table, prompt, max_new, eos, alpha)
+  beams = decode.generate(_trigram_model, _trigram_state(table, 1), [prompt],
+                          max_new_tokens=max_new, strategy='beam', beam_size=64,
+                          num_samples=3, length_penalty=alpha, eos_id=eos)[0]
+  for beam, (score, seq) in zip(beams, expected):
+    # The EOS is not returned with the tokens.
+    assert beam.tokens.tolist() == [t for t in seq if t != eos]
+    assert beam.score == pytest.approx(score, abs=1e-4)
+  assert [b.score for b in beams] == sorted([b.score for b in beams], reverse=True)
+
+
+@pytest.mark.parametrize('compat, eos_id', [('lmjax', None), ('hf', 3)])
+def test_beam_size_one_equals_greedy(compat, eos_id):
+  # With an EOS, lmjax's beam of one may still finish a sequence that was not the
+  # argmax (the 2K extensions may all finish), which greedy never does; Hugging Face's
+  # rule (only the K best may finish) makes it greedy exactly.
+  for seed in range(4):
+    table = _trigram_table(seed)
+    kwargs = dict(max_new_tokens=6, eos_id=eos_id)
+    greedy = decode.generate(_trigram_model, _trigram_state(table, 2), [[1], [2, 0]], **kwargs)
+    beam = decode.generate(_trigram_model, _trigram_state(table, 2), [[1], [2, 0]],
+                           strategy='beam', beam_size=1, length_penalty=1.0,
+                           beam_compat=compat, **kwargs)
+    assert _tokens(greedy) == _tokens(beam)
+
+
+def test_beam_beats_greedy_where_greedy_is_short_sighted():
+  # Greedy takes 1 (p=0.6) then faces a flat choice; 2 (p=0.4) leads to a sure token.
+  def model(ids_BxT, state):
+    last = ids_BxT
+    logits = jnp.where(
+        (last == 0)[..., None], jnp.log(jnp.array([1e-6, 0.6, 0.4, 1e-6])),
+        jnp.where((last == 1)[..., None], jnp.log(jnp.array([0.25, 0.25, 0.25, 0.25])),
+                  jnp.log(jnp.array([1e-6, 1e-6, 1e-6, 1.0]))))
+    return logits, state
+  greedy = decode.generate(model, _counting_state(1), [[0]], max_new_tokens=2)[0][0]
+  beam = decode.generate(model, _counting_state(1), [[0]], max_new_tokens=2, strategy='beam',
+                         beam_size=2, length_penalty=0.0)[0][0]
+  assert greedy.tokens.tolist()[0] == 1
+  assert beam.tokens.tolist() == [2, 3]
+  assert beam.score == pytest.approx(np.log(0.4), abs=1e-4)
+
+
+def test_early_stopping_returns_the_first_beam_size_finished():
+  table = _trigram_table(4)
+  common = dict(max_new_tokens=6, strategy='beam', beam_size=2, eos_id=3, num_samples=2)
+  patient = decode.generate(_trigram_model, _trigram_state(table, 1), [[1]], **common)[0]
+  hasty = decode.generate(_trigram_model, _trigram_state(table, 1), [[1]],
+                          early_stopping=True, **common)[0]
+  assert all(c.finish == 'eos' for c in hasty)
+  assert hasty[0].score <= patient[0].score + 1e-6
+
+
+# ----------------------------------------------------------- the real Transformer
+
+
+@pytest.fixture(scope='module')
+def tiny_decoder():
+  params = _random_params(Transformer(**TINY))
+  model = Transformer(**TINY, decode=True)
+  return model, params
+
+
+def _greedy_by_recomputing(params, prompt, max_new):
+  apply = jax.jit(Transformer(**TINY).apply)
+  ids = list(prompt)
+  for _ in range(max_new):
+    logits = apply({'params': params}, jnp.asarray([ids], jnp.int32))
+    ids.append(int(jnp.argmax(logits[0, -1])))
+  return ids[len(prompt):]
+
+
+def test_cached_greedy_equals_recomputing_the_whole_prefix(tiny_decoder):
+  model, params = tiny_decoder
+  prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]
+  tokens_to_logits, state = transformer.decode_fns(model, params, batch_size=2)
+  out = decode.generate(tokens_to_logits, state, prompts, max_new_tokens=6,
+                        max_len=TINY['max_len'])
+  for prompt, candidates in zip(prompts, out):
+    assert candidates[0].tokens.tolist() == _greedy_by_recomputing(params, prompt, 6)
+
+
+@pytest.mark.parametrize('options', [
+    dict(strategy='greedy'),
+    dict(strategy='beam', beam_size=3, num_samples=3, eos_id=0),
+    dict(strategy='greedy', repetition_penalty=1.3, stop_sequences=[[5, 5]]),
+])
+def test_a_padded_batch_gives_what_one_prompt_at_a_time_gives(tiny_decoder, options):
+  model, params = tiny_decoder
+  prompts = [[3], [1, 2, 3, 4, 5, 6, 7], [9, 9, 2, 8]]
+  tokens_to_logits, state = transformer.decode_fns(model, params, batch_size=3)
+  batched = decode.generate(tokens_to_logits, state, prompts, max_new_tokens=7,
+                            max_len=TINY['max_len'], **options)
+  for prompt, together in zip(prompts, batched):
+    tokens_to_logits, state = transformer.decode_fns(model, params, batch_size=1)
+    alone, = decode.generate(tokens_to_logits, state, [prompt], max_new_tokens=7,
+                             max_len=TINY['max_len'], **options)
+    assert [c.tokens.tolist() for c in together] == [c.tokens.tolist() for c in alone]
+    np.testing.assert_allclose([c.score for c in together], [c.score for c in alone],
+                               atol=1e-4)
+
+
+# ------------------------------------------------------------------------- bad input
 
 
 @pytest.mark.parametrize('kwargs, field', [
-    (dict(prompt=np.zeros((1, 0), np.int32)), 'prompt is empty'),
+    (dict(prompts=[[]]), 'prompt is empty'),
+    (dict(prompts=[]), 'no prompts'),
     (dict(max_new_tokens=0), 'max_new_tokens'),
-    (dict(temperature=-1.0), 'temperature'),
-    (dict(top_p=0.0), 'top_p'),
-    (dict(top_p=1.5), 'top_p'),
+    (dict(strategy='nucleus'), 'strategy'),
+    (dict(strategy='sample', temperature=0.0), 'temperature'),
+    (dict(strategy='sample', temperature=-1.0), 'temperature'),
+    (dict(strategy='sample', top_p=0.0), 'top_p'),
+    (dict(strategy='sample', top_p=1.5), 'top_p'),
+    (dict(strategy='sample', top_k=-2), 'top_k'),
+    (dict(strategy='beam', beam_size=0), 'beam_size'),
+    (dict(strategy='beam', beam_size=2, num_samples=3), 'num_samples'),
+    (dict(strategy='beam', beam_compat='fairseq'), 'beam_compat'),
+    (dict(strategy='beam', length_penalty=-1.0), 'length_penalty'),
+    (dict(repetition_penalty=0.0), 'repetition_penalty'),
+    (dict(num_samples=0), 'num_samples'),
+    (dict(stop_sequences=[[]]), 'stop sequence is empty'),
     (dict(max_len=4), 'model.max_len'),
 ])
 def test_bad_arguments_are_named(kwargs, field):
-  args = dict(prompt=np.array([[1, 2]]), max_new_tokens=3)
+  args = dict(prompts=[[1, 2]], max_new_tokens=3)
   args.update(kwargs)
   with pytest.raises(ValueError, match=field):
-    decode.generate(_counting_model, jnp.zeros(()), args.pop('prompt'), **args)
+    decode.generate(_counting_model, _counting_state(1), args.pop('prompts'), **args)

@@ -133,7 +133,41 @@ def test_decode_script_continues_the_prompt_and_rejects_unknown_characters(train
   assert done.returncode == 0, done.stderr
   lines = done.stdout.splitlines()
   assert lines[0].startswith('# ') and 'step 80' in lines[0]
-  assert lines[1].startswith('ROMEO:') and len('\n'.join(lines[1:-1])) >= 26
+  assert lines[1].startswith('ROMEO:')
+  assert lines[-1].startswith('-- ') and ' tokens --' in lines[-1]
   bad = _decode(f'--workdir={workdir}', '--prompt=ROMEO: \u00e9t\u00e9', '--max_new_tokens=5')
   assert bad.returncode != 0
   assert "'\u00e9'" in bad.stderr and 'Traceback' not in bad.stderr, bad.stderr
+
+
+def test_decode_script_beam_search_over_a_prompt_file_to_jsonl(trained, tmp_path):
+  _, workdir, _ = trained
+  prompt_file = tmp_path / 'prompts.txt'
+  prompt_file.write_text('KING:\\nWhat\nFirst Citizen:\n\nHAMLET:\n', encoding='utf-8')
+  done = _decode(f'--workdir={workdir}', f'--prompt_file={prompt_file}', '--prompt=To be',
+                 '--strategy=beam', '--beam_size=4', '--num_samples=2', '--max_new_tokens=12',
+                 '--stop=\n\n', '--batch_size=2', '--output=-')
+  assert done.returncode == 0, done.stderr
+  rows = [json.loads(line) for line in done.stdout.splitlines()]
+  prompts = ['To be', 'KING:\nWhat', 'First Citizen:', 'HAMLET:']
+  assert [r['prompt'] for r in rows] == [p for p in prompts for _ in range(2)]
+  for first, second in zip(rows[::2], rows[1::2]):
+    assert (first['sample'], second['sample']) == (0, 1)
+    assert first['score'] >= second['score']
+  for r in rows:
+    assert r['finish'] in ('eos', 'stop', 'length')
+    assert '\n\n' not in r['text']
+    assert len(r['tokens']) <= 12
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--strategy=sample', '--temperature=0'], 'temperature'),
+    (['--strategy=sample', '--top_p=1.5'], 'top_p'),
+    (['--strategy=beam', '--beam_size=0'], 'beam_size'),
+    (['--max_new_tokens=5000'], 'model.max_len'),
+])
+def test_decode_script_names_the_bad_flag(trained, flags, message):
+  _, workdir, _ = trained
+  bad = _decode(f'--workdir={workdir}', '--prompt=ROMEO:', *flags)
+  assert bad.returncode != 0
+  assert message in bad.stderr and 'Traceback' not in bad.stderr, bad.stderr
