@@ -368,19 +368,31 @@ def _beam_loop(state, tokens_BxL, prompt_lens_B, max_new_tokens, alpha, penalty,
 # -------------------------------------------------------------------------- front end
 
 
-def _bucket_down(n: int) -> int:
-  """The largest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5x them) <= n."""
-  best, power = 1, 1
-  while power <= n:
-    best = power
-    if power * 3 // 2 <= n and power >= 2:
-      best = power * 3 // 2
+def _buckets():
+  """1, 2, 3, 4, 6, 8, 12, 16, 24, ...: powers of two and 1.5 times them."""
+  power = 1
+  while True:
+    yield power
+    if power >= 2:
+      yield power * 3 // 2
     power *= 2
-  return best
 
 
-def _buffer_len(needed: int, max_len: int | None) -> int:
-  length = 1 << max(needed - 1, 0).bit_length()  # next power of two
+def _bucket_down(n: int) -> int:
+  """The largest bucket <= n."""
+  best = 1
+  for size in _buckets():
+    if size > n:
+      return best
+    best = size
+
+
+def buffer_length(needed: int, max_len: int | None = None) -> int:
+  """Positions the decoder allocates for `needed` (longest prompt + new tokens): the
+  smallest bucket that holds them, so that few shapes compile, capped at the model's
+  context. A KV cache this long (rather than max_len) is enough for `generate`, and
+  attention and beam reordering then touch no more memory than that."""
+  length = next(size for size in _buckets() if size >= needed)
   return min(length, max_len) if max_len else length
 
 
@@ -472,7 +484,7 @@ def generate(tokens_to_logits: TokensToLogits, state, prompts: Sequence[Sequence
         f"model's context of {max_len} tokens (model.max_len); shorten the prompt or ask "
         'for fewer tokens.')
 
-  buffer_len = _buffer_len(longest + max_new_tokens, max_len)
+  buffer_len = buffer_length(longest + max_new_tokens, max_len)
   tokens_BxL = np.zeros((len(prompts), buffer_len), np.int32)
   for row, p in enumerate(prompts):
     tokens_BxL[row, :len(p)] = p

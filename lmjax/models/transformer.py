@@ -8,12 +8,14 @@ own axis), so importing its checkpoints needs no arithmetic.
 Decode mode (`decode=True`) keeps a 'cache' collection:
 
     {'index': int32[],                       # positions filled so far
-     'layer_<i>': {'attention': {'cached_key':   dtype[B, max_len, H, D],
-                                 'cached_value': dtype[B, max_len, H, D]}}}
+     'layer_<i>': {'attention': {'cached_key':   dtype[B, S, H, D],
+                                 'cached_value': dtype[B, S, H, D]}}}
 
 A call with T new tokens writes them at [index, index + T), attends causally over
-everything filled, and advances `index` by T. `init_cache` and `decode_fns` wrap this
-for the model-agnostic decoder.
+everything filled, and advances `index` by T. The cache length S is max_len unless
+`init_cache` is asked for less: a decode that needs 200 positions of GPT-2's 1024 then
+attends over, and beam search copies, a fifth of the memory. `init_cache` and
+`decode_fns` wrap this for the model-agnostic decoder.
 """
 from __future__ import annotations
 
@@ -131,6 +133,10 @@ class CausalSelfAttention(nn.Module):
           cached_value.value, value_BxTxHxD.astype(self.dtype), start)
       key_BxSxHxD, value_BxSxHxD = cached_key.value, cached_value.value
       query_positions_T = cache_index + jnp.arange(num_new)
+      # The write above clamps instead of failing when it runs past the cache (the index
+      # is traced, so Python cannot check it): poison the output so an overrun is loud.
+      # Callers must keep prompt + new tokens within the cache length.
+      overrun = cache_index + num_new > key_BxSxHxD.shape[1]
     else:
       key_BxSxHxD, value_BxSxHxD = key_BxTxHxD, value_BxTxHxD
       query_positions_T = jnp.arange(num_new)
@@ -147,6 +153,8 @@ class CausalSelfAttention(nn.Module):
     probs_BxHxTxS = nn.Dropout(self.dropout_rate)(probs_BxHxTxS, deterministic=not train)
     context_BxTxHxD = jnp.einsum('bhts,bshd->bthd', probs_BxHxTxS, value_BxSxHxD)
 
+    if self.decode and cache_exists:
+      context_BxTxHxD = jnp.where(overrun, jnp.nan, context_BxTxHxD)
     out_BxTxE = ProjectionDense(
         equation='bthd,hde->bte',
         kernel_shape=(self.num_heads, self.head_dim, d_model),
@@ -329,23 +337,27 @@ class Transformer(nn.Module):
                               preferred_element_type=jnp.float32)
 
     if self.decode and cache_exists:
-      end = start + num_new
-      # The cache write clamps instead of failing when it runs past max_len
-      # (the index is traced, so Python cannot check it): poison the logits so
-      # an overrun is loud. Callers must keep prompt + new tokens <= max_len.
-      logits_BxTxV = jnp.where(end > self.max_len, jnp.nan, logits_BxTxV)
-      cache_index.value = end
+      cache_index.value = start + num_new
     return logits_BxTxV
 
 
-def init_cache(model: Transformer, batch_size: int) -> PyTree:
-  """Returns an empty KV cache (index 0) for `model`, which must have decode=True."""
+def init_cache(model: Transformer, batch_size: int, length: int | None = None) -> PyTree:
+  """An empty KV cache (index 0) for `model` (decode=True) holding `length` positions
+  (default and at most: model.max_len)."""
   if not model.decode:
     raise ValueError('init_cache needs a model built with decode=True.')
+  length = model.max_len if length is None else length
+  if not 1 <= length <= model.max_len:
+    raise ValueError(f'cache length {length} must be in [1, model.max_len={model.max_len}].')
   dummy_ids = jnp.zeros((batch_size, 1), jnp.int32)
   # eval_shape: only the cache's shapes are needed, not a parameter init.
   shapes = jax.eval_shape(model.init, jax.random.key(0), dummy_ids)['cache']
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+  def zeros(s):
+    shape = s.shape if len(s.shape) < 2 else (s.shape[0], length) + s.shape[2:]
+    return jnp.zeros(shape, s.dtype)
+
+  return jax.tree.map(zeros, shapes)
 
 
 @functools.lru_cache(maxsize=None)
@@ -360,16 +372,17 @@ def _state_tokens_to_logits(model: Transformer) -> Callable[[Array, PyTree], tup
   return tokens_to_logits
 
 
-def decode_fns(model: Transformer, params: PyTree, *,
-               batch_size: int) -> tuple[Callable[[Array, PyTree], tuple[Array, PyTree]], PyTree]:
+def decode_fns(model: Transformer, params: PyTree, *, batch_size: int,
+               cache_len: int | None = None) -> tuple[Callable[[Array, PyTree],
+                                                            tuple[Array, PyTree]], PyTree]:
   """Returns `(tokens_to_logits, state)` for the decoder, with state = {'params', 'cache'}.
 
   The params travel in the state rather than in a closure, so a jitted decode loop
   takes them as arguments instead of baking them in as constants. Lengths are the
-  caller's to bound: prompt + new tokens must not exceed model.max_len (the logits
-  of an overrunning call are NaN).
+  caller's to bound: prompt + new tokens must not exceed `cache_len` (default
+  model.max_len); the logits of an overrunning call are NaN.
   """
   if not model.decode:
     raise ValueError('decode_fns needs a model built with decode=True.')
-  state = {'params': params, 'cache': init_cache(model, batch_size)}
+  state = {'params': params, 'cache': init_cache(model, batch_size, cache_len)}
   return _state_tokens_to_logits(model), state

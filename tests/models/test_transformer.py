@@ -152,6 +152,28 @@ def test_writing_past_max_len_gives_nan_logits(tiny_params):
   assert np.all(np.isnan(logits))
 
 
+def test_a_shorter_cache_gives_the_same_logits_until_it_is_full(tiny_params):
+  decode_model = Transformer(**TINY, decode=True)
+  ids_BxL = _random_ids((2, 9), seed=5)
+  outputs = []
+  for cache_len in (None, 8):
+    tokens_to_logits, state = transformer.decode_fns(decode_model, tiny_params, batch_size=2,
+                                                     cache_len=cache_len)
+    tokens_to_logits = jax.jit(tokens_to_logits)
+    prefill, state = tokens_to_logits(ids_BxL[:, :5], state)
+    steps = [prefill]
+    for t in range(5, 9):
+      logits, state = tokens_to_logits(ids_BxL[:, t:t + 1], state)
+      steps.append(logits)
+    outputs.append(np.concatenate(steps, axis=1))
+  assert transformer.init_cache(decode_model, 2, 8)['layer_0']['attention'][
+      'cached_key'].shape == (2, 8, 4, 8)
+  np.testing.assert_allclose(outputs[1][:, :8], outputs[0][:, :8], atol=1e-5, rtol=1e-5)
+  assert np.all(np.isnan(outputs[1][:, 8])) and np.all(np.isfinite(outputs[0]))
+  with pytest.raises(ValueError, match='cache length 17'):
+    transformer.init_cache(decode_model, 1, 17)
+
+
 def test_params_carry_logical_axis_names():
   model = Transformer(**TINY)
   abstract = jax.eval_shape(model.init, _key(0), jnp.zeros((1, 4), jnp.int32))
