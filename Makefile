@@ -13,7 +13,7 @@ venv: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,hf]'
 	touch $(STAMP)
 
 # Downloads the corpus archive once (hash-checked) and builds the TFDS datasets.

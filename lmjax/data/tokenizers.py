@@ -1,27 +1,36 @@
-"""Character and SentencePiece tokenizers: train, encode/decode, save and load.
+"""Character, SentencePiece and GPT-2 tokenizers: train, encode/decode, save and load.
 
-Both have `vocab_size`, `eos_id` (the separator written after each document),
+All have `vocab_size`, `eos_id` (the separator written after each document),
 `kind`, `encode(text) -> int32 array`, `decode(ids) -> str` and `save(directory)`.
 `decode` turns eos into the empty string, so decoding a generation that ran past
 the end of a document drops the separators but keeps everything else.
-A directory holds `tokenizer.json` (and `tokenizer.model` for SentencePiece);
-`load_tokenizer(directory)` reads it back.
+A directory holds `tokenizer.json` (and `tokenizer.model` for SentencePiece,
+`vocab.json` and `merges.txt` for GPT-2's byte-level BPE); `load_tokenizer(directory)`
+reads it back. GPT-2 tokenizers are never trained here: they come with a pretrained
+model (experiments/import_hf.py).
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
+import regex
 import sentencepiece as spm
 
-KINDS = ('char', 'sentencepiece')
+# The kinds a config may name in data.tokenizer.
+KINDS = ('char', 'sentencepiece', 'gpt2_bpe')
 SPM_MODEL_TYPES = ('bpe', 'unigram')
 CONFIG_FILE = 'tokenizer.json'
 SPM_MODEL_FILE = 'tokenizer.model'
+GPT2_VOCAB_FILE = 'vocab.json'
+GPT2_MERGES_FILE = 'merges.txt'
+GPT2_EOS_TOKEN = '<|endoftext|>'
 
 # Unigram models come out different for different thread counts, so training
 # uses a fixed number: a model then depends on its input, not on the machine.
@@ -219,7 +228,178 @@ class SentencePieceTokenizer:
                               'eos_id': self.eos_id, 'model_file': SPM_MODEL_FILE})
 
 
-Tokenizer = CharTokenizer | SentencePieceTokenizer
+# GPT-2's pre-tokenisation: English contractions, then runs of letters, of digits or of
+# other symbols, each taking at most one space in front; whitespace before a word
+# leaves its last space to that word. BPE merges never cross these pieces.
+_GPT2_PIECES = regex.compile(
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+# Words whose merges are remembered; prompts and corpora repeat most of theirs.
+_GPT2_CACHE_WORDS = 1 << 16
+
+
+def _gpt2_byte_chars() -> list[str]:
+  """GPT-2's table from the 256 byte values to characters that print (and are not spaces).
+
+  Printable Latin-1 bytes stand for themselves; the others (control bytes, space,
+  no-break space, soft hyphen) take code points 256, 257, ... in byte order, so ' ' is
+  'Ġ' and '\\n' is 'Ċ'. Vocabulary and merges are written in these characters.
+  """
+  kept = {*range(ord('!'), ord('~') + 1), *range(ord('\u00a1'), ord('\u00ac') + 1),
+          *range(ord('\u00ae'), ord('\u00ff') + 1)}
+  chars, moved = [], 0
+  for byte in range(256):
+    if byte in kept:
+      chars.append(chr(byte))
+    else:
+      chars.append(chr(256 + moved))
+      moved += 1
+  return chars
+
+
+def read_gpt2_merges(lines: Iterable[str], source: str) -> list[tuple[str, str]]:
+  """Merge pairs, best first, from the lines of a merges.txt (its '#version' line skipped)."""
+  merges = []
+  for number, line in enumerate(lines, 1):
+    line = line.rstrip('\r\n')
+    if not line or (number == 1 and line.startswith('#version')):
+      continue
+    pair = line.split(' ')
+    if len(pair) != 2 or not all(pair):
+      raise ValueError(f'{source}, line {number}: expected two pieces separated by one space, '
+                       f'got {line!r}; the merges file is damaged.')
+    merges.append((pair[0], pair[1]))
+  return merges
+
+
+class Gpt2BpeTokenizer:
+  """GPT-2's byte-level BPE: any text encodes, and decoding gives it back exactly.
+
+  Text is cut into pieces by GPT-2's pattern; each piece's UTF-8 bytes, written as
+  characters of the byte table, are merged pair by pair, always the best-ranked pair
+  first, and the resulting pieces are looked up in the vocabulary. The eos token,
+  '<|endoftext|>', is matched in the text as a whole before that, as GPT-2 does.
+  """
+
+  kind = 'gpt2_bpe'
+
+  def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]],
+               eos_token: str = GPT2_EOS_TOKEN):
+    ids = sorted(vocab.values())
+    if ids != list(range(len(ids))):
+      raise ValueError(f'GPT-2 vocabulary ids must be 0..{len(ids) - 1}, each once; the '
+                       'vocabulary has gaps or repeats. Is vocab.json damaged?')
+    if eos_token not in vocab:
+      raise ValueError(f'The GPT-2 vocabulary has no {eos_token!r} token, which lmjax uses '
+                       'as eos; add it to vocab.json.')
+    byte_chars = _gpt2_byte_chars()
+    missing = [c for c in byte_chars if c not in vocab]
+    if missing:
+      raise ValueError(f'The vocabulary lacks {len(missing)} of the 256 byte pieces (e.g. '
+                       f'{missing[:5]}), so some text could not be encoded; this is not a '
+                       'byte-level BPE vocabulary.')
+    self.vocab = dict(vocab)
+    self.merges = [tuple(pair) for pair in merges]
+    bad = [a + b for a, b in self.merges if a + b not in vocab or a not in vocab
+           or b not in vocab]
+    if bad:
+      raise ValueError(f'{len(bad)} merges make or use pieces that are not in the vocabulary '
+                       f'(e.g. {bad[:5]}); vocab.json and merges.txt do not belong together.')
+    self.eos_token = eos_token
+    self.eos_id = vocab[eos_token]
+    self.vocab_size = len(vocab)
+    # A pair listed twice keeps its first (best) rank.
+    self._rank = {}
+    for rank, pair in enumerate(self.merges):
+      self._rank.setdefault(pair, rank)
+    self._char_by_byte = byte_chars
+    byte_by_char = {c: b for b, c in enumerate(byte_chars)}
+    token_by_id = sorted(vocab, key=vocab.get)
+    # Characters outside the byte table (possible in added tokens) decode as their UTF-8.
+    self._bytes_by_id = [
+        b''.join(bytes([byte_by_char[c]]) if c in byte_by_char else c.encode('utf-8')
+                 for c in token) for token in token_by_id]
+    self._eos_pattern = regex.compile(regex.escape(eos_token))
+    # Per instance, so the cache goes away with the tokenizer.
+    self._word_ids = functools.lru_cache(maxsize=_GPT2_CACHE_WORDS)(self._merge_word)
+
+  @classmethod
+  def from_files(cls, vocab_path: str, merges_path: str,
+                 eos_token: str = GPT2_EOS_TOKEN) -> Gpt2BpeTokenizer:
+    """Reads a GPT-2 `vocab.json` (piece -> id) and `merges.txt` (pairs, best first)."""
+    for path in (vocab_path, merges_path):
+      if not os.path.exists(path):
+        raise FileNotFoundError(f'{path} is missing; a GPT-2 tokenizer needs both '
+                                f'{GPT2_VOCAB_FILE} and {GPT2_MERGES_FILE}.')
+    with open(vocab_path, encoding='utf-8') as f:
+      vocab = json.load(f)
+    with open(merges_path, encoding='utf-8') as f:
+      merges = read_gpt2_merges(f, merges_path)
+    return cls(vocab, merges, eos_token)
+
+  def _merge_word(self, word: str) -> tuple[int, ...]:
+    pieces = [self._char_by_byte[b] for b in word.encode('utf-8')]
+    rank = self._rank
+    while len(pieces) > 1:
+      best = min(zip(pieces, pieces[1:]), key=lambda pair: rank.get(pair, math.inf))
+      if best not in rank:
+        break
+      first, second = best
+      # Every occurrence of the best pair, left to right (in 'aaa', the first two).
+      merged, i = [], 0
+      while i < len(pieces):
+        if i + 1 < len(pieces) and pieces[i] == first and pieces[i + 1] == second:
+          merged.append(first + second)
+          i += 2
+        else:
+          merged.append(pieces[i])
+          i += 1
+      pieces = merged
+    return tuple(self.vocab[piece] for piece in pieces)
+
+  def encode(self, text: str) -> np.ndarray:
+    if not isinstance(text, str):
+      raise ValueError(f'encode takes a str; got {type(text).__name__}. Decode bytes to '
+                       'text first.')
+    try:
+      text.encode('utf-8')
+    except UnicodeEncodeError as e:
+      raise ValueError(
+          f'Text has a character that UTF-8 cannot write ({text[e.start]!r} at position '
+          f'{e.start}, a lone surrogate); remove it or decode the source with '
+          "errors='replace'.") from None
+    ids = []
+    # The eos token is found as a whole before the text is cut into words.
+    for i, part in enumerate(self._eos_pattern.split(text)):
+      if i:
+        ids.append(self.eos_id)
+      for word in _GPT2_PIECES.findall(part):
+        ids.extend(self._word_ids(word))
+    return np.asarray(ids, np.int32)
+
+  def decode(self, ids) -> str:
+    ids = _as_ids(ids, self.vocab_size)
+    pieces = self._bytes_by_id
+    data = b''.join(pieces[i] for i in ids.tolist() if i != self.eos_id)
+    # A generation can stop inside a character's bytes: mark it instead of failing.
+    return data.decode('utf-8', errors='replace')
+
+  def save_vocab_and_merges(self, directory: str) -> None:
+    """Writes GPT-2's own files, `vocab.json` and `merges.txt`, as Hugging Face reads them."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, GPT2_VOCAB_FILE), 'w', encoding='utf-8') as f:
+      json.dump(self.vocab, f, ensure_ascii=False)
+    with open(os.path.join(directory, GPT2_MERGES_FILE), 'w', encoding='utf-8') as f:
+      f.write('#version: 0.2\n')
+      f.writelines(f'{a} {b}\n' for a, b in self.merges)
+
+  def save(self, directory: str) -> None:
+    self.save_vocab_and_merges(directory)
+    _write_config(directory, {'kind': self.kind, 'vocab_size': self.vocab_size,
+                              'eos_id': self.eos_id, 'eos_token': self.eos_token,
+                              'vocab_file': GPT2_VOCAB_FILE, 'merges_file': GPT2_MERGES_FILE})
+
+
+Tokenizer = CharTokenizer | SentencePieceTokenizer | Gpt2BpeTokenizer
 
 
 def load_tokenizer(directory: str) -> Tokenizer:
@@ -241,6 +421,11 @@ def load_tokenizer(directory: str) -> Tokenizer:
                               'missing; train the tokenizer again in a new directory.')
     with open(model_path, 'rb') as f:
       tokenizer = SentencePieceTokenizer(f.read())
+  elif kind == 'gpt2_bpe':
+    tokenizer = Gpt2BpeTokenizer.from_files(
+        os.path.join(directory, config.get('vocab_file', GPT2_VOCAB_FILE)),
+        os.path.join(directory, config.get('merges_file', GPT2_MERGES_FILE)),
+        config.get('eos_token', GPT2_EOS_TOKEN))
   else:
     raise ValueError(f'{path}: unknown tokenizer kind {kind!r}; expected one of {KINDS}.')
   if tokenizer.vocab_size != config.get('vocab_size'):
@@ -272,6 +457,13 @@ def build_tokenizer(kind: str, directory: str, train_texts: Callable[[], Iterabl
     return tokenizer
   if kind == 'char':
     tokenizer = CharTokenizer.train(train_texts())
+  elif kind == 'gpt2_bpe':
+    raise ValueError(
+        f'data.tokenizer=gpt2_bpe, but {directory} holds no tokenizer, and lmjax does not '
+        'train GPT-2 tokenizers: they come with a pretrained model. Import one with '
+        'python experiments/import_hf.py --hf_dir=HF_MODEL_DIR --workdir=WORKDIR, which '
+        'writes the tokenizer and the weights into WORKDIR, then train or decode in that '
+        'workdir.')
   else:
     if not vocab_size:
       raise ValueError('data.tokenizer=sentencepiece needs data.vocab_size > 0 '

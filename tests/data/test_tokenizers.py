@@ -168,3 +168,103 @@ def test_build_tokenizer_char_and_unknown_kind(validation, tmp_path):
   assert tokenizers.load_tokenizer(tmp_path).vocab_size == tokenizer.vocab_size
   with pytest.raises(ValueError, match=r"data\.tokenizer='bytes'.*'char', 'sentencepiece'"):
     tokenizers.build_tokenizer('bytes', str(tmp_path / 'other'), lambda: [])
+
+
+# A hand-made GPT-2 byte-level BPE: the 256 byte pieces, these merges (best first) and eos.
+# In ' lower', ('l', 'o') outranks ('Ġ', 'l'), so 'Ġl' must never form there.
+GPT2_MERGES = [('l', 'o'), ('lo', 'w'), ('\u0120', 'l'), ('\u0120l', 'o'), ('e', 'r'),
+               ('\u0120', 'n'), ('\u0120n', 'e'), ('\u0120ne', 'w'), ('e', 's'), ('es', 't'),
+               ('a', 'a')]
+
+
+def _write_gpt2_files(directory):
+  pieces = tokenizers._gpt2_byte_chars() + [a + b for a, b in GPT2_MERGES] + ['<|endoftext|>']
+  vocab = {piece: i for i, piece in enumerate(dict.fromkeys(pieces))}
+  (directory / 'vocab.json').write_text(json.dumps(vocab), encoding='utf-8')
+  (directory / 'merges.txt').write_text(
+      '#version: 0.2\n' + ''.join(f'{a} {b}\n' for a, b in GPT2_MERGES), encoding='utf-8')
+  return vocab
+
+
+@pytest.fixture
+def gpt2_tokenizer(tmp_path):
+  _write_gpt2_files(tmp_path)
+  return tokenizers.Gpt2BpeTokenizer.from_files(str(tmp_path / 'vocab.json'),
+                                                str(tmp_path / 'merges.txt'))
+
+
+def test_gpt2_byte_table_is_gpt2s():
+  chars = tokenizers._gpt2_byte_chars()
+  assert len(set(chars)) == 256
+  assert (chars[ord('A')], chars[ord(' ')], chars[ord('\n')], chars[0xad]) == (
+      'A', '\u0120', '\u010a', '\u0143')
+
+
+def test_gpt2_bpe_merges_best_rank_first(gpt2_tokenizer):
+  piece_by_id = {i: p for p, i in gpt2_tokenizer.vocab.items()}
+  ids = gpt2_tokenizer.encode('low lower newest aaa<|endoftext|>low')
+  assert ids.dtype == np.int32
+  assert [piece_by_id[i] for i in ids.tolist()] == [
+      'low', '\u0120', 'low', 'er', '\u0120new', 'est', '\u0120', 'aa', 'a', '<|endoftext|>',
+      'low']
+  assert gpt2_tokenizer.eos_id == gpt2_tokenizer.vocab_size - 1
+
+
+@pytest.mark.parametrize('text', TRICKY + ["it's 1999, isn't it?", '\u6771\u4eac\U0001F600'])
+def test_gpt2_bpe_round_trips_any_text(gpt2_tokenizer, text):
+  assert gpt2_tokenizer.decode(gpt2_tokenizer.encode(text)) == text
+
+
+def test_gpt2_bpe_decode_drops_eos_and_marks_cut_characters(gpt2_tokenizer):
+  eos = gpt2_tokenizer.eos_id
+  ids = gpt2_tokenizer.encode('low')
+  assert gpt2_tokenizer.decode(jnp.asarray([eos, *ids, eos, *ids])) == 'lowlow'
+  snowman = gpt2_tokenizer.encode('\u2603').tolist()  # three bytes, three pieces
+  assert len(snowman) == 3
+  assert gpt2_tokenizer.decode(snowman[:2]) == '\ufffd'
+  with pytest.raises(ValueError, match='outside the vocabulary'):
+    gpt2_tokenizer.decode([gpt2_tokenizer.vocab_size])
+
+
+def test_gpt2_bpe_bad_text_is_named(gpt2_tokenizer):
+  with pytest.raises(ValueError, match='takes a str; got bytes'):
+    gpt2_tokenizer.encode(b'low')
+  with pytest.raises(ValueError, match='lone surrogate'):
+    gpt2_tokenizer.encode('low \ud800')
+
+
+def test_gpt2_bpe_save_load(gpt2_tokenizer, tmp_path):
+  directory = tmp_path / 'saved'
+  gpt2_tokenizer.save(str(directory))
+  assert json.loads((directory / 'tokenizer.json').read_text())['kind'] == 'gpt2_bpe'
+  assert (directory / 'vocab.json').exists() and (directory / 'merges.txt').exists()
+  loaded = tokenizers.load_tokenizer(str(directory))
+  assert isinstance(loaded, tokenizers.Gpt2BpeTokenizer)
+  assert (loaded.vocab, loaded.merges, loaded.eos_id) == (
+      gpt2_tokenizer.vocab, gpt2_tokenizer.merges, gpt2_tokenizer.eos_id)
+  text = 'low lower newest\n\tcaf\u00e9'
+  np.testing.assert_array_equal(loaded.encode(text), gpt2_tokenizer.encode(text))
+
+
+def test_gpt2_bpe_files_that_do_not_belong_together_are_refused(tmp_path):
+  vocab = _write_gpt2_files(tmp_path)
+  del vocab['\u0120new']
+  vocab = {piece: i for i, piece in enumerate(vocab)}
+  with pytest.raises(ValueError, match='do not belong together'):
+    tokenizers.Gpt2BpeTokenizer(vocab, GPT2_MERGES)
+  (tmp_path / 'merges.txt').write_text('#version: 0.2\nl o\nlo w x\n', encoding='utf-8')
+  with pytest.raises(ValueError, match='merges.txt, line 3'):
+    tokenizers.Gpt2BpeTokenizer.from_files(str(tmp_path / 'vocab.json'),
+                                           str(tmp_path / 'merges.txt'))
+
+
+def test_build_tokenizer_reuses_a_gpt2_bpe_but_cannot_train_one(gpt2_tokenizer, tmp_path):
+  def must_not_train():
+    raise AssertionError('build_tokenizer tried to train a GPT-2 tokenizer')
+
+  with pytest.raises(ValueError, match=r'data\.tokenizer=gpt2_bpe.*experiments/import_hf\.py'):
+    tokenizers.build_tokenizer('gpt2_bpe', str(tmp_path / 'empty'), must_not_train)
+  gpt2_tokenizer.save(str(tmp_path / 'imported'))
+  reused = tokenizers.build_tokenizer('gpt2_bpe', str(tmp_path / 'imported'), must_not_train)
+  assert reused.vocab == gpt2_tokenizer.vocab
+  assert 'gpt2_bpe' in tokenizers.KINDS

@@ -1,0 +1,95 @@
+"""GPT-2 (OpenAI's 2019 models) as lmjax configs, for checkpoints imported from Hugging Face.
+
+  python experiments/import_hf.py --hf_dir=path/to/gpt2 --workdir=runs/gpt2
+  python experiments/decode.py --workdir=runs/gpt2 --prompt='ROMEO:' --strategy=greedy
+  python experiments/train.py --config=configs/gpt2.py --workdir=runs/gpt2   # fine-tune
+
+The model sections are GPT-2's architectures; the importer starts from this file and
+takes the dimensions from the checkpoint's own config.json. lmjax cannot train a GPT-2
+tokenizer (data.tokenizer=gpt2_bpe): the workdir must come from the importer, so the
+train and opt sections are a short fine-tuning recipe on the embedded corpus, not
+GPT-2's pretraining run.
+
+Variants (the text after ':'), named as on the Hugging Face hub:
+  (none)  gpt2: 12 layers x 768 wide, 12 heads, context 1024 (124M parameters).
+  medium  gpt2-medium: 24 x 1024, 16 heads (355M).
+  large   gpt2-large: 36 x 1280, 20 heads (774M).
+  xl      gpt2-xl: 48 x 1600, 25 heads (1.56B).
+"""
+import ml_collections
+
+
+def get_config(variant: str = '') -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'transformer'  # GPT-2 is the pre-LayerNorm decoder lmjax's Transformer is
+  c.model.num_layers = 12  # decoder blocks (n_layer)
+  c.model.num_heads = 12  # attention heads (n_head); must divide d_model
+  c.model.d_model = 768  # residual stream width (n_embd)
+  c.model.d_ff = 0  # MLP hidden width (n_inner); 0 means 4 * d_model, as in all four sizes
+  c.model.max_len = 1024  # learned position table (n_positions); >= train.seq_len
+  c.model.dropout = 0.1  # GPT-2's resid/embd/attn dropout; only training applies it
+  c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16
+  c.model.param_dtype = 'float32'  # storage dtype of the parameters
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'shakespeare'  # TFDS dataset fine-tuned on: shakespeare | milton
+  c.data.data_dir = ''  # TFDS data directory; '' means TFDS's default (~/tensorflow_datasets)
+  c.data.tokenizer = 'gpt2_bpe'  # GPT-2's byte-level BPE, written by the importer
+  c.data.vocab_size = 0  # unused: the vocabulary is the imported tokenizer's (50257)
+  c.data.spm_model_type = 'bpe'  # unused (sentencepiece only)
+  c.data.eval_split = 'validation'  # split read whole at every evaluation
+
+  c.opt = ml_collections.ConfigDict()
+  c.opt.lr = 3e-5  # peak learning rate: small, so fine-tuning does not wreck what was learned
+  c.opt.min_lr = 3e-6  # learning rate at the end of the cosine decay
+  c.opt.warmup_steps = 10  # linear warmup from 0
+  c.opt.b1 = 0.9  # AdamW first-moment decay
+  c.opt.b2 = 0.95  # AdamW second-moment decay (GPT-2-sized models train with 0.95)
+  c.opt.eps = 1e-8  # AdamW epsilon
+  c.opt.weight_decay = 0.1  # decoupled weight decay, on matrices only
+  c.opt.grad_clip = 1.0  # clip gradients to this global norm; 0 disables
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 200  # optimizer steps of fine-tuning (step 0 is the imported model)
+  c.train.batch_size = 8  # global batch, in sequences; divides by the data-parallel devices
+  c.train.seq_len = 1024  # tokens per training sequence (the importer caps it at max_len)
+  c.train.eval_batch_size = 8  # global batch for evaluation
+  c.train.eval_every = 100  # steps between evaluations (and at the end)
+  c.train.checkpoint_every = 100  # steps between checkpoints (and at the end)
+  c.train.keep_checkpoints = 2  # how many recent checkpoints to keep (GPT-2 ones are large)
+  c.train.log_every = 10  # steps between progress lines and train scalars
+  c.train.seed = 0  # seeds data order and dropout (init is the imported checkpoint)
+  c.train.sample_prompt = 'ROMEO:\n'  # prompt for the sample printed at the end
+  c.train.sample_tokens = 100  # length of that sample (prompt + sample <= model.max_len)
+
+  c.mesh = ml_collections.ConfigDict()
+  # Devices along ('data', 'fsdp', 'tensor'); one entry may be -1 to take what is left.
+  c.mesh.shape = (-1, 1, 1)
+  # Logical axis -> mesh axes. Batch splits over data and fsdp; parameters are replicated
+  # unless their logical axes map to a mesh axis.
+  c.mesh.rules = (
+      ('batch', ('data', 'fsdp')),
+      ('length', None),
+      ('vocab', None),
+      ('embed', None),
+      ('position', None),
+      ('heads', None),
+      ('head_dim', None),
+      ('mlp', None),
+  )
+
+  if variant == '':
+    pass
+  elif variant == 'medium':
+    c.model.update(num_layers=24, num_heads=16, d_model=1024)
+  elif variant == 'large':
+    c.model.update(num_layers=36, num_heads=20, d_model=1280)
+  elif variant == 'xl':
+    c.model.update(num_layers=48, num_heads=25, d_model=1600)
+  else:
+    raise ValueError(f'unknown variant {variant!r} of configs/gpt2.py; '
+                     "use '', 'medium', 'large' or 'xl'")
+  c.lock()
+  return c
