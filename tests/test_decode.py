@@ -107,6 +107,23 @@ def test_repetition_penalty_avoids_tokens_already_in_the_row():
                                  repetition_penalty=1.5)) == [[[2]]]
 
 
+def test_a_carry_state_model_decodes_as_stepping_it_by_hand():
+  # The trigram fake keeps a recurrent carry (its last two tokens), as an RNN does: no
+  # cache over positions. Ragged prompts force the prefix-then-step path.
+  table = _trigram_table(6)
+  prompts = [[1], [2, 3, 0, 1, 2], [3, 3, 3]]
+  out = decode.generate(_trigram_model, _trigram_state(table, 3), prompts, max_new_tokens=7)
+  for prompt, candidates in zip(prompts, out):
+    state = _trigram_state(table, 1)
+    logits, state = _trigram_model(jnp.asarray([prompt]), state)
+    by_hand = []
+    for _ in range(7):
+      token = int(jnp.argmax(logits[0, -1]))
+      by_hand.append(token)
+      logits, state = _trigram_model(jnp.asarray([[token]]), state)
+    assert candidates[0].tokens.tolist() == by_hand
+
+
 def test_top_k_one_sampling_equals_greedy():
   table = _trigram_table(1)
   greedy = decode.generate(_trigram_model, _trigram_state(table, 1), [[3, 1]],
