@@ -4,6 +4,15 @@
   python experiments/benchmark.py --config=configs/shakespeare_char.py --bench=decode
 
 Benchmarks (--bench, repeatable):
+  train       the config's train step on synthetic tokens over the config's mesh: compile
+              time, median step time over --steps timed steps (after --warmup), tokens/s,
+              model FLOPs per token (6N + 12LdT, PaLM's appendix B), MFU against the chip's
+              peak (on CPU, a float32 matmul peak measured at start-up), peak memory.
+  pipeline    the tf.data input pipeline alone on the config's real dataset (prepare it
+              first: make data): tokens/s it delivers; beside a train benchmark, how many
+              times what training consumes.
+  checkpoint  an orbax save of the full train state: how long save() blocks the caller
+              (asynchronous), until the write is complete, and a restore; bytes and GB/s.
   decode  prefill time, the KV-cached step, the same step recomputed over the whole prefix
           (what decoding without a cache pays), and whole `generate` calls: tokens/s and
           per-token latency, for each --batch_sizes x --strategies. --compare_hf runs the
@@ -28,7 +37,11 @@ from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Model config file.',
                                           lock_config=True)
-_BENCH = flags.DEFINE_multi_enum('bench', ['decode'], ['decode'], 'What to measure.')
+_BENCH = flags.DEFINE_multi_enum('bench', ['decode'], ['train', 'pipeline', 'checkpoint', 'decode'],
+                                 'What to measure.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'train: timed steps.')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'train: untimed steps after the compiling one.')
+_PIPELINE_BATCHES = flags.DEFINE_integer('pipeline_batches', 200, 'pipeline: batches read.')
 _BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['1', '8'], 'Prompts per generate call.')
 _STRATEGIES = flags.DEFINE_list('strategies', ['greedy', 'beam4'],
                                 'greedy, sample, or beamK (beam search with K beams).')
@@ -216,16 +229,184 @@ def bench_decode_hf(config, vocab_size: int) -> list[dict]:
   return results
 
 
+def _train_parts(config, vocab_size: int):
+  """Model, optimizer, mesh and freshly initialised sharded state, as training makes them."""
+  import jax  # noqa: PLC0415
+
+  from lmjax import models, optim, runtime, sharding, train  # noqa: PLC0415
+  runtime.keep_freed_host_memory()
+  mesh = sharding.make_mesh(config.mesh)
+  try:
+    train.validate_config(config, mesh)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  rules = sharding.rules_as_tuples(config.mesh.rules)
+  model = models.build_model(config.model, vocab_size)
+  tx = optim.make_optimizer(config.opt, config.train.num_steps)
+  state, shardings = train.create_train_state(model, tx, mesh, rules, config.train.seed,
+                                              config.train.seq_len)
+  del jax
+  return model, tx, mesh, rules, state, shardings
+
+
+def _peak_memory_bytes(device) -> tuple[int, str]:
+  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  if stats and 'peak_bytes_in_use' in stats:
+    return int(stats['peak_bytes_in_use']), 'device peak_bytes_in_use'
+  import resource  # noqa: PLC0415
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'host max RSS'
+
+
+def bench_train(config, vocab_size: int) -> dict:
+  import flax.linen as nn  # noqa: PLC0415
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  from lmjax import flops, models, sharding, train  # noqa: PLC0415
+  model, tx, mesh, rules, state, shardings = _train_parts(config, vocab_size)
+  t = config.train
+  step_fn, _ = train.jit_steps(model, tx, mesh, rules, shardings)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, vocab_size, (t.batch_size, t.seq_len + 1), dtype=np.int32)
+  batch = jax.device_put({'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]},
+                         sharding.batch_sharding(mesh))
+  dropout_rng = jax.random.key(0)
+  num_params = models.count_params(state.params)
+  times = []
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    start = time.perf_counter()
+    state, metrics = step_fn(state, batch, dropout_rng)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+    for i in range(_WARMUP.value + _STEPS.value):
+      start = time.perf_counter()
+      state, metrics = step_fn(state, batch, dropout_rng)
+      jax.block_until_ready(metrics)
+      if i >= _WARMUP.value:
+        times.append(time.perf_counter() - start)
+  step_s = statistics.median(times)
+  tokens_per_s = t.batch_size * t.seq_len / step_s
+  flops_per_token = flops.train_flops_per_token(
+      num_params, models.count_params(state.params.get('position_embed', {})),
+      config.model.num_layers, config.model.d_model, t.seq_len)
+  device = mesh.devices.flat[0]
+  if device.platform == 'cpu':
+    # However many (fake) CPU devices the mesh has, they share the host's cores.
+    peak, peak_source = flops.measured_cpu_peak_flops(), 'measured float32 matmul'
+  else:
+    peak, peak_source = flops.peak_flops_per_device(device), 'data sheet'
+    peak = peak * mesh.size if peak else None
+  memory, memory_source = _peak_memory_bytes(device)
+  result = {
+      'bench': 'train', 'impl': 'lmjax', **_common(config, vocab_size, num_params),
+      'batch': t.batch_size, 'seq_len': t.seq_len, 'mesh': dict(mesh.shape),
+      'compile_s': round(compile_s - step_s, 2), 'step_ms': round(1e3 * step_s, 2),
+      'tokens_per_s': round(tokens_per_s, 1), 'flops_per_token': round(flops_per_token),
+      'mfu': round(tokens_per_s * flops_per_token / peak, 4) if peak else None,
+      'peak_flops': peak, 'peak_source': peak_source,
+      'peak_memory_gb': round(memory / 1e9, 3), 'memory_source': memory_source,
+  }
+  for field in ('prompt_len', 'new_tokens'):
+    result.pop(field)
+  print(json.dumps(result), flush=True)
+  return result
+
+
+def bench_pipeline(config, consumed_tokens_per_s: float | None) -> dict:
+  import tempfile  # noqa: PLC0415
+
+  from lmjax.data import corpora, pipeline, tokenizers  # noqa: PLC0415
+  t, data = config.train, config.data
+  with tempfile.TemporaryDirectory() as directory:
+    try:
+      tokenizer = tokenizers.build_tokenizer(
+          data.tokenizer, directory,
+          lambda: [text for _, text in corpora.load_split_texts(data.name, 'train',
+                                                              data.data_dir or None)],
+          vocab_size=data.vocab_size or None, model_type=data.spm_model_type)
+    except (FileNotFoundError, ValueError) as e:
+      raise app.UsageError(f'{e} (prepare the data first: make data)') from None
+    tokens = pipeline.load_tokens(data, 'train', tokenizer)
+  batches = pipeline.train_dataset(tokens, seq_len=t.seq_len, global_batch=t.batch_size,
+                                   seed=t.seed, start_example=0).as_numpy_iterator()
+  next(batches)  # builds the pipeline and fills its prefetch buffer
+  count = _PIPELINE_BATCHES.value
+  start = time.perf_counter()
+  for _ in range(count):
+    next(batches)
+  elapsed = time.perf_counter() - start
+  delivered = count * t.batch_size * t.seq_len / elapsed
+  result = {'bench': 'pipeline', 'impl': 'lmjax', 'dataset': data.name,
+            'tokenizer': data.tokenizer, 'batch': t.batch_size, 'seq_len': t.seq_len,
+            'batches': count, 'tokens_per_s': round(delivered, 1),
+            'times_training': (round(delivered / consumed_tokens_per_s, 1)
+                               if consumed_tokens_per_s else None)}
+  print(json.dumps(result), flush=True)
+  return result
+
+
+def bench_checkpoint(config, vocab_size: int) -> dict:
+  import shutil  # noqa: PLC0415
+  import tempfile  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+
+  from lmjax import checkpoint as ckpt_lib  # noqa: PLC0415
+  from lmjax import models  # noqa: PLC0415
+  _, _, _, _, state, shardings = _train_parts(config, vocab_size)
+  directory = tempfile.mkdtemp(prefix='lmjax-bench-ckpt-')
+  try:
+    checkpointer = ckpt_lib.Checkpointer(directory, keep=1)
+    start = time.perf_counter()
+    checkpointer.save(1, state, {'next_example': 0})
+    blocking_s = time.perf_counter() - start
+    checkpointer.wait()
+    save_s = time.perf_counter() - start
+    size = sum(os.path.getsize(os.path.join(root, f))
+               for root, _, files in os.walk(checkpointer.directory) for f in files)
+    abstract = ckpt_lib.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
+    start = time.perf_counter()
+    restored, _ = checkpointer.restore(1, abstract)
+    jax.block_until_ready(restored)
+    restore_s = time.perf_counter() - start
+    checkpointer.close()
+  finally:
+    shutil.rmtree(directory, ignore_errors=True)
+  result = {'bench': 'checkpoint', 'impl': 'lmjax',
+            'model': f'{config.model.num_layers}x{config.model.d_model}',
+            'params': models.count_params(state.params), 'bytes': size,
+            'save_blocking_s': round(blocking_s, 3), 'save_total_s': round(save_s, 3),
+            'restore_s': round(restore_s, 3),
+            'save_gb_per_s': round(size / save_s / 1e9, 3),
+            'restore_gb_per_s': round(size / restore_s / 1e9, 3)}
+  print(json.dumps(result), flush=True)
+  return result
+
+
 _TABLE_COLUMNS = ('impl', 'model', 'batch', 'strategy', 'prefill_ms', 'cached_step_ms',
                   'recompute_step_ms', 'per_token_ms', 'tokens_per_s')
 
 
+_OTHER_COLUMNS = {
+    'train': ('model', 'params', 'batch', 'seq_len', 'step_ms', 'tokens_per_s', 'mfu',
+              'peak_memory_gb', 'compile_s'),
+    'pipeline': ('dataset', 'batch', 'seq_len', 'tokens_per_s', 'times_training'),
+    'checkpoint': ('model', 'bytes', 'save_blocking_s', 'save_total_s', 'restore_s',
+                   'save_gb_per_s', 'restore_gb_per_s'),
+}
+
+
 def _markdown(results: list[dict]) -> str:
-  lines = ['| ' + ' | '.join(_TABLE_COLUMNS) + ' |',
-           '|' + '---|' * len(_TABLE_COLUMNS)]
-  for r in results:
-    lines.append('| ' + ' | '.join(str(r.get(c, '')) for c in _TABLE_COLUMNS) + ' |')
-  return '\n'.join(lines)
+  """One table per kind of benchmark, in the order they ran."""
+  tables = []
+  for kind in dict.fromkeys(r['bench'] for r in results):
+    columns = _TABLE_COLUMNS if kind == 'decode' else _OTHER_COLUMNS[kind]
+    lines = [f'{kind}:', '| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
+    for r in results:
+      if r['bench'] == kind:
+        lines.append('| ' + ' | '.join(str(r.get(c, '')) for c in columns) + ' |')
+    tables.append('\n'.join(lines))
+  return '\n\n'.join(tables)
 
 
 def main(argv):
@@ -233,10 +414,13 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
+  if _STEPS.value < 1 or _WARMUP.value < 0 or _PIPELINE_BATCHES.value < 1:
+    raise app.UsageError('--steps and --pipeline_batches must be at least 1, --warmup at '
+                         'least 0.')
   if config.model.name != 'transformer':
     raise app.UsageError(f'model.name={config.model.name!r}: only the transformer is '
                          'benchmarked so far.')
-  if _PROMPT_LEN.value + _NEW_TOKENS.value > config.model.max_len:
+  if 'decode' in _BENCH.value and _PROMPT_LEN.value + _NEW_TOKENS.value > config.model.max_len:
     raise app.UsageError(
         f'--prompt_len={_PROMPT_LEN.value} + --new_tokens={_NEW_TOKENS.value} exceeds the '
         f"model's context (model.max_len={config.model.max_len}); lower one of them.")
@@ -244,6 +428,14 @@ def main(argv):
     _strategy(name)
   vocab_size = _vocab_size(config)
   results = []
+  consumed = None
+  if 'train' in _BENCH.value:
+    results.append(bench_train(config, vocab_size))
+    consumed = results[-1]['tokens_per_s']
+  if 'pipeline' in _BENCH.value:
+    results.append(bench_pipeline(config, consumed))
+  if 'checkpoint' in _BENCH.value:
+    results.append(bench_checkpoint(config, vocab_size))
   if 'decode' in _BENCH.value:
     results += bench_decode_lmjax(config, vocab_size)
     if _COMPARE_HF.value:

@@ -224,6 +224,21 @@ def continue_prompt(config, params, tokenizer, prompt: str, num_tokens: int, *,
 # ------------------------------------------------------------------------------- loop
 
 
+def jit_steps(model, tx, mesh, rules, state_shardings):
+  """(train step, eval step), jitted with explicit shardings; the train step donates the
+  state it is given."""
+  batch_sharding = sharding.batch_sharding(mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    step_fn = jax.jit(
+        functools.partial(train_step, model=model, tx=tx),
+        in_shardings=(state_shardings, batch_sharding, sharding.replicated(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+    eval_fn = jax.jit(functools.partial(eval_step, model=model),
+                      in_shardings=(state_shardings.params, batch_sharding),
+                      out_shardings=sharding.replicated(mesh))
+  return step_fn, eval_fn
+
+
 def _mean_metrics(history: list[dict]) -> dict:
   stacked = jax.device_get(history)
   return {k: float(np.mean([h[k] for h in stacked])) for k in stacked[0]}
@@ -276,14 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
           flush=True)
 
   batch_sharding = sharding.batch_sharding(mesh)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step_fn = jax.jit(
-        functools.partial(train_step, model=model, tx=tx),
-        in_shardings=(state_shardings, batch_sharding, sharding.replicated(mesh)),
-        out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
-    eval_fn = jax.jit(functools.partial(eval_step, model=model),
-                      in_shardings=(state_shardings.params, batch_sharding),
-                      out_shardings=sharding.replicated(mesh))
+  step_fn, eval_fn = jit_steps(model, tx, mesh, rules, state_shardings)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -36,3 +38,23 @@ def test_decode_benchmark_rejects_lengths_beyond_the_context():
                     '--new_tokens=30')
   assert done.returncode != 0
   assert 'model.max_len=32' in done.stderr and 'Traceback' not in done.stderr
+
+
+def test_train_pipeline_and_checkpoint_benchmarks_report_their_figures():
+  done = _benchmark('--config=configs/shakespeare_char.py:tiny', '--bench=train',
+                    '--bench=pipeline', '--bench=checkpoint', '--steps=2', '--warmup=1',
+                    '--pipeline_batches=20', '--table')
+  assert done.returncode == 0, done.stderr
+  rows = {r['bench']: r for r in (json.loads(line) for line in done.stdout.splitlines()
+                                  if line.startswith('{'))}
+  train, data, ckpt = rows['train'], rows['pipeline'], rows['checkpoint']
+  assert train['model'] == '2x64' and train['batch'] == 16 and train['seq_len'] == 32
+  assert train['step_ms'] > 0 and 0 < train['mfu'] < 1 and train['peak_memory_gb'] > 0
+  # 6N + 12 L d T with N the 106,304 parameters less the 32 x 64 position table.
+  assert train['flops_per_token'] == 6 * (106304 - 32 * 64) + 12 * 2 * 64 * 32
+  assert data['dataset'] == 'shakespeare' and data['tokens_per_s'] > 0
+  assert data['times_training'] == pytest.approx(
+      data['tokens_per_s'] / train['tokens_per_s'], rel=0.01)
+  assert ckpt['bytes'] > 4 * 106304  # the params alone, in float32
+  assert 0 < ckpt['save_blocking_s'] <= ckpt['save_total_s']
+  assert 'checkpoint:' in done.stdout and 'pipeline:' in done.stdout
