@@ -88,6 +88,25 @@ def _common(config, vocab_size: int, num_params: int) -> dict:
           'prompt_len': _PROMPT_LEN.value, 'new_tokens': _NEW_TOKENS.value}
 
 
+def _decode_result(impl: str, common: dict, batch: int, strategy: str, compile_s: float,
+                   prefill_s: float, step_s: float, recompute_s: float,
+                   generate_s: float) -> dict:
+  """One decode measurement as a JSON object (printed as it is made)."""
+  new_tokens = common['new_tokens']
+  result = {
+      'bench': 'decode', 'impl': impl, **common, 'batch': batch, 'strategy': strategy,
+      'compile_s': round(compile_s, 2),
+      'prefill_ms': round(1e3 * prefill_s, 2),
+      'cached_step_ms': round(1e3 * step_s, 2),
+      'recompute_step_ms': round(1e3 * recompute_s, 2),
+      'generate_s': round(generate_s, 3),
+      'per_token_ms': round(1e3 * (generate_s - prefill_s) / new_tokens, 2),
+      'tokens_per_s': round(batch * new_tokens / generate_s, 1),
+  }
+  print(json.dumps(result), flush=True)
+  return result
+
+
 def bench_decode_lmjax(config, vocab_size: int) -> list[dict]:
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
@@ -151,17 +170,8 @@ def bench_decode_lmjax(config, vocab_size: int) -> list[dict]:
       run()
       first_s = time.perf_counter() - start
       generate_s = _median_seconds(run, _REPEATS.value)
-      results.append({
-          'bench': 'decode', 'impl': 'lmjax', **common, 'batch': batch, 'strategy': name,
-          'compile_s': round(first_s - generate_s, 2),
-          'prefill_ms': round(1e3 * prefill_s, 2),
-          'cached_step_ms': round(1e3 * step_s, 2),
-          'recompute_step_ms': round(1e3 * recompute_s, 2),
-          'generate_s': round(generate_s, 3),
-          'per_token_ms': round(1e3 * (generate_s - prefill_s) / new_tokens, 2),
-          'tokens_per_s': round(batch * new_tokens / generate_s, 1),
-      })
-      print(json.dumps(results[-1]), flush=True)
+      results.append(_decode_result('lmjax', common, batch, name, first_s - generate_s,
+                                    prefill_s, step_s, recompute_s, generate_s))
   return results
 
 
@@ -215,24 +225,14 @@ def bench_decode_hf(config, vocab_size: int) -> list[dict]:
         run()  # PyTorch's first calls are slow too (allocator, kernels): two untimed runs
         run()
         generate_s = _median_seconds(run, _REPEATS.value)
-      results.append({
-          'bench': 'decode', 'impl': f'hf-transformers {transformers.__version__}', **common,
-          'batch': batch, 'strategy': name, 'compile_s': 0.0,
-          'prefill_ms': round(1e3 * prefill_s, 2),
-          'cached_step_ms': round(1e3 * step_s, 2),
-          'recompute_step_ms': round(1e3 * recompute_s, 2),
-          'generate_s': round(generate_s, 3),
-          'per_token_ms': round(1e3 * (generate_s - prefill_s) / new_tokens, 2),
-          'tokens_per_s': round(batch * new_tokens / generate_s, 1),
-      })
-      print(json.dumps(results[-1]), flush=True)
+      results.append(_decode_result(f'hf-transformers {transformers.__version__}', common,
+                                    batch, name, 0.0, prefill_s, step_s, recompute_s,
+                                    generate_s))
   return results
 
 
 def _train_parts(config, vocab_size: int):
   """Model, optimizer, mesh and freshly initialised sharded state, as training makes them."""
-  import jax  # noqa: PLC0415
-
   from lmjax import models, optim, runtime, sharding, train  # noqa: PLC0415
   runtime.keep_freed_host_memory()
   mesh = sharding.make_mesh(config.mesh)
@@ -245,7 +245,6 @@ def _train_parts(config, vocab_size: int):
   tx = optim.make_optimizer(config.opt, config.train.num_steps)
   state, shardings = train.create_train_state(model, tx, mesh, rules, config.train.seed,
                                               config.train.seq_len)
-  del jax
   return model, tx, mesh, rules, state, shardings
 
 

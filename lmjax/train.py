@@ -193,7 +193,7 @@ def generate_texts(config, params, tokenizer, prompts: list[str], *, max_new_tok
   needed = max(len(e) for e in encoded) + max_new_tokens
   tokens_to_logits, state = transformer.decode_fns(
       decode_model, jax.device_get(params), batch_size=len(encoded),
-      cache_len=decode.buffer_length(min(needed, config.model.max_len), config.model.max_len))
+      cache_len=decode.buffer_length(needed, config.model.max_len))
   results = decode.generate(tokens_to_logits, state, encoded, max_new_tokens=max_new_tokens,
                             eos_id=tokenizer.eos_id, stop_sequences=stops,
                             max_len=config.model.max_len, **options)
