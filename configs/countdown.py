@@ -1,0 +1,89 @@
+"""A small character-level GPT that solves Countdown arithmetic puzzles (lmjax/data/puzzles.py).
+
+  python experiments/train.py --config=configs/countdown.py --workdir=runs/countdown
+  python experiments/tot.py --workdir=runs/countdown      # greedy vs beam vs tree search
+
+Each training document is one puzzle line and a worked solution, e.g.
+"4 7 8 9 -> 34\\n9-7=2\\n8*4=32\\n32+2=34"; documents are packed into windows with the
+end-of-text id between them, as any corpus is. The model is the one tree-of-thought
+search is studied with (README, "Tree-of-thought search").
+
+Variants (the text after ':'):
+  (none)  4 layers x 192 wide, context 64, batch 64, 3000 steps: about 20 minutes on 2 CPU
+          cores.
+  tiny    2 layers x 64 wide, 60 steps: seconds; what the tests train.
+"""
+import ml_collections
+
+
+def get_config(variant: str = '') -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'transformer'  # transformer (the only family so far)
+  c.model.num_layers = 4  # decoder blocks
+  c.model.num_heads = 4  # attention heads; must divide d_model
+  c.model.d_model = 192  # residual stream width
+  c.model.d_ff = 0  # MLP hidden width; 0 means 4 * d_model
+  c.model.max_len = 64  # size of the learned position table; >= train.seq_len
+  c.model.dropout = 0.0  # 240k training puzzles-with-solutions: no need to regularise
+  c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16
+  c.model.param_dtype = 'float32'  # storage dtype of the parameters
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'countdown'  # the puzzles' TFDS dataset (built from the rules, no download)
+  c.data.data_dir = ''  # TFDS data directory; '' means TFDS's default (~/tensorflow_datasets)
+  c.data.tokenizer = 'char'  # 19 symbols: digits, + - * / = > space newline
+  c.data.vocab_size = 0  # sentencepiece only
+  c.data.spm_model_type = 'bpe'  # sentencepiece only
+  c.data.eval_split = 'validation'  # held-out puzzles (different numbers or target)
+
+  c.opt = ml_collections.ConfigDict()
+  c.opt.lr = 2e-3  # peak learning rate, reached after warmup
+  c.opt.min_lr = 1e-4  # learning rate at the end of the cosine decay
+  c.opt.warmup_steps = 100  # linear warmup from 0
+  c.opt.b1 = 0.9  # AdamW first-moment decay
+  c.opt.b2 = 0.99  # AdamW second-moment decay
+  c.opt.eps = 1e-8  # AdamW epsilon
+  c.opt.weight_decay = 0.1  # decoupled weight decay, on matrices only
+  c.opt.grad_clip = 1.0  # clip gradients to this global norm; 0 disables
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 3000  # optimizer steps in the whole run
+  c.train.batch_size = 64  # global batch, in sequences; divides by the data-parallel devices
+  c.train.seq_len = 64  # tokens per training sequence (a puzzle and solution is about 36)
+  c.train.eval_batch_size = 256  # global batch for evaluation
+  c.train.eval_every = 500  # steps between evaluations (and at the end)
+  c.train.checkpoint_every = 500  # steps between checkpoints (and at the end)
+  c.train.keep_checkpoints = 2  # how many recent checkpoints to keep
+  c.train.log_every = 100  # steps between progress lines and train scalars
+  c.train.seed = 0  # seeds init, data order and dropout
+  c.train.sample_prompt = '4 7 8 9 -> 34\n'  # prompt for the sample printed at the end
+  c.train.sample_tokens = 24  # length of that sample (prompt + sample <= model.max_len)
+
+  c.mesh = ml_collections.ConfigDict()
+  # Devices along ('data', 'fsdp', 'tensor'); one entry may be -1 to take what is left.
+  c.mesh.shape = (-1, 1, 1)
+  # Logical axis -> mesh axes; as configs/shakespeare_char.py.
+  c.mesh.rules = (
+      ('batch', ('data', 'fsdp')),
+      ('length', None),
+      ('vocab', None),
+      ('embed', None),
+      ('position', None),
+      ('heads', None),
+      ('head_dim', None),
+      ('mlp', None),
+  )
+
+  if variant == '':
+    pass
+  elif variant == 'tiny':
+    c.model.update(num_layers=2, num_heads=4, d_model=64, max_len=64)
+    c.opt.update(lr=3e-3, min_lr=3e-4, warmup_steps=10)
+    c.train.update(num_steps=60, batch_size=16, eval_batch_size=64, eval_every=60,
+                   checkpoint_every=60, log_every=20)
+  else:
+    raise ValueError(f"unknown variant {variant!r} of configs/countdown.py; use '' or 'tiny'")
+  c.lock()
+  return c
