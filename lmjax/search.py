@@ -2,8 +2,9 @@
 
 A *thought* is a span of generated tokens that ends at a delimiter (a newline, say) or at
 the end-of-text id. The searcher grows a tree of partial generations: at each step it
-samples `proposals` candidate next thoughts for a state (all states of a level, of all
-prompts, in one batched `decode.generate` call), scores the new states with a value
+proposes `proposals` candidate next thoughts for a state, sampled or by a beam search
+within the thought (all states of a level, of all prompts, in one batched
+`decode.generate` call), scores the new states with a value
 function, drops those valued -inf, and keeps going:
 
   * `bfs`: breadth-first, level by level, keeping the best `breadth` open states per
@@ -38,6 +39,7 @@ import numpy as np
 from lmjax import decode
 
 DecoderFns = Callable[..., tuple[decode.TokensToLogits, Any]]
+PROPOSAL_METHODS = ('sample', 'beam')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,24 +155,36 @@ def _bucket_up(n: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Proposer:
-  """Samples candidate next thoughts with the decoder (the settings shared by BFS and DFS).
+  """Proposes candidate next thoughts with the decoder (the settings shared by BFS and DFS).
 
-  temperature 0 proposes the greedy thought (once per state, whatever `proposals` is).
-  Thoughts end at any of `delimiters` (token sequences, kept in the thought), at `eos_id`,
-  or after `max_thought_tokens`.
+  `method`: 'sample' draws `proposals` thoughts independently (at `temperature`, top-k,
+  top-p; duplicates are merged, so fewer may come back), as Yao et al.'s "sample"
+  proposals; 'beam' returns the `proposals` most likely distinct thoughts, by a beam search
+  of that width within the thought (log-probability, no length penalty), close to their
+  "propose" prompt that lists different next steps. temperature 0 with 'sample' proposes
+  the greedy thought once per state. Thoughts end at any of `delimiters` (token
+  sequences, kept in the thought), at `eos_id`, or after `max_thought_tokens`.
   """
   decoder_fns: DecoderFns
   delimiters: Sequence[Sequence[int]]
   eos_id: int | None
   max_thought_tokens: int
+  method: str = 'sample'
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
   max_len: int | None = None
 
+  def __post_init__(self):
+    if self.method not in PROPOSAL_METHODS:
+      raise ValueError(f'method={self.method!r}; use one of {", ".join(PROPOSAL_METHODS)}.')
+
   def __call__(self, rows: list[list[int]], proposals: int, seed: int):
-    """Per row, a list of (thought tokens, logprob, generated count, ended with EOS)."""
-    greedy = self.temperature == 0
+    """Per row: the proposed thoughts, each (tokens, logprob, generated count, ended with
+    EOS), and the tokens the decoder generated for them (a beam search's width times its
+    longest thought)."""
+    beam = self.method == 'beam'
+    greedy = not beam and self.temperature == 0
     samples = 1 if greedy else proposals
     longest = max(len(r) for r in rows)
     room = self.max_thought_tokens
@@ -183,14 +197,23 @@ class Proposer:
     padded = rows + [rows[0]] * (_bucket_up(len(rows)) - len(rows))
     cache_len = decode.buffer_length(longest + room, self.max_len)
     tokens_to_logits, state = self.decoder_fns(batch_size=len(padded), cache_len=cache_len)
-    results = decode.generate(
-        tokens_to_logits, state, padded, max_new_tokens=room,
-        strategy='greedy' if greedy else 'sample', num_samples=samples,
-        temperature=1.0 if greedy else self.temperature, top_k=self.top_k, top_p=self.top_p,
-        eos_id=self.eos_id, stop_sequences=self.delimiters, seed=seed,
-        max_len=self.max_len)
-    return [[(tuple(int(t) for t in c.tokens), c.score, len(c.tokens) + (c.finish == 'eos'),
-              c.finish == 'eos') for c in candidates] for candidates in results[:len(rows)]]
+    if beam:
+      options = {'strategy': 'beam', 'beam_size': proposals, 'length_penalty': 0.0}
+    else:
+      options = {'strategy': 'greedy' if greedy else 'sample',
+                 'temperature': 1.0 if greedy else self.temperature,
+                 'top_k': self.top_k, 'top_p': self.top_p, 'seed': seed}
+    results = decode.generate(tokens_to_logits, state, padded, max_new_tokens=room,
+                              num_samples=samples, eos_id=self.eos_id,
+                              stop_sequences=self.delimiters, max_len=self.max_len, **options)
+    out = []
+    for candidates in results[:len(rows)]:
+      # With length_penalty 0 a beam's score is its log-probability, as a sample's is.
+      thoughts = [(tuple(int(t) for t in c.tokens), c.score,
+                   len(c.tokens) + (c.finish == 'eos'), c.finish == 'eos') for c in candidates]
+      counts = [generated for _, _, generated, _ in thoughts]
+      out.append((thoughts, proposals * max(counts, default=0) if beam else sum(counts)))
+    return out
 
 
 def _children(node: Node, proposed, at_limit: bool) -> list[Node]:
@@ -247,9 +270,9 @@ def bfs(propose: Proposer, prompts: Sequence[Sequence[int]], value_fn: ValueFn, 
     proposed = propose([prompts[p] + node.tokens for p, node in jobs], proposals,
                        _level_seed(seed, depth))
     children = [[] for _ in prompts]
-    for (p, node), candidates in zip(jobs, proposed):
+    for (p, node), (candidates, cost) in zip(jobs, proposed):
       expansions[p] += 1
-      tokens[p] += sum(generated for _, _, generated, _ in candidates)
+      tokens[p] += cost
       children[p].extend(_children(node, candidates, at_limit=depth + 1 == max_depth))
     # Children of different parents may coincide; one copy is enough.
     children = [list({tuple(c.tokens) + (c.finished,): c for c in cs}.values())
@@ -289,10 +312,10 @@ def dfs(propose: Proposer, prompt: Sequence[int], value_fn: ValueFn, *, proposal
   def visit(node: Node, depth: int) -> Node | None:
     if counts['expansions'] >= max_expansions:
       return None
-    candidates, = propose([prompt + node.tokens], proposals,
-                          _level_seed(seed, counts['expansions']))
+    (candidates, cost), = propose([prompt + node.tokens], proposals,
+                                  _level_seed(seed, counts['expansions']))
     counts['expansions'] += 1
-    counts['tokens'] += sum(generated for _, _, generated, _ in candidates)
+    counts['tokens'] += cost
     children = _children(node, candidates, at_limit=depth + 1 == max_depth)
     children = _valued(value_fn, [prompt] * len(children), children)
     for child in sorted(children, key=Node.rank_key, reverse=True):

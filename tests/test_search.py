@@ -45,10 +45,10 @@ def _decoder_fns(table, *, batch_size, cache_len):
                           'cache': {'prev': jnp.zeros((batch_size, 2), jnp.int32)}}
 
 
-def _proposer(table=None, temperature=1.0, delimiter=NL):
+def _proposer(table=None, temperature=1.0, delimiter=NL, method='sample'):
   fns = functools.partial(_decoder_fns, _table() if table is None else table)
   return search.Proposer(fns, delimiters=[[delimiter]], eos_id=EOS, max_thought_tokens=4,
-                         temperature=temperature)
+                         method=method, temperature=temperature)
 
 
 def _text(tokens):
@@ -79,6 +79,24 @@ def test_bfs_with_the_models_value_finds_the_most_likely_answer():
   narrow, = search.bfs(_proposer(), [[P]], search.model_value, breadth=1, proposals=8,
                        max_depth=3)
   assert _text(narrow.best.tokens).startswith('A\n')
+
+
+def test_beam_proposals_are_the_most_likely_distinct_thoughts():
+  (thoughts, cost), = _proposer(method='beam')([[P]], 2, seed=0)
+  assert [(_text(t), round(lp, 4), n, eos) for t, lp, n, eos in thoughts] == [
+      ('A\n', round(math.log(0.6), 4), 2, False), ('B\n', round(math.log(0.4), 4), 2, False)]
+  assert cost == 2 * 2  # two beams, two tokens each
+  # After A, the three most likely thoughts are C, D, E, each ending the text.
+  (thoughts, _), = _proposer(method='beam')([[P, A, NL]], 3, seed=0)
+  assert sorted(_text(t) for t, *_ in thoughts) == ['C', 'D', 'E']
+  assert all(eos for *_, eos in thoughts)
+  # Deterministic proposals still let BFS find the best answer greedy misses.
+  result, = search.bfs(_proposer(method='beam'), [[P]], search.model_value, breadth=2,
+                       proposals=2, max_depth=3)
+  assert _text(result.best.tokens) == 'B\nF'
+  assert result.tokens_generated == 2 * 2 + 2 * (2 * 2)  # the root, then A and B
+  with pytest.raises(ValueError, match="method='best'"):
+    _proposer(method='best')
 
 
 def _accepts_only_f(prompt_text, thoughts, finished):

@@ -186,7 +186,7 @@ class Countdown(tfds.core.GeneratorBasedBuilder):
         builder=self,
         description=__doc__.split('\n\n')[0],
         features=tfds.features.FeaturesDict({
-            'title': tfds.features.Text(),  # the puzzle line and a solution number
+            'title': tfds.features.Text(),  # a hash, the puzzle line, a solution number
             'text': tfds.features.Text(),
         }),
     )
@@ -201,8 +201,13 @@ class Countdown(tfds.core.GeneratorBasedBuilder):
       if example_split != split:
         continue
       index = counts[puzzle] = counts.get(puzzle, -1) + 1
-      title = f'{puzzle.prompt.strip()} #{index}'
-      yield title, {'title': title, 'text': text_of(puzzle, lines)}
+      text = text_of(puzzle, lines)
+      # Readers order examples by title (the pipeline joins them in that order); a hash
+      # first makes that order a shuffle. In puzzle order, the two solutions of a puzzle
+      # and the puzzles of the same numbers would sit side by side in a training window,
+      # and the model would learn to copy the previous example rather than to solve.
+      title = f'{hashlib.sha256(text.encode()).hexdigest()[:12]} {puzzle.prompt.strip()} #{index}'
+      yield title, {'title': title, 'text': text}
 
 
 def answer_lines(text: str) -> list[str]:
@@ -210,13 +215,31 @@ def answer_lines(text: str) -> list[str]:
   return [line for line in text.split('\n') if line.strip()]
 
 
-def verify_thoughts(prompt_text: str, thoughts: list[str], finished: bool) -> float | None:
+@functools.lru_cache(maxsize=1 << 16)
+def can_reach(numbers: tuple[int, ...], target: int) -> bool:
+  """Whether the numbers (ascending) can still make the target under the rules, with
+  intermediate results of any size."""
+  if len(numbers) == 1:
+    return numbers[0] == target
+  for i, j in itertools.permutations(range(len(numbers)), 2):
+    rest = [n for k, n in enumerate(numbers) if k not in (i, j)]
+    for op in OPS:
+      c = _apply(numbers[i], op, numbers[j])
+      if c is not None and can_reach(tuple(sorted(rest + [c])), target):
+        return True
+  return False
+
+
+def verify_thoughts(prompt_text: str, thoughts: list[str], finished: bool, *,
+                    lookahead: bool = False) -> float | None:
   """A tree-of-thought verifier (lmjax.search.verifier_value): each thought is one line.
 
   None (prune) when a line is malformed, wrong, or uses a number that is not available,
   and when a finished state has not made the target; else 1 for a solution, 0 for a
-  partial one. It checks only what is written: whether the numbers left can still reach
-  the target is for the search to find out, not the verifier."""
+  partial one. By default it checks only what is written, and whether the numbers left
+  can still make the target is for the search to find out. With `lookahead` it also
+  prunes partial states whose numbers can no longer make the target (an exact version of
+  the "sure / likely / impossible" judgement Yao et al. ask the model for)."""
   puzzle = parse_puzzle(prompt_text.lstrip('\n'))
   lines = [t.rstrip('\n') for t in thoughts]
   verdict = check(puzzle, lines)
@@ -224,4 +247,6 @@ def verify_thoughts(prompt_text: str, thoughts: list[str], finished: bool) -> fl
     return None
   if finished:
     return 1.0 if verdict.solved else None
+  if lookahead and not can_reach(verdict.remaining, puzzle.target):
+    return None
   return 0.0

@@ -35,6 +35,22 @@ def test_the_verifier_prunes_wrong_lines_and_unsolved_ends():
   assert puzzles.verify_thoughts(prompt, ['9-7=2\n', '8*4=32\n'], True) is None
 
 
+def test_lookahead_prunes_states_that_can_no_longer_make_the_target():
+  prompt = PUZZLE.prompt
+  # 9-7=2 leaves 2 4 8, which make 34 (8*4+2); 9-8=1 leaves 1 4 7, which cannot.
+  assert puzzles.can_reach((2, 4, 8), 34)
+  assert not puzzles.can_reach((1, 4, 7), 34)
+  assert puzzles.verify_thoughts(prompt, ['9-8=1\n'], False) == 0.0
+  assert puzzles.verify_thoughts(prompt, ['9-8=1\n'], False, lookahead=True) is None
+  assert puzzles.verify_thoughts(prompt, ['9-7=2\n'], False, lookahead=True) == 0.0
+  # Agrees with the enumeration wherever that reaches (intermediates up to 100).
+  for numbers in [(1, 2, 3, 4), (5, 5, 11, 13)]:
+    found = puzzles.solutions(numbers)
+    for target in puzzles.TARGETS:
+      if target in found:
+        assert puzzles.can_reach(numbers, target), (numbers, target)
+
+
 def test_parse_puzzle_reads_the_prompt_and_names_bad_lines():
   assert puzzles.parse_puzzle('9 8 7 4 -> 34\n9-7=2') == PUZZLE
   with pytest.raises(ValueError, match='not a puzzle line'):
