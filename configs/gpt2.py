@@ -18,6 +18,8 @@ Variants (the text after ':'), named as on the Hugging Face hub:
 """
 import ml_collections
 
+from lmjax import sharding
+
 
 def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -67,18 +69,9 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   # Devices along ('data', 'fsdp', 'tensor'); one entry may be -1 to take what is left.
   c.mesh.shape = (-1, 1, 1)
-  # Logical axis -> mesh axes. Batch splits over data and fsdp; parameters are replicated
-  # unless their logical axes map to a mesh axis.
-  c.mesh.rules = (
-      ('batch', ('data', 'fsdp')),
-      ('length', None),
-      ('vocab', None),
-      ('embed', None),
-      ('position', None),
-      ('heads', None),
-      ('head_dim', None),
-      ('mlp', None),
-  )
+  # Logical axis -> mesh axes: pure data parallelism (batch over data and fsdp, parameters
+  # replicated); see lmjax/sharding.py.
+  c.mesh.rules = sharding.DATA_PARALLEL_RULES
 
   if variant == '':
     pass

@@ -97,14 +97,10 @@ def _read_puzzles(puzzles_lib, corpora):
 
 
 def _load(workdir, step):
-  import jax
-
-  from lmjax import models, train
-  from lmjax.models import transformer
+  from lmjax import train
   config, tokenizer, params, _ = train.load_trained(workdir, step)
-  decode_model = models.build_model(config.model, tokenizer.vocab_size, decode=True)
-  return tokenizer, functools.partial(transformer.decode_fns, decode_model,
-                                      jax.device_get(params)), config.model.max_len
+  return (tokenizer, train.decoder_fns(config, params, tokenizer.vocab_size),
+          config.model.max_len)
 
 
 def main(argv):

@@ -108,8 +108,9 @@ def scorer_value(decoder_fns: DecoderFns, *, eos_id: int | None,
       return []
     rows = []
     for prompt, node in zip(prompts, nodes):
-      end = [eos_id] if node.finished and eos_id is not None and node.num_generated > len(
-          node.tokens) else []
+      # Only an EOS is generated without being kept in the thoughts.
+      ended_with_eos = eos_id is not None and node.num_generated > len(node.tokens)
+      end = [eos_id] if ended_with_eos else []
       rows.append((len(prompt), list(prompt) + node.tokens + end))
     longest = max(len(r) for _, r in rows)
     if max_len is not None and longest > max_len:

@@ -9,6 +9,18 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ('data', 'fsdp', 'tensor')
 # Mesh axes that split the batch: the data-parallel width is their product.
 BATCH_AXES = ('data', 'fsdp')
+# Logical axis -> mesh axes for pure data parallelism, the configs' default `mesh.rules`:
+# the batch splits over data and fsdp, every parameter is replicated.
+DATA_PARALLEL_RULES = (
+    ('batch', BATCH_AXES),
+    ('length', None),
+    ('vocab', None),
+    ('embed', None),
+    ('position', None),
+    ('heads', None),
+    ('head_dim', None),
+    ('mlp', None),
+)
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:

@@ -168,6 +168,13 @@ def load_trained(workdir: str, step: int | None = None):
 # ----------------------------------------------------------------------------- sample
 
 
+def decoder_fns(config, params, vocab_size: int):
+  """`decoder_fns(batch_size=, cache_len=) -> (tokens_to_logits, state)` for the decoder and
+  the tree search: the KV-cached model of `config` with `params` on the host's device."""
+  decode_model = models.build_model(config.model, vocab_size, decode=True)
+  return functools.partial(transformer.decode_fns, decode_model, jax.device_get(params))
+
+
 def generate_texts(config, params, tokenizer, prompts: list[str], *, max_new_tokens: int,
                    stop_strings: tuple[str, ...] = (), **options) -> list[list[dict]]:
   """Continues each prompt with the KV-cached model; `options` go to `decode.generate`
@@ -189,11 +196,9 @@ def generate_texts(config, params, tokenizer, prompts: list[str], *, max_new_tok
     if not stop:
       raise ValueError('a stop string is empty; drop it or give some text.')
     stops.append(tokenizer.encode(stop))
-  decode_model = models.build_model(config.model, tokenizer.vocab_size, decode=True)
   needed = max(len(e) for e in encoded) + max_new_tokens
-  tokens_to_logits, state = transformer.decode_fns(
-      decode_model, jax.device_get(params), batch_size=len(encoded),
-      cache_len=decode.buffer_length(needed, config.model.max_len))
+  tokens_to_logits, state = decoder_fns(config, params, tokenizer.vocab_size)(
+      batch_size=len(encoded), cache_len=decode.buffer_length(needed, config.model.max_len))
   results = decode.generate(tokens_to_logits, state, encoded, max_new_tokens=max_new_tokens,
                             eos_id=tokenizer.eos_id, stop_sequences=stops,
                             max_len=config.model.max_len, **options)
