@@ -20,6 +20,9 @@ DATA_PARALLEL_RULES = (
     ('heads', None),
     ('head_dim', None),
     ('mlp', None),
+    ('hidden', None),  # recurrent models: carry width
+    ('hidden_in', None),  # ... as the input side of a recurrent or projection matrix
+    ('gates', None),  # ... the gates of a cell (4 for the LSTM)
 )
 
 

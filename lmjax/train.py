@@ -17,13 +17,16 @@ from flax import struct
 from lmjax import checkpoint as ckpt_lib
 from lmjax import decode, flops, losses, models, optim, runtime, sharding
 from lmjax.data import corpora, pipeline, tokenizers
-from lmjax.models import transformer
+from lmjax.models import rnn
 
 
 class TrainState(struct.PyTreeNode):
   step: jax.Array
   params: Any
   opt_state: Any
+  # Stateful training of a recurrent model: the carry each batch row ends on, where the
+  # next batch's row continues (one row per sequence of the global batch). None otherwise.
+  carry: Any = None
 
 
 # ----------------------------------------------------------------------------- config
@@ -32,12 +35,29 @@ class TrainState(struct.PyTreeNode):
 def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
   """Rejects impossible configs with a message naming the field, before any compiling."""
   m, t, o, d = config.model, config.train, config.opt, config.data
-  if m.d_model % m.num_heads:
-    raise ValueError(f'model.d_model={m.d_model} does not divide by model.num_heads='
-                     f'{m.num_heads}; pick a width that is a multiple of the head count.')
-  if t.seq_len > m.max_len:
-    raise ValueError(f'train.seq_len={t.seq_len} is longer than the position table '
-                     f'(model.max_len={m.max_len}); raise model.max_len or lower train.seq_len.')
+  if m.name not in models.MODEL_NAMES:
+    raise ValueError(f'model.name={m.name!r}; known models: {", ".join(models.MODEL_NAMES)}.')
+  if m.name == 'transformer':
+    if m.d_model % m.num_heads:
+      raise ValueError(f'model.d_model={m.d_model} does not divide by model.num_heads='
+                       f'{m.num_heads}; pick a width that is a multiple of the head count.')
+    if t.seq_len > m.max_len:
+      raise ValueError(f'train.seq_len={t.seq_len} is longer than the position table '
+                       f'(model.max_len={m.max_len}); raise model.max_len or lower '
+                       'train.seq_len.')
+  else:
+    if m.hidden_size < 0:
+      raise ValueError(f'model.hidden_size={m.hidden_size}; use 0 (same as model.d_model) '
+                       'or a positive width.')
+    for field in ('dropout', 'embed_dropout', 'weight_dropout'):
+      if not 0.0 <= m[field] < 1.0:
+        raise ValueError(f'model.{field}={m[field]} must be in [0, 1).')
+    if m.scan_unroll < 1:
+      raise ValueError(f'model.scan_unroll={m.scan_unroll}; it must be at least 1.')
+  if t.get('stateful', False) and not models.is_recurrent(m):
+    raise ValueError(f'train.stateful=True carries a recurrent state between batches, and '
+                     f'model.name={m.name!r} has none; use one of {", ".join(rnn.CELLS)} or '
+                     'set train.stateful=False.')
   dp = sharding.data_parallel_size(mesh)
   for field in ('batch_size', 'eval_batch_size'):
     value = t[field]
@@ -61,8 +81,6 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
                      '(e.g. --config.data.vocab_size=2000).')
   if d.name not in corpora.DATASETS:
     raise ValueError(f'data.name={d.name!r}; known datasets: {", ".join(corpora.DATASETS)}.')
-  if m.name not in models.MODEL_NAMES:
-    raise ValueError(f'model.name={m.name!r}; known models: {", ".join(models.MODEL_NAMES)}.')
 
 
 def save_config(config, workdir: str) -> None:
@@ -89,20 +107,28 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 # ------------------------------------------------------------------------------ state
 
 
-def _init_state(rng, *, model, tx, seq_len: int, unbox: bool = True) -> TrainState:
+def _init_state(rng, *, model, tx, seq_len: int, carry_rows: int = 0,
+                unbox: bool = True) -> TrainState:
+  """A fresh state; `carry_rows` > 0 adds a zero carry of that many rows (stateful)."""
   params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))['params']
   if unbox:
     params = nn.meta.unbox(params)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  carry = rnn.model_initial_carry(model, carry_rows) if carry_rows else None
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    carry=carry)
 
 
-def create_train_state(model, tx, mesh, rules, seed: int, seq_len: int):
+def create_train_state(model, tx, mesh, rules, seed: int, seq_len: int, carry_rows: int = 0):
   """Initialises the state directly into its shardings; no full host copy of the params."""
-  init = functools.partial(_init_state, model=model, tx=tx, seq_len=seq_len)
+  init = functools.partial(_init_state, model=model, tx=tx, seq_len=seq_len,
+                           carry_rows=carry_rows)
 
   rng = jax.random.key(seed)
   abstract_boxed = jax.eval_shape(functools.partial(init, unbox=False), rng)
   state_shardings = sharding.logical_shardings(abstract_boxed, mesh, rules)
+  # A carry row belongs with the batch row it continues.
+  state_shardings = state_shardings.replace(carry=jax.tree.map(
+      lambda _: sharding.batch_sharding(mesh), abstract_boxed.carry))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state = jax.jit(functools.partial(init, unbox=True), out_shardings=state_shardings)(rng)
   return state, state_shardings
@@ -116,16 +142,21 @@ def train_step(state: TrainState, batch: dict, rng, *, model, tx):
   dropout_rng = jax.random.fold_in(rng, state.step)
 
   def loss_fn(params):
-    logits = model.apply({'params': params}, batch['inputs'], train=True,
-                         rngs={'dropout': dropout_rng})
+    if state.carry is None:  # independent windows
+      logits, carry = model.apply({'params': params}, batch['inputs'], train=True,
+                                  rngs={'dropout': dropout_rng}), None
+    else:  # truncated BPTT: gradients stop at the window's start
+      logits, carry = model.apply({'params': params}, batch['inputs'],
+                                  jax.lax.stop_gradient(state.carry), train=True,
+                                  resets_BxT=batch['resets'], rngs={'dropout': dropout_rng})
     sums = losses.token_cross_entropy(logits, batch['targets'],
                                       jnp.ones(batch['targets'].shape, jnp.float32))
-    return sums['loss_sum'] / sums['weight_sum'], sums
+    return sums['loss_sum'] / sums['weight_sum'], (sums, carry)
 
-  (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (sums, carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            opt_state=opt_state)
+                            opt_state=opt_state, carry=carry)
   metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
              'accuracy': sums['correct_sum'] / sums['weight_sum']}
   return new_state, metrics
@@ -136,16 +167,31 @@ def eval_step(params, batch: dict, *, model):
   return losses.token_cross_entropy(logits, batch['targets'], batch['weights'])
 
 
-def evaluate(eval_fn, params, evals: pipeline.EvalSet, batch_sharding, bits_per_char: bool):
+def stateful_eval_step(params, batch: dict, carry, *, model):
+  """`eval_step` continuing from `carry`: (loss sums, the carry for the next batch)."""
+  logits, carry = model.apply({'params': params}, batch['inputs'], carry, train=False,
+                              resets_BxT=batch['resets'])
+  return losses.token_cross_entropy(logits, batch['targets'], batch['weights']), carry
+
+
+def evaluate(eval_fn, params, evals: pipeline.EvalSet, batch_sharding, bits_per_char: bool,
+             carry=None):
+  """Loss sums over the whole set -> metrics. With `carry` (stateful evaluation) the
+  carry passes from each batch to the next, starting from the one given."""
   totals = None
   for local in evals.batches():
-    sums = eval_fn(params, pipeline.to_global(local, batch_sharding))
+    batch = pipeline.to_global(local, batch_sharding)
+    if carry is None:
+      sums = eval_fn(params, batch)
+    else:
+      sums, carry = eval_fn(params, batch, carry)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   return losses.summarize(jax.device_get(totals), bits_per_char)
 
 
-def load_trained(workdir: str, step: int | None = None):
-  """(config, tokenizer, params, step) of a training workdir, params on the default device."""
+def restore_state(workdir: str, step: int | None = None):
+  """(config, tokenizer, TrainState, step) of a training workdir (latest step by default),
+  on the host's first device."""
   config = load_config(workdir)
   tokenizer = tokenizers.load_tokenizer(workdir)
   checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
@@ -156,12 +202,19 @@ def load_trained(workdir: str, step: int | None = None):
   model = models.build_model(config.model, tokenizer.vocab_size)
   tx = optim.make_optimizer(config.opt, config.train.num_steps)
 
-  init = functools.partial(_init_state, model=model, tx=tx, seq_len=config.train.seq_len)
+  init = functools.partial(_init_state, model=model, tx=tx, seq_len=config.train.seq_len,
+                           carry_rows=_carry_rows(config))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.eval_shape(init, jax.random.key(0))
   abstract = ckpt_lib.abstract_with_shardings(abstract, jax.tree.map(lambda _: device, abstract))
   state, _ = checkpointer.restore(step, abstract)
   checkpointer.close()
+  return config, tokenizer, state, step
+
+
+def load_trained(workdir: str, step: int | None = None):
+  """(config, tokenizer, params, step) of a training workdir, params on the default device."""
+  config, tokenizer, state, step = restore_state(workdir, step)
   return config, tokenizer, state.params, step
 
 
@@ -170,9 +223,10 @@ def load_trained(workdir: str, step: int | None = None):
 
 def decoder_fns(config, params, vocab_size: int):
   """`decoder_fns(batch_size=, cache_len=) -> (tokens_to_logits, state)` for the decoder and
-  the tree search: the KV-cached model of `config` with `params` on the host's device."""
+  the tree search: the KV-cached Transformer or the recurrent model (its carry is the
+  state) of `config`, with `params` on the host's device."""
   decode_model = models.build_model(config.model, vocab_size, decode=True)
-  return functools.partial(transformer.decode_fns, decode_model, jax.device_get(params))
+  return functools.partial(models.decode_fns, decode_model, jax.device_get(params))
 
 
 def generate_texts(config, params, tokenizer, prompts: list[str], *, max_new_tokens: int,
@@ -198,10 +252,10 @@ def generate_texts(config, params, tokenizer, prompts: list[str], *, max_new_tok
     stops.append(tokenizer.encode(stop))
   needed = max(len(e) for e in encoded) + max_new_tokens
   tokens_to_logits, state = decoder_fns(config, params, tokenizer.vocab_size)(
-      batch_size=len(encoded), cache_len=decode.buffer_length(needed, config.model.max_len))
+      batch_size=len(encoded), cache_len=decode.buffer_length(needed, context_length(config)))
   results = decode.generate(tokens_to_logits, state, encoded, max_new_tokens=max_new_tokens,
                             eos_id=tokenizer.eos_id, stop_sequences=stops,
-                            max_len=config.model.max_len, **options)
+                            max_len=context_length(config), **options)
   out = []
   for candidates in results:
     rows = []
@@ -218,6 +272,12 @@ def generate_texts(config, params, tokenizer, prompts: list[str], *, max_new_tok
   return out
 
 
+def context_length(config) -> int | None:
+  """The most tokens the model can read and write in one decode: the Transformer's
+  position table; None (no bound) for a recurrent model."""
+  return None if models.is_recurrent(config.model) else config.model.max_len
+
+
 def continue_prompt(config, params, tokenizer, prompt: str, num_tokens: int, *,
                     seed: int = 0, temperature: float = 0.8) -> str:
   """One sampled continuation of `prompt`, prompt included (the end-of-training sample)."""
@@ -229,19 +289,35 @@ def continue_prompt(config, params, tokenizer, prompt: str, num_tokens: int, *,
 # ------------------------------------------------------------------------------- loop
 
 
-def jit_steps(model, tx, mesh, rules, state_shardings):
+def jit_steps(model, tx, mesh, rules, state_shardings, stateful_eval: bool = False):
   """(train step, eval step), jitted with explicit shardings; the train step donates the
-  state it is given."""
+  state it is given. `stateful_eval` gives `stateful_eval_step` (carry in, carry out)."""
   batch_sharding = sharding.batch_sharding(mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     step_fn = jax.jit(
         functools.partial(train_step, model=model, tx=tx),
         in_shardings=(state_shardings, batch_sharding, sharding.replicated(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
-    eval_fn = jax.jit(functools.partial(eval_step, model=model),
-                      in_shardings=(state_shardings.params, batch_sharding),
-                      out_shardings=sharding.replicated(mesh))
+    if stateful_eval:
+      eval_fn = jax.jit(functools.partial(stateful_eval_step, model=model),
+                        in_shardings=(state_shardings.params, batch_sharding, batch_sharding),
+                        out_shardings=(sharding.replicated(mesh), batch_sharding))
+    else:
+      eval_fn = jax.jit(functools.partial(eval_step, model=model),
+                        in_shardings=(state_shardings.params, batch_sharding),
+                        out_shardings=sharding.replicated(mesh))
   return step_fn, eval_fn
+
+
+def _carry_rows(config) -> int:
+  """Rows of the carry kept in the train state: the global batch when stateful, else 0."""
+  return config.train.batch_size if config.train.get('stateful', False) else 0
+
+
+def eval_carry(model, mesh, batch_size: int):
+  """The zero carry a stateful evaluation starts from, rows split as the batch is."""
+  return jax.jit(lambda: rnn.model_initial_carry(model, batch_size),
+                 out_shardings=sharding.batch_sharding(mesh))()
 
 
 def _mean_metrics(history: list[dict]) -> dict:
@@ -271,14 +347,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                                                           data.data_dir or None)],
       vocab_size=data.vocab_size or None, model_type=data.spm_model_type)
   train_tokens = pipeline.load_tokens(data, 'train', tokenizer)
-  evals = pipeline.eval_set(pipeline.load_tokens(data, data.eval_split, tokenizer),
-                            seq_len=t.seq_len, batch_size=t.eval_batch_size)
+  eval_tokens = pipeline.load_tokens(data, data.eval_split, tokenizer)
+  stateful = t.get('stateful', False)
+  if stateful:
+    pipeline.stream_rows(len(train_tokens), seq_len=t.seq_len, global_batch=t.batch_size)
+    evals = pipeline.stream_eval_set(eval_tokens, seq_len=t.seq_len,
+                                     batch_size=t.eval_batch_size, eos_id=tokenizer.eos_id)
+  else:
+    evals = pipeline.eval_set(eval_tokens, seq_len=t.seq_len, batch_size=t.eval_batch_size)
   bits_per_char = data.tokenizer == 'char'
 
   model = models.build_model(config.model, tokenizer.vocab_size)
   tx = optim.make_optimizer(config.opt, t.num_steps)
   schedule = optim.learning_rate_schedule(config.opt, t.num_steps)
-  state, state_shardings = create_train_state(model, tx, mesh, rules, t.seed, t.seq_len)
+  state, state_shardings = create_train_state(model, tx, mesh, rules, t.seed, t.seq_len,
+                                              carry_rows=_carry_rows(config))
   num_params = models.count_params(state.params)
 
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
@@ -296,19 +379,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
           flush=True)
 
   batch_sharding = sharding.batch_sharding(mesh)
-  step_fn, eval_fn = jit_steps(model, tx, mesh, rules, state_shardings)
+  step_fn, eval_fn = jit_steps(model, tx, mesh, rules, state_shardings, stateful_eval=stateful)
+
+  def run_eval(params):
+    carry = eval_carry(model, mesh, t.eval_batch_size) if stateful else None
+    return evaluate(eval_fn, params, evals, batch_sharding, bits_per_char, carry)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams({'num_params': num_params, **_flatten(config.to_dict())})
-  batches = iter(pipeline.train_dataset(train_tokens, seq_len=t.seq_len,
-                                        global_batch=t.batch_size, seed=t.seed,
-                                        start_example=next_example).as_numpy_iterator())
+  if stateful:
+    dataset = pipeline.stream_dataset(train_tokens, seq_len=t.seq_len,
+                                      global_batch=t.batch_size, seed=t.seed,
+                                      eos_id=tokenizer.eos_id, start_example=next_example)
+  else:
+    dataset = pipeline.train_dataset(train_tokens, seq_len=t.seq_len, global_batch=t.batch_size,
+                                     seed=t.seed, start_example=next_example)
+  batches = iter(dataset.as_numpy_iterator())
   dropout_rng = jax.random.key(t.seed + 1)
   tokens_per_step = t.batch_size * t.seq_len
-  flops_per_token = flops.train_flops_per_token(
-      num_params, models.count_params(state.params.get('position_embed', {})),
-      config.model.num_layers, config.model.d_model, t.seq_len)
+  flops_per_token = models.train_flops_per_token(config.model, state.params, t.seq_len)
   peak_flops = flops.peak_flops_per_device(mesh.devices.flat[0])
   peak_flops = peak_flops * mesh.size if peak_flops else None
   history, eval_metrics = [], {}
@@ -343,7 +433,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
               flush=True)
 
       if step % t.eval_every == 0 or step == t.num_steps:
-        eval_metrics = evaluate(eval_fn, state.params, evals, batch_sharding, bits_per_char)
+        eval_metrics = run_eval(state.params)
         writer.write_scalars(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
         print(f'eval at step {step}: ' +
               '  '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()), flush=True)
@@ -357,7 +447,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   checkpointer.wait()
   checkpointer.close()
   if not eval_metrics:  # resumed a finished run: report where it stands
-    eval_metrics = evaluate(eval_fn, state.params, evals, batch_sharding, bits_per_char)
+    eval_metrics = run_eval(state.params)
   sample = continue_prompt(config, state.params, tokenizer, t.sample_prompt, t.sample_tokens,
                            seed=t.seed)
   writer.write_texts(t.num_steps, {'sample': sample})

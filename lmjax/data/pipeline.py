@@ -6,6 +6,11 @@ a target once per epoch, and visits them in an order shuffled by (seed, e). The 
 state to checkpoint is how many examples the run has consumed, so a resumed run sees
 the batches an uninterrupted one would, and so would a run on a different number of
 processes (each reads only its own rows of every global batch).
+
+Stateful training of recurrent models (truncated backpropagation through time) reads
+the stream differently, see `stream_dataset`: row r of every batch continues where row r
+of the previous batch stopped, and a 'resets' mask marks where the carry must start
+afresh. Its state is the same single count.
 """
 import dataclasses
 from collections.abc import Iterator
@@ -79,13 +84,65 @@ def train_dataset(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: 
   return ds.prefetch(2)
 
 
+def stream_rows(num_tokens: int, *, seq_len: int, global_batch: int) -> tuple[int, int]:
+  """(tokens each row reads per epoch, windows per epoch) of a stateful stream."""
+  # Leaves room for an epoch offset of up to seq_len - 1 and the last window's target.
+  row_len = (num_tokens - seq_len - 1) // global_batch // seq_len * seq_len
+  if row_len < seq_len:
+    raise ValueError(
+        f'stateful training cuts the {num_tokens}-token training split into train.batch_size'
+        f'={global_batch} contiguous streams, and each needs at least one window of '
+        f'train.seq_len={seq_len} tokens; lower the batch size or the sequence length.')
+  return row_len, row_len // seq_len
+
+
+def stream_dataset(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: int,
+                   eos_id: int, start_example: int = 0) -> tf.data.Dataset:
+  """Endless {'inputs', 'targets', 'resets'} batches for stateful (TBPTT) training.
+
+  Epoch e drops an offset drawn from (seed, e) and cuts the rest of the stream into
+  `global_batch` contiguous pieces of equal length, one per row; batch k of the epoch
+  holds window k of every piece, so a carry passed from batch to batch reads each piece
+  in order. `resets` is True where the carry must restart: at inputs that are the
+  document separator (eos), and at the first position of every epoch (the piece's
+  stream jumped back). `start_example` counts rows, as `train_dataset`'s does.
+  """
+  row_len, windows = stream_rows(len(tokens), seq_len=seq_len, global_batch=global_batch)
+  tokens_t = tf.constant(tokens, tf.int32)
+  span = tf.range(seq_len + 1, dtype=tf.int64)
+  row_start, row_stop = _local_rows(global_batch)
+  rows = tf.range(row_start, row_stop, dtype=tf.int64)
+  first_column = tf.range(seq_len) == 0
+
+  def batch_at(index):
+    epoch, k = index // windows, index % windows
+    offset = tf.random.stateless_uniform(
+        [], tf.stack([tf.constant(seed, tf.int64), epoch]), 0, seq_len, dtype=tf.int64)
+    starts = offset + rows * row_len + k * seq_len
+    window = tf.gather(tokens_t, starts[:, None] + span)
+    inputs = window[:, :-1]
+    resets = (inputs == eos_id) | (first_column[None, :] & (k == 0))
+    return {'inputs': inputs, 'targets': window[:, 1:], 'resets': resets}
+
+  if start_example % global_batch:
+    raise ValueError(f'a stateful stream resumes at whole batches; {start_example} rows were '
+                     f'read with train.batch_size={global_batch}.')
+  ds = tf.data.Dataset.range(start_example // global_batch, np.iinfo(np.int64).max)
+  return ds.map(batch_at).prefetch(2)
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalSet:
-  """A split cut into fixed, non-overlapping windows, padded to whole batches."""
+  """A split cut into fixed, non-overlapping windows, padded to whole batches.
+
+  With `resets` (stateful evaluation of a recurrent model) row r of batch b + 1
+  continues row r of batch b, so a carry passed along the batches reads the whole split.
+  """
   inputs: np.ndarray  # [num_batches * batch, seq_len]
   targets: np.ndarray
   weights: np.ndarray  # 0 marks padding
   batch_size: int
+  resets: np.ndarray | None = None
 
   @property
   def num_batches(self) -> int:
@@ -95,8 +152,11 @@ class EvalSet:
     row_start, row_stop = _local_rows(self.batch_size)
     for b in range(self.num_batches):
       rows = slice(b * self.batch_size + row_start, b * self.batch_size + row_stop)
-      yield {'inputs': self.inputs[rows], 'targets': self.targets[rows],
-             'weights': self.weights[rows]}
+      batch = {'inputs': self.inputs[rows], 'targets': self.targets[rows],
+               'weights': self.weights[rows]}
+      if self.resets is not None:
+        batch['resets'] = self.resets[rows]
+      yield batch
 
 
 def eval_set(tokens: np.ndarray, *, seq_len: int, batch_size: int) -> EvalSet:
@@ -113,6 +173,29 @@ def eval_set(tokens: np.ndarray, *, seq_len: int, batch_size: int) -> EvalSet:
   idx = starts[:, None] + np.arange(seq_len)
   return EvalSet(inputs=padded[idx], targets=padded[idx + 1], weights=weights[idx],
                  batch_size=batch_size)
+
+
+def stream_eval_set(tokens: np.ndarray, *, seq_len: int, batch_size: int,
+                    eos_id: int) -> EvalSet:
+  """The split as `batch_size` contiguous streams read window by window (stateful
+  evaluation): every token after the first is a target exactly once."""
+  _check_long_enough(tokens, seq_len, 'the evaluation split')
+  num_targets = len(tokens) - 1
+  row_len = -(-num_targets // batch_size)
+  row_len = -(-row_len // seq_len) * seq_len
+  windows = row_len // seq_len
+  padded = np.zeros(batch_size * row_len + 1, np.int32)
+  padded[:len(tokens)] = tokens
+  weights = np.zeros(batch_size * row_len, np.float32)
+  weights[:num_targets] = 1.0
+  # Row r of batch b starts at r * row_len + b * seq_len; batches are stored one after
+  # the other, as EvalSet.batches reads them.
+  starts = (np.arange(batch_size)[None, :] * row_len +
+            np.arange(windows)[:, None] * seq_len).reshape(-1)
+  idx = starts[:, None] + np.arange(seq_len)
+  inputs = padded[idx]
+  return EvalSet(inputs=inputs, targets=padded[idx + 1], weights=weights[idx],
+                 batch_size=batch_size, resets=inputs == eos_id)
 
 
 def to_global(local_batch: dict, sharding) -> dict:

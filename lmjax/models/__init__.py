@@ -8,9 +8,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmjax.models import transformer
+from lmjax import flops
+from lmjax.models import rnn, transformer
 
-MODEL_NAMES = ('transformer',)
+MODEL_NAMES = ('transformer',) + rnn.CELLS
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -41,7 +42,48 @@ def build_model(model_config: Any, vocab_size: int, *, decode: bool = False) -> 
         param_dtype=_dtype(model_config.param_dtype, 'model.param_dtype'),
         decode=decode,
     )
+  if name in rnn.CELLS:
+    return rnn.RecurrentLM(
+        vocab_size=vocab_size,
+        cell=name,
+        num_layers=model_config.num_layers,
+        d_model=model_config.d_model,
+        hidden_size=model_config.hidden_size or model_config.d_model,
+        tie_embeddings=model_config.tie_embeddings,
+        dropout_rate=model_config.dropout,
+        embed_dropout=model_config.embed_dropout,
+        weight_dropout=model_config.weight_dropout,
+        locked_dropout=model_config.locked_dropout,
+        scan_unroll=model_config.scan_unroll,
+        dtype=_dtype(model_config.dtype, 'model.dtype'),
+        param_dtype=_dtype(model_config.param_dtype, 'model.param_dtype'),
+    )  # the carry is its decode state: decode=True changes nothing
   raise ValueError(f'model.name={name!r} is not a known model; known: {list(MODEL_NAMES)}.')
+
+
+def is_recurrent(model_config: Any) -> bool:
+  return model_config.name in rnn.CELLS
+
+
+def decode_fns(model: nn.Module, params: Any, *, batch_size: int, cache_len: int | None = None):
+  """`(tokens_to_logits, state)` for the model-agnostic decoder, for a model that
+  `build_model(..., decode=True)` made: the KV-cached Transformer or a recurrent LM."""
+  if isinstance(model, rnn.RecurrentLM):
+    return rnn.decode_fns(model, params, batch_size=batch_size, cache_len=cache_len)
+  return transformer.decode_fns(model, params, batch_size=batch_size, cache_len=cache_len)
+
+
+def train_flops_per_token(model_config: Any, params: Any, seq_len: int) -> float:
+  """Model FLOPs per trained token: 6 per matmul weight (forward + backward), plus the
+  Transformer's attention (PaLM's appendix B). Lookup tables (positions; an untied
+  embedding) are not matmuls and are left out; a tied embedding is the output layer."""
+  num_params = count_params(params)
+  if model_config.name == 'transformer':
+    return flops.train_flops_per_token(
+        num_params, count_params(params.get('position_embed', {})), model_config.num_layers,
+        model_config.d_model, seq_len)
+  lookup = 0 if model_config.tie_embeddings else count_params(params['token_embed'])
+  return 6.0 * (num_params - lookup)
 
 
 def count_params(params: Any) -> int:

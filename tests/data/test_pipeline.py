@@ -74,3 +74,62 @@ def test_split_too_short_for_one_window_is_a_clear_error():
     pipeline.train_dataset(_stream(10), seq_len=16, global_batch=2, seed=0)
   with pytest.raises(ValueError, match='evaluation split'):
     pipeline.eval_set(_stream(10), seq_len=16, batch_size=2)
+
+
+# ----------------------------------------------------------- stateful streams (TBPTT)
+
+EOS = 7  # a token id of _stream that stands in for the document separator here
+
+
+def test_stream_rows_continue_from_batch_to_batch_and_reset_at_eos_and_epochs():
+  tokens = _stream(2000)
+  row_len, windows = pipeline.stream_rows(len(tokens), seq_len=16, global_batch=4)
+  assert windows == row_len // 16 and windows >= 2
+  # The separator: a token that falls mid-window in the second batch.
+  eos = int(_take(pipeline.stream_dataset(tokens, seq_len=16, global_batch=4, seed=2,
+                                          eos_id=-1), 2)[1]['inputs'][2, 5])
+  batches = _take(pipeline.stream_dataset(tokens, seq_len=16, global_batch=4, seed=2,
+                                          eos_id=eos), 3 * windows)
+  for k, (prev, batch) in enumerate(zip(batches, batches[1:]), start=1):
+    np.testing.assert_array_equal(batch['inputs'] + 1, batch['targets'])
+    if k % windows:  # within an epoch, each row picks up where it stopped
+      np.testing.assert_array_equal(batch['inputs'][:, 0], prev['targets'][:, -1])
+    expected = batch['inputs'] == eos
+    expected[:, 0] |= k % windows == 0  # a new epoch: every row's stream jumped back
+    np.testing.assert_array_equal(batch['resets'], expected)
+  # Rows are disjoint pieces of one stream; an epoch's offset moves where they start.
+  firsts = [batches[e * windows]['inputs'][:, 0] for e in range(3)]
+  np.testing.assert_array_equal(np.diff(firsts[0]), row_len)
+  assert len({int(f[0]) for f in firsts}) > 1
+  assert batches[1]['resets'][2, 5] and batches[0]['resets'][:, 0].all()
+
+
+def test_stream_resumes_at_the_batch_it_stopped():
+  tokens = _stream(2000)
+  full = _take(pipeline.stream_dataset(tokens, seq_len=16, global_batch=4, seed=1, eos_id=EOS),
+               40)
+  resumed = _take(pipeline.stream_dataset(tokens, seq_len=16, global_batch=4, seed=1,
+                                          eos_id=EOS, start_example=4 * 25), 15)
+  for x, y in zip(full[25:], resumed):
+    for key in ('inputs', 'targets', 'resets'):
+      np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_stream_eval_set_reads_every_token_once_as_contiguous_rows():
+  tokens = _stream(1000)
+  evals = pipeline.stream_eval_set(tokens, seq_len=16, batch_size=4, eos_id=EOS)
+  batches = list(evals.batches())
+  for prev, batch in zip(batches, batches[1:]):
+    np.testing.assert_array_equal(batch['inputs'][:, 0], prev['targets'][:, -1])
+  weights = np.stack([b['weights'] for b in batches], 1).reshape(4, -1)  # row-major
+  targets = np.stack([b['targets'] for b in batches], 1).reshape(4, -1)
+  assert weights.sum() == len(tokens) - 1
+  np.testing.assert_array_equal(targets.ravel()[weights.ravel() > 0], tokens[1:])
+  resets = np.concatenate([b['resets'] for b in batches])
+  inputs = np.concatenate([b['inputs'] for b in batches])
+  np.testing.assert_array_equal(resets, inputs == EOS)
+
+
+def test_stream_too_short_for_the_batch_is_a_clear_error():
+  with pytest.raises(ValueError, match='train.batch_size=64 contiguous streams'):
+    pipeline.stream_dataset(_stream(1000), seq_len=16, global_batch=64, seed=0, eos_id=EOS)
