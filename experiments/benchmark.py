@@ -2,12 +2,17 @@
 
   python experiments/benchmark.py --config=configs/gpt2.py --bench=decode --compare_hf
   python experiments/benchmark.py --config=configs/shakespeare_char.py --bench=decode
+  python experiments/benchmark.py --config=configs/rnn_shakespeare_char.py:lstm --bench=train \
+      --compare_torch
 
 Benchmarks (--bench, repeatable):
   train       the config's train step on synthetic tokens over the config's mesh: compile
               time, median step time over --steps timed steps (after --warmup), tokens/s,
               model FLOPs per token (6N + 12LdT, PaLM's appendix B), MFU against the chip's
               peak (on CPU, a float32 matmul peak measured at start-up), peak memory.
+              Recurrent configs count 6 FLOPs per matmul weight; --compare_torch times the
+              same LSTM / GRU / RNN, batch and Adam in PyTorch beside it (pip install -e
+              '.[hf]'), stateful as lmjax trains.
   pipeline    the tf.data input pipeline alone on the config's real dataset (prepare it
               first: make data): tokens/s it delivers; beside a train benchmark, how many
               times what training consumes.
@@ -52,6 +57,8 @@ _VOCAB_SIZE = flags.DEFINE_integer(
     'vocab_size', 0, 'Vocabulary; 0: GPT-2\'s 50257 for gpt2_bpe configs, 65 (Shakespeare\'s '
     'characters) for char ones, data.vocab_size for sentencepiece.')
 _COMPARE_HF = flags.DEFINE_bool('compare_hf', False, 'Also time Hugging Face generate.')
+_COMPARE_TORCH = flags.DEFINE_bool(
+    'compare_torch', False, 'train, recurrent configs: also time the same model in PyTorch.')
 _TABLE = flags.DEFINE_bool('table', False, 'Print a Markdown table after the JSON lines.')
 flags.mark_flags_as_required(['config'])
 
@@ -82,8 +89,10 @@ def _strategy(name: str) -> dict:
 def _common(config, vocab_size: int, num_params: int) -> dict:
   import jax  # noqa: PLC0415
   m = config.model
-  return {'model': f'{m.num_layers}x{m.d_model}', 'heads': m.num_heads, 'vocab': vocab_size,
-          'context': m.max_len, 'params': num_params, 'dtype': m.dtype,
+  shape = (f'{m.num_layers}x{m.d_model}' if m.name == 'transformer' else
+           f'{m.name} {m.num_layers}x{m.hidden_size or m.d_model}')
+  return {'model': shape, 'heads': m.get('num_heads'), 'vocab': vocab_size,
+          'context': m.get('max_len'), 'params': num_params, 'dtype': m.dtype,
           'device': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
           'prompt_len': _PROMPT_LEN.value, 'new_tokens': _NEW_TOKENS.value}
 
@@ -112,8 +121,7 @@ def bench_decode_lmjax(config, vocab_size: int) -> list[dict]:
   import jax.numpy as jnp  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
-  from lmjax import decode, models  # noqa: PLC0415
-  from lmjax.models import transformer  # noqa: PLC0415
+  from lmjax import decode, models, train  # noqa: PLC0415
 
   model = models.build_model(config.model, vocab_size)
   decode_model = models.build_model(config.model, vocab_size, decode=True)
@@ -130,9 +138,10 @@ def bench_decode_lmjax(config, vocab_size: int) -> list[dict]:
       options = _strategy(name)
       rows = batch * options.get('beam_size', 1)
       # The cache the decoder would ask for: the positions needed, not the whole context.
-      cache_len = decode.buffer_length(prompt_len + new_tokens, config.model.max_len)
-      tokens_to_logits, state = transformer.decode_fns(decode_model, params, batch_size=rows,
-                                                       cache_len=cache_len)
+      context = train.context_length(config)
+      cache_len = decode.buffer_length(prompt_len + new_tokens, context)
+      tokens_to_logits, state = models.decode_fns(decode_model, params, batch_size=rows,
+                                                  cache_len=cache_len)
 
       # Timed alone, a step must not return the params (a copy of every weight per call,
       # which the decode loop never makes): this one returns the logits and cache only.
@@ -159,13 +168,12 @@ def bench_decode_lmjax(config, vocab_size: int) -> list[dict]:
           lambda: jax.block_until_ready(forward({'params': params}, full_ids)), _REPEATS.value)
 
       # generate takes one cache row per prompt and repeats it for beams itself.
-      _, prompt_state = transformer.decode_fns(decode_model, params, batch_size=batch,
-                                               cache_len=cache_len)
+      _, prompt_state = models.decode_fns(decode_model, params, batch_size=batch,
+                                          cache_len=cache_len)
 
       def run():
         return decode.generate(tokens_to_logits, prompt_state, prompts,
-                               max_new_tokens=new_tokens,
-                               max_len=config.model.max_len, **options)
+                               max_new_tokens=new_tokens, max_len=context, **options)
       start = time.perf_counter()
       run()
       first_s = time.perf_counter() - start
@@ -244,7 +252,8 @@ def _train_parts(config, vocab_size: int):
   model = models.build_model(config.model, vocab_size)
   tx = optim.make_optimizer(config.opt, config.train.num_steps)
   state, shardings = train.create_train_state(model, tx, mesh, rules, config.train.seed,
-                                              config.train.seq_len)
+                                              config.train.seq_len,
+                                              carry_rows=train._carry_rows(config))  # noqa: SLF001
   return model, tx, mesh, rules, state, shardings
 
 
@@ -267,8 +276,10 @@ def bench_train(config, vocab_size: int) -> dict:
   step_fn, _ = train.jit_steps(model, tx, mesh, rules, shardings)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, vocab_size, (t.batch_size, t.seq_len + 1), dtype=np.int32)
-  batch = jax.device_put({'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]},
-                         sharding.batch_sharding(mesh))
+  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}
+  if state.carry is not None:  # stateful: no separator in random tokens, no resets
+    batch['resets'] = np.zeros(batch['inputs'].shape, bool)
+  batch = jax.device_put(batch, sharding.batch_sharding(mesh))
   dropout_rng = jax.random.key(0)
   num_params = models.count_params(state.params)
   times = []
@@ -285,9 +296,7 @@ def bench_train(config, vocab_size: int) -> dict:
         times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
   tokens_per_s = t.batch_size * t.seq_len / step_s
-  flops_per_token = flops.train_flops_per_token(
-      num_params, models.count_params(state.params.get('position_embed', {})),
-      config.model.num_layers, config.model.d_model, t.seq_len)
+  flops_per_token = models.train_flops_per_token(config.model, state.params, t.seq_len)
   device = mesh.devices.flat[0]
   if device.platform == 'cpu':
     # However many (fake) CPU devices the mesh has, they share the host's cores.
@@ -311,6 +320,67 @@ def bench_train(config, vocab_size: int) -> dict:
   return result
 
 
+def bench_train_torch(config, vocab_size: int, lmjax_result: dict) -> dict:
+  """The same recurrent LM, batch and optimizer in PyTorch (nn.LSTM / nn.GRU / nn.RNN,
+  whose CPU kernels are oneDNN's and whose GPU kernels are cuDNN's), stateful as lmjax
+  trains it: each step starts from the last step's carry, detached."""
+  try:
+    import torch  # noqa: PLC0415
+  except ImportError:
+    raise app.UsageError("--compare_torch needs PyTorch: pip install -e '.[hf]'") from None
+  import numpy as np  # noqa: PLC0415
+
+  m, t = config.model, config.train
+  hidden = m.hidden_size or m.d_model
+  if m.tie_embeddings or m.weight_dropout:
+    raise app.UsageError('--compare_torch times plain untied nn.LSTM / GRU / RNN: set '
+                         '--config.model.tie_embeddings=False --config.model.weight_dropout=0.')
+  recurrent = {'lstm': torch.nn.LSTM, 'gru': torch.nn.GRU, 'rnn': torch.nn.RNN}[m.name]
+  torch.manual_seed(0)
+  embed = torch.nn.Embedding(vocab_size, m.d_model)
+  stack = recurrent(m.d_model, hidden, num_layers=m.num_layers, batch_first=True,
+                    dropout=m.dropout if m.num_layers > 1 else 0.0)
+  head = torch.nn.Sequential(torch.nn.Dropout(m.dropout), torch.nn.Linear(hidden, vocab_size))
+  modules = torch.nn.ModuleList([embed, stack, head]).train()
+  optimizer = torch.optim.Adam(modules.parameters(), lr=config.opt.lr,
+                               betas=(config.opt.b1, config.opt.b2), eps=config.opt.eps)
+  rng = np.random.default_rng(0)
+  tokens = torch.as_tensor(rng.integers(0, vocab_size, (t.batch_size, t.seq_len + 1)))
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  carry = None
+
+  def step():
+    nonlocal carry
+    optimizer.zero_grad(set_to_none=True)
+    outputs, carry = stack(embed(inputs), carry)
+    loss = torch.nn.functional.cross_entropy(head(outputs).reshape(-1, vocab_size),
+                                             targets.reshape(-1))
+    loss.backward()
+    if config.opt.grad_clip:
+      torch.nn.utils.clip_grad_norm_(modules.parameters(), config.opt.grad_clip)
+    optimizer.step()
+    carry = tuple(c.detach() for c in carry) if isinstance(carry, tuple) else carry.detach()
+    return float(loss)
+
+  for _ in range(1 + _WARMUP.value):
+    step()
+  step_s = _median_seconds(step, _STEPS.value)
+  tokens_per_s = t.batch_size * t.seq_len / step_s
+  num_params = sum(p.numel() for p in modules.parameters())
+  result = {
+      **{k: lmjax_result[k] for k in ('bench', 'model', 'vocab', 'batch', 'seq_len', 'dtype',
+                                      'flops_per_token', 'peak_flops', 'peak_source')},
+      'impl': f'torch {torch.__version__} nn.{recurrent.__name__}',
+      'params': num_params, 'device': f'cpu, {torch.get_num_threads()} threads',
+      'step_ms': round(1e3 * step_s, 2), 'tokens_per_s': round(tokens_per_s, 1),
+      'mfu': (round(tokens_per_s * lmjax_result['flops_per_token'] / lmjax_result['peak_flops'],
+                    4) if lmjax_result['peak_flops'] else None),
+      'lmjax_speedup': round(lmjax_result['tokens_per_s'] / tokens_per_s, 2),
+  }
+  print(json.dumps(result), flush=True)
+  return result
+
+
 def bench_pipeline(config, consumed_tokens_per_s: float | None) -> dict:
   import tempfile  # noqa: PLC0415
 
@@ -326,8 +396,13 @@ def bench_pipeline(config, consumed_tokens_per_s: float | None) -> dict:
     except (FileNotFoundError, ValueError) as e:
       raise app.UsageError(f'{e} (prepare the data first: make data)') from None
     tokens = pipeline.load_tokens(data, 'train', tokenizer)
-  batches = pipeline.train_dataset(tokens, seq_len=t.seq_len, global_batch=t.batch_size,
-                                   seed=t.seed, start_example=0).as_numpy_iterator()
+  if t.get('stateful', False):
+    dataset = pipeline.stream_dataset(tokens, seq_len=t.seq_len, global_batch=t.batch_size,
+                                      seed=t.seed, eos_id=tokenizer.eos_id)
+  else:
+    dataset = pipeline.train_dataset(tokens, seq_len=t.seq_len, global_batch=t.batch_size,
+                                     seed=t.seed)
+  batches = dataset.as_numpy_iterator()
   next(batches)  # builds the pipeline and fills its prefetch buffer
   count = _PIPELINE_BATCHES.value
   start = time.perf_counter()
@@ -387,7 +462,7 @@ _TABLE_COLUMNS = ('impl', 'model', 'batch', 'strategy', 'prefill_ms', 'cached_st
 
 
 _OTHER_COLUMNS = {
-    'train': ('model', 'params', 'batch', 'seq_len', 'step_ms', 'tokens_per_s', 'mfu',
+    'train': ('impl', 'model', 'params', 'batch', 'seq_len', 'step_ms', 'tokens_per_s', 'mfu',
               'peak_memory_gb', 'compile_s'),
     'pipeline': ('dataset', 'batch', 'seq_len', 'tokens_per_s', 'times_training'),
     'checkpoint': ('model', 'bytes', 'save_blocking_s', 'save_total_s', 'restore_s',
@@ -416,10 +491,12 @@ def main(argv):
   if _STEPS.value < 1 or _WARMUP.value < 0 or _PIPELINE_BATCHES.value < 1:
     raise app.UsageError('--steps and --pipeline_batches must be at least 1, --warmup at '
                          'least 0.')
-  if config.model.name != 'transformer':
-    raise app.UsageError(f'model.name={config.model.name!r}: only the transformer is '
-                         'benchmarked so far.')
-  if 'decode' in _BENCH.value and _PROMPT_LEN.value + _NEW_TOKENS.value > config.model.max_len:
+  recurrent = config.model.name != 'transformer'
+  if _COMPARE_TORCH.value and not (recurrent and 'train' in _BENCH.value):
+    raise app.UsageError('--compare_torch compares the recurrent models\' train step: use it '
+                         'with --bench=train and an LSTM, GRU or RNN config.')
+  if ('decode' in _BENCH.value and not recurrent and
+      _PROMPT_LEN.value + _NEW_TOKENS.value > config.model.max_len):
     raise app.UsageError(
         f'--prompt_len={_PROMPT_LEN.value} + --new_tokens={_NEW_TOKENS.value} exceeds the '
         f"model's context (model.max_len={config.model.max_len}); lower one of them.")
@@ -431,6 +508,8 @@ def main(argv):
   if 'train' in _BENCH.value:
     results.append(bench_train(config, vocab_size))
     consumed = results[-1]['tokens_per_s']
+    if _COMPARE_TORCH.value:
+      results.append(bench_train_torch(config, vocab_size, results[-1]))
   if 'pipeline' in _BENCH.value:
     results.append(bench_pipeline(config, consumed))
   if 'checkpoint' in _BENCH.value:

@@ -58,3 +58,31 @@ def test_train_pipeline_and_checkpoint_benchmarks_report_their_figures():
   assert ckpt['bytes'] > 4 * 106304  # the params alone, in float32
   assert 0 < ckpt['save_blocking_s'] <= ckpt['save_total_s']
   assert 'checkpoint:' in done.stdout and 'pipeline:' in done.stdout
+
+
+def test_recurrent_train_benchmark_times_pytorch_beside_lmjax():
+  done = _benchmark('--config=configs/rnn_shakespeare_char.py:tiny', '--bench=train',
+                    '--bench=decode', '--compare_torch', '--steps=2', '--warmup=1',
+                    '--batch_sizes=2', '--strategies=greedy', '--prompt_len=4',
+                    '--new_tokens=40', '--repeats=1')
+  assert done.returncode == 0, done.stderr
+  rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{')]
+  lmjax, torch, decode = rows
+  assert lmjax['impl'] == 'lmjax' and torch['impl'].endswith('nn.LSTM')
+  assert lmjax['model'] == torch['model'] == 'lstm 1x64'
+  # 1x64 LSTM over 32-wide embeddings, untied output over the 65 characters the benchmark
+  # assumes: 6 FLOPs per matmul weight (biases included, the embedding lookup not).
+  weights = 32 * 4 * 64 + 64 * 4 * 64 + 4 * 64 + 64 * 65 + 65
+  assert lmjax['flops_per_token'] == torch['flops_per_token'] == 6 * weights
+  assert lmjax['params'] == weights + 65 * 32
+  assert torch['params'] == lmjax['params'] + 4 * 64  # PyTorch's second bias vector
+  assert torch['lmjax_speedup'] == pytest.approx(
+      lmjax['tokens_per_s'] / torch['tokens_per_s'], rel=0.01)
+  assert decode['bench'] == 'decode' and decode['tokens_per_s'] > 0  # no context bound
+
+
+def test_compare_torch_needs_a_recurrent_train_benchmark():
+  done = _benchmark('--config=configs/shakespeare_char.py:tiny', '--bench=train',
+                    '--compare_torch', '--steps=1')
+  assert done.returncode != 0
+  assert '--compare_torch' in done.stderr and 'Traceback' not in done.stderr
