@@ -56,39 +56,129 @@ def initial_carry(cell: str, num_layers: int, hidden_size: int, batch_size: int)
   return {f'layer_{i}': dict(layer) for i in range(num_layers)}
 
 
-def cell_step(cell: str, carry: dict, x_gates_BxGxH: Array, w_h_HxGxH: Array,
-              b_h_GxH: Array | None) -> dict:
-  """One time step of `cell`: carry at t-1 and the input side of the gates -> carry at t.
-
-  Matmul inputs are cast to w_h's dtype; the gate arithmetic and the carry are float32.
-  """
-  h_BxH = carry['h']
-  h_gates_BxGxH = jnp.einsum('bh,hgk->bgk', h_BxH.astype(w_h_HxGxH.dtype), w_h_HxGxH,
-                             preferred_element_type=jnp.float32)
-  if b_h_GxH is not None:
-    h_gates_BxGxH = h_gates_BxGxH + b_h_GxH.astype(jnp.float32)
-  x_gates_BxGxH = x_gates_BxGxH.astype(jnp.float32)
-  if cell == 'rnn':
-    return {'h': jnp.tanh(x_gates_BxGxH[:, 0] + h_gates_BxGxH[:, 0])}
-  if cell == 'lstm':
-    gates = x_gates_BxGxH + h_gates_BxGxH
-    i, f, g, o = (gates[:, k] for k in range(4))
-    c_BxH = jax.nn.sigmoid(f) * carry['c'] + jax.nn.sigmoid(i) * jnp.tanh(g)
-    return {'h': jax.nn.sigmoid(o) * jnp.tanh(c_BxH), 'c': c_BxH}
-  if cell == 'gru':
-    r = jax.nn.sigmoid(x_gates_BxGxH[:, 0] + h_gates_BxGxH[:, 0])
-    z = jax.nn.sigmoid(x_gates_BxGxH[:, 1] + h_gates_BxGxH[:, 1])
-    n = jnp.tanh(x_gates_BxGxH[:, 2] + r * h_gates_BxGxH[:, 2])
-    return {'h': (1.0 - z) * n + z * h_BxH}
-  raise ValueError(f'cell={cell!r}; use one of {CELLS}.')
-
-
 def sequence_dropout(x_BxTxF: Array, rate: float, rng: Array, *, locked: bool) -> Array:
   """Inverted dropout on [B, T, F]; `locked` draws one mask per row for all time steps."""
   keep = 1.0 - rate
   mask_shape = (x_BxTxF.shape[0], 1, x_BxTxF.shape[2]) if locked else x_BxTxF.shape
   mask = jax.random.bernoulli(rng, keep, mask_shape)
   return jnp.where(mask, x_BxTxF / keep, 0.0).astype(x_BxTxF.dtype)
+
+
+# ------------------------------------------------------------------- the recurrence
+#
+# Autodiff of a scan would accumulate dL/dW_h inside the backward loop, one thin
+# [H, B] x [B, G*H] product per step. `recurrence` has a hand-written VJP instead: the
+# backward loop only carries dL/dh (and dL/dc) back through h W_h, and dL/dW_h is one
+# large matmul over all steps afterwards, as cuDNN and oneDNN arrange it. The gradients
+# are checked against autodiff of the plain scan in the tests.
+
+
+def _step_with_residuals(cell, w_h_HxGxH, b_h_GxH, carry, x_gates_BxGxH, reset_B):
+  """One step from the (reset) carry: (new carry, what the backward step needs)."""
+  carry = jax.tree.map(lambda c: jnp.where(reset_B[:, None], 0.0, c), carry)
+  h_prev = carry['h']
+  h_gates = jnp.einsum('bh,hgk->bgk', h_prev.astype(w_h_HxGxH.dtype), w_h_HxGxH,
+                       preferred_element_type=jnp.float32) + b_h_GxH.astype(jnp.float32)
+  x_gates = x_gates_BxGxH.astype(jnp.float32)
+  if cell == 'rnn':
+    h = jnp.tanh(x_gates[:, 0] + h_gates[:, 0])
+    return {'h': h}, (h_prev, h)
+  if cell == 'lstm':
+    pre = x_gates + h_gates
+    i, f, o = (jax.nn.sigmoid(pre[:, k]) for k in (0, 1, 3))
+    g = jnp.tanh(pre[:, 2])
+    c = f * carry['c'] + i * g
+    tanh_c = jnp.tanh(c)
+    return {'h': o * tanh_c, 'c': c}, (h_prev, carry['c'], i, f, g, o, tanh_c)
+  r = jax.nn.sigmoid(x_gates[:, 0] + h_gates[:, 0])
+  z = jax.nn.sigmoid(x_gates[:, 1] + h_gates[:, 1])
+  n = jnp.tanh(x_gates[:, 2] + r * h_gates[:, 2])
+  return {'h': (1.0 - z) * n + z * h_prev}, (h_prev, r, z, n, h_gates[:, 2])
+
+
+def _backward_step(cell, dh, dc, residuals):
+  """dL/dh_t (and dL/dc_t) -> (dL/d x_gates, dL/d h_gates, dL/dh_{t-1} less the W_h
+  path, dL/dc_{t-1})."""
+  if cell == 'rnn':
+    _, h = residuals
+    d_pre = (dh * (1.0 - h * h))[:, None]
+    return d_pre, d_pre, None, None
+  if cell == 'lstm':
+    _, c_prev, i, f, g, o, tanh_c = residuals
+    do = dh * tanh_c
+    dc = dc + dh * o * (1.0 - tanh_c * tanh_c)
+    d_pre = jnp.stack([dc * g * i * (1.0 - i), dc * c_prev * f * (1.0 - f),
+                       dc * i * (1.0 - g * g), do * o * (1.0 - o)], axis=1)
+    return d_pre, d_pre, None, dc * f
+  h_prev, r, z, n, n_h = residuals
+  dn_pre = dh * (1.0 - z) * (1.0 - n * n)
+  dr_pre = dn_pre * n_h * r * (1.0 - r)
+  dz_pre = dh * (h_prev - n) * z * (1.0 - z)
+  d_x = jnp.stack([dr_pre, dz_pre, dn_pre], axis=1)
+  d_h = jnp.stack([dr_pre, dz_pre, dn_pre * r], axis=1)
+  return d_x, d_h, dh * z, None
+
+
+def _scan(cell, unroll, x_gates_TxBxGxH, w_h_HxGxH, b_h_GxH, carry, resets_TxB, keep):
+  def step(carry, inputs):
+    new, residuals = _step_with_residuals(cell, w_h_HxGxH, b_h_GxH, carry, *inputs)
+    return new, (new['h'], residuals if keep else None)
+  carry, (h_TxBxH, residuals) = jax.lax.scan(step, carry, (x_gates_TxBxGxH, resets_TxB),
+                                             unroll=unroll)
+  return h_TxBxH, carry, residuals
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def recurrence(cell: str, unroll: int, x_gates_TxBxGxH: Array, w_h_HxGxH: Array,
+               b_h_GxH: Array, carry: dict, resets_TxB: Array) -> tuple[Array, dict]:
+  """Runs `cell` over time: (h at every step [T, B, H], final carry). `x_gates` is the
+  input side of the gates (bias included); a carry row is zeroed before each step whose
+  `resets` is True."""
+  h_TxBxH, carry, _ = _scan(cell, unroll, x_gates_TxBxGxH, w_h_HxGxH, b_h_GxH, carry,
+                            resets_TxB, keep=False)
+  return h_TxBxH, carry
+
+
+def _recurrence_fwd(cell, unroll, x_gates_TxBxGxH, w_h_HxGxH, b_h_GxH, carry, resets_TxB):
+  h_TxBxH, final, residuals = _scan(cell, unroll, x_gates_TxBxGxH, w_h_HxGxH, b_h_GxH,
+                                    carry, resets_TxB, keep=True)
+  return (h_TxBxH, final), (w_h_HxGxH, b_h_GxH, resets_TxB, residuals)
+
+
+def _recurrence_bwd(cell, unroll, saved, cotangents):
+  w_h_HxGxH, b_h_GxH, resets_TxB, residuals = saved
+  dh_out_TxBxH, d_final = cotangents
+  w_h = w_h_HxGxH
+
+  def step(d_carry, inputs):
+    dh_out, reset_B, res = inputs
+    dh = d_carry['h'] + dh_out
+    d_x, d_h, dh_prev, dc_prev = _backward_step(cell, dh, d_carry.get('c'), res)
+    through_w = jnp.einsum('bgk,hgk->bh', d_h.astype(w_h.dtype), w_h,
+                           preferred_element_type=jnp.float32)
+    dh_prev = through_w if dh_prev is None else dh_prev + through_w
+    # A reset step started from zeros: nothing flows back past it.
+    new = {'h': jnp.where(reset_B[:, None], 0.0, dh_prev)}
+    if dc_prev is not None:
+      new['c'] = jnp.where(reset_B[:, None], 0.0, dc_prev)
+    return new, (d_x, d_h if cell == 'gru' else None)
+
+  d_carry = {k: v.astype(jnp.float32) for k, v in d_final.items()}
+  d_carry0, (d_x_TxBxGxH, d_h_TxBxGxH) = jax.lax.scan(
+      step, d_carry, (dh_out_TxBxH.astype(jnp.float32), resets_TxB, residuals), reverse=True,
+      unroll=unroll)
+  if d_h_TxBxGxH is None:
+    d_h_TxBxGxH = d_x_TxBxGxH
+  h_prev_TxBxH = residuals[0]
+  # dL/dW_h for all steps at once: one [H, T*B] x [T*B, G*H] matmul.
+  d_w_h = jnp.einsum('tbh,tbgk->hgk', h_prev_TxBxH.astype(w_h.dtype),
+                     d_h_TxBxGxH.astype(w_h.dtype), preferred_element_type=jnp.float32)
+  d_b_h = jnp.sum(d_h_TxBxGxH, axis=(0, 1))
+  return (d_x_TxBxGxH, d_w_h.astype(w_h_HxGxH.dtype), d_b_h.astype(b_h_GxH.dtype), d_carry0,
+          None)
+
+
+recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
 class RecurrentLayer(nn.Module):
@@ -128,22 +218,17 @@ class RecurrentLayer(nn.Module):
       mask = jax.random.bernoulli(self.make_rng('dropout'), keep, w_h_HxGxH.shape)
       w_h_HxGxH = jnp.where(mask, w_h_HxGxH / keep, 0.0).astype(self.param_dtype)
 
-    x_gates_BxTxGxH = jnp.einsum('bti,igh->btgh', x_BxTxI.astype(self.dtype),
+    # Time-major from the start, so the scan reads its inputs without a transpose.
+    x_gates_TxBxGxH = jnp.einsum('bti,igh->tbgh', x_BxTxI.astype(self.dtype),
                                  w_x_IxGxH.astype(self.dtype),
                                  preferred_element_type=jnp.float32) + bias_GxH
-    w_h = w_h_HxGxH.astype(self.dtype)
+    if b_h_GxH is None:
+      b_h_GxH = jnp.zeros((num_gates, hidden), self.param_dtype)
     if resets_BxT is None:
       resets_BxT = jnp.zeros(x_BxTxI.shape[:2], bool)
-
-    def step(carry, inputs):
-      x_gates_BxGxH, reset_B = inputs
-      carry = jax.tree.map(lambda c: jnp.where(reset_B[:, None], 0.0, c), carry)
-      carry = cell_step(self.cell, carry, x_gates_BxGxH, w_h, b_h_GxH)
-      return carry, carry['h']
-
-    carry, h_TxBxH = jax.lax.scan(
-        step, carry, (jnp.swapaxes(x_gates_BxTxGxH, 0, 1), jnp.swapaxes(resets_BxT, 0, 1)),
-        unroll=self.scan_unroll)
+    h_TxBxH, carry = recurrence(self.cell, self.scan_unroll, x_gates_TxBxGxH,
+                                w_h_HxGxH.astype(self.dtype), b_h_GxH, carry,
+                                jnp.swapaxes(resets_BxT, 0, 1))
     return jnp.swapaxes(h_TxBxH, 0, 1).astype(self.dtype), carry
 
 
