@@ -12,6 +12,7 @@ import pytest
 from configs import rnn_shakespeare_char, shakespeare_char
 from lmjax import models, sharding, train
 from lmjax.data import pipeline, tokenizers
+from lmjax.models import rnn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -147,3 +148,21 @@ def test_stream_too_short_for_the_batch_is_named(tmp_path):
   config.train.eval_batch_size = 8
   with pytest.raises(ValueError, match='train.batch_size=262144 contiguous streams'):
     train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_greedy_decoding_of_the_checkpoint_equals_stepping_the_lstm_by_hand(trained):
+  _, workdir, _ = trained
+  config, tokenizer, params, _ = train.load_trained(workdir)
+  prompt = 'ROMEO:\n'
+  result, = train.generate_texts(config, params, tokenizer, [prompt], max_new_tokens=40,
+                                 strategy='greedy')
+  model = models.build_model(config.model, tokenizer.vocab_size)
+  logits, carry = model.apply({'params': params}, jax.numpy.asarray([tokenizer.encode(prompt)]),
+                              rnn.model_initial_carry(model, 1))
+  tokens = []
+  for _ in range(40):  # no EOS in 40 greedy characters of this model (checked below)
+    token = int(np.argmax(logits[0, -1]))
+    tokens.append(token)
+    logits, carry = model.apply({'params': params}, jax.numpy.asarray([[token]]), carry)
+  assert tokenizer.eos_id not in tokens
+  assert result[0]['tokens'] == tokens and result[0]['text'] == tokenizer.decode(tokens)
