@@ -94,9 +94,8 @@ def test_stateful_resume_is_exact_params_and_carry(trained, tmp_path, capsys):
   assert np.abs(carry_a['layer_0']['h']).max() > 0.1  # a real carry was saved
 
 
-@pytest.mark.parametrize('variant', ['tiny', 'gru'])
-def test_eight_devices_match_one_device_stateful(variant, tmp_path):
-  config = tiny_config(variant, num_steps=6, eval_every=6, checkpoint_every=6)
+def test_eight_devices_match_one_device_stateful(tmp_path):
+  config = tiny_config(num_steps=6, eval_every=6, checkpoint_every=6)
   config.opt.warmup_steps = 2
   results = {}
   for count in (8, 1):
@@ -124,14 +123,13 @@ def _decode(*flags):
                         capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
 
 
-def test_decode_script_runs_every_strategy_on_an_lstm_checkpoint(trained):
+def test_decode_script_beam_searches_an_lstm_checkpoint_past_its_training_window(trained):
   _, workdir, _ = trained
-  for flags in (['--strategy=greedy'], ['--strategy=sample', '--top_k=5', '--num_samples=2'],
-                ['--strategy=beam', '--beam_size=3']):
-    # No context bound: a recurrent model decodes past its training window (seq_len 32).
-    done = _decode(f'--workdir={workdir}', '--prompt=ROMEO:', '--max_new_tokens=60', *flags)
-    assert done.returncode == 0, done.stderr
-    assert 'step 60' in done.stdout and 'ROMEO:' in done.stdout
+  # No context bound: a recurrent model decodes past its training window (seq_len 32).
+  done = _decode(f'--workdir={workdir}', '--prompt=ROMEO:', '--max_new_tokens=60',
+                 '--strategy=beam', '--beam_size=3', '--num_samples=2')
+  assert done.returncode == 0, done.stderr
+  assert 'step 60' in done.stdout and done.stdout.count('ROMEO:') == 2
 
 
 def test_stateful_needs_a_recurrent_model(tmp_path):
