@@ -448,8 +448,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   checkpointer.close()
   if not eval_metrics:  # resumed a finished run: report where it stands
     eval_metrics = run_eval(state.params)
-  sample = continue_prompt(config, state.params, tokenizer, t.sample_prompt, t.sample_tokens,
-                           seed=t.seed)
+  # The end-of-run sample is cut to what the model's context holds: a short model.max_len
+  # must not fail a run that has trained and saved.
+  sample_tokens = t.sample_tokens
+  if context_length(config) is not None:
+    sample_tokens = min(sample_tokens,
+                        context_length(config) - len(tokenizer.encode(t.sample_prompt)))
+  sample = (continue_prompt(config, state.params, tokenizer, t.sample_prompt, sample_tokens,
+                            seed=t.seed) if sample_tokens > 0 else t.sample_prompt)
   writer.write_texts(t.num_steps, {'sample': sample})
   writer.flush()
   writer.close()

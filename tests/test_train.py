@@ -171,3 +171,13 @@ def test_decode_script_names_the_bad_flag(trained, flags, message):
   bad = _decode(f'--workdir={workdir}', '--prompt=ROMEO:', *flags)
   assert bad.returncode != 0
   assert message in bad.stderr and 'Traceback' not in bad.stderr, bad.stderr
+
+
+def test_a_sample_longer_than_the_context_is_cut_to_fit_not_a_failure(tmp_path, capsys):
+  """The run below trains with model.max_len 32 and asks for a 200-character sample."""
+  config = tiny_config(num_steps=2, eval_every=2, checkpoint_every=2, sample_tokens=200)
+  config.opt.warmup_steps = 1
+  train.train_and_evaluate(config, str(tmp_path))
+  sample = capsys.readouterr().out.split('--- sample ---\n')[1].split('\n-----')[0]
+  assert sample.startswith(config.train.sample_prompt)
+  assert len(config.train.sample_prompt) < len(sample) <= 32  # fewer if it sampled EOS
