@@ -14,8 +14,9 @@ left inside the `lax.scan` over time, as cuDNN's RNNs do. The cells, for one ste
 The carry is a dict {'layer_<i>': {'h': float32[B, H]} (+ 'c' for the LSTM)}. It is the
 decode state (`decode_fns` puts it in state['cache'], one row per sequence, which is all
 the model-agnostic decoder needs) and, in stateful training, part of the train state.
-A call given `resets_BxT` zeroes the carry before each marked position: the first token
-of a new document starts from the same state as the first token of the run.
+A call given `resets_BxT` zeroes the carry before each marked position. The pipeline
+marks the document separators, so every document is read from the state a fresh run
+(or a decode) starts in.
 
 Regularisation, the AWD-LSTM recipe's pieces: dropout on the embeddings, between layers
 and on the output; `locked_dropout` uses one mask per sequence for all time steps
