@@ -69,8 +69,9 @@ def _numpy_forward(cell, params, ids, *, tied, num_layers):
   return x @ p['output_kernel'] + p['output_bias']
 
 
-@pytest.mark.parametrize('cell', rnn.CELLS)
-@pytest.mark.parametrize('tied', [False, True])
+# Every cell untied; the tied output (with its projection, hidden 8 != embedding 6) once.
+@pytest.mark.parametrize('cell, tied', [('rnn', False), ('lstm', False), ('gru', False),
+                                        ('gru', True)])
 def test_each_cell_matches_its_equations_in_numpy(cell, tied):
   model = _model(cell, tie_embeddings=tied)
   params = _init(model)
@@ -178,7 +179,7 @@ def test_parameters_carry_logical_axes_and_shard_by_the_rules():
   assert named <= set(rules), named - set(rules)
 
 
-@pytest.mark.parametrize('cell', rnn.CELLS)
+@pytest.mark.parametrize('cell', ['lstm', 'gru'])  # carries of two leaves and of one
 def test_decoding_equals_stepping_the_model_by_hand(cell):
   model = _model(cell)
   params = _init(model, seed=3)
