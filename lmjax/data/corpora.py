@@ -222,9 +222,12 @@ def load_split_texts(name: str, split: str, data_dir: str | None = None) -> list
   if split not in SPLITS:
     raise ValueError(f'Unknown split {split!r} for dataset {name!r}; known: {list(SPLITS)}.')
   builder.download_and_prepare()
+  # Read in large batches: one example at a time costs about 0.3 ms each in tf.data's
+  # Python iterator, 40 s for the 120,833 Countdown examples.
   pairs = sorted(
-      (example['title'].decode('utf-8'), example['text'].decode('utf-8'))
-      for example in tfds.as_numpy(builder.as_dataset(split=split)))
+      (title.decode('utf-8'), text.decode('utf-8'))
+      for batch in tfds.as_numpy(builder.as_dataset(split=split).batch(4096))
+      for title, text in zip(batch['title'], batch['text']))
   if not pairs:
     raise ValueError(
         f'Split {split!r} of dataset {name!r} in {builder.data_dir} is empty; '
