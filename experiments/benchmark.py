@@ -253,7 +253,7 @@ def _train_parts(config, vocab_size: int):
   tx = optim.make_optimizer(config.opt, config.train.num_steps)
   state, shardings = train.create_train_state(model, tx, mesh, rules, config.train.seed,
                                               config.train.seq_len,
-                                              carry_rows=train._carry_rows(config))  # noqa: SLF001
+                                              carry_rows=train.carry_rows(config))
   return model, tx, mesh, rules, state, shardings
 
 

@@ -203,7 +203,7 @@ def restore_state(workdir: str, step: int | None = None):
   tx = optim.make_optimizer(config.opt, config.train.num_steps)
 
   init = functools.partial(_init_state, model=model, tx=tx, seq_len=config.train.seq_len,
-                           carry_rows=_carry_rows(config))
+                           carry_rows=carry_rows(config))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.eval_shape(init, jax.random.key(0))
   abstract = ckpt_lib.abstract_with_shardings(abstract, jax.tree.map(lambda _: device, abstract))
@@ -309,7 +309,7 @@ def jit_steps(model, tx, mesh, rules, state_shardings, stateful_eval: bool = Fal
   return step_fn, eval_fn
 
 
-def _carry_rows(config) -> int:
+def carry_rows(config) -> int:
   """Rows of the carry kept in the train state: the global batch when stateful, else 0."""
   return config.train.batch_size if config.train.get('stateful', False) else 0
 
@@ -361,7 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   tx = optim.make_optimizer(config.opt, t.num_steps)
   schedule = optim.learning_rate_schedule(config.opt, t.num_steps)
   state, state_shardings = create_train_state(model, tx, mesh, rules, t.seed, t.seq_len,
-                                              carry_rows=_carry_rows(config))
+                                              carry_rows=carry_rows(config))
   num_params = models.count_params(state.params)
 
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
@@ -381,9 +381,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   batch_sharding = sharding.batch_sharding(mesh)
   step_fn, eval_fn = jit_steps(model, tx, mesh, rules, state_shardings, stateful_eval=stateful)
 
+  # Every stateful evaluation starts from this zero carry (the eval step does not donate it).
+  eval_start = eval_carry(model, mesh, t.eval_batch_size) if stateful else None
+
   def run_eval(params):
-    carry = eval_carry(model, mesh, t.eval_batch_size) if stateful else None
-    return evaluate(eval_fn, params, evals, batch_sharding, bits_per_char, carry)
+    return evaluate(eval_fn, params, evals, batch_sharding, bits_per_char, eval_start)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import shakespeare_char
+from configs import rnn_shakespeare_char, shakespeare_char
 from lmjax import checkpoint as ckpt_lib
 from lmjax import train
 from lmjax.data import pipeline, tokenizers
@@ -83,18 +83,22 @@ def test_resumed_run_ends_with_the_same_parameters(trained, tmp_path, capsys):
     np.testing.assert_array_equal(a, b)
 
 
-def test_eight_device_data_parallel_matches_one_device(tmp_path):
+@pytest.mark.parametrize('family', [shakespeare_char, rnn_shakespeare_char])
+def test_eight_device_data_parallel_matches_one_device(family, tmp_path):
+  """The Transformer, and the stateful LSTM with its carry split over the devices."""
   # Few steps: Adam amplifies reduction-order rounding as training goes on.
-  config = tiny_config(num_steps=6, eval_every=6, checkpoint_every=6)
+  config = family.get_config('tiny')
+  config.train.update(num_steps=6, eval_every=6, checkpoint_every=6)
   config.opt.warmup_steps = 2
   results = {}
   for count in (8, 1):
     workdir = str(tmp_path / str(count))
     metrics = train.train_and_evaluate(config, workdir, devices=jax.devices()[:count])
-    results[count] = metrics, _restore_params(workdir, 6)
-  (metrics_8, params_8), (metrics_1, params_1) = results[8], results[1]
+    _, _, state, _ = train.restore_state(workdir, 6)
+    results[count] = metrics, jax.device_get((state.params, state.carry))
+  (metrics_8, state_8), (metrics_1, state_1) = results[8], results[1]
   assert metrics_8['loss'] == pytest.approx(metrics_1['loss'], abs=1e-5)
-  for a, b in zip(jax.tree.leaves(params_8), jax.tree.leaves(params_1)):
+  for a, b in zip(jax.tree.leaves(state_8), jax.tree.leaves(state_1)):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
