@@ -60,6 +60,9 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2  # how many recent checkpoints to keep
   c.train.log_every = 100  # steps between progress lines and train scalars
   c.train.seed = 0  # seeds init, data order and dropout
+  # A step whose loss or gradient is NaN or Inf never updates the model; then 'stop'
+  # ends the run (resume from the last checkpoint), 'skip' goes on and counts such steps.
+  c.train.nonfinite = 'stop'
   c.train.sample_prompt = '4 7 8 9 -> 34\n'  # prompt for the sample printed at the end
   c.train.sample_tokens = 24  # length of that sample (prompt + sample <= model.max_len)
 

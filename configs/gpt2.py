@@ -63,6 +63,9 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2  # how many recent checkpoints to keep (GPT-2 ones are large)
   c.train.log_every = 10  # steps between progress lines and train scalars
   c.train.seed = 0  # seeds data order and dropout (init is the imported checkpoint)
+  # A step whose loss or gradient is NaN or Inf never updates the model; then 'stop'
+  # ends the run (resume from the last checkpoint), 'skip' goes on and counts such steps.
+  c.train.nonfinite = 'stop'
   c.train.sample_prompt = 'ROMEO:\n'  # prompt for the sample printed at the end
   c.train.sample_tokens = 100  # length of that sample (prompt + sample <= model.max_len)
 

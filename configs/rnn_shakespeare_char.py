@@ -72,6 +72,9 @@ def get_config(variant: str = 'lstm') -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3  # how many recent checkpoints to keep
   c.train.log_every = 25  # steps between progress lines and train scalars
   c.train.seed = 0  # seeds init, data order and dropout
+  # A step whose loss or gradient is NaN or Inf never updates the model; then 'stop'
+  # ends the run (resume from the last checkpoint), 'skip' goes on and counts such steps.
+  c.train.nonfinite = 'stop'
   c.train.sample_prompt = 'ROMEO:\n'  # prompt for the sample printed at the end
   c.train.sample_tokens = 240  # length of that sample
 

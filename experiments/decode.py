@@ -76,6 +76,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads
   from lmjax import train  # noqa: PLC0415  (after absl has parsed flags)
+  from lmjax.errors import UserError  # noqa: PLC0415
 
   prompts = _read_prompts()
   if _BATCH_SIZE.value < 1:
@@ -88,7 +89,10 @@ def main(argv):
   if strategy == 'beam':
     options.update(beam_size=_BEAM_SIZE.value, length_penalty=_LENGTH_PENALTY.value,
                    beam_compat=_BEAM_COMPAT.value, early_stopping=_EARLY_STOPPING.value)
-  config, tokenizer, params, step = train.load_trained(_WORKDIR.value, _STEP.value)
+  try:
+    config, tokenizer, params, step = train.load_trained(_WORKDIR.value, _STEP.value)
+  except (UserError, FileNotFoundError) as e:  # not a workdir, no such step, a damaged one
+    raise app.UsageError(str(e)) from None
 
   out = None
   if _OUTPUT.value == '-':

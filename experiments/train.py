@@ -1,19 +1,46 @@
-"""Trains a language model: --config=configs/NAME.py[:VARIANT] --workdir=DIR [--config.a.b=V]."""
+"""Trains a language model: --config=configs/NAME.py[:VARIANT] --workdir=DIR [--config.a.b=V].
+
+Rerunning the same command resumes from the workdir's latest checkpoint. SIGTERM or Ctrl-C
+stops after the current step with its checkpoint written. A mistake in the config, the
+flags or the workdir is reported in one message, without a traceback (exit status 1).
+"""
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('NO_GCE_CHECK', 'true')
 
+import sys  # noqa: E402
+
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 from absl import logging  # noqa: E402
 
-from lmjax import train  # noqa: E402
+from lmjax.errors import UserError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and tokenizer.')
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    'allow_config_change', False, 'Resume the checkpoints in --workdir even though they were '
+    'trained under a config that differs from this one.')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with config mistakes reported in one line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # a bad value, a missing flag, or an error in get_config
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    # An exception inside the config file arrives as a formatted traceback: its last line
+    # is the message.
+    message = lines[-1] if any(line.startswith('Traceback') for line in lines) else str(e)
+    sys.exit(f'error: {message}\nPass --helpfull to see the flags.')
+  except (KeyError, AttributeError) as e:  # an override names no field of the config
+    name = str(e).strip('"\'')
+    culprits = [a for a in argv if a.startswith('--config.') and name in a.split('=')[0]]
+    sys.exit(f'error: {culprits[0] if culprits else name}: the config has no such field '
+             f'({e}); every field is listed, with a comment, in the --config file.')
 
 
 def main(argv):
@@ -21,8 +48,21 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   # Library INFO logs (TFDS, orbax, the metric writer's echo) would drown the progress lines.
   logging.set_verbosity(logging.WARNING)
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    config = _CONFIG.value
+    config.model  # noqa: B018  (a config that failed to load raises here, on first use)
+  except OSError as e:  # ml_collections could not load the --config file
+    detail = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+    sys.exit(f'error: --config: {detail}. Name a Python file in configs/, e.g. '
+             '--config=configs/shakespeare_char.py:tiny')
+  from lmjax import train  # noqa: PLC0415  (after the flags: a typo is reported in a second)
+
+  try:
+    train.train_and_evaluate(config, _WORKDIR.value,
+                             allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  except (UserError, FileNotFoundError) as e:
+    sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -4,6 +4,7 @@ Orbax writes each step into a temporary directory and renames it when complete, 
 a crash mid-write never leaves a checkpoint that `latest_step` would pick up.
 """
 import os
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -22,11 +23,40 @@ class Checkpointer:
         max_to_keep=keep, enable_async_checkpointing=asynchronous, read_only=read_only,
         create=not read_only)
     self.directory = checkpoint_dir(workdir)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=('state', 'data'))
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'data': ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """The complete checkpoints' steps, oldest first (unfinished writes are not listed)."""
+    return sorted(self._manager.all_steps())
+
+  def param_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+    """{'['layer_0']['mlp']...': shape} of the parameters stored at `step`, read from the
+    checkpoint's metadata without loading any array."""
+    return shapes_by_path(self._manager.item_metadata(step)['state']['params'])
+
+  def set_aside(self, step: int, reason: str) -> str:
+    """Moves an unreadable checkpoint out of the way (to WORKDIR/unreadable_checkpoints/), so
+    training can resume from the one before and later write this step again. Returns where
+    it went."""
+    target = os.path.join(os.path.dirname(self.directory), 'unreadable_checkpoints',
+                          f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.replace(os.path.join(self.directory, str(step)), target)
+    with open(os.path.join(target, 'WHY.txt'), 'w') as f:
+      f.write(reason + '\n')
+    self._manager.reload()
+    return target
+
+  def data_state(self, step: int) -> dict:
+    """The data position and pending metrics saved with `step` (JSON; no arrays read)."""
+    return self._manager.restore(step, args=ocp.args.Composite(
+        data=ocp.args.JsonRestore()))['data']
 
   def save(self, step: int, state, data_state: dict) -> None:
     self._manager.save(step, args=ocp.args.Composite(
@@ -43,6 +73,11 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def shapes_by_path(tree) -> dict[str, tuple[int, ...]]:
+  return {jax.tree_util.keystr(path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def abstract_with_shardings(abstract_tree, shardings):

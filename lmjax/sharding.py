@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from lmjax.errors import UserError
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 # Mesh axes that split the batch: the data-parallel width is their product.
 BATCH_AXES = ('data', 'fsdp')
@@ -30,18 +32,18 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
   """Fills in the one -1 entry of `mesh.shape` and checks the product."""
   shape = tuple(int(s) for s in shape)
   if len(shape) != len(MESH_AXES):
-    raise ValueError(f'mesh.shape={shape} must have {len(MESH_AXES)} entries, one per '
+    raise UserError(f'mesh.shape={shape} must have {len(MESH_AXES)} entries, one per '
                      f'mesh axis {MESH_AXES}.')
   if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-    raise ValueError(f'mesh.shape={shape}: entries must be positive, and at most one '
+    raise UserError(f'mesh.shape={shape}: entries must be positive, and at most one '
                      'may be -1 (meaning "the remaining devices").')
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if num_devices % known:
-      raise ValueError(f'mesh.shape={shape}: {num_devices} devices do not divide by {known}.')
+      raise UserError(f'mesh.shape={shape}: {num_devices} devices do not divide by {known}.')
     shape = tuple(num_devices // known if s == -1 else s for s in shape)
   if math.prod(shape) != num_devices:
-    raise ValueError(f'mesh.shape={shape} needs {math.prod(shape)} devices but '
+    raise UserError(f'mesh.shape={shape} needs {math.prod(shape)} devices but '
                      f'{num_devices} are available; set --config.mesh.shape.')
   return shape
 

@@ -2,6 +2,9 @@
 import functools
 import json
 import os
+import shutil
+import signal
+import threading
 import time
 from typing import Any
 
@@ -16,6 +19,7 @@ from flax import struct
 
 from lmjax import checkpoint as ckpt_lib
 from lmjax import decode, flops, losses, models, optim, runtime, sharding
+from lmjax.errors import UserError
 from lmjax.data import corpora, pipeline, tokenizers
 from lmjax.models import rnn
 
@@ -31,75 +35,109 @@ class TrainState(struct.PyTreeNode):
 
 # ----------------------------------------------------------------------------- config
 
+# What a step with a NaN or Inf loss or gradient does (train.nonfinite): stop the run
+# (nothing after the last checkpoint is kept), or drop that update and go on.
+NONFINITE_MODES = ('stop', 'skip')
+
 
 def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
   """Rejects impossible configs with a message naming the field, before any compiling."""
   m, t, o, d = config.model, config.train, config.opt, config.data
   if m.name not in models.MODEL_NAMES:
-    raise ValueError(f'model.name={m.name!r}; known models: {", ".join(models.MODEL_NAMES)}.')
+    raise UserError(f'model.name={m.name!r}; known models: {", ".join(models.MODEL_NAMES)}.')
   if m.name == 'transformer':
     if m.d_model % m.num_heads:
-      raise ValueError(f'model.d_model={m.d_model} does not divide by model.num_heads='
+      raise UserError(f'model.d_model={m.d_model} does not divide by model.num_heads='
                        f'{m.num_heads}; pick a width that is a multiple of the head count.')
     if t.seq_len > m.max_len:
-      raise ValueError(f'train.seq_len={t.seq_len} is longer than the position table '
+      raise UserError(f'train.seq_len={t.seq_len} is longer than the position table '
                        f'(model.max_len={m.max_len}); raise model.max_len or lower '
                        'train.seq_len.')
   else:
     if m.hidden_size < 0:
-      raise ValueError(f'model.hidden_size={m.hidden_size}; use 0 (same as model.d_model) '
+      raise UserError(f'model.hidden_size={m.hidden_size}; use 0 (same as model.d_model) '
                        'or a positive width.')
     for field in ('dropout', 'embed_dropout', 'weight_dropout'):
       if not 0.0 <= m[field] < 1.0:
-        raise ValueError(f'model.{field}={m[field]} must be in [0, 1).')
+        raise UserError(f'model.{field}={m[field]} must be in [0, 1).')
     if m.scan_unroll < 1:
-      raise ValueError(f'model.scan_unroll={m.scan_unroll}; it must be at least 1.')
+      raise UserError(f'model.scan_unroll={m.scan_unroll}; it must be at least 1.')
   if t.get('stateful', False) and not models.is_recurrent(m):
-    raise ValueError(f'train.stateful=True carries a recurrent state between batches, and '
+    raise UserError(f'train.stateful=True carries a recurrent state between batches, and '
                      f'model.name={m.name!r} has none; use one of {", ".join(rnn.CELLS)} or '
                      'set train.stateful=False.')
   dp = sharding.data_parallel_size(mesh)
   for field in ('batch_size', 'eval_batch_size'):
     value = t[field]
     if value <= 0 or value % dp or value % jax.process_count():
-      raise ValueError(
+      raise UserError(
           f'train.{field}={value} does not divide by the {dp} data-parallel devices '
           f"(mesh axes {sharding.BATCH_AXES} of mesh {dict(mesh.shape)}) and "
           f'{jax.process_count()} process(es); use a multiple of {dp}.')
+  if t.get('nonfinite', 'stop') not in NONFINITE_MODES:
+    raise UserError(f'train.nonfinite={t.nonfinite!r}; use one of {", ".join(NONFINITE_MODES)}.')
   if t.num_steps < 1:
-    raise ValueError(f'train.num_steps={t.num_steps}; it must be at least 1.')
+    raise UserError(f'train.num_steps={t.num_steps}; it must be at least 1.')
   if not 0 <= o.warmup_steps < t.num_steps:
-    raise ValueError(f'opt.warmup_steps={o.warmup_steps} must be below train.num_steps='
+    raise UserError(f'opt.warmup_steps={o.warmup_steps} must be below train.num_steps='
                      f'{t.num_steps}.')
   for field in ('eval_every', 'checkpoint_every', 'log_every'):
     if t[field] < 1:
-      raise ValueError(f'train.{field}={t[field]}; it must be at least 1.')
+      raise UserError(f'train.{field}={t[field]}; it must be at least 1.')
   if d.tokenizer not in tokenizers.KINDS:
-    raise ValueError(f'data.tokenizer={d.tokenizer!r}; use one of {tokenizers.KINDS}.')
+    raise UserError(f'data.tokenizer={d.tokenizer!r}; use one of {tokenizers.KINDS}.')
   if d.tokenizer == 'sentencepiece' and d.vocab_size <= 0:
-    raise ValueError('data.tokenizer=sentencepiece needs data.vocab_size > 0 '
+    raise UserError('data.tokenizer=sentencepiece needs data.vocab_size > 0 '
                      '(e.g. --config.data.vocab_size=2000).')
   if d.name not in corpora.DATASETS:
-    raise ValueError(f'data.name={d.name!r}; known datasets: {", ".join(corpora.DATASETS)}.')
+    raise UserError(f'data.name={d.name!r}; known datasets: {", ".join(corpora.DATASETS)}.')
+
+
+def check_config_change(config, workdir: str, allow_change: bool = False) -> None:
+  """A workdir with checkpoints keeps the config it was trained with: resuming it under a
+  different one is refused, naming the fields, unless `allow_change`."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    previous = json.load(f)
+  changes = _config_changes(previous, json.loads(config.to_json()))
+  if not changes:
+    return
+  has_checkpoints = bool(ckpt_lib.Checkpointer(workdir, read_only=True).all_steps())
+  if has_checkpoints and not allow_change:
+    shown = '\n'.join(f'  {change}' for change in changes[:12])
+    more = f'\n  ... and {len(changes) - 12} more' if len(changes) > 12 else ''
+    raise UserError(
+        f'{workdir} holds checkpoints of a run with another config; this one differs '
+        f'in:\n{shown}{more}\nUse a new --workdir for a new run, or pass '
+        '--allow_config_change to resume these checkpoints under the new config.')
+  print(f'note: the config differs from {path} in {", ".join(changes[:4])}'
+        f'{" ..." if len(changes) > 4 else ""}; the new one replaces it.')
 
 
 def save_config(config, workdir: str) -> None:
-  path = os.path.join(workdir, 'config.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
-    if previous != json.loads(config.to_json()):
-      print(f'note: {path} differs from this run\'s config; overwriting it.')
-  if jax.process_index() == 0:
-    with open(path, 'w') as f:
+  if jax.process_index() == 0:  # atomically: a kill mid-write leaves the old file whole
+    path = os.path.join(workdir, 'config.json')
+    with open(path + '.tmp', 'w') as f:
       f.write(config.to_json(indent=2))
+    os.replace(path + '.tmp', path)
+
+
+def _config_changes(old: dict, new: dict) -> list[str]:
+  """'field: old -> new' for every leaf that differs between two config dicts."""
+  old, new = _flatten(old), _flatten(new)
+  missing = object()
+  return [f'{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}'.replace(
+      repr(missing), '(absent)') for k in sorted(set(old) | set(new))
+          if old.get(k, missing) != new.get(k, missing)]
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'no config.json in {workdir}: is it a training workdir '
-                            '(experiments/train.py --workdir=...)?')
+    raise UserError(f'no config.json in {workdir}: is it a training workdir '
+                    '(experiments/train.py --workdir=...)?')
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
 
@@ -154,11 +192,23 @@ def train_step(state: TrainState, batch: dict, rng, *, model, tx):
     return sums['loss_sum'] / sums['weight_sum'], (sums, carry)
 
   (loss, (sums, carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            opt_state=opt_state, carry=carry)
-  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
-             'accuracy': sums['correct_sum'] / sums['weight_sum']}
+  # A NaN or Inf loss or gradient never reaches the parameters, the optimizer state or the
+  # carry: the step only counts. The loop reads `nonfinite` and stops or goes on
+  # (train.nonfinite).
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+  def if_finite(new, old):
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+  new_state = state.replace(
+      step=state.step + 1,
+      params=if_finite(optax.apply_updates(state.params, updates), state.params),
+      opt_state=if_finite(opt_state, state.opt_state), carry=if_finite(carry, state.carry))
+  metrics = {'loss': loss, 'grad_norm': grad_norm,
+             'accuracy': sums['correct_sum'] / sums['weight_sum'],
+             'nonfinite': 1.0 - finite.astype(jnp.float32)}
   return new_state, metrics
 
 
@@ -189,16 +239,63 @@ def evaluate(eval_fn, params, evals: pipeline.EvalSet, batch_sharding, bits_per_
   return losses.summarize(jax.device_get(totals), bits_per_char)
 
 
+def restore_checkpoint(checkpointer, abstract, step: int | None = None, *,
+                       set_aside_unreadable: bool = False):
+  """(step, state, data state) of checkpoint `step`, or of the latest one; None if there is
+  none. `abstract` (ShapeDtypeStructs with shardings) says what the state should be.
+
+  Parameters of other shapes than `abstract`'s are refused, naming the first that differs.
+  An unreadable checkpoint (damaged or missing files) is an error; with
+  `set_aside_unreadable` (resuming training) it is moved aside instead, with a message,
+  and the one before it is tried.
+  """
+  steps = checkpointer.all_steps()
+  if step is not None and step not in steps:
+    raise UserError(f'no checkpoint of step {step} in {checkpointer.directory}; it has '
+                    f'{_steps_text(steps)}.')
+  expected = ckpt_lib.shapes_by_path(abstract.params)
+  for candidate in reversed(steps if step is None else [step]):
+    try:
+      stored = checkpointer.param_shapes(candidate)
+      if stored == expected:
+        state, data_state = checkpointer.restore(candidate, abstract)
+        return candidate, state, data_state
+    except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds)
+      detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else ''
+      reason = (f'checkpoint {candidate} in {checkpointer.directory} cannot be read '
+                f'({type(e).__name__}: {detail})')
+      others = [s for s in steps if s != candidate]
+      if not set_aside_unreadable:
+        raise UserError(f'{reason}. Other checkpoints: {_steps_text(others)} (--step=N).'
+                        ) from None
+      where = checkpointer.set_aside(candidate, reason)
+      print(f'{reason}; moved it to {where} and trying the one before it.', flush=True)
+      continue
+    raise UserError(_shape_mismatch(candidate, checkpointer.directory, stored, expected))
+  return None
+
+
+def _steps_text(steps) -> str:
+  return f'steps {", ".join(map(str, steps))}' if steps else 'none'
+
+
+def _shape_mismatch(step, directory, stored: dict, expected: dict) -> str:
+  for path in sorted(set(stored) | set(expected)):
+    if stored.get(path) != expected.get(path):
+      return (f'checkpoint {step} in {directory} does not fit the model of this config: '
+              f'parameter {path} is {stored.get(path, "absent")} there and '
+              f'{expected.get(path, "absent")} here (of {len(expected)} parameters, '
+              f'{len(stored)} stored). Restore it with the config it was trained with, or '
+              'train in a new --workdir.')
+  return f'checkpoint {step} in {directory} does not fit the model of this config.'
+
+
 def restore_state(workdir: str, step: int | None = None):
   """(config, tokenizer, TrainState, step) of a training workdir (latest step by default),
   on the host's first device."""
   config = load_config(workdir)
   tokenizer = tokenizers.load_tokenizer(workdir)
   checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
-  step = checkpointer.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'no checkpoint in {checkpointer.directory}; train first '
-                            '(experiments/train.py --workdir=...).')
   model = models.build_model(config.model, tokenizer.vocab_size)
   tx = optim.make_optimizer(config.opt, config.train.num_steps)
 
@@ -207,8 +304,12 @@ def restore_state(workdir: str, step: int | None = None):
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.eval_shape(init, jax.random.key(0))
   abstract = ckpt_lib.abstract_with_shardings(abstract, jax.tree.map(lambda _: device, abstract))
-  state, _ = checkpointer.restore(step, abstract)
+  restored = restore_checkpoint(checkpointer, abstract, step)
   checkpointer.close()
+  if restored is None:
+    raise UserError(f'no checkpoint in {checkpointer.directory}; train first '
+                    '(experiments/train.py --workdir=...).')
+  step, state, _ = restored
   return config, tokenizer, state, step
 
 
@@ -320,23 +421,92 @@ def eval_carry(model, mesh, batch_size: int):
                  out_shardings=sharding.batch_sharding(mesh))()
 
 
-def _mean_metrics(history: list[dict]) -> dict:
-  stacked = jax.device_get(history)
-  return {k: float(np.mean([h[k] for h in stacked])) for k in stacked[0]}
+def _mean_metrics(history: list[tuple[int, dict]]) -> dict:
+  """Means of (step, host metrics) pairs, in float64: a resumed run, which reads part of
+  the list back from its checkpoint, logs the very same numbers."""
+  return {k: float(np.mean(np.asarray([m[k] for _, m in history], np.float64)))
+          for k in history[0][1]}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns final eval.
+class _StopSignals:
+  """While active, SIGTERM (preemption) and SIGINT (Ctrl-C) ask the loop to stop after the
+  current step and write its checkpoint; a second Ctrl-C aborts at once. On several
+  processes JAX's preemption sync point picks the step, the same on every host."""
+
+  def __init__(self):
+    self.received = None  # the signal's name once one came
+    self._previous = {}
+    self._multihost = jax.process_count() > 1
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT,) if self._multihost else (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.received is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.received = signal.Signals(signum).name
+    # os.write, not print: a handler may run in the middle of another print.
+    os.write(1, f'\n{self.received} received: stopping after this step, once its '
+                'checkpoint is written (press Ctrl-C again to abort without it).\n'.encode())
+
+  def should_stop(self, step: int) -> bool:
+    if self._multihost:
+      from jax.experimental import multihost_utils  # noqa: PLC0415
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.received = self.received or 'preemption notice'
+        return True
+      return False
+    return self.received is not None
+
+
+def _prepare_workdir(workdir: str) -> None:
+  """Creates the workdir and proves it writable before anything is computed."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write-test-{os.getpid()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f'--workdir={workdir} cannot be written ({e.strerror or e}: '
+                    f'{e.filename or workdir}); choose a directory you can write to.') from None
+
+
+def _check_disk_space(workdir: str, state) -> None:
+  """Refuses to start when the disk cannot hold two checkpoints (one complete while the
+  next is written)."""
+  need = 2 * sum(x.nbytes for x in jax.tree.leaves(state))
+  free = shutil.disk_usage(workdir).free
+  if free < need:
+    raise UserError(f'the disk of {workdir} has {free / 2**20:,.0f} MiB free; a checkpoint of '
+                    f'this model takes {need / 2 ** 21:,.0f} MiB and two must fit. Free some '
+                    'space or choose another --workdir.')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None, *,
+                       allow_config_change: bool = False) -> dict:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns final eval
+  (empty if a signal stopped the run first).
 
   `devices` defaults to all of them; a subset is for comparisons (tests, benchmarks).
+  `allow_config_change` resumes checkpoints that were written under another config.
   """
   workdir = os.path.abspath(workdir)
   t = config.train
+  nonfinite = t.get('nonfinite', 'stop')
   runtime.keep_freed_host_memory()
   mesh = sharding.make_mesh(config.mesh, devices)
   validate_config(config, mesh)
-  os.makedirs(workdir, exist_ok=True)
-  save_config(config, workdir)
+  _prepare_workdir(workdir)
+  check_config_change(config, workdir, allow_config_change)
   rules = sharding.rules_as_tuples(config.mesh.rules)
 
   # Data and tokenizer. The tokenizer is trained once and then reused from the workdir.
@@ -363,17 +533,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   state, state_shardings = create_train_state(model, tx, mesh, rules, t.seed, t.seq_len,
                                               carry_rows=carry_rows(config))
   num_params = models.count_params(state.params)
+  _check_disk_space(workdir, state)
 
+  # The data state travels with each checkpoint: where the stream resumes, the metrics of
+  # the steps since the last log line (so a resumed run logs the same means), and the
+  # count of skipped non-finite steps.
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
-  start_step = checkpointer.latest_step()
-  if start_step is not None:
-    abstract = ckpt_lib.abstract_with_shardings(jax.eval_shape(lambda: state), state_shardings)
-    state, data_state = checkpointer.restore(start_step, abstract)
+  abstract = ckpt_lib.abstract_with_shardings(jax.eval_shape(lambda: state), state_shardings)
+  restored = restore_checkpoint(checkpointer, abstract, set_aside_unreadable=True)
+  save_config(config, workdir)  # only now: a config whose model does not fit is not kept
+  if restored is not None:
+    start_step, state, data_state = restored
     next_example = int(data_state['next_example'])
+    history = [(s, m) for s, m in data_state.get('pending_metrics', [])]
+    skipped = int(data_state.get('skipped_steps', 0))
     print(f'Resuming from step {start_step} of {t.num_steps} '
           f'(checkpoint {checkpointer.directory}/{start_step}).', flush=True)
   else:
-    start_step, next_example = 0, 0
+    start_step, next_example, history, skipped = 0, 0, [], 0
     print(f'Starting a new run in {workdir}: {num_params:,} parameters, '
           f'vocabulary {tokenizer.vocab_size}, {len(train_tokens):,} training tokens.',
           flush=True)
@@ -403,23 +580,72 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   flops_per_token = models.train_flops_per_token(config.model, state.params, t.seq_len)
   peak_flops = flops.peak_flops_per_device(mesh.devices.flat[0])
   peak_flops = peak_flops * mesh.size if peak_flops else None
-  history, eval_metrics = [], {}
+  eval_metrics = {}
   # Throughput is timed over train steps only: the compiling first step, evaluations and
   # checkpoint writes restart the interval timer instead of counting against it.
   timer_start, timer_step, steps_per_sec = None, start_step, 0.0
+  checked_step = start_step  # metrics of steps up to here have been checked for NaN / Inf
 
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  def check_finite():
+    """Brings the pending metrics to the host and acts on non-finite steps among them."""
+    nonlocal history, skipped, checked_step
+    history = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in history]
+    for s, m in history:
+      if s <= checked_step or not m['nonfinite']:
+        continue
+      if nonfinite == 'stop':
+        checkpointer.wait()
+        last = checkpointer.latest_step()
+        saved = (f'checkpoint {last} in {checkpointer.directory} is the last good one'
+                 if last else 'no checkpoint had been written yet')
+        raise UserError(
+            f'the loss or gradient is not finite at step {s} (loss {m["loss"]}, gradient '
+            f'norm {m["grad_norm"]}); training stopped, and {saved}. Lower opt.lr, lengthen '
+            'opt.warmup_steps or set opt.grad_clip, then rerun (it resumes from the last '
+            'checkpoint); or set train.nonfinite=skip to drop such updates and go on.')
+      skipped += 1
+      print(f'step {s}: loss {m["loss"]}, gradient norm {m["grad_norm"]}: not finite; the '
+            f'update is skipped ({skipped} skipped so far).', flush=True)
+    checked_step = history[-1][0] if history else checked_step
+
+  def write_failed(step, e):
+    return UserError(
+        f'writing the checkpoint of step {step} to {checkpointer.directory} failed '
+        f'({type(e).__name__}: {e}). The last complete checkpoint is '
+        f'{_steps_text(checkpointer.all_steps()[-1:])}; fix the disk or directory and rerun '
+        'the same command to resume from it.')
+
+  def save(step):
+    check_finite()
+    data_state = {'next_example': step * t.batch_size, 'skipped_steps': skipped,
+                  'pending_metrics': history}
+    try:
+      checkpointer.save(step, state, data_state)
+    except Exception as e:  # noqa: BLE001  (a full disk, a vanished directory, ...)
+      raise write_failed(step, e) from e
+
+  def finish_writes(step):
+    try:
+      checkpointer.wait()
+    except Exception as e:  # noqa: BLE001  (an asynchronous write failed)
+      raise write_failed(step, e) from e
+
+  stop = _StopSignals()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules), stop:
     for step in range(start_step + 1, t.num_steps + 1):
       state, metrics = step_fn(state, pipeline.to_global(next(batches), batch_sharding),
                                dropout_rng)
-      history.append(metrics)
+      history.append((step, metrics))
       if timer_start is None:
         jax.block_until_ready(metrics)
         timer_start, timer_step = time.perf_counter(), step
 
       if step % t.log_every == 0 or step == t.num_steps:
-        scalars = _mean_metrics(history)  # waits for the step to finish
+        check_finite()  # waits for the step to finish
+        scalars = _mean_metrics(history)
         history = []
+        del scalars['nonfinite']
+        scalars['skipped_steps'] = skipped
         if step > timer_step:
           steps_per_sec = (step - timer_step) / (time.perf_counter() - timer_start)
           timer_start, timer_step = time.perf_counter(), step
@@ -440,13 +666,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         print(f'eval at step {step}: ' +
               '  '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()), flush=True)
 
-      if step % t.checkpoint_every == 0 or step == t.num_steps:
-        checkpointer.save(step, state, {'next_example': step * t.batch_size})
+      stopping = stop.should_stop(step)
+      if step % t.checkpoint_every == 0 or step == t.num_steps or stopping:
+        save(step)
+
+      if stopping:
+        finish_writes(step)
+        checkpointer.close()
+        writer.flush()
+        writer.close()
+        print(f'Stopped by {stop.received} at step {step} of {t.num_steps}; checkpoint '
+              f'{checkpointer.directory}/{step} is complete. Run the same command to '
+              'resume.', flush=True)
+        return {}
 
       if step % t.eval_every == 0 or step % t.checkpoint_every == 0:
         timer_start, timer_step = time.perf_counter(), step
 
-  checkpointer.wait()
+    finish_writes(t.num_steps)
   checkpointer.close()
   if not eval_metrics:  # resumed a finished run: report where it stands
     eval_metrics = run_eval(state.params)

@@ -1,0 +1,21 @@
+"""Reads a workdir's TensorBoard scalars back, as TensorBoard itself shows them."""
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
+
+
+def read_scalars(workdir: str, tags=None) -> dict[str, dict[int, float]]:
+  """{tag: {step: value}} of the scalars in `workdir`'s event files (all tags by default).
+
+  A resumed run writes some steps again; as in TensorBoard, the restarted run's values
+  win and the dead run's steps past the restart are dropped.
+  """
+  acc = event_accumulator.EventAccumulator(workdir, size_guidance={'tensors': 0})
+  acc.Reload()
+  found = acc.Tags()['tensors']
+  out = {}
+  for tag in found if tags is None else tags:
+    if tag not in found:
+      raise KeyError(f'no scalar {tag!r} in the event files of {workdir}; it has {found}.')
+    out[tag] = {e.step: float(tensor_util.make_ndarray(e.tensor_proto))
+                for e in acc.Tensors(tag)}
+  return out

@@ -1,0 +1,249 @@
+"""Faults a long run meets: preemption, kill -9, NaN, damaged checkpoints, a changed config,
+bad flags, and a workdir that holds code. Real processes, real signals, real files."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import shakespeare_char
+from lmjax import checkpoint as ckpt_lib
+from lmjax import events
+from lmjax import train
+from lmjax.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = dict(num_steps=40, log_every=6, eval_every=20, checkpoint_every=10, keep_checkpoints=3)
+COMPARED_SCALARS = ('train/loss', 'train/grad_norm', 'train/accuracy', 'train/learning_rate',
+                    'train/skipped_steps', 'eval/loss', 'eval/accuracy')
+
+
+def tiny_config(**train_fields):
+  config = shakespeare_char.get_config('tiny')
+  config.train.update({**TRAIN, **train_fields})
+  return config
+
+
+def train_command(workdir, *extra):
+  flags = [f'--config.train.{k}={v}' for k, v in TRAIN.items()]
+  return [sys.executable, os.path.join(REPO, 'experiments', 'train.py'),
+          '--config=configs/shakespeare_char.py:tiny', f'--workdir={workdir}', *flags, *extra]
+
+
+def final_params(workdir):
+  _, _, params, step = train.load_trained(workdir)
+  return step, jax.device_get(params)
+
+
+def logged_scalars(workdir) -> dict:
+  return events.read_scalars(workdir, COMPARED_SCALARS)
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  """The uninterrupted run every interrupted one must reproduce."""
+  workdir = str(tmp_path_factory.mktemp('reference'))
+  train.train_and_evaluate(tiny_config(), workdir)
+  return workdir
+
+
+
+
+def _sigterm_when(path: str) -> threading.Thread:
+  """Sends this process SIGTERM as soon as `path` exists."""
+  def watch():
+    while not os.path.exists(path):
+      time.sleep(0.005)
+    os.kill(os.getpid(), signal.SIGTERM)
+  thread = threading.Thread(target=watch, daemon=True)
+  thread.start()
+  return thread
+
+
+def test_sigterm_then_kill_9_then_resume_matches_the_uninterrupted_run(reference, tmp_path,
+                                                                        capfd):
+  workdir = str(tmp_path / 'run')
+  # SIGTERM (preemption) once the first checkpoint is complete: the step finishes, its
+  # checkpoint is written, and the run returns. Should the signal miss the training loop,
+  # the handler below keeps it from ending the test process.
+  previous = signal.signal(signal.SIGTERM, lambda *_: None)
+  try:
+    watcher = _sigterm_when(os.path.join(workdir, 'checkpoints', '10'))
+    assert train.train_and_evaluate(tiny_config(), workdir) == {}
+    watcher.join()
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  out = capfd.readouterr().out
+  assert 'SIGTERM received' in out and 'Stopped by SIGTERM at step' in out, out
+  stopped = int(out.split('Stopped by SIGTERM at step ')[1].split()[0])
+  assert 10 <= stopped < 40
+  assert ckpt_lib.Checkpointer(workdir, read_only=True).latest_step() == stopped
+
+  # kill -9 of the script a moment after the resumed run's first progress line.
+  proc = subprocess.Popen(train_command(workdir), cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith('step '):
+      break
+  time.sleep(0.05)
+  proc.kill()
+  proc.wait(timeout=60)
+  assert any(f'Resuming from step {stopped} of 40' in line for line in lines), lines
+  complete = ckpt_lib.Checkpointer(workdir, read_only=True).all_steps()
+  assert complete and complete[-1] < 40, 'the run finished before the kill'
+
+  # The last complete checkpoint is the one resumed; the result is the uninterrupted run's,
+  # bit for bit, and so are the logged metrics.
+  train.train_and_evaluate(tiny_config(), workdir)
+  assert f'Resuming from step {complete[-1]} of 40' in capfd.readouterr().out
+  (step, params), (ref_step, ref_params) = final_params(workdir), final_params(reference)
+  assert step == ref_step == 40
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert logged_scalars(workdir) == logged_scalars(reference)
+
+
+def test_nonfinite_loss_stops_naming_the_step_or_is_skipped_and_counted(tmp_path):
+  # Adam's first update moves every weight by about opt.lr: 1e30 makes the logits overflow,
+  # so every step from the second on has a NaN loss.
+  def config(mode):
+    c = tiny_config(num_steps=4, eval_every=4, checkpoint_every=1, keep_checkpoints=10,
+                    log_every=2, nonfinite=mode)
+    c.opt.update(lr=1e30, warmup_steps=0)
+    return c
+
+  with pytest.raises(UserError, match='not finite at step 2 .*checkpoint 1 in .* is the last good'):
+    train.train_and_evaluate(config('stop'), str(tmp_path / 'stop'))
+  assert ckpt_lib.Checkpointer(str(tmp_path / 'stop'), read_only=True).all_steps() == [1]
+
+  skip = str(tmp_path / 'skip')
+  train.train_and_evaluate(config('skip'), skip)
+  _, _, after_1, _ = train.restore_state(skip, 1)
+  _, _, after_4, _ = train.restore_state(skip, 4)
+  assert int(after_4.step) == 4
+  # No NaN update reached the parameters or the optimizer (Adam's count stayed at 1).
+  for a, b in zip(jax.tree.leaves((after_1.params, after_1.opt_state)),
+                  jax.tree.leaves((after_4.params, after_4.opt_state)), strict=True):
+    np.testing.assert_array_equal(a, b)
+    assert np.all(np.isfinite(a))
+  skipped = logged_scalars(skip)['train/skipped_steps']
+  assert skipped == {2: 1.0, 4: 3.0}
+
+
+def test_a_changed_config_is_refused_and_a_changed_shape_names_the_parameter(reference,
+                                                                              tmp_path):
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(reference, workdir)
+  config = tiny_config()
+  config.opt.lr = 0.5
+  with pytest.raises(UserError, match=r'differs in:\n  opt.lr: 0.003 -> 0.5\n.*'
+                                      '--allow_config_change'):
+    train.train_and_evaluate(config, workdir)
+  wider = tiny_config()
+  wider.model.d_model = 96
+  with pytest.raises(UserError, match=r"parameter \['final_norm'\]\['bias'\] is \(64,\) "
+                                      r'there and \(96,\) here'):
+    train.train_and_evaluate(wider, workdir, allow_config_change=True)
+  # The workdir still describes its checkpoints, so decoding it works as before.
+  assert train.load_config(workdir).model.d_model == 64
+
+
+def test_an_unreadable_latest_checkpoint_is_named_and_training_resumes_before_it(
+    reference, tmp_path, capsys):
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(reference, workdir)
+  damaged = os.path.join(workdir, 'checkpoints', '40')
+  for root, _, files in os.walk(damaged):
+    for name in files:
+      with open(os.path.join(root, name), 'wb') as f:
+        f.write(b'\x00garbage')
+  # Decoding names it and the other steps; it does not guess.
+  with pytest.raises(UserError, match=r'checkpoint 40 .* cannot be read .*steps 20, 30'):
+    train.load_trained(workdir)
+  capsys.readouterr()
+  train.train_and_evaluate(tiny_config(), workdir)
+  out = capsys.readouterr().out
+  assert 'checkpoint 40' in out and 'moved it to' in out and 'Resuming from step 30' in out
+  assert os.listdir(os.path.join(workdir, 'unreadable_checkpoints'))
+  (_, params), (_, ref_params) = final_params(workdir), final_params(reference)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_loading_a_workdir_runs_no_code_from_it(reference, tmp_path):
+  """Checkpoints, config and tokenizer are data: decoding a workdir that also holds Python
+  files and a pickle imports, executes and unpickles nothing."""
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(reference, workdir)
+  marker = tmp_path / 'ran'
+  payload = f'open({str(marker)!r}, "w").write("ran")\n'
+  for name in ('config.py', 'sitecustomize.py', 'tokenizer.py', '__init__.py'):
+    with open(os.path.join(workdir, name), 'w') as f:
+      f.write(payload)
+  with open(os.path.join(workdir, 'state.pkl'), 'wb') as f:
+    f.write(b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
+  opened, ran = [], []
+
+  def audit(event, args):
+    if event == 'open' and isinstance(args[0], str) and args[0].startswith(workdir):
+      opened.append(os.path.relpath(args[0], workdir))
+    elif event == 'import' and args[1] and str(args[1]).startswith(workdir):
+      ran.append(('import', args[1]))
+    elif event == 'exec' and getattr(args[0], 'co_filename', '').startswith(workdir):
+      ran.append(('exec', args[0].co_filename))
+    elif event == 'pickle.find_class':
+      ran.append(('unpickle', args))
+
+  active = [True]
+  sys.addaudithook(lambda event, args: audit(event, args) if active[0] else None)
+  try:
+    config, tokenizer, params, _ = train.load_trained(workdir)
+    train.generate_texts(config, params, tokenizer, ['ROMEO:'], max_new_tokens=4,
+                         strategy='greedy')
+  finally:
+    active[0] = False  # an audit hook cannot be removed, only silenced
+  assert not marker.exists() and not ran, ran
+  assert 'config.json' in opened and 'tokenizer.json' in opened  # the hook saw the loading
+  assert not [p for p in opened if p.endswith(('.py', '.pkl'))], opened
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--config.model.widht=64'], "--config.model.widht=64: the config has no such field"),
+    (['--config.train.num_steps=ten'], "--config.train.num_steps=ten: invalid literal"),
+    (['--config=configs/nope.py'], "--config: [Errno 2] No such file or directory"),
+    (['--config=configs/shakespeare_char.py:huge'], "unknown variant 'huge'"),
+    (['--config.train.batch_size=12'], 'train.batch_size=12 does not divide by the 8'),
+])
+def test_the_train_script_names_a_bad_flag_without_a_traceback(flags, message, tmp_path):
+  command = train_command(str(tmp_path / 'wd'), *flags)
+  if flags[0].startswith('--config='):  # in place of the tiny config and its overrides
+    command = [*command[:2], f'--workdir={tmp_path / "wd"}', *flags]
+  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 1, done
+  assert message in done.stderr and 'Traceback' not in done.stderr, done.stderr
+  assert not os.path.exists(tmp_path / 'wd' / 'checkpoints')
+
+
+def test_an_unwritable_workdir_is_refused_before_training(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a directory')
+  with pytest.raises(UserError, match='cannot be written .*choose a directory'):
+    train.train_and_evaluate(tiny_config(), str(blocker / 'run'))
+
+
+def test_the_saved_state_carries_the_metrics_between_log_lines(reference):
+  """What makes a resumed run log the same means: the steps since the last log line ride
+  in the checkpoint (checkpoint 20 is 2 steps past the log line of step 18), as JSON."""
+  data = ckpt_lib.Checkpointer(reference, read_only=True).data_state(20)
+  batch_size = shakespeare_char.get_config('tiny').train.batch_size
+  assert data['next_example'] == 20 * batch_size
+  assert [s for s, _ in data['pending_metrics']] == [19, 20]
+  assert data['skipped_steps'] == 0
