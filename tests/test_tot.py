@@ -27,7 +27,7 @@ def _tot(*flags):
 
 def test_every_strategy_runs_and_reports(workdir, tmp_path):
   task = tmp_path / 'puzzles.txt'
-  task.write_text('4 7 8 9 -> 34\n1 2 3 4 -> 24\n\n13 13 1 1 -> 14\n')
+  task.write_text('4 7 8 9 -> 34\n\n1 2 3 4 -> 24\n')  # one batch of 2; a blank line
   out = tmp_path / 'tot.json'
   done = _tot(f'--workdir={workdir}', f'--task_file={task}', '--strategies=' + ','.join([
       'greedy', 'sample', 'beam', 'beam_verified', 'sample_verified', 'bfs_model',
@@ -40,8 +40,8 @@ def test_every_strategy_runs_and_reports(workdir, tmp_path):
   rows = {r['strategy']: r for r in report['results']}
   assert len(rows) == 11
   for name, row in rows.items():
-    assert row['puzzles'] == 3, name
-    assert 0 <= row['solved'] <= 3
+    assert row['puzzles'] == 2, name
+    assert 0 <= row['solved'] <= 2
     assert row['tokens_per_puzzle'] > 0, name
   # Greedy writes one answer; beams, samples and trees write several.
   assert rows['beam']['tokens_per_puzzle'] > rows['greedy']['tokens_per_puzzle']
