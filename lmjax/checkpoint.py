@@ -32,8 +32,14 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    """The complete checkpoints' steps, oldest first (unfinished writes are not listed)."""
+    """The checkpoints' steps, oldest first: those on disk when opened, and those saved since
+    (complete or still being written)."""
     return sorted(self._manager.all_steps())
+
+  def complete_steps(self) -> list[int]:
+    """The steps complete on disk now (unlike `all_steps`, which counts a save as soon as
+    it starts)."""
+    return complete_steps(os.path.dirname(self.directory))
 
   def param_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
     """{'['layer_0']['mlp']...': shape} of the parameters stored at `step`, read from the
@@ -73,6 +79,15 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def complete_steps(workdir: str) -> list[int]:
+  """The steps of `workdir` whose checkpoint is complete on disk, oldest first: orbax gives
+  a step directory its plain number only when its write has finished."""
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
 
 
 def shapes_by_path(tree) -> dict[str, tuple[int, ...]]:

@@ -4,14 +4,16 @@ from tensorboard.util import tensor_util
 
 
 def read_scalars(workdir: str, tags=None) -> dict[str, dict[int, float]]:
-  """{tag: {step: value}} of the scalars in `workdir`'s event files (all tags by default).
+  """{tag: {step: value}} of the scalars in `workdir`'s event files (all by default; text
+  and hparams summaries are not scalars).
 
   A resumed run writes some steps again; as in TensorBoard, the restarted run's values
   win and the dead run's steps past the restart are dropped.
   """
   acc = event_accumulator.EventAccumulator(workdir, size_guidance={'tensors': 0})
   acc.Reload()
-  found = acc.Tags()['tensors']
+  found = [tag for tag in acc.Tags()['tensors']
+           if acc.SummaryMetadata(tag).plugin_data.plugin_name == 'scalars']
   out = {}
   for tag in found if tags is None else tags:
     if tag not in found:

@@ -1,4 +1,5 @@
 """Sharded training: state init, the jitted train / eval steps, and the training loop."""
+import contextlib
 import functools
 import json
 import os
@@ -104,7 +105,7 @@ def check_config_change(config, workdir: str, allow_change: bool = False) -> Non
   changes = _config_changes(previous, json.loads(config.to_json()))
   if not changes:
     return
-  has_checkpoints = bool(ckpt_lib.Checkpointer(workdir, read_only=True).all_steps())
+  has_checkpoints = bool(ckpt_lib.complete_steps(workdir))
   if has_checkpoints and not allow_change:
     shown = '\n'.join(f'  {change}' for change in changes[:12])
     more = f'\n  ... and {len(changes) - 12} more' if len(changes) > 12 else ''
@@ -276,7 +277,9 @@ def restore_checkpoint(checkpointer, abstract, step: int | None = None, *,
 
 
 def _steps_text(steps) -> str:
-  return f'steps {", ".join(map(str, steps))}' if steps else 'none'
+  if not steps:
+    return 'none'
+  return f'step{"s" if len(steps) > 1 else ""} {", ".join(map(str, steps))}'
 
 
 def _shape_mismatch(step, directory, stored: dict, expected: dict) -> str:
@@ -564,9 +567,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   def run_eval(params):
     return evaluate(eval_fn, params, evals, batch_sharding, bits_per_char, eval_start)
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  if start_step == 0:
-    writer.write_hparams({'num_params': num_params, **_flatten(config.to_dict())})
+  @contextlib.contextmanager
+  def writing(what: str):
+    """Turns a failed write (a full disk, a vanished directory) into one clear message."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001  (orbax, tensorstore and TensorFlow raise many kinds)
+      cause = e
+      while cause.__cause__ is not None:  # the writers wrap the OS error
+        cause = cause.__cause__
+      detail = (str(cause).strip().splitlines() or [''])[0][:300]
+      raise UserError(
+          f'writing {what} failed ({type(cause).__name__}: {detail}). The last complete '
+          f'checkpoint is {_steps_text(checkpointer.complete_steps()[-1:])} in '
+          f'{checkpointer.directory}; free some space or fix the directory, then rerun the '
+          'same command to resume from it.') from e
+
+  with writing(f'TensorBoard events to {workdir}'):
+    writer = metric_writers.create_default_writer(workdir,
+                                                  just_logging=jax.process_index() > 0)
+    if start_step == 0:
+      writer.write_hparams({'num_params': num_params, **_flatten(config.to_dict())})
   if stateful:
     dataset = pipeline.stream_dataset(train_tokens, seq_len=t.seq_len,
                                       global_batch=t.batch_size, seed=t.seed,
@@ -608,27 +629,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
             f'update is skipped ({skipped} skipped so far).', flush=True)
     checked_step = history[-1][0] if history else checked_step
 
-  def write_failed(step, e):
-    return UserError(
-        f'writing the checkpoint of step {step} to {checkpointer.directory} failed '
-        f'({type(e).__name__}: {e}). The last complete checkpoint is '
-        f'{_steps_text(checkpointer.all_steps()[-1:])}; fix the disk or directory and rerun '
-        'the same command to resume from it.')
-
   def save(step):
     check_finite()
+    # A copy: orbax writes the JSON in the background while the loop appends to `history`.
     data_state = {'next_example': step * t.batch_size, 'skipped_steps': skipped,
-                  'pending_metrics': history}
-    try:
+                  'pending_metrics': list(history)}
+    with writing(f'the checkpoint of step {step}'):
       checkpointer.save(step, state, data_state)
-    except Exception as e:  # noqa: BLE001  (a full disk, a vanished directory, ...)
-      raise write_failed(step, e) from e
 
   def finish_writes(step):
-    try:
+    with writing(f'the checkpoint of step {step}'):  # an asynchronous write may have failed
       checkpointer.wait()
-    except Exception as e:  # noqa: BLE001  (an asynchronous write failed)
-      raise write_failed(step, e) from e
+
+  def log(step, scalars):
+    with writing(f'TensorBoard events to {workdir}'):
+      writer.write_scalars(step, scalars)
 
   stop = _StopSignals()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules), stop:
@@ -653,7 +668,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         if peak_flops:
           scalars['mfu'] = scalars['tokens_per_sec'] * flops_per_token / peak_flops
         scalars['learning_rate'] = float(schedule(step - 1))
-        writer.write_scalars(step, {f'train/{k}': v for k, v in scalars.items()})
+        log(step, {f'train/{k}': v for k, v in scalars.items()})
         eta = (t.num_steps - step) / steps_per_sec if steps_per_sec else float('nan')
         print(f'step {step:>6}/{t.num_steps}  loss {scalars["loss"]:.4f}  '
               f'lr {scalars["learning_rate"]:.2e}  {scalars["tokens_per_sec"]:,.0f} tokens/s  '
@@ -662,7 +677,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
       if step % t.eval_every == 0 or step == t.num_steps:
         eval_metrics = run_eval(state.params)
-        writer.write_scalars(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
+        log(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
         print(f'eval at step {step}: ' +
               '  '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()), flush=True)
 

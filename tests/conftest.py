@@ -1,13 +1,25 @@
 """Test setup: 8 fake CPU devices, set before JAX is imported anywhere."""
+import atexit
 import os
+import shutil
+import tempfile
 
 # XLA:CPU aborts the process when one device's thread reaches a collective more than
 # 40 s after the others. On a loaded 2-core machine (8 fake devices, tf.data threads,
-# another job beside the tests) that aborted the training tests in 3 of 4 runs; a late
-# thread is slow, not stuck, so the tests give it 10 minutes.
+# another job beside the tests) that aborted the training tests in 3 of 4 runs, a thread
+# being late, not stuck; 120 s lets those through. Under heavy load a real hang was also
+# seen once (a thread that never arrived): 120 s keeps that from stalling the suite long.
 os.environ['XLA_FLAGS'] = (
     os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
-    ' --xla_cpu_collective_call_terminate_timeout_seconds=600').strip()
+    ' --xla_cpu_collective_call_terminate_timeout_seconds=120').strip()
+# Many tests train the same tiny models: a compilation cache shared by the whole session
+# (subprocesses included, through the environment) compiles each program once. It starts
+# empty every session, so no test depends on a previous one.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='lmjax-test-xla-')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('NO_GCE_CHECK', 'true')
 

@@ -1,6 +1,7 @@
 """Faults a long run meets: preemption, kill -9, NaN, damaged checkpoints, a changed config,
 bad flags, and a workdir that holds code. Real processes, real signals, real files."""
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -19,7 +20,9 @@ from lmjax import train
 from lmjax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = dict(num_steps=40, log_every=6, eval_every=20, checkpoint_every=10, keep_checkpoints=3)
+# No end-of-run sample: its decoder would compile in every run and prove nothing here.
+TRAIN = dict(num_steps=40, log_every=6, eval_every=40, checkpoint_every=10, keep_checkpoints=3,
+             sample_tokens=0)
 COMPARED_SCALARS = ('train/loss', 'train/grad_norm', 'train/accuracy', 'train/learning_rate',
                     'train/skipped_steps', 'eval/loss', 'eval/accuracy')
 
@@ -66,10 +69,25 @@ def _sigterm_when(path: str) -> threading.Thread:
   return thread
 
 
-def test_sigterm_then_kill_9_then_resume_matches_the_uninterrupted_run(reference, tmp_path,
-                                                                        capfd):
+def _start_script(workdir):
+  """experiments/train.py on the test config; output (stderr too) read line by line."""
+  return subprocess.Popen(train_command(workdir), cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _read_until(proc, prefix: str) -> list[str]:
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith(prefix):
+      return lines
+  raise AssertionError(f'the run ended before a line starting {prefix!r}:\n{"".join(lines)}')
+
+
+def test_sigterm_full_disk_and_kill_9_lose_nothing_and_resume_exactly(reference, tmp_path,
+                                                                      capfd):
   workdir = str(tmp_path / 'run')
-  # SIGTERM (preemption) once the first checkpoint is complete: the step finishes, its
+  # 1. SIGTERM (preemption) once the first checkpoint is complete: the step finishes, its
   # checkpoint is written, and the run returns. Should the signal miss the training loop,
   # the handler below keeps it from ending the test process.
   previous = signal.signal(signal.SIGTERM, lambda *_: None)
@@ -83,25 +101,31 @@ def test_sigterm_then_kill_9_then_resume_matches_the_uninterrupted_run(reference
   assert 'SIGTERM received' in out and 'Stopped by SIGTERM at step' in out, out
   stopped = int(out.split('Stopped by SIGTERM at step ')[1].split()[0])
   assert 10 <= stopped < 40
-  assert ckpt_lib.Checkpointer(workdir, read_only=True).latest_step() == stopped
+  assert ckpt_lib.complete_steps(workdir)[-1] == stopped
 
-  # kill -9 of the script a moment after the resumed run's first progress line.
-  proc = subprocess.Popen(train_command(workdir), cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-  lines = []
-  for line in proc.stdout:
-    lines.append(line)
-    if line.startswith('step '):
-      break
+  # 2. A full disk, as the script sees it: once it has resumed, every write that would grow
+  # a file fails (RLIMIT_FSIZE; Python ignores SIGXFSZ, so the write gets EFBIG). It stops
+  # with one line naming the last complete checkpoint, which stays intact.
+  proc = _start_script(workdir)
+  _read_until(proc, f'Resuming from step {stopped} of 40')
+  resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (1, 1))
+  rest, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 1, rest[-3000:]
+  errors = [line for line in rest.splitlines() if line.startswith('error: ')]
+  assert errors and 'failed' in errors[0] and 'File too large' in errors[0], rest[-3000:]
+  assert f'The last complete checkpoint is step {stopped} in' in errors[0], errors
+
+  # 3. kill -9 of the script a moment after its first progress line.
+  proc = _start_script(workdir)
+  _read_until(proc, 'step ')
   time.sleep(0.05)
   proc.kill()
   proc.wait(timeout=60)
-  assert any(f'Resuming from step {stopped} of 40' in line for line in lines), lines
-  complete = ckpt_lib.Checkpointer(workdir, read_only=True).all_steps()
-  assert complete and complete[-1] < 40, 'the run finished before the kill'
+  complete = ckpt_lib.complete_steps(workdir)
+  assert complete[-1] < 40, 'the run finished before the kill'
 
-  # The last complete checkpoint is the one resumed; the result is the uninterrupted run's,
-  # bit for bit, and so are the logged metrics.
+  # 4. The last complete checkpoint is the one resumed; the result is the uninterrupted
+  # run's, bit for bit, and so are the logged metrics.
   train.train_and_evaluate(tiny_config(), workdir)
   assert f'Resuming from step {complete[-1]} of 40' in capfd.readouterr().out
   (step, params), (ref_step, ref_params) = final_params(workdir), final_params(reference)

@@ -88,7 +88,7 @@ def test_eight_device_data_parallel_matches_one_device(family, tmp_path):
   """The Transformer, and the stateful LSTM with its carry split over the devices."""
   # Few steps: Adam amplifies reduction-order rounding as training goes on.
   config = family.get_config('tiny')
-  config.train.update(num_steps=6, eval_every=6, checkpoint_every=6)
+  config.train.update(num_steps=6, eval_every=6, checkpoint_every=6, sample_tokens=0)
   config.opt.warmup_steps = 2
   results = {}
   for count in (8, 1):
@@ -114,6 +114,9 @@ def test_rerunning_a_finished_run_resumes_and_does_not_retrain(trained, capsys):
     (dict(train=dict(seq_len=64)), 'train.seq_len=64 is longer than the position table'),
     (dict(train=dict(batch_size=12)), 'train.batch_size=12 does not divide by the 8'),
     (dict(data=dict(tokenizer='bytes')), 'data.tokenizer'),
+    (dict(model=dict(name='mamba')), "model.name='mamba'; known models: transformer"),
+    (dict(data=dict(name='wikitext')), "data.name='wikitext'; known datasets: shakespeare"),
+    (dict(train=dict(nonfinite='ignore')), "train.nonfinite='ignore'; use one of stop, skip"),
 ])
 def test_bad_config_is_named_before_anything_runs(overrides, message, tmp_path):
   config = shakespeare_char.get_config('tiny')
