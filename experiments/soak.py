@@ -130,7 +130,7 @@ def main(argv):
     rounds.append({'signal': signal.Signals(sig).name if result['signalled'] else None,
                    'during': 'start-up' if early else 'training',
                    'after_s': round(result['seconds'], 2), 'exit': result['exit'],
-                   'resumed_from': int(resumed.group(1)) if resumed else 0,
+                   'resumed_from': int(resumed.group(1)) if resumed else None,
                    'stopped_at': int(stopped.group(1)) if stopped else None,
                    'set_aside': 'moved it to' in out})
     print(json.dumps({'round': i, **rounds[-1]}), flush=True)
@@ -162,7 +162,7 @@ def main(argv):
       'sigterm': sum(r['signal'] == 'SIGTERM' for r in rounds),
       'killed_during_startup': sum(r['signal'] is not None and r['during'] == 'start-up'
                                    for r in rounds),
-      'distinct_resume_steps': len({r['resumed_from'] for r in rounds}),
+      'distinct_resume_steps': len({r['resumed_from'] for r in rounds} - {None}),
       'checkpoints_set_aside': sum(r['set_aside'] for r in rounds),
       'final_step': step, 'reference_step': ref_step,
       'params_identical': step == ref_step and not differing, 'params_differing': differing,

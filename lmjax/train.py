@@ -128,10 +128,12 @@ def save_config(config, workdir: str) -> None:
 def _config_changes(old: dict, new: dict) -> list[str]:
   """'field: old -> new' for every leaf that differs between two config dicts."""
   old, new = _flatten(old), _flatten(new)
-  missing = object()
-  return [f'{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}'.replace(
-      repr(missing), '(absent)') for k in sorted(set(old) | set(new))
-          if old.get(k, missing) != new.get(k, missing)]
+
+  def shown(values, k):
+    return repr(values[k]) if k in values else '(absent)'
+
+  return [f'{k}: {shown(old, k)} -> {shown(new, k)}' for k in sorted(set(old) | set(new))
+          if shown(old, k) != shown(new, k)]
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -258,21 +260,23 @@ def restore_checkpoint(checkpointer, abstract, step: int | None = None, *,
   for candidate in reversed(steps if step is None else [step]):
     try:
       stored = checkpointer.param_shapes(candidate)
-      if stored == expected:
+      fits = stored == expected
+      if fits:
         state, data_state = checkpointer.restore(candidate, abstract)
-        return candidate, state, data_state
     except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds)
-      detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else ''
+      detail = (str(e).strip().splitlines() or [''])[0][:300]
       reason = (f'checkpoint {candidate} in {checkpointer.directory} cannot be read '
                 f'({type(e).__name__}: {detail})')
-      others = [s for s in steps if s != candidate]
       if not set_aside_unreadable:
+        others = [s for s in steps if s != candidate]
         raise UserError(f'{reason}. Other checkpoints: {_steps_text(others)} (--step=N).'
                         ) from None
       where = checkpointer.set_aside(candidate, reason)
       print(f'{reason}; moved it to {where} and trying the one before it.', flush=True)
       continue
-    raise UserError(_shape_mismatch(candidate, checkpointer.directory, stored, expected))
+    if not fits:
+      raise UserError(_shape_mismatch(candidate, checkpointer.directory, stored, expected))
+    return candidate, state, data_state
   return None
 
 
@@ -486,12 +490,12 @@ def _prepare_workdir(workdir: str) -> None:
 def _check_disk_space(workdir: str, state) -> None:
   """Refuses to start when the disk cannot hold two checkpoints (one complete while the
   next is written)."""
-  need = 2 * sum(x.nbytes for x in jax.tree.leaves(state))
+  checkpoint_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
   free = shutil.disk_usage(workdir).free
-  if free < need:
-    raise UserError(f'the disk of {workdir} has {free / 2**20:,.0f} MiB free; a checkpoint of '
-                    f'this model takes {need / 2 ** 21:,.0f} MiB and two must fit. Free some '
-                    'space or choose another --workdir.')
+  if free < 2 * checkpoint_bytes:
+    raise UserError(f'the disk of {workdir} has {free / 2**20:,.1f} MiB free; a checkpoint of '
+                    f'this model takes {checkpoint_bytes / 2**20:,.1f} MiB and two must fit. '
+                    'Free some space or choose another --workdir.')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None, *,
@@ -616,8 +620,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         continue
       if nonfinite == 'stop':
         checkpointer.wait()
-        last = checkpointer.latest_step()
-        saved = (f'checkpoint {last} in {checkpointer.directory} is the last good one'
+        last = checkpointer.complete_steps()[-1:]
+        saved = (f'checkpoint {last[0]} in {checkpointer.directory} is the last good one'
                  if last else 'no checkpoint had been written yet')
         raise UserError(
             f'the loss or gradient is not finite at step {s} (loss {m["loss"]}, gradient '
@@ -634,11 +638,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     # A copy: orbax writes the JSON in the background while the loop appends to `history`.
     data_state = {'next_example': step * t.batch_size, 'skipped_steps': skipped,
                   'pending_metrics': list(history)}
-    with writing(f'the checkpoint of step {step}'):
+    # An asynchronous write that failed earlier surfaces here, at the next save.
+    with writing(f'a checkpoint (noticed when saving step {step})'):
       checkpointer.save(step, state, data_state)
 
   def finish_writes(step):
-    with writing(f'the checkpoint of step {step}'):  # an asynchronous write may have failed
+    with writing(f'a checkpoint (noticed when finishing step {step})'):
       checkpointer.wait()
 
   def log(step, scalars):

@@ -6,8 +6,8 @@ import tempfile
 
 # XLA:CPU aborts the process when one device's thread reaches a collective more than
 # 40 s after the others. On a loaded 2-core machine (8 fake devices, tf.data threads,
-# another job beside the tests) that aborted the training tests in 3 of 4 runs, a thread
-# being late, not stuck; 120 s lets those through. Under heavy load a real hang was also
+# another job beside the tests) that aborted the training tests three times in one
+# session; with 120 s the same runs passed, a thread being late, not stuck. Under heavy load a real hang was also
 # seen once (a thread that never arrived): 120 s keeps that from stalling the suite long.
 os.environ['XLA_FLAGS'] = (
     os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
