@@ -75,7 +75,10 @@ def get_config(variant: str = 'lstm') -> ml_collections.ConfigDict:
   # A step whose loss or gradient is NaN or Inf never updates the model; then 'stop'
   # ends the run (resume from the last checkpoint), 'skip' goes on and counts such steps.
   c.train.nonfinite = 'stop'
-  c.train.sample_prompt = 'ROMEO:\n'  # prompt for the sample printed at the end
+  # First and last step to trace with the JAX profiler (TensorBoard's profile tab),
+  # e.g. (10, 12); () traces nothing.
+  c.train.profile_steps = ()
+  c.train.sample_prompt = 'ROMEO:\n'  # prompt of the samples logged at each evaluation
   c.train.sample_tokens = 240  # length of that sample
 
   c.mesh = ml_collections.ConfigDict()

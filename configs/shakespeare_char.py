@@ -11,10 +11,15 @@ Variants (the text after ':'):
   cpu     4 layers x 128 wide, context 64, batch 12, 2000 steps: a good model in minutes on a
           laptop CPU.
   tiny    2 layers x 64 wide, 80 steps: seconds; what the tests train.
+
+Sweeps (experiments/sweep.py --config=configs/shakespeare_char.py:ARG --workdir=ROOT):
+  cpu   learning rate x width on the `cpu` recipe: 6 points, about 2 minutes each.
+  tiny  two learning rates on the `tiny` recipe (the tests run it).
+A point's overrides apply to `get_config(ARG)`, the same ARG.
 """
 import ml_collections
 
-from lmjax import sharding
+from lmjax import sharding, sweep
 
 
 def get_config(variant: str = '') -> ml_collections.ConfigDict:
@@ -62,7 +67,10 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   # A step whose loss or gradient is NaN or Inf never updates the model; then 'stop'
   # ends the run (resume from the last checkpoint), 'skip' goes on and counts such steps.
   c.train.nonfinite = 'stop'
-  c.train.sample_prompt = 'ROMEO:\n'  # prompt for the sample printed at the end
+  # First and last step to trace with the JAX profiler (TensorBoard's profile tab),
+  # e.g. (10, 12); () traces nothing.
+  c.train.profile_steps = ()
+  c.train.sample_prompt = 'ROMEO:\n'  # prompt of the samples logged at each evaluation
   c.train.sample_tokens = 240  # length of that sample (prompt + sample <= model.max_len)
 
   c.mesh = ml_collections.ConfigDict()
@@ -92,3 +100,14 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
                      "use '', 'full', 'cpu' or 'tiny'")
   c.lock()
   return c
+
+
+def get_sweep(variant: str = '') -> list[dict]:
+  """Points of a sweep over `get_config(variant)`: override dicts, field -> value."""
+  if variant == 'cpu':
+    return sweep.grid({'opt.lr': [3e-4, 1e-3, 3e-3], 'model.d_model': [64, 128],
+                       'train.eval_every': [500]})
+  if variant == 'tiny':
+    return sweep.grid({'opt.lr': [3e-3, 1e-2]})
+  raise ValueError(f'no sweep for variant {variant!r} of configs/shakespeare_char.py; '
+                   "use 'cpu' or 'tiny'")

@@ -55,7 +55,9 @@ def main(argv):
     detail = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
     sys.exit(f'error: --config: {detail}. Name a Python file in configs/, e.g. '
              '--config=configs/shakespeare_char.py:tiny')
-  from lmjax import train  # noqa: PLC0415  (after the flags: a typo is reported in a second)
+  from lmjax import runtime, train  # noqa: PLC0415  (after the flags: a typo is reported fast)
+
+  runtime.stop_with_parent()  # a no-op unless a sweep started this run
 
   try:
     train.train_and_evaluate(config, _WORKDIR.value,

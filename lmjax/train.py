@@ -19,7 +19,7 @@ from clu import metric_writers
 from flax import struct
 
 from lmjax import checkpoint as ckpt_lib
-from lmjax import decode, flops, losses, models, optim, runtime, sharding
+from lmjax import decode, events, flops, losses, models, optim, runtime, sharding
 from lmjax.errors import UserError
 from lmjax.data import corpora, pipeline, tokenizers
 from lmjax.models import rnn
@@ -85,6 +85,11 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
   for field in ('eval_every', 'checkpoint_every', 'log_every'):
     if t[field] < 1:
       raise UserError(f'train.{field}={t[field]}; it must be at least 1.')
+  profile = tuple(t.get('profile_steps', ()))
+  if profile and not (len(profile) == 2 and 1 <= profile[0] <= profile[1] <= t.num_steps):
+    raise UserError(f'train.profile_steps={profile}; give the first and last step to trace, '
+                    f'1 <= first <= last <= train.num_steps={t.num_steps}, e.g. '
+                    "--config.train.profile_steps='(10,12)', or () for no trace.")
   if d.tokenizer not in tokenizers.KINDS:
     raise UserError(f'data.tokenizer={d.tokenizer!r}; use one of {tokenizers.KINDS}.')
   if d.tokenizer == 'sentencepiece' and d.vocab_size <= 0:
@@ -96,13 +101,19 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
 
 def check_config_change(config, workdir: str, allow_change: bool = False) -> None:
   """A workdir with checkpoints keeps the config it was trained with: resuming it under a
-  different one is refused, naming the fields, unless `allow_change`."""
+  different one is refused, naming the fields, unless `allow_change`.
+
+  Fields that only one side has come from a different lmjax version (a field added or
+  removed since the run started), not from the user: they are reported, not refused."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     return
   with open(path) as f:
     previous = json.load(f)
-  changes = _config_changes(previous, json.loads(config.to_json()))
+  changes, versioned = _config_changes(previous, json.loads(config.to_json()))
+  if versioned:
+    print(f'note: {path} was written by another lmjax version; fields that differ in '
+          f'presence: {", ".join(versioned[:6])}{" ..." if len(versioned) > 6 else ""}')
   if not changes:
     return
   has_checkpoints = bool(ckpt_lib.complete_steps(workdir))
@@ -125,15 +136,31 @@ def save_config(config, workdir: str) -> None:
     os.replace(path + '.tmp', path)
 
 
-def _config_changes(old: dict, new: dict) -> list[str]:
-  """'field: old -> new' for every leaf that differs between two config dicts."""
+def _config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
+  """'field: old -> new' for every leaf both configs have and that differs, and
+  'field: (absent) -> new' (or the reverse) for leaves only one of them has."""
   old, new = _flatten(old), _flatten(new)
 
   def shown(values, k):
     return repr(values[k]) if k in values else '(absent)'
 
-  return [f'{k}: {shown(old, k)} -> {shown(new, k)}' for k in sorted(set(old) | set(new))
-          if shown(old, k) != shown(new, k)]
+  differ = [k for k in sorted(set(old) | set(new)) if shown(old, k) != shown(new, k)]
+  line = lambda k: f'{k}: {shown(old, k)} -> {shown(new, k)}'  # noqa: E731
+  return ([line(k) for k in differ if k in old and k in new],
+          [line(k) for k in differ if (k in old) != (k in new)])
+
+
+RESULT_FILE = 'result.json'
+
+
+def write_result(workdir: str, result: dict) -> None:
+  """`WORKDIR/result.json`, written (atomically) when a run has done all its steps: a sweep
+  takes its presence to mean the point is finished."""
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, RESULT_FILE)
+    with open(path + '.tmp', 'w') as f:
+      json.dump(result, f, indent=2)
+    os.replace(path + '.tmp', path)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -238,8 +265,13 @@ def evaluate(eval_fn, params, evals: pipeline.EvalSet, batch_sharding, bits_per_
       sums = eval_fn(params, batch)
     else:
       sums, carry = eval_fn(params, batch, carry)
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  return losses.summarize(jax.device_get(totals), bits_per_char)
+    # Each batch's sums come to the host before the next batch is dispatched. With many
+    # independent eval steps in flight, XLA:CPU with several host devices was seen to hang
+    # under load: one device never joined an all-reduce (see the README's notes on the
+    # fake devices). One program at a time costs little here and is summed in float64.
+    sums = jax.tree.map(lambda x: np.asarray(x, np.float64), jax.device_get(sums))
+    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+  return losses.summarize(totals, bits_per_char)
 
 
 def restore_checkpoint(checkpointer, abstract, step: int | None = None, *,
@@ -459,6 +491,8 @@ class _StopSignals:
     del frame
     if self.received is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt
+    if self.received == signal.Signals(signum).name:
+      return  # the same notice again (a sweep's death and its own SIGTERM): said already
     self.received = signal.Signals(signum).name
     # os.write, not print: a handler may run in the middle of another print.
     os.write(1, f'\n{self.received} received: stopping after this step, once its '
@@ -506,6 +540,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   `devices` defaults to all of them; a subset is for comparisons (tests, benchmarks).
   `allow_config_change` resumes checkpoints that were written under another config.
   """
+  process_start = time.perf_counter()  # start-up counts in the run's train_seconds
   workdir = os.path.abspath(workdir)
   t = config.train
   nonfinite = t.get('nonfinite', 'stop')
@@ -554,10 +589,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     next_example = int(data_state['next_example'])
     history = [(s, m) for s, m in data_state.get('pending_metrics', [])]
     skipped = int(data_state.get('skipped_steps', 0))
+    seconds_before = float(data_state.get('train_seconds', 0.0))
     print(f'Resuming from step {start_step} of {t.num_steps} '
           f'(checkpoint {checkpointer.directory}/{start_step}).', flush=True)
   else:
-    start_step, next_example, history, skipped = 0, 0, [], 0
+    start_step, next_example, history, skipped, seconds_before = 0, 0, [], 0, 0.0
     print(f'Starting a new run in {workdir}: {num_params:,} parameters, '
           f'vocabulary {tokenizer.vocab_size}, {len(train_tokens):,} training tokens.',
           flush=True)
@@ -592,6 +628,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                                                   just_logging=jax.process_index() > 0)
     if start_step == 0:
       writer.write_hparams({'num_params': num_params, **_flatten(config.to_dict())})
+      # Indented four spaces: TensorBoard's text tab shows it as a code block.
+      writer.write_texts(0, {'config': '\n'.join(
+          '    ' + line for line in config.to_json(indent=2).splitlines())})
   if stateful:
     dataset = pipeline.stream_dataset(train_tokens, seq_len=t.seq_len,
                                       global_batch=t.batch_size, seed=t.seed,
@@ -633,11 +672,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
             f'update is skipped ({skipped} skipped so far).', flush=True)
     checked_step = history[-1][0] if history else checked_step
 
+  def sample_text(params):
+    """A sampled continuation of train.sample_prompt, cut to what the model's context
+    holds (a short model.max_len must not fail a run); the same seed at every call, so
+    samples of successive evaluations differ only by what the model learned."""
+    num_tokens = t.sample_tokens
+    if context_length(config) is not None:
+      num_tokens = min(num_tokens,
+                       context_length(config) - len(tokenizer.encode(t.sample_prompt)))
+    if num_tokens <= 0:
+      return t.sample_prompt
+    return continue_prompt(config, params, tokenizer, t.sample_prompt, num_tokens,
+                           seed=t.seed)
+
+  samples = {}  # step -> text, of the evaluations this process ran
+
   def save(step):
     check_finite()
     # A copy: orbax writes the JSON in the background while the loop appends to `history`.
     data_state = {'next_example': step * t.batch_size, 'skipped_steps': skipped,
-                  'pending_metrics': list(history)}
+                  'pending_metrics': list(history),
+                  'train_seconds': seconds_before + time.perf_counter() - process_start}
     # An asynchronous write that failed earlier surfaces here, at the next save.
     with writing(f'a checkpoint (noticed when saving step {step})'):
       checkpointer.save(step, state, data_state)
@@ -650,12 +705,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     with writing(f'TensorBoard events to {workdir}'):
       writer.write_scalars(step, scalars)
 
+  profile = tuple(t.get('profile_steps', ()))
   stop = _StopSignals()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules), stop:
     for step in range(start_step + 1, t.num_steps + 1):
+      if profile and step == profile[0]:
+        jax.profiler.start_trace(workdir)  # into WORKDIR/plugins/profile, for TensorBoard
       state, metrics = step_fn(state, pipeline.to_global(next(batches), batch_sharding),
                                dropout_rng)
       history.append((step, metrics))
+      if profile and step == profile[1]:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        print(f'Profiled steps {profile[0]}-{profile[1]} into {workdir}/plugins/profile; '
+              'open the profile tab of TensorBoard on the workdir to read it.', flush=True)
       if timer_start is None:
         jax.block_until_ready(metrics)
         timer_start, timer_step = time.perf_counter(), step
@@ -685,6 +748,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         log(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
         print(f'eval at step {step}: ' +
               '  '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()), flush=True)
+        samples[step] = sample_text(state.params)
+        with writing(f'TensorBoard events to {workdir}'):
+          writer.write_texts(step, {'sample': samples[step]})
 
       stopping = stop.should_stop(step)
       if step % t.checkpoint_every == 0 or step == t.num_steps or stopping:
@@ -707,19 +773,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   checkpointer.close()
   if not eval_metrics:  # resumed a finished run: report where it stands
     eval_metrics = run_eval(state.params)
-  # The end-of-run sample is cut to what the model's context holds: a short model.max_len
-  # must not fail a run that has trained and saved.
-  sample_tokens = t.sample_tokens
-  if context_length(config) is not None:
-    sample_tokens = min(sample_tokens,
-                        context_length(config) - len(tokenizer.encode(t.sample_prompt)))
-  sample = (continue_prompt(config, state.params, tokenizer, t.sample_prompt, sample_tokens,
-                            seed=t.seed) if sample_tokens > 0 else t.sample_prompt)
-  writer.write_texts(t.num_steps, {'sample': sample})
+  sample = samples.get(t.num_steps) or sample_text(state.params)
   writer.flush()
   writer.close()
-  print(f'\nDone: eval loss {eval_metrics["loss"]:.4f} at step {t.num_steps}; '
-        f'checkpoints in {checkpointer.directory}.\n'
+  # The best evaluation over the whole run, resumed segments included: the event files
+  # hold them all.
+  eval_losses = {t.num_steps: eval_metrics['loss']}
+  if jax.process_index() == 0:  # the one that writes events
+    eval_losses = events.read_scalars(workdir).get('eval/loss') or eval_losses
+  best_step = min(eval_losses, key=lambda s: (eval_losses[s], s))
+  write_result(workdir, {
+      'step': t.num_steps, 'eval': eval_metrics, 'best_eval_loss': eval_losses[best_step],
+      'best_eval_step': best_step, 'num_params': num_params, 'skipped_steps': skipped,
+      'train_seconds': seconds_before + time.perf_counter() - process_start})
+  print(f'\nDone: eval loss {eval_metrics["loss"]:.4f} at step {t.num_steps} (best '
+        f'{eval_losses[best_step]:.4f}, at step {best_step}); checkpoints in '
+        f'{checkpointer.directory}, results in {workdir}/{RESULT_FILE}.\n'
         f'Decode more with: python experiments/decode.py --workdir={workdir} '
         f"--prompt='{t.sample_prompt.strip()}'\n"
         f'\n--- sample ---\n{sample}\n--------------', flush=True)

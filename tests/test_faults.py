@@ -1,5 +1,6 @@
 """Faults a long run meets: preemption, kill -9, NaN, damaged checkpoints, a changed config,
 bad flags, and a workdir that holds code. Real processes, real signals, real files."""
+import json
 import os
 import resource
 import shutil
@@ -178,6 +179,22 @@ def test_a_changed_config_is_refused_and_a_changed_shape_names_the_parameter(ref
     train.train_and_evaluate(wider, workdir, allow_config_change=True)
   # The workdir still describes its checkpoints, so decoding it works as before.
   assert train.load_config(workdir).model.d_model == 64
+
+
+def test_a_field_added_by_a_newer_lmjax_does_not_block_resuming(reference, tmp_path, capsys):
+  """A config.json written before a field existed resumes under today's config: only a
+  field both sides have and that differs is a change the user made."""
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(reference, workdir)
+  path = os.path.join(workdir, 'config.json')
+  with open(path) as f:
+    saved = json.load(f)
+  del saved['train']['profile_steps']
+  with open(path, 'w') as f:
+    json.dump(saved, f)
+  train.check_config_change(tiny_config(), workdir)
+  assert "fields that differ in presence: train.profile_steps: (absent) -> '[]'" in (
+      capsys.readouterr().out)
 
 
 def test_an_unreadable_latest_checkpoint_is_named_and_training_resumes_before_it(

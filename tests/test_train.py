@@ -13,6 +13,7 @@ import pytest
 from configs import rnn_shakespeare_char, shakespeare_char
 from lmjax import checkpoint as ckpt_lib
 from lmjax import train
+from lmjax.events import read_scalars
 from lmjax.data import pipeline, tokenizers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,9 +34,11 @@ def _restore_params(workdir, step):
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-  """One tiny run of 80 steps on all 8 devices, checkpoints every 20 steps."""
+  """One tiny run of 80 steps on all 8 devices, checkpoints every 20 steps, evaluations
+  at 40 and 80, a profiler trace of steps 3 and 4."""
   workdir = str(tmp_path_factory.mktemp('tiny'))
-  config = tiny_config(checkpoint_every=20, eval_every=80, keep_checkpoints=5)
+  config = tiny_config(checkpoint_every=20, eval_every=40, keep_checkpoints=5,
+                       profile_steps=(3, 4))
   metrics = train.train_and_evaluate(config, workdir)
   return config, workdir, metrics
 
@@ -67,6 +70,32 @@ def test_workdir_holds_config_tokenizer_checkpoints_and_events(trained):
               'train/mfu',
               'eval/loss', 'eval/perplexity', 'eval/accuracy', 'eval/bits_per_char'):
     assert tag in tags, (tag, tags)
+
+
+def test_run_logs_samples_config_profile_and_a_result_file(trained):
+  config, workdir, metrics = trained
+  from tensorboard.backend.event_processing import event_accumulator
+  acc = event_accumulator.EventAccumulator(workdir, size_guidance={'tensors': 0})
+  acc.Reload()
+  texts = {tag: {e.step: e.tensor_proto.string_val[0].decode() for e in acc.Tensors(tag)}
+           for tag in ('sample', 'config')}
+  # A sample of the decoder at each evaluation, each a continuation of the prompt.
+  assert sorted(texts['sample']) == [40, 80]
+  assert all(t.startswith(config.train.sample_prompt) and len(t) > len('ROMEO:\n') + 5
+             for t in texts['sample'].values())
+  assert texts['sample'][40] != texts['sample'][80]  # same seed, a model that learned
+  assert json.loads(texts['config'][0]) == json.loads(config.to_json())
+  # The profiler trace of steps 3-4, where TensorBoard's profile tab looks for it.
+  traces = [f for _, _, files in os.walk(os.path.join(workdir, 'plugins', 'profile'))
+            for f in files if f.endswith('.xplane.pb')]
+  assert len(traces) == 1
+  with open(os.path.join(workdir, 'result.json')) as f:
+    result = json.load(f)
+  eval_loss = read_scalars(workdir, ['eval/loss'])['eval/loss']
+  assert result['step'] == 80 and result['eval'] == metrics
+  assert result['best_eval_loss'] == min(eval_loss.values())
+  assert result['best_eval_step'] == min(eval_loss, key=eval_loss.get)
+  assert result['num_params'] > 0 and result['train_seconds'] > 0
 
 
 def test_resumed_run_ends_with_the_same_parameters(trained, tmp_path, capsys):
@@ -117,6 +146,7 @@ def test_rerunning_a_finished_run_resumes_and_does_not_retrain(trained, capsys):
     (dict(model=dict(name='mamba')), "model.name='mamba'; known models: transformer"),
     (dict(data=dict(name='wikitext')), "data.name='wikitext'; known datasets: shakespeare"),
     (dict(train=dict(nonfinite='ignore')), "train.nonfinite='ignore'; use one of stop, skip"),
+    (dict(train=dict(profile_steps=(5, 90))), r'train.profile_steps=\(5, 90\); give the first'),
 ])
 def test_bad_config_is_named_before_anything_runs(overrides, message, tmp_path):
   config = shakespeare_char.get_config('tiny')
