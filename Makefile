@@ -23,8 +23,10 @@ data: $(STAMP)
 train: data
 	$(BIN)/python experiments/train.py --config=$(CONFIG) --workdir=$(WORKDIR)
 
+# Two pytest workers: most of the suite's time is single-threaded (imports, compiling,
+# starting processes), so two keep both cores busy (7.5 instead of 9.5 minutes).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m 'not slow'
+	$(BIN)/python -m pytest -q -n 2 -m 'not slow'
 
 # pytest exits 5 when no test is marked slow; that is not a failure here.
 test-slow: $(STAMP)

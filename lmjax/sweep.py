@@ -219,12 +219,17 @@ def _record_sweep(root: str, config_spec: str, points: list[Point]) -> None:
     with open(path) as f:
       previous = json.load(f)
     if json.loads(json.dumps(record)) != previous:
-      old = {p['name'] for p in previous['points']}
-      new = {p.name for p in points}
-      raise UserError(
-          f'{root} holds a sweep of {previous["config"]} with other points (only there: '
-          f'{sorted(old - new) or "none"}; only here: {sorted(new - old) or "none"}). Use '
-          f'a new --workdir, or delete {path} to mix them.')
+      old = {p['name']: p for p in previous['points']}
+      new = {p.name: dataclasses.asdict(p) for p in points}
+      if previous['config'] != config_spec:
+        what = f'of {previous["config"]}, not {config_spec}'
+      else:
+        changed = sorted(n for n in set(old) & set(new) if old[n] != new[n])
+        what = (f'with other points (only there: {sorted(set(old) - set(new)) or "none"}; '
+                f'only here: {sorted(set(new) - set(old)) or "none"}; changed: '
+                f'{changed or "none"})')
+      raise UserError(f'{root} holds a sweep {what}. Use a new --workdir, or delete {path} '
+                      'to mix them.')
     return
   os.makedirs(root, exist_ok=True)
   with open(path + '.tmp', 'w') as f:
@@ -415,7 +420,8 @@ def plot_curves(path: str, curves: dict[str, dict[str, dict[int, float]]],
     ax.set_xlabel('step')
     ax.set_ylabel('loss (nats per token)')
     ax.grid(alpha=0.3)
-  axes[1].legend(fontsize=8, loc='upper right')
+  if axes[1].get_lines():
+    axes[1].legend(fontsize=8, loc='upper right')
   if title:
     fig.suptitle(title)
   fig.tight_layout()

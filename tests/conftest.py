@@ -29,3 +29,14 @@ import tensorflow as tf  # noqa: E402
 # tf.data must not grab the accelerator JAX uses, nor fight it for threads.
 tf.config.set_visible_devices([], 'GPU')
 jax.config.update('jax_platforms', 'cpu')
+
+
+def pytest_configure(config):
+  """With several workers (`pytest -n 2`, as `make test` runs), the datasets are built here,
+  once, before the workers start: two workers would race to download the archive and write
+  the same TFDS directory on a fresh machine."""
+  if hasattr(config, 'workerinput') or not config.getoption('numprocesses', default=None):
+    return
+  from lmjax.data import corpora  # noqa: PLC0415
+  for name in corpora.DATASETS:
+    corpora.get_builder(name).download_and_prepare()

@@ -21,6 +21,9 @@ from lmjax.errors import UserError
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = [sys.executable, os.path.join(REPO, 'experiments', 'sweep.py'),
          '--config=configs/shakespeare_char.py:tiny']
+# The sweep's processes (and so its trainers) on one CPU device: this is about the sweep,
+# and one device compiles and steps fastest on 2 cores.
+ONE_DEVICE = dict(os.environ, XLA_FLAGS='')
 
 
 def test_grid_is_every_combination_last_field_fastest():
@@ -112,13 +115,14 @@ def _wait_for(predicate, what: str, timeout: float = 180.0):
     time.sleep(0.2)
 
 
-def test_killed_sweep_resumes_skips_finished_points_and_summarizes(tmp_path):
+def test_killed_sweep_resumes_skips_finished_points_and_summarizes(tmp_path, monkeypatch):
+  monkeypatch.chdir(REPO)  # the config is named relative to the repository, as in the README
   root = str(tmp_path / 'sweep')
   names = ['lr=0.003', 'lr=0.01']
 
-  dry = subprocess.run([*SWEEP, f'--workdir={root}', '--dry_run'], cwd=REPO,
-                       capture_output=True, text=True, check=True)
-  commands = [shlex.split(line) for line in dry.stdout.strip().splitlines()]
+  printed = []
+  sweep.run('configs/shakespeare_char.py:tiny', root, dry_run=True, echo=printed.append)
+  commands = [shlex.split(line) for line in printed]
   assert [c[3] for c in commands] == [f'--workdir={root}/{n}' for n in names]
   assert [c[4] for c in commands] == ['--config.opt.lr=0.003', '--config.opt.lr=0.01']
   assert not os.path.exists(root)  # a dry run runs nothing
@@ -126,7 +130,7 @@ def test_killed_sweep_resumes_skips_finished_points_and_summarizes(tmp_path):
   # Both points train at once; the sweep is killed (SIGKILL: no chance to clean up) once
   # each has a checkpoint. Its trainers are told by the kernel and stop cleanly.
   first = subprocess.Popen([*SWEEP, f'--workdir={root}', '--parallel=2'], cwd=REPO,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                           env=ONE_DEVICE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   _wait_for(lambda: all(ckpt_lib.complete_steps(os.path.join(root, n)) for n in names),
             'a checkpoint of each point')
   first.send_signal(signal.SIGKILL)
@@ -139,7 +143,7 @@ def test_killed_sweep_resumes_skips_finished_points_and_summarizes(tmp_path):
   assert 'interrupted' in statuses, statuses
 
   second = subprocess.run([*SWEEP, f'--workdir={root}', '--parallel=2'], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+                          env=ONE_DEVICE, capture_output=True, text=True, timeout=300)
   assert second.returncode == 0, second.stdout + second.stderr
   for name, status in zip(names, statuses):
     said = 'resumed' if status == 'interrupted' else 'finished before, skipped'
@@ -147,10 +151,16 @@ def test_killed_sweep_resumes_skips_finished_points_and_summarizes(tmp_path):
     if status == 'interrupted':
       assert 'Resuming from step' in open(os.path.join(root, name, sweep.LOG_FILE)).read()
 
-  third = subprocess.run([*SWEEP, f'--workdir={root}'], cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
-  assert third.returncode == 0, third.stdout + third.stderr
-  assert all(f'{n}: finished before, skipped' in third.stdout for n in names), third.stdout
+  # Once more (in this process: the command line was proven above): nothing left to do.
+  printed = []
+  assert sweep.run('configs/shakespeare_char.py:tiny', root, echo=printed.append) == {
+      n: 'skipped' for n in names}
+  assert printed == [f'{n}: finished before, skipped' for n in names]
+  assert 'Summary: ' in second.stdout  # the command line wrote the summary read below
+  other = _config_file(tmp_path, "[{'opt.lr': 3e-3}, {'opt.lr': 1e-2}]") + ':x'
+  with pytest.raises(UserError, match='holds a sweep of configs/shakespeare_char.py:tiny, '
+                                      f'not {other}'):
+    sweep.run(other, root)
 
   # The table says what the event files say.
   with open(os.path.join(root, 'summary.csv')) as f:

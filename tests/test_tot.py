@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from configs import countdown
@@ -15,7 +16,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('countdown'))
-  train.train_and_evaluate(countdown.get_config('tiny'), workdir)
+  # One device: the search runs on one, and one compiles fastest.
+  train.train_and_evaluate(countdown.get_config('tiny'), workdir, devices=jax.devices()[:1])
   return workdir
 
 

@@ -214,7 +214,7 @@ def test_a_sample_longer_than_the_context_is_cut_to_fit_not_a_failure(tmp_path, 
   """The run below trains with model.max_len 32 and asks for a 200-character sample."""
   config = tiny_config(num_steps=2, eval_every=2, checkpoint_every=2, sample_tokens=200)
   config.opt.warmup_steps = 1
-  train.train_and_evaluate(config, str(tmp_path))
+  train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])  # compiles fast
   sample = capsys.readouterr().out.split('--- sample ---\n')[1].split('\n-----')[0]
   assert sample.startswith(config.train.sample_prompt)
   assert len(config.train.sample_prompt) < len(sample) <= 32  # fewer if it sampled EOS

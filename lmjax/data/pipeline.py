@@ -25,9 +25,11 @@ from lmjax.data import corpora
 tf.config.set_visible_devices([], 'GPU')
 
 
-def load_tokens(data_config, split: str, tokenizer) -> np.ndarray:
-  """The split's works, tokenized and joined with the separator (eos) after each."""
-  works = corpora.load_split_texts(data_config.name, split, data_config.data_dir or None)
+def load_tokens(data_config, split: str, tokenizer, works=None) -> np.ndarray:
+  """The split's works, tokenized and joined with the separator (eos) after each. `works`:
+  the split's (title, text) pairs when the caller has read them already."""
+  if works is None:
+    works = corpora.load_split_texts(data_config.name, split, data_config.data_dir or None)
   pieces = []
   for _, text in works:
     pieces.append(tokenizer.encode(text))
