@@ -43,6 +43,9 @@ def main(argv):
     rows = sweep.summarize(_WORKDIR.value)
   except (UserError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
+  except KeyboardInterrupt:  # the trainers got Ctrl-C too and wrote their checkpoints
+    print('\nInterrupted; run the same command to resume the unfinished points.')
+    sys.exit(130)
   with open(os.path.join(_WORKDIR.value, 'summary.md')) as f:
     print('\n' + f.read())
   print(f'Summary: {_WORKDIR.value}/summary.md, summary.csv and curves.png '
