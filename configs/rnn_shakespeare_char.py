@@ -48,6 +48,7 @@ def get_config(variant: str = 'lstm') -> ml_collections.ConfigDict:
   c.data.vocab_size = 0  # sentencepiece only: vocabulary size to train
   c.data.spm_model_type = 'bpe'  # sentencepiece only: bpe | unigram
   c.data.eval_split = 'validation'  # split read whole at every evaluation
+  c.data.drop_unknown_chars = False  # char tokenizer: drop characters it has no id for
 
   c.opt = ml_collections.ConfigDict()
   c.opt.lr = 2e-3  # peak learning rate (char-rnn's Adam default)
@@ -78,8 +79,16 @@ def get_config(variant: str = 'lstm') -> ml_collections.ConfigDict:
   # First and last step to trace with the JAX profiler (TensorBoard's profile tab),
   # e.g. (10, 12); () traces nothing.
   c.train.profile_steps = ()
+  # Regular expressions over parameter names ('layer_0/attention/query/kernel'); what
+  # they match is not trained (fine-tuning). () trains everything.
+  c.train.freeze = ()
   c.train.sample_prompt = 'ROMEO:\n'  # prompt of the samples logged at each evaluation
   c.train.sample_tokens = 240  # length of that sample
+
+  # Fine-tuning: start from another run's parameters and tokenizer (a fresh optimizer).
+  c.init_from = ml_collections.ConfigDict()
+  c.init_from.workdir = ''  # that run's workdir; '' starts from a random init
+  c.init_from.step = 0  # its checkpoint to start from; 0 means its latest
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)  # devices along ('data', 'fsdp', 'tensor'); -1: the rest

@@ -35,6 +35,11 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.model.dropout = 0.2  # dropout on embeddings, attention and residual branches
   c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16
   c.model.param_dtype = 'float32'  # storage dtype of the parameters
+  # LoRA adapters (fine-tuning): rank 0 means none; above 0, only the adapters train.
+  c.model.lora_rank = 0
+  c.model.lora_alpha = 8.0  # adapters are scaled by lora_alpha / lora_rank
+  # projections that get adapters: query key value out (attention), dense_in dense_out (MLP)
+  c.model.lora_targets = ('query', 'key', 'value', 'out', 'dense_in', 'dense_out')
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'shakespeare'  # TFDS dataset registered by lmjax.data: shakespeare | milton
@@ -43,6 +48,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.data.vocab_size = 0  # sentencepiece only: vocabulary size to train
   c.data.spm_model_type = 'bpe'  # sentencepiece only: bpe | unigram
   c.data.eval_split = 'validation'  # split read whole at every evaluation
+  c.data.drop_unknown_chars = False  # char tokenizer: drop characters it has no id for
 
   c.opt = ml_collections.ConfigDict()
   c.opt.lr = 1e-3  # peak learning rate, reached after warmup
@@ -70,8 +76,16 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   # First and last step to trace with the JAX profiler (TensorBoard's profile tab),
   # e.g. (10, 12); () traces nothing.
   c.train.profile_steps = ()
+  # Regular expressions over parameter names ('layer_0/attention/query/kernel'); what
+  # they match is not trained (fine-tuning). () trains everything.
+  c.train.freeze = ()
   c.train.sample_prompt = 'ROMEO:\n'  # prompt of the samples logged at each evaluation
   c.train.sample_tokens = 240  # length of that sample (prompt + sample <= model.max_len)
+
+  # Fine-tuning: start from another run's parameters and tokenizer (a fresh optimizer).
+  c.init_from = ml_collections.ConfigDict()
+  c.init_from.workdir = ''  # that run's workdir; '' starts from a random init
+  c.init_from.step = 0  # its checkpoint to start from; 0 means its latest
 
   c.mesh = ml_collections.ConfigDict()
   # Devices along ('data', 'fsdp', 'tensor'); one entry may be -1 to take what is left.

@@ -9,13 +9,19 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
+from lmjax.errors import UserError
+
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
+FROZEN_DIR = 'frozen_params'
+
+
 class Checkpointer:
-  """Saves and restores {'state': TrainState, 'data': {'next_example': int}}."""
+  """Saves and restores {'state': TrainState, 'data': {'next_example': int}}; the state's
+  frozen parameters live apart, in WORKDIR/frozen_params (see save_frozen)."""
 
   def __init__(self, workdir: str, *, keep: int = 3, asynchronous: bool = True,
                read_only: bool = False):
@@ -65,14 +71,22 @@ class Checkpointer:
         data=ocp.args.JsonRestore()))['data']
 
   def save(self, step: int, state, data_state: dict) -> None:
+    # Frozen parameters never change: they are stored once (save_frozen), not per step.
+    state = state.replace(frozen=None)
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
 
   def restore(self, step: int, abstract_state):
-    """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
+    """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs); its
+    frozen parameters, if it has any, come from WORKDIR/frozen_params."""
+    frozen = abstract_state.frozen
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    return restored['state'], restored['data']
+        state=ocp.args.StandardRestore(abstract_state.replace(frozen=None)),
+        data=ocp.args.JsonRestore()))
+    state = restored['state']
+    if frozen is not None:
+      state = state.replace(frozen=restore_frozen(os.path.dirname(self.directory), frozen))
+    return state, restored['data']
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -100,3 +114,49 @@ def abstract_with_shardings(abstract_tree, shardings):
   return jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree,
       shardings)
+
+
+def restore_params(workdir: str, step: int, abstract_params):
+  """Only the parameters of checkpoint `step` (no optimizer state read), onto the shardings
+  of `abstract_params`."""
+  path = os.path.join(checkpoint_dir(workdir), str(step), 'state')
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    item = {'params': abstract_params}
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True))
+  return restored['params']
+
+
+def _frozen_path(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), FROZEN_DIR)
+
+
+def save_frozen(workdir: str, frozen) -> None:
+  """Writes the parameters a run does not train, once, when it starts; replaces any
+  earlier copy (a start that died before its first checkpoint). Orbax writes into a
+  temporary directory and renames it, so a crash leaves none or a whole one."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(_frozen_path(workdir), frozen, force=True)
+    checkpointer.wait_until_finished()
+
+
+def frozen_shapes(workdir: str) -> dict[str, tuple[int, ...]] | None:
+  """{path: shape} of WORKDIR/frozen_params, or None if the run froze nothing."""
+  path = _frozen_path(workdir)
+  if not os.path.isdir(path):
+    return None
+  with ocp.StandardCheckpointer() as checkpointer:
+    return shapes_by_path(checkpointer.metadata(path).item_metadata.tree)
+
+
+def restore_frozen(workdir: str, abstract_frozen):
+  path = _frozen_path(workdir)
+  if not os.path.isdir(path):
+    raise UserError(
+        f'{path} is missing: this run trains only some parameters (train.freeze or '
+        'model.lora_rank), its checkpoints hold only those, and the rest were written there '
+        'when it started. Without them it cannot resume or decode; train it again in a new '
+        '--workdir.')
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(path, abstract_frozen)

@@ -54,8 +54,10 @@ _HF_FIXED_FIELDS = {
 # Buffers GPT-2 checkpoints may carry: the causal mask and the value masked scores get.
 _HF_BUFFERS = ('.attn.bias', '.attn.masked_bias')
 # lmjax model config fields that export_gpt2 knows how to write in GPT-2's terms.
+# LoRA fields are fine: train.load_trained merges the adapters and sets lora_rank to 0.
 _EXPORTABLE_MODEL_FIELDS = ('name', 'num_layers', 'num_heads', 'd_model', 'd_ff', 'max_len',
-                            'dropout', 'dtype', 'param_dtype')
+                            'dropout', 'dtype', 'param_dtype', 'lora_rank', 'lora_alpha',
+                            'lora_targets')
 
 
 # ------------------------------------------------------------------------------ reading
@@ -436,6 +438,9 @@ def _exportable_weights(config: ml_collections.ConfigDict, params: Any,
   if m.name != 'transformer':
     raise ValueError(f'{workdir}: model.name={m.name!r}; only the Transformer has a GPT-2 '
                      'counterpart.')
+  if m.get('lora_rank', 0):
+    raise ValueError(f'{workdir}: model.lora_rank={m.lora_rank}; merge the adapters first '
+                     '(train.load_trained does).')
   unknown = sorted(set(m.keys()) - set(_EXPORTABLE_MODEL_FIELDS))
   if unknown:
     raise ValueError(

@@ -19,10 +19,10 @@ from clu import metric_writers
 from flax import struct
 
 from lmjax import checkpoint as ckpt_lib
-from lmjax import decode, events, flops, losses, models, optim, runtime, sharding
+from lmjax import decode, events, finetune, flops, losses, models, optim, runtime, sharding
 from lmjax.errors import UserError
 from lmjax.data import corpora, pipeline, tokenizers
-from lmjax.models import rnn
+from lmjax.models import rnn, transformer
 
 
 class TrainState(struct.PyTreeNode):
@@ -32,6 +32,9 @@ class TrainState(struct.PyTreeNode):
   # Stateful training of a recurrent model: the carry each batch row ends on, where the
   # next batch's row continues (one row per sequence of the global batch). None otherwise.
   carry: Any = None
+  # Parameters the run does not train (train.freeze, LoRA's base): no gradient, no
+  # optimizer state, stored once beside the checkpoints. None when it trains them all.
+  frozen: Any = None
 
 
 # ----------------------------------------------------------------------------- config
@@ -63,6 +66,24 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
         raise UserError(f'model.{field}={m[field]} must be in [0, 1).')
     if m.scan_unroll < 1:
       raise UserError(f'model.scan_unroll={m.scan_unroll}; it must be at least 1.')
+  lora_rank = m.get('lora_rank', 0)
+  if lora_rank < 0:
+    raise UserError(f'model.lora_rank={lora_rank}; use 0 (no adapters) or a positive rank.')
+  if lora_rank:
+    if m.name != 'transformer':
+      raise UserError(f'model.lora_rank={lora_rank}: LoRA adapters attach to the '
+                      f"Transformer's projections, and model.name={m.name!r} has none; set "
+                      'model.lora_rank=0 (freeze parts with train.freeze instead).')
+    if m.lora_alpha <= 0:
+      raise UserError(f'model.lora_alpha={m.lora_alpha}; it must be positive (the '
+                      'adapters are scaled by lora_alpha / lora_rank).')
+    unknown = [name for name in m.lora_targets if name not in transformer.LORA_TARGETS]
+    if unknown or not m.lora_targets:
+      raise UserError(f'model.lora_targets={tuple(m.lora_targets)}; name one or more of '
+                      f'{", ".join(transformer.LORA_TARGETS)}.')
+  if config.get('init_from') and config.init_from.step < 0:
+    raise UserError(f'init_from.step={config.init_from.step}; use 0 for the latest '
+                    'checkpoint or a step the run saved.')
   if t.get('stateful', False) and not models.is_recurrent(m):
     raise UserError(f'train.stateful=True carries a recurrent state between batches, and '
                      f'model.name={m.name!r} has none; use one of {", ".join(rnn.CELLS)} or '
@@ -176,20 +197,32 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def _init_state(rng, *, model, tx, seq_len: int, carry_rows: int = 0,
-                unbox: bool = True) -> TrainState:
-  """A fresh state; `carry_rows` > 0 adds a zero carry of that many rows (stateful)."""
+                unbox: bool = True, trainable=None) -> TrainState:
+  """A fresh state; `carry_rows` > 0 adds a zero carry of that many rows (stateful).
+  `trainable` (parameter name -> bool) splits off the parameters not trained."""
   params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))['params']
   if unbox:
     params = nn.meta.unbox(params)
+  frozen = None
+  if trainable is not None:
+    params, frozen = finetune.split(params, trainable)
   carry = rnn.model_initial_carry(model, carry_rows) if carry_rows else None
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    carry=carry)
+                    carry=carry, frozen=frozen)
 
 
-def create_train_state(model, tx, mesh, rules, seed: int, seq_len: int, carry_rows: int = 0):
+def trainable_filter(config):
+  """finetune.trainable_filter, or None when the config trains every parameter."""
+  if not config.train.get('freeze', ()) and not config.model.get('lora_rank', 0):
+    return None
+  return finetune.trainable_filter(config)
+
+
+def create_train_state(model, tx, mesh, rules, seed: int, seq_len: int, carry_rows: int = 0,
+                       trainable=None):
   """Initialises the state directly into its shardings; no full host copy of the params."""
   init = functools.partial(_init_state, model=model, tx=tx, seq_len=seq_len,
-                           carry_rows=carry_rows)
+                           carry_rows=carry_rows, trainable=trainable)
 
   rng = jax.random.key(seed)
   abstract_boxed = jax.eval_shape(functools.partial(init, unbox=False), rng)
@@ -209,7 +242,8 @@ def train_step(state: TrainState, batch: dict, rng, *, model, tx):
   """One optimizer step: (state, batch, rng) -> (state, metrics)."""
   dropout_rng = jax.random.fold_in(rng, state.step)
 
-  def loss_fn(params):
+  def loss_fn(trained):
+    params = finetune.join(trained, state.frozen)
     if state.carry is None:  # independent windows
       logits, carry = model.apply({'params': params}, batch['inputs'], train=True,
                                   rngs={'dropout': dropout_rng}), None
@@ -332,7 +366,8 @@ def _shape_mismatch(step, directory, stored: dict, expected: dict) -> str:
 
 def restore_state(workdir: str, step: int | None = None):
   """(config, tokenizer, TrainState, step) of a training workdir (latest step by default),
-  on the host's first device."""
+  on the host's first device. A fine-tuning run's state keeps its frozen parameters apart
+  (state.frozen) and its adapters unmerged; `load_trained` gives the whole model."""
   config = load_config(workdir)
   tokenizer = tokenizers.load_tokenizer(workdir)
   checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
@@ -340,7 +375,7 @@ def restore_state(workdir: str, step: int | None = None):
   tx = optim.make_optimizer(config.opt, config.train.num_steps)
 
   init = functools.partial(_init_state, model=model, tx=tx, seq_len=config.train.seq_len,
-                           carry_rows=carry_rows(config))
+                           carry_rows=carry_rows(config), trainable=trainable_filter(config))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.eval_shape(init, jax.random.key(0))
   abstract = ckpt_lib.abstract_with_shardings(abstract, jax.tree.map(lambda _: device, abstract))
@@ -354,9 +389,11 @@ def restore_state(workdir: str, step: int | None = None):
 
 
 def load_trained(workdir: str, step: int | None = None):
-  """(config, tokenizer, params, step) of a training workdir, params on the default device."""
+  """(config, tokenizer, params, step) of a training workdir, params on the default device:
+  the whole tree (frozen parts joined, LoRA adapters merged), for the config returned."""
   config, tokenizer, state, step = restore_state(workdir, step)
-  return config, tokenizer, state.params, step
+  config, params = finetune.for_decoding(config, finetune.join(state.params, state.frozen))
+  return config, tokenizer, params, step
 
 
 # ----------------------------------------------------------------------------- sample
@@ -434,6 +471,8 @@ def jit_steps(model, tx, mesh, rules, state_shardings, stateful_eval: bool = Fal
   """(train step, eval step), jitted with explicit shardings; the train step donates the
   state it is given. `stateful_eval` gives `stateful_eval_step` (carry in, carry out)."""
   batch_sharding = sharding.batch_sharding(mesh)
+  # Evaluation reads the whole parameter tree, trained and frozen parts joined.
+  params_sharding = finetune.join(state_shardings.params, state_shardings.frozen)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     step_fn = jax.jit(
         functools.partial(train_step, model=model, tx=tx),
@@ -441,11 +480,11 @@ def jit_steps(model, tx, mesh, rules, state_shardings, stateful_eval: bool = Fal
         out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
     if stateful_eval:
       eval_fn = jax.jit(functools.partial(stateful_eval_step, model=model),
-                        in_shardings=(state_shardings.params, batch_sharding, batch_sharding),
+                        in_shardings=(params_sharding, batch_sharding, batch_sharding),
                         out_shardings=(sharding.replicated(mesh), batch_sharding))
     else:
       eval_fn = jax.jit(functools.partial(eval_step, model=model),
-                        in_shardings=(state_shardings.params, batch_sharding),
+                        in_shardings=(params_sharding, batch_sharding),
                         out_shardings=sharding.replicated(mesh))
   return step_fn, eval_fn
 
@@ -548,9 +587,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   runtime.keep_freed_host_memory()
   mesh = sharding.make_mesh(config.mesh, devices)
   validate_config(config, mesh)
+  base = finetune.base_workdir(config, workdir)  # the run fine-tuned from, if any
   _prepare_workdir(workdir)
   check_config_change(config, workdir, allow_config_change)
   rules = sharding.rules_as_tuples(config.mesh.rules)
+
+  # Fine-tuning: the base run's tokenizer is this run's (its parameters come later).
+  if base and not os.path.exists(os.path.join(workdir, tokenizers.CONFIG_FILE)):
+    tokenizers.load_tokenizer(base).save(workdir)
 
   # Data and tokenizer. The tokenizer is trained once and then reused from the workdir.
   data = config.data
@@ -573,9 +617,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   model = models.build_model(config.model, tokenizer.vocab_size)
   tx = optim.make_optimizer(config.opt, t.num_steps)
   schedule = optim.learning_rate_schedule(config.opt, t.num_steps)
+  trainable = trainable_filter(config)
   state, state_shardings = create_train_state(model, tx, mesh, rules, t.seed, t.seq_len,
-                                              carry_rows=carry_rows(config))
-  num_params = models.count_params(state.params)
+                                              carry_rows=carry_rows(config), trainable=trainable)
+  if trainable is not None:
+    finetune.check_trainable(config, finetune.param_names(
+        finetune.join(state.params, state.frozen)))
+  num_trained = models.count_params(state.params)
+  num_params = num_trained + models.count_params(state.frozen or {})
   _check_disk_space(workdir, state)
 
   # The data state travels with each checkpoint: where the stream resumes, the metrics of
@@ -595,9 +644,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
           f'(checkpoint {checkpointer.directory}/{start_step}).', flush=True)
   else:
     start_step, next_example, history, skipped, seconds_before = 0, 0, [], 0, 0.0
-    print(f'Starting a new run in {workdir}: {num_params:,} parameters, '
+    trained_text = f' ({num_trained:,} trained)' if num_trained != num_params else ''
+    print(f'Starting a new run in {workdir}: {num_params:,} parameters{trained_text}, '
           f'vocabulary {tokenizer.vocab_size}, {len(train_tokens):,} training tokens.',
           flush=True)
+    if base:
+      state = _start_from_base(config, base, state, state_shardings, trainable, mesh)
+    if state.frozen is not None:
+      with _writing_frozen(workdir):
+        ckpt_lib.save_frozen(workdir, state.frozen)
 
   batch_sharding = sharding.batch_sharding(mesh)
   step_fn, eval_fn = jit_steps(model, tx, mesh, rules, state_shardings, stateful_eval=stateful)
@@ -605,8 +660,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   # Every stateful evaluation starts from this zero carry (the eval step does not donate it).
   eval_start = eval_carry(model, mesh, t.eval_batch_size) if stateful else None
 
-  def run_eval(params):
-    return evaluate(eval_fn, params, evals, batch_sharding, bits_per_char, eval_start)
+  def run_eval(state):
+    return evaluate(eval_fn, finetune.join(state.params, state.frozen), evals,
+                    batch_sharding, bits_per_char, eval_start)
 
   @contextlib.contextmanager
   def writing(what: str):
@@ -628,7 +684,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     writer = metric_writers.create_default_writer(workdir,
                                                   just_logging=jax.process_index() > 0)
     if start_step == 0:
-      writer.write_hparams({'num_params': num_params, **_flatten(config.to_dict())})
+      writer.write_hparams({'num_params': num_params, 'num_trained_params': num_trained,
+                            **_flatten(config.to_dict())})
       # Indented four spaces: TensorBoard's text tab shows it as a code block.
       writer.write_texts(0, {'config': '\n'.join(
           '    ' + line for line in config.to_json(indent=2).splitlines())})
@@ -642,7 +699,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   batches = iter(dataset.as_numpy_iterator())
   dropout_rng = jax.random.key(t.seed + 1)
   tokens_per_step = t.batch_size * t.seq_len
-  flops_per_token = models.train_flops_per_token(config.model, state.params, t.seq_len)
+  # Counted on the whole model: frozen parts still run forwards and pass gradients back.
+  flops_per_token = models.train_flops_per_token(
+      config.model, finetune.join(state.params, state.frozen), t.seq_len)
   peak_flops = flops.peak_flops_per_device(mesh.devices.flat[0])
   peak_flops = peak_flops * mesh.size if peak_flops else None
   eval_metrics = {}
@@ -673,7 +732,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
             f'update is skipped ({skipped} skipped so far).', flush=True)
     checked_step = history[-1][0] if history else checked_step
 
-  def sample_text(params):
+  def sample_text(state):
     """A sampled continuation of train.sample_prompt, cut to what the model's context
     holds (a short model.max_len must not fail a run); the same seed at every call, so
     samples of successive evaluations differ only by what the model learned."""
@@ -683,7 +742,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                        context_length(config) - len(tokenizer.encode(t.sample_prompt)))
     if num_tokens <= 0:
       return t.sample_prompt
-    return continue_prompt(config, params, tokenizer, t.sample_prompt, num_tokens,
+    decode_config, params = finetune.for_decoding(
+        config, finetune.join(state.params, state.frozen))
+    return continue_prompt(decode_config, params, tokenizer, t.sample_prompt, num_tokens,
                            seed=t.seed)
 
   sample = None  # the latest evaluation's sample
@@ -745,11 +806,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
               flush=True)
 
       if step % t.eval_every == 0 or step == t.num_steps:
-        eval_metrics = run_eval(state.params)
+        eval_metrics = run_eval(state)
         log(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
         print(f'eval at step {step}: ' +
               '  '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()), flush=True)
-        sample = sample_text(state.params)
+        sample = sample_text(state)
         with writing(f'TensorBoard events to {workdir}'):
           writer.write_texts(step, {'sample': sample})
 
@@ -773,8 +834,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     finish_writes(t.num_steps)
   checkpointer.close()
   if not eval_metrics:  # resumed a finished run: report where it stands
-    eval_metrics = run_eval(state.params)
-    sample = sample_text(state.params)
+    eval_metrics = run_eval(state)
+    sample = sample_text(state)
   writer.flush()
   writer.close()
   # The best evaluation over the whole run, resumed segments included: the event files
@@ -785,7 +846,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   best_step = min(eval_losses, key=lambda s: (eval_losses[s], s))
   write_result(workdir, {
       'step': t.num_steps, 'eval': eval_metrics, 'best_eval_loss': eval_losses[best_step],
-      'best_eval_step': best_step, 'num_params': num_params, 'skipped_steps': skipped,
+      'best_eval_step': best_step, 'num_params': num_params,
+      'num_trained_params': num_trained, 'skipped_steps': skipped,
       'train_seconds': seconds_before + time.perf_counter() - process_start})
   print(f'\nDone: eval loss {eval_metrics["loss"]:.4f} at step {t.num_steps} (best '
         f'{eval_losses[best_step]:.4f}, at step {best_step}); checkpoints in '
@@ -794,6 +856,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         f"--prompt='{t.sample_prompt.strip()}'\n"
         f'\n--- sample ---\n{sample}\n--------------', flush=True)
   return eval_metrics
+
+
+def _start_from_base(config, base: str, state, state_shardings, trainable, mesh):
+  """`state` with the base run's parameters in place of the fresh ones (LoRA adapters
+  excepted), on this run's shardings; the optimizer state stays fresh."""
+  full = finetune.join(state.params, state.frozen)
+  abstract = ckpt_lib.abstract_with_shardings(
+      jax.eval_shape(lambda: full),
+      finetune.join(state_shardings.params, state_shardings.frozen))
+  base_params, base_step = finetune.load_base_params(config, base, abstract,
+                                                     sharding.replicated(mesh))
+  full = finetune.replace_from(full, base_params)
+  params, frozen = finetune.split(full, trainable) if trainable else (full, None)
+  print(f'Fine-tuning from {base}, step {base_step}: its parameters and tokenizer; a fresh '
+        'optimizer.', flush=True)
+  return state.replace(params=params, frozen=frozen)
+
+
+@contextlib.contextmanager
+def _writing_frozen(workdir: str):
+  try:
+    yield
+  except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds)
+    raise UserError(f'writing the frozen parameters to {workdir}/{ckpt_lib.FROZEN_DIR} '
+                    f'failed ({type(e).__name__}: {str(e)[:300]}); fix the directory (space, '
+                    'permissions) and rerun.') from e
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict:

@@ -30,11 +30,32 @@ def load_tokens(data_config, split: str, tokenizer, works=None) -> np.ndarray:
   the split's (title, text) pairs when the caller has read them already."""
   if works is None:
     works = corpora.load_split_texts(data_config.name, split, data_config.data_dir or None)
+  if data_config.get('drop_unknown_chars', False) and tokenizer.kind == 'char':
+    works = _drop_unknown_chars(works, tokenizer, split)
   pieces = []
   for _, text in works:
     pieces.append(tokenizer.encode(text))
     pieces.append(np.array([tokenizer.eos_id], np.int32))
   return np.concatenate(pieces).astype(np.int32)
+
+
+def _drop_unknown_chars(works, tokenizer, split: str):
+  """`works` without the characters the tokenizer has no id for (data.drop_unknown_chars:
+  a character model fine-tuned on text with a few symbols its base never saw)."""
+  known = set(tokenizer.chars)
+  kept_works, unknown, dropped = [], set(), 0
+  for title, text in works:
+    missing = set(text) - known
+    if missing:
+      unknown |= missing
+      kept = ''.join(c for c in text if c in known)
+      dropped += len(text) - len(kept)
+      text = kept
+    kept_works.append((title, text))
+  if dropped:
+    print(f'data.drop_unknown_chars: dropped {dropped} characters of the {split} split that '
+          f'the vocabulary lacks ({", ".join(map(repr, sorted(unknown)))}).', flush=True)
+  return kept_works
 
 
 def _check_long_enough(tokens: np.ndarray, seq_len: int, what: str):

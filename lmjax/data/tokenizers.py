@@ -103,7 +103,8 @@ class CharTokenizer:
       raise ValueError(
           f'Text has characters outside the character vocabulary: {shown}{more}. '
           'The vocabulary is the set of characters in the training split; remove '
-          'or replace these characters.')
+          'or replace these characters (training and evaluation drop them with '
+          '--config.data.drop_unknown_chars=True).')
     return ids.astype(np.int32)
 
   def decode(self, ids) -> str:

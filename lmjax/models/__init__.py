@@ -41,6 +41,7 @@ def build_model(model_config: Any, vocab_size: int, *, decode: bool = False) -> 
         dtype=_dtype(model_config.dtype, 'model.dtype'),
         param_dtype=_dtype(model_config.param_dtype, 'model.param_dtype'),
         decode=decode,
+        lora=lora_spec(model_config),
     )
   if name in rnn.CELLS:
     return rnn.RecurrentLM(
@@ -59,6 +60,14 @@ def build_model(model_config: Any, vocab_size: int, *, decode: bool = False) -> 
         param_dtype=_dtype(model_config.param_dtype, 'model.param_dtype'),
     )  # the carry is its decode state: decode=True changes nothing
   raise ValueError(f'model.name={name!r} is not a known model; known: {list(MODEL_NAMES)}.')
+
+
+def lora_spec(model_config: Any) -> transformer.LoraSpec | None:
+  """The LoRA adapters `model_config` asks for (model.lora_rank > 0), else None."""
+  if not model_config.get('lora_rank', 0):
+    return None
+  return transformer.LoraSpec(rank=model_config.lora_rank, alpha=model_config.lora_alpha,
+                              targets=tuple(model_config.lora_targets))
 
 
 def is_recurrent(model_config: Any) -> bool:

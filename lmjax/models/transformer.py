@@ -19,6 +19,7 @@ attends over, and beam search copies, a fifth of the memory. `init_cache` and
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Callable
@@ -36,12 +37,41 @@ RESIDUAL_AXES = ('batch', 'length', 'embed')
 LAYER_NORM_EPSILON = 1e-5
 
 
+# The projections LoRA adapters may attach to: attention's and the MLP's.
+LORA_TARGETS = ('query', 'key', 'value', 'out', 'dense_in', 'dense_out')
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+  """Which projections carry LoRA adapters, of what rank and scale (alpha / rank)."""
+
+  rank: int
+  alpha: float
+  targets: tuple[str, ...] = LORA_TARGETS
+
+  def kwargs(self, name: str) -> dict:
+    """ProjectionDense arguments for the projection called `name`."""
+    if name not in self.targets:
+      return {}
+    return {'lora_rank': self.rank, 'lora_alpha': self.alpha}
+
+
+def _lora_kwargs(lora: LoraSpec | None, name: str) -> dict:
+  return lora.kwargs(name) if lora else {}
+
+
 def _normal_init(stddev: float, axes: tuple[str, ...]):
   return nn.with_logical_partitioning(nn.initializers.normal(stddev), axes)
 
 
 def _zeros_init(axes: tuple[str, ...]):
   return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def _symmetric_uniform(bound: float):
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
 
 
 def _layer_norm(dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
@@ -61,6 +91,11 @@ class ProjectionDense(nn.Module):
   Stands in for nn.DenseGeneral, which (flax 0.12.8) initialises a flattened
   kernel and unboxes it with the unflattened logical names; under a mesh that
   sharding constraint has the wrong rank and tracing fails.
+
+  With `lora_rank` > 0 it adds a LoRA adapter (Hu et al. 2021): the output gains
+  (lora_alpha / lora_rank) * x A B, A of shape [inputs..., rank] and B of shape
+  [rank, outputs...]. B starts at zero, so a fresh adapter changes nothing; x goes through
+  A then B, never forming the kernel-sized product A B while training.
   """
 
   equation: str
@@ -70,15 +105,39 @@ class ProjectionDense(nn.Module):
   init_stddev: float
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  lora_rank: int = 0
+  lora_alpha: float = 1.0
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kernel = self.param('kernel', _normal_init(self.init_stddev, self.kernel_axes),
                         self.kernel_shape, self.param_dtype)
-    bias_shape = self.kernel_shape[len(self.kernel_shape) - len(self.bias_axes):]
+    num_out = len(self.bias_axes)
+    bias_shape = self.kernel_shape[len(self.kernel_shape) - num_out:]
     bias = self.param('bias', _zeros_init(self.bias_axes), bias_shape, self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return jnp.einsum(self.equation, x, kernel) + bias
+    y = jnp.einsum(self.equation, x, kernel) + bias
+    if not self.lora_rank:
+      return y
+    in_shape = self.kernel_shape[:len(self.kernel_shape) - num_out]
+    # A as LoRA's reference code draws it (uniform, bound 1/sqrt(fan in)); B zero.
+    bound = 1.0 / math.sqrt(math.prod(in_shape))
+    lora_a = self.param(
+        'lora_a', nn.with_logical_partitioning(
+            _symmetric_uniform(bound), self.kernel_axes[:-num_out] + (None,)),
+        in_shape + (self.lora_rank,), self.param_dtype)
+    lora_b = self.param('lora_b', _zeros_init((None,) + self.bias_axes),
+                        (self.lora_rank,) + bias_shape, self.param_dtype)
+    lora_a, lora_b = nn.dtypes.promote_dtype(lora_a, lora_b, dtype=self.dtype)
+    # 'bte,ehd->bthd' becomes 'bte,er->btr' then 'btr,rhd->bthd'.
+    inputs, outputs = self.equation.split('->')
+    x_letters, kernel_letters = inputs.split(',')
+    in_letters = kernel_letters[:len(in_shape)]
+    lead = ''.join(c for c in x_letters if c not in in_letters)
+    low_rank = jnp.einsum(f'{x_letters},{in_letters}r->{lead}r', x, lora_a)
+    delta = jnp.einsum(f'{lead}r,r{kernel_letters[len(in_shape):]}->{outputs}', low_rank,
+                       lora_b)
+    return y + (self.lora_alpha / self.lora_rank) * delta
 
 
 class CausalSelfAttention(nn.Module):
@@ -93,6 +152,7 @@ class CausalSelfAttention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   decode: bool = False
+  lora: LoraSpec | None = None
 
   def _project(self, name: str, d_model: int) -> ProjectionDense:
     return ProjectionDense(
@@ -104,6 +164,7 @@ class CausalSelfAttention(nn.Module):
         dtype=self.dtype,
         param_dtype=self.param_dtype,
         name=name,
+        **_lora_kwargs(self.lora, name),
     )
 
   @nn.compact
@@ -164,6 +225,7 @@ class CausalSelfAttention(nn.Module):
         dtype=self.dtype,
         param_dtype=self.param_dtype,
         name='out',
+        **_lora_kwargs(self.lora, 'out'),
     )(context_BxTxHxD)
     return nn.Dropout(self.dropout_rate)(out_BxTxE, deterministic=not train)
 
@@ -177,25 +239,34 @@ class Mlp(nn.Module):
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  lora: LoraSpec | None = None
 
   @nn.compact
   def __call__(self, x_BxTxE: Array, *, train: bool) -> Array:
-    hidden_BxTxF = nn.Dense(
-        self.d_ff,
-        kernel_init=_normal_init(self.init_stddev, ('embed', 'mlp')),
-        bias_init=_zeros_init(('mlp',)),
+    d_model = x_BxTxE.shape[-1]
+    # ProjectionDense names and initialises its parameters as nn.Dense would.
+    hidden_BxTxF = ProjectionDense(
+        equation='bte,ef->btf',
+        kernel_shape=(d_model, self.d_ff),
+        kernel_axes=('embed', 'mlp'),
+        bias_axes=('mlp',),
+        init_stddev=self.init_stddev,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
         name='dense_in',
+        **_lora_kwargs(self.lora, 'dense_in'),
     )(x_BxTxE)
     hidden_BxTxF = nn.gelu(hidden_BxTxF, approximate=True)
-    out_BxTxE = nn.Dense(
-        x_BxTxE.shape[-1],
-        kernel_init=_normal_init(self.out_init_stddev, ('mlp', 'embed')),
-        bias_init=_zeros_init(('embed',)),
+    out_BxTxE = ProjectionDense(
+        equation='btf,fe->bte',
+        kernel_shape=(self.d_ff, d_model),
+        kernel_axes=('mlp', 'embed'),
+        bias_axes=('embed',),
+        init_stddev=self.out_init_stddev,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
         name='dense_out',
+        **_lora_kwargs(self.lora, 'dense_out'),
     )(hidden_BxTxF)
     return nn.Dropout(self.dropout_rate)(out_BxTxE, deterministic=not train)
 
@@ -213,6 +284,7 @@ class DecoderLayer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   decode: bool = False
+  lora: LoraSpec | None = None
 
   @nn.compact
   def __call__(self, x_BxTxE: Array, cache_index: Array | None, *, train: bool) -> Array:
@@ -226,6 +298,7 @@ class DecoderLayer(nn.Module):
         dtype=self.dtype,
         param_dtype=self.param_dtype,
         decode=self.decode,
+        lora=self.lora,
         name='attention',
     )
     normed_BxTxE = _layer_norm(self.dtype, self.param_dtype, 'attention_norm')(x_BxTxE)
@@ -239,6 +312,7 @@ class DecoderLayer(nn.Module):
         dropout_rate=self.dropout_rate,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
+        lora=self.lora,
         name='mlp',
     )
     normed_BxTxE = _layer_norm(self.dtype, self.param_dtype, 'mlp_norm')(x_BxTxE)
@@ -264,6 +338,7 @@ class Transformer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   decode: bool = False
+  lora: LoraSpec | None = None  # LoRA adapters on the projections it names; None: none
 
   # GPT-2's initialisation: N(0, 0.02) weights, residual output projections
   # shrunk by 1/sqrt(2 * num_layers) so the residual stream's variance stays
@@ -325,6 +400,7 @@ class Transformer(nn.Module):
           dtype=self.dtype,
           param_dtype=self.param_dtype,
           decode=self.decode,
+          lora=self.lora,
           name=f'layer_{layer}',
       )(x_BxTxE, start, train=train)
     x_BxTxE = _layer_norm(self.dtype, self.param_dtype, 'final_norm')(x_BxTxE)
@@ -339,6 +415,20 @@ class Transformer(nn.Module):
     if self.decode and cache_exists:
       cache_index.value = start + num_new
     return logits_BxTxV
+
+
+def merge_lora(params: PyTree, lora: LoraSpec) -> PyTree:
+  """The parameters with every adapter folded into its kernel (kernel + scale * A B) and
+  removed: what a model without LoRA computes the same logits with."""
+  if not isinstance(params, dict):
+    return params
+  merged = {k: merge_lora(v, lora) for k, v in params.items()
+            if k not in ('lora_a', 'lora_b')}
+  if 'lora_a' in params:
+    product = jnp.tensordot(params['lora_a'], params['lora_b'], axes=1)
+    merged['kernel'] = (params['kernel'] + (lora.alpha / lora.rank) * product).astype(
+        params['kernel'].dtype)
+  return merged
 
 
 def init_cache(model: Transformer, batch_size: int, length: int | None = None) -> PyTree:

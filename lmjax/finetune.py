@@ -1,0 +1,206 @@
+"""Fine-tuning: start from another run's parameters; train only some of them.
+
+Parameters are named by their path, '/'-joined: 'layer_0/attention/query/kernel'.
+What a run does not train (`train.freeze` patterns, or everything but the LoRA adapters
+when `model.lora_rank` > 0) is split off into `TrainState.frozen`: it gets no gradient
+and no optimizer state, and is stored once in WORKDIR/frozen_params instead of in
+every checkpoint.
+"""
+import json
+import os
+import re
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from lmjax import checkpoint as ckpt_lib
+from lmjax.errors import UserError
+from lmjax.models import transformer
+
+LORA_LEAVES = ('lora_a', 'lora_b')
+
+
+def _flat(params) -> dict[str, Any]:
+  return {'/'.join(k): v for k, v in traverse_util.flatten_dict(params).items()}
+
+
+def _unflat(flat: dict[str, Any]) -> dict:
+  return traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
+
+
+def is_lora(name: str) -> bool:
+  return name.rsplit('/', 1)[-1] in LORA_LEAVES
+
+
+def param_names(params) -> list[str]:
+  return sorted(_flat(params))
+
+
+def trainable_filter(config) -> Callable[[str], bool]:
+  """name -> whether the run trains that parameter, from train.freeze and model.lora_rank."""
+  patterns = []
+  for pattern in config.train.get('freeze', ()):
+    try:
+      patterns.append(re.compile(pattern))
+    except re.error as e:
+      raise UserError(f'train.freeze pattern {pattern!r} is not a regular expression ({e}).'
+                      ) from None
+  lora = bool(config.model.get('lora_rank', 0))
+
+  def trainable(name: str) -> bool:
+    if lora and not is_lora(name):
+      return False
+    return not any(p.search(name) for p in patterns)
+  return trainable
+
+
+def check_trainable(config, names: list[str]) -> None:
+  """Every freeze pattern names some parameter, and something is left to train."""
+  for pattern in config.train.get('freeze', ()):
+    if not any(re.search(pattern, n) for n in names):
+      raise UserError(f'train.freeze pattern {pattern!r} matches no parameter of this model; '
+                      f'parameter names look like {", ".join(names[:3])}, ... (regular '
+                      "expressions, searched anywhere in the name, e.g. 'token_embed' or "
+                      "'layer_[01]/').")
+  trainable = trainable_filter(config)
+  if not any(trainable(n) for n in names):
+    raise UserError(f'train.freeze={tuple(config.train.freeze)} freezes every parameter; '
+                    'leave something to train.')
+
+
+def split(params, trainable: Callable[[str], bool]):
+  """(trained part, frozen part or None) of a params tree."""
+  flat = _flat(params)
+  kept = {k: v for k, v in flat.items() if trainable(k)}
+  frozen = {k: v for k, v in flat.items() if not trainable(k)}
+  return _unflat(kept), (_unflat(frozen) if frozen else None)
+
+
+def join(trained, frozen):
+  """The whole params tree from `split`'s two parts."""
+  if frozen is None:
+    return trained
+  return _unflat({**_flat(trained), **_flat(frozen)})
+
+
+def replace_from(params, base):
+  """`params` with every parameter `base` also has taken from `base`."""
+  return _unflat({**_flat(params), **_flat(base)})
+
+
+def for_decoding(config, params):
+  """(config, params) with LoRA adapters merged into their kernels: a plain model with
+  the same logits, for the decoder and for exporting."""
+  lora = config.model.get('lora_rank', 0)
+  if not lora:
+    return config, params
+  from lmjax import models  # noqa: PLC0415  (models imports nothing of this module)
+  merged = transformer.merge_lora(params, models.lora_spec(config.model))
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.lora_rank = 0
+  return config, merged
+
+
+# ----------------------------------------------------------------------- starting point
+
+
+def _base_config(base: str) -> dict:
+  path = os.path.join(base, 'config.json')
+  if not os.path.exists(path):
+    raise UserError(f'init_from.workdir={base!r} holds no config.json; name a training '
+                    'workdir (one experiments/train.py wrote).')
+  with open(path) as f:
+    return json.load(f)
+
+
+def base_workdir(config, workdir: str) -> str | None:
+  """The absolute workdir `config.init_from` names, checked; None when it names none."""
+  init_from = config.get('init_from')
+  if not init_from or not init_from.workdir:
+    return None
+  base = os.path.abspath(init_from.workdir)
+  if base == os.path.abspath(workdir):
+    raise UserError('init_from.workdir is the run\'s own --workdir; to continue a run, '
+                    'rerun it without init_from; to fine-tune, give a new --workdir.')
+  if not os.path.isdir(base):
+    raise UserError(f'init_from.workdir={init_from.workdir!r} does not exist.')
+  base_data = _base_config(base)['data']
+  for field in ('tokenizer', 'vocab_size'):
+    if base_data.get(field) != config.data.get(field):
+      raise UserError(
+          f'data.{field}={config.data.get(field)!r}, but the run in init_from.workdir='
+          f'{init_from.workdir!r} used {base_data.get(field)!r}; a fine-tuned model keeps '
+          f'its base\'s tokenizer, so set data.{field}={base_data.get(field)!r}.')
+  return base
+
+
+def _stored_shapes(base: str, step: int):
+  """({name: shape} of the parameters in the checkpoint, {name: shape} of those stored once
+  in frozen_params); read from metadata, no array loaded."""
+  checkpointer = ckpt_lib.Checkpointer(base, read_only=True)
+  try:
+    in_checkpoint = {_name(k): v for k, v in checkpointer.param_shapes(step).items()}
+  finally:
+    checkpointer.close()
+  frozen = {_name(k): v for k, v in (ckpt_lib.frozen_shapes(base) or {}).items()}
+  return in_checkpoint, frozen
+
+
+def _name(keystr: str) -> str:
+  """"['layer_0']['mlp']['dense_in']['kernel']" -> 'layer_0/mlp/dense_in/kernel'."""
+  return '/'.join(re.findall(r"\['([^']*)'\]", keystr))
+
+
+def load_base_params(config, base: str, abstract_params, replicated):
+  """(params, step): the base run's parameters at init_from.step (0: its latest), every
+  one the new model has except its LoRA adapters (which stay as initialised), restored
+  into `abstract_params`' shardings whatever mesh the base trained on. A base that had
+  adapters of its own comes merged; a base's frozen parameters are read from its
+  frozen_params.
+
+  `abstract_params`: the new model's params, ShapeDtypeStructs with shardings.
+  `replicated`: a sharding for the base's own adapters, which the new model lacks.
+  """
+  steps = ckpt_lib.complete_steps(base)
+  wanted = config.init_from.step or (steps[-1] if steps else None)
+  if wanted not in steps:
+    raise UserError(f'init_from.workdir={config.init_from.workdir!r} has no checkpoint of '
+                    f'step {wanted}; it has {", ".join(map(str, steps)) or "none"} '
+                    '(init_from.step=0 takes the latest).')
+  in_checkpoint, in_frozen = _stored_shapes(base, wanted)
+  stored = {**in_checkpoint, **in_frozen}
+  base_model = _base_config(base)['model']
+  stored_plain = {k: v for k, v in stored.items() if not is_lora(k)}
+  new_flat = _flat(abstract_params)
+  expected = {k: tuple(v.shape) for k, v in new_flat.items() if not is_lora(k)}
+  for name in sorted(set(stored_plain) | set(expected)):
+    if stored_plain.get(name) != expected.get(name):
+      raise UserError(
+          f'init_from.workdir={config.init_from.workdir!r} (step {wanted}) does not fit this '
+          f'model: parameter {name} is {stored_plain.get(name, "absent")} there and '
+          f'{expected.get(name, "absent")} here. Fine-tuning keeps the base\'s shapes: use '
+          f'its model settings (model.name={base_model.get("name")!r}, '
+          f'num_layers={base_model.get("num_layers")}, d_model={base_model.get("d_model")}, '
+          '...), changing only dropout, LoRA and the training fields.')
+
+  def targets(names):
+    out = {}
+    for name in names:
+      leaf = new_flat.get(name)
+      out[name] = jax.ShapeDtypeStruct(
+          stored[name], leaf.dtype if leaf is not None else np.float32,
+          sharding=leaf.sharding if leaf is not None else replicated)
+    return _unflat(out)
+
+  params = ckpt_lib.restore_params(base, wanted, targets(in_checkpoint))
+  if in_frozen:
+    params = join(params, ckpt_lib.restore_frozen(base, targets(in_frozen)))
+  if base_model.get('lora_rank', 0):
+    spec = transformer.LoraSpec(rank=base_model['lora_rank'], alpha=base_model['lora_alpha'],
+                                targets=tuple(base_model['lora_targets']))
+    merged = _flat(transformer.merge_lora(params, spec))
+    params = _unflat({k: jax.device_put(v, new_flat[k].sharding) for k, v in merged.items()})
+  return params, wanted
