@@ -1,7 +1,8 @@
 """Character, SentencePiece and GPT-2 tokenizers: train, encode/decode, save and load.
 
 All have `vocab_size`, `eos_id` (the separator written after each document),
-`kind`, `encode(text) -> int32 array`, `decode(ids) -> str` and `save(directory)`.
+`kind`, `encode(text) -> int32 array`, `decode(ids) -> str`, `byte_lengths()` (the UTF-8
+bytes of text each id stands for, for bits per byte) and `save(directory)`.
 `decode` turns eos into the empty string, so decoding a generation that ran past
 the end of a document drops the separators but keeps everything else.
 A directory holds `tokenizer.json` (and `tokenizer.model` for SentencePiece,
@@ -113,6 +114,12 @@ class CharTokenizer:
     # '<U1' stores each character as one little-endian UTF-32 code unit.
     return self._char_by_id[ids].tobytes().decode('utf-32-le', 'surrogatepass')
 
+  def byte_lengths(self) -> np.ndarray:
+    """[vocab_size] UTF-8 bytes of each id's character; eos stands for no text (0)."""
+    # surrogatepass: a lone surrogate in the training text still has a length.
+    return np.array([0] + [len(c.encode('utf-8', 'surrogatepass')) for c in self.chars],
+                    np.int64)
+
   def save(self, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
     _write_config(directory, {'kind': self.kind, 'vocab_size': self.vocab_size,
@@ -220,6 +227,23 @@ class SentencePieceTokenizer:
 
   def decode(self, ids) -> str:
     return self._sp.decode(_as_ids(ids, self.vocab_size).tolist())
+
+  def byte_lengths(self) -> np.ndarray:
+    """[vocab_size] UTF-8 bytes of text each piece decodes to: '▁' is a space, a
+    byte-fallback piece (<0x41>) one byte, control pieces (eos, bos, pad) and unknown 0.
+
+    With no dummy prefix (see `train`) the lengths of `encode(text)` add up to
+    `len(text.encode())` exactly, as long as the text holds no '▁' of its own:
+    SentencePiece reads that character as a space (and decodes it as one)."""
+    sp, lengths = self._sp, np.zeros(self.vocab_size, np.int64)
+    for i in range(self.vocab_size):
+      if sp.is_control(i) or sp.is_unknown(i):
+        continue
+      if sp.is_byte(i):
+        lengths[i] = 1
+      else:
+        lengths[i] = len(sp.id_to_piece(i).replace('\u2581', ' ').encode('utf-8'))
+    return lengths
 
   def save(self, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
@@ -383,6 +407,13 @@ class Gpt2BpeTokenizer:
     data = b''.join(pieces[i] for i in ids.tolist() if i != self.eos_id)
     # A generation can stop inside a character's bytes: mark it instead of failing.
     return data.decode('utf-8', errors='replace')
+
+  def byte_lengths(self) -> np.ndarray:
+    """[vocab_size] bytes each id decodes to (byte-level, so exact); eos 0: it is the
+    document separator here, not text."""
+    lengths = np.array([len(piece) for piece in self._bytes_by_id], np.int64)
+    lengths[self.eos_id] = 0
+    return lengths
 
   def save_vocab_and_merges(self, directory: str) -> None:
     """Writes GPT-2's own files, `vocab.json` and `merges.txt`, as Hugging Face reads them."""

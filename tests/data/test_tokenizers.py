@@ -75,6 +75,17 @@ def test_char_unknown_characters_are_named(char_tokenizer):
   assert 'training split' in message
 
 
+def test_char_byte_lengths_add_up_to_the_texts_bytes(char_tokenizer, validation):
+  lengths = char_tokenizer.byte_lengths()
+  assert lengths.shape == (char_tokenizer.vocab_size,) and lengths[char_tokenizer.eos_id] == 0
+  for title, text in validation.items():
+    assert lengths[char_tokenizer.encode(text)].sum() == len(text.encode('utf-8')), title
+  wide = tokenizers.CharTokenizer(['a', '\u00e9', '\u2603', '\U0001F600'])
+  assert wide.byte_lengths().tolist() == [0, 1, 2, 3, 4]
+  text = 'a\u2603\u00e9\U0001F600a'
+  assert wide.byte_lengths()[wide.encode(text)].sum() == len(text.encode('utf-8')) == 11
+
+
 def test_char_save_load(char_tokenizer, validation, tmp_path):
   char_tokenizer.save(tmp_path)
   assert json.loads((tmp_path / 'tokenizer.json').read_text())['kind'] == 'char'
@@ -105,6 +116,18 @@ def test_spm_round_trips_real_text_exactly(spm_tokenizer, validation):
 @pytest.mark.parametrize('text', TRICKY)
 def test_spm_round_trips_whitespace_and_unseen_characters(spm_tokenizer, text):
   assert spm_tokenizer.decode(spm_tokenizer.encode(text)) == text
+
+
+def test_spm_byte_lengths_add_up_to_the_texts_bytes(spm_tokenizer, validation):
+  """Exactly, leading spaces included: these models add no dummy prefix."""
+  lengths = spm_tokenizer.byte_lengths()
+  assert lengths.shape == (spm_tokenizer.vocab_size,) and lengths[spm_tokenizer.eos_id] == 0
+  for title, text in [*validation.items(), *enumerate(TRICKY)]:
+    ids = spm_tokenizer.encode(text)
+    assert lengths[ids].sum() == len(text.encode('utf-8')), title
+  # Characters the model never saw arrive as byte-fallback pieces, one byte each.
+  ids = spm_tokenizer.encode('\U0001F600')
+  assert len(ids) == 4 and lengths[ids].tolist() == [1, 1, 1, 1]
 
 
 def test_spm_eos_decodes_to_nothing(spm_tokenizer):
@@ -213,6 +236,16 @@ def test_gpt2_bpe_merges_best_rank_first(gpt2_tokenizer):
 @pytest.mark.parametrize('text', TRICKY + ["it's 1999, isn't it?", '\u6771\u4eac\U0001F600'])
 def test_gpt2_bpe_round_trips_any_text(gpt2_tokenizer, text):
   assert gpt2_tokenizer.decode(gpt2_tokenizer.encode(text)) == text
+
+
+@pytest.mark.parametrize('text', TRICKY + ["it's 1999, isn't it?", 'low lower newest'])
+def test_gpt2_bpe_byte_lengths_add_up_to_the_texts_bytes(gpt2_tokenizer, text):
+  lengths = gpt2_tokenizer.byte_lengths()
+  assert lengths.shape == (gpt2_tokenizer.vocab_size,)
+  assert lengths[gpt2_tokenizer.encode(text)].sum() == len(text.encode('utf-8'))
+  # The separator between documents stands for no text, though its name has 13 characters.
+  assert lengths[gpt2_tokenizer.encode(text + '<|endoftext|>')].sum() == len(
+      text.encode('utf-8'))
 
 
 def test_gpt2_bpe_decode_drops_eos_and_marks_cut_characters(gpt2_tokenizer):

@@ -1,0 +1,124 @@
+"""Scores a trained checkpoint on a whole split: loss, perplexity, accuracy, bits per token
+and bits per byte of text.
+
+Bits per byte divide the summed loss by the UTF-8 bytes the scored tokens stand for, so a
+character model and a SentencePiece model of the same text compare fairly (bits per token
+do not: a token of the second holds several characters). The split is read and cut into
+windows exactly as training's evaluation does it, so the validation split gives the
+numbers the run logged; the mesh is data parallel over any number of devices.
+"""
+import functools
+import math
+import os
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from lmjax import models, sharding, train
+from lmjax.data import corpora, pipeline
+from lmjax.errors import UserError
+
+
+def evaluate_workdir(workdir: str, split: str = 'validation', step: int | None = None,
+                     batch_size: int | None = None, devices=None) -> dict:
+  """Metrics of `workdir`'s checkpoint `step` (default: the latest) on `split`.
+
+  `batch_size` (rows of `train.seq_len` tokens) defaults to the run's
+  `train.eval_batch_size`; `devices` to all of them. Returns a JSON-ready dict: 'loss'
+  (nats per token), 'perplexity', 'accuracy', 'bits_per_token', 'bits_per_byte',
+  'num_tokens' (scored targets), 'num_bytes' (the text they stand for), 'workdir',
+  'step', 'split', 'tokenizer', 'num_params', and for character models 'bits_per_char'.
+  Mistakes raise UserError naming the flag of experiments/evaluate.py.
+  """
+  if split not in corpora.SPLITS:
+    raise UserError(f'--split={split!r} is not a split; use one of {", ".join(corpora.SPLITS)}.')
+  workdir = os.path.abspath(workdir)
+  # The config alone first: a bad batch size is reported before any checkpoint is read.
+  t = train.load_config(workdir).train
+  stateful = t.get('stateful', False)
+  # A data-parallel mesh whatever the run trained on: a forward pass of a model that fits
+  # for training fits whole on each device, and rows split evenly over any device count.
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({'shape': (-1, 1, 1)}), devices)
+  batch_size = _batch_size(batch_size, t.eval_batch_size, sharding.data_parallel_size(mesh),
+                           stateful)
+  config, tokenizer, params, step = train.load_trained(workdir, step)
+  # The run's rules still resolve the models' activation constraints on this mesh.
+  rules = sharding.rules_as_tuples(config.mesh.rules)
+
+  tokens = pipeline.load_tokens(config.data, split, tokenizer)
+  try:
+    if stateful:
+      evals = pipeline.stream_eval_set(tokens, seq_len=t.seq_len, batch_size=batch_size,
+                                       eos_id=tokenizer.eos_id)
+    else:
+      evals = pipeline.eval_set(tokens, seq_len=t.seq_len, batch_size=batch_size)
+  except ValueError as e:  # a split shorter than one window
+    raise UserError(f'--split={split}: {e}') from None
+
+  model = models.build_model(config.model, tokenizer.vocab_size)
+  replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  params = jax.device_put(params, replicated)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    if stateful:
+      eval_fn = jax.jit(functools.partial(train.stateful_eval_step, model=model),
+                        in_shardings=(replicated, batch_sharding, batch_sharding),
+                        out_shardings=(replicated, batch_sharding))
+      carry = train.eval_carry(model, mesh, batch_size)
+    else:
+      eval_fn = jax.jit(functools.partial(train.eval_step, model=model),
+                        in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+      carry = None
+    metrics = train.evaluate(eval_fn, params, evals, batch_sharding, bits_per_char=False,
+                             carry=carry)
+
+  # The text the scored targets stand for, counted on the host: padding has weight 0,
+  # the end-of-document separator 0 bytes.
+  scored = evals.weights > 0
+  num_tokens = int(scored.sum())
+  num_bytes = int(tokenizer.byte_lengths()[evals.targets[scored]].sum())
+  loss_bits = metrics['loss'] * num_tokens / math.log(2)  # the whole split's loss, in bits
+  result = {
+      'loss': metrics['loss'],
+      'perplexity': metrics['perplexity'],
+      'accuracy': metrics['accuracy'],
+      'bits_per_token': metrics['loss'] / math.log(2),
+      'bits_per_byte': loss_bits / num_bytes if num_bytes else None,
+      'num_tokens': num_tokens,
+      'num_bytes': num_bytes,
+      'workdir': workdir,
+      'step': step,
+      'split': split,
+      'tokenizer': tokenizer.kind,
+      'num_params': models.count_params(params),
+  }
+  if tokenizer.kind == 'char':
+    result['bits_per_char'] = result['bits_per_token']
+  return result
+
+
+def _batch_size(requested: int | None, configured: int, data_parallel: int,
+                stateful: bool) -> int:
+  """The evaluation batch: `requested`, checked, or the run's, fitted to the devices."""
+  processes = jax.process_count()
+  if requested is not None:
+    if requested < 1:
+      raise UserError(f'--batch_size={requested}; it must be a positive multiple of '
+                      f'{data_parallel}, the devices evaluating.')
+    if requested % data_parallel or requested % processes:
+      raise UserError(f'--batch_size={requested} does not divide over the {data_parallel} '
+                      f'devices and {processes} process(es); use a multiple of '
+                      f'{math.lcm(data_parallel, processes)}.')
+    return requested
+  if configured % data_parallel == 0 and configured % processes == 0:
+    return configured
+  if stateful:
+    # Each row of a stateful evaluation is its own stream with its own carry: another
+    # row count reads the split differently and would give other numbers.
+    raise UserError(f'train.eval_batch_size={configured} of this stateful run does not divide '
+                    f'over {data_parallel} devices; evaluate on a number of devices that '
+                    f'divides it (--devices), or pass --batch_size (a multiple of '
+                    f'{data_parallel}; the carry then runs along other streams).')
+  # Windows are scored independently, so more rows only add padding.
+  multiple = math.lcm(data_parallel, processes)
+  return -(-configured // multiple) * multiple
