@@ -117,7 +117,8 @@ def _base_config(base: str) -> dict:
 
 
 def base_workdir(config, workdir: str) -> str | None:
-  """The absolute workdir `config.init_from` names, checked; None when it names none."""
+  """The absolute workdir `config.init_from` names, checked; None when it names none, or
+  when `workdir` has checkpoints already: a run that started needs its base no more."""
   init_from = config.get('init_from')
   if not init_from or not init_from.workdir:
     return None
@@ -125,6 +126,8 @@ def base_workdir(config, workdir: str) -> str | None:
   if base == os.path.abspath(workdir):
     raise UserError('init_from.workdir is the run\'s own --workdir; to continue a run, '
                     'rerun it without init_from; to fine-tune, give a new --workdir.')
+  if ckpt_lib.complete_steps(workdir):
+    return None
   if not os.path.isdir(base):
     raise UserError(f'init_from.workdir={init_from.workdir!r} does not exist.')
   base_data = _base_config(base)['data']
