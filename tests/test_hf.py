@@ -256,3 +256,25 @@ def test_import_script_then_decode_script(hf_dir, tmp_path):
                  '--strategy=greedy', '--max_new_tokens=5')
   assert done.returncode == 0, done.stderr
   assert 'The king' in done.stdout
+
+
+def test_lora_on_an_imported_gpt2_exports_merged(workdir, hf_model, random_ids, tmp_path):
+  """An imported GPT-2 is a base like any other: LoRA-tune it briefly, export the merged
+  model, and transformers gives lmjax's logits, which the adapters have moved."""
+  config = train.load_config(workdir)
+  config.init_from.workdir = workdir
+  config.model.update(lora_rank=4, dropout=0.0)
+  config.opt.update(lr=1e-2, warmup_steps=0)
+  config.train.update(num_steps=2, batch_size=8, seq_len=32, eval_batch_size=64,
+                      eval_every=2, checkpoint_every=2, sample_tokens=0)
+  lora_workdir = str(tmp_path / 'lora')
+  train.train_and_evaluate(config, lora_workdir)
+  exported = str(tmp_path / 'exported')
+  assert hf.export_gpt2(lora_workdir, exported) == 2  # the step exported
+  model = transformers.GPT2LMHeadModel.from_pretrained(exported).eval()
+  merged_config, tokenizer, params, _ = train.load_trained(lora_workdir)
+  lmjax_model = models.build_model(merged_config.model, tokenizer.vocab_size)
+  ids = random_ids[1]
+  ours = np.asarray(lmjax_model.apply({'params': params}, ids))
+  np.testing.assert_allclose(_hf_logits(model, ids), ours, atol=1e-4, rtol=0)
+  assert np.abs(_hf_logits(hf_model, ids) - ours).max() > 1e-3
