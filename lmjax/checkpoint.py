@@ -47,10 +47,14 @@ class Checkpointer:
     it starts)."""
     return complete_steps(os.path.dirname(self.directory))
 
+  def param_metadata(self, step: int):
+    """The tree of the parameters stored at `step`, with each array's shape and dtype,
+    read from the checkpoint's metadata without loading any array."""
+    return self._manager.item_metadata(step)['state']['params']
+
   def param_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
-    """{'['layer_0']['mlp']...': shape} of the parameters stored at `step`, read from the
-    checkpoint's metadata without loading any array."""
-    return shapes_by_path(self._manager.item_metadata(step)['state']['params'])
+    """{'['layer_0']['mlp']...': shape} of the parameters stored at `step`."""
+    return shapes_by_path(self.param_metadata(step))
 
   def set_aside(self, step: int, reason: str) -> str:
     """Moves an unreadable checkpoint out of the way (to WORKDIR/unreadable_checkpoints/), so
@@ -141,13 +145,14 @@ def save_frozen(workdir: str, frozen) -> None:
     checkpointer.wait_until_finished()
 
 
-def frozen_shapes(workdir: str) -> dict[str, tuple[int, ...]] | None:
-  """{path: shape} of WORKDIR/frozen_params, or None if the run froze nothing."""
+def frozen_metadata(workdir: str):
+  """The tree of WORKDIR/frozen_params (shapes and dtypes, no array read), or None if the
+  run froze nothing."""
   path = _frozen_path(workdir)
   if not os.path.isdir(path):
     return None
   with ocp.StandardCheckpointer() as checkpointer:
-    return shapes_by_path(checkpointer.metadata(path).item_metadata.tree)
+    return checkpointer.metadata(path).item_metadata.tree
 
 
 def restore_frozen(workdir: str, abstract_frozen):

@@ -15,7 +15,10 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+import ml_collections
+
 from lmjax import checkpoint as ckpt_lib
+from lmjax import models
 from lmjax.errors import UserError
 from lmjax.models import transformer
 
@@ -38,8 +41,11 @@ def param_names(params) -> list[str]:
   return sorted(_flat(params))
 
 
-def trainable_filter(config) -> Callable[[str], bool]:
-  """name -> whether the run trains that parameter, from train.freeze and model.lora_rank."""
+def trainable_filter(config) -> Callable[[str], bool] | None:
+  """name -> whether the run trains that parameter, from train.freeze and model.lora_rank;
+  None when the config trains every parameter."""
+  if not config.train.get('freeze', ()) and not config.model.get('lora_rank', 0):
+    return None
   patterns = []
   for pattern in config.train.get('freeze', ()):
     try:
@@ -79,15 +85,11 @@ def split(params, trainable: Callable[[str], bool]):
 
 
 def join(trained, frozen):
-  """The whole params tree from `split`'s two parts."""
+  """The whole params tree from `split`'s two parts; where both have a parameter (not
+  from `split`), `frozen`'s wins."""
   if frozen is None:
     return trained
   return _unflat({**_flat(trained), **_flat(frozen)})
-
-
-def replace_from(params, base):
-  """`params` with every parameter `base` also has taken from `base`."""
-  return _unflat({**_flat(params), **_flat(base)})
 
 
 def for_decoding(config, params):
@@ -96,7 +98,6 @@ def for_decoding(config, params):
   lora = config.model.get('lora_rank', 0)
   if not lora:
     return config, params
-  from lmjax import models  # noqa: PLC0415  (models imports nothing of this module)
   merged = transformer.merge_lora(params, models.lora_spec(config.model))
   config = config.copy_and_resolve_references()
   with config.unlocked():
@@ -140,21 +141,19 @@ def base_workdir(config, workdir: str) -> str | None:
   return base
 
 
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  return {name: tuple(leaf.shape) for name, leaf in _flat(tree or {}).items()}
+
+
 def _stored_shapes(base: str, step: int):
   """({name: shape} of the parameters in the checkpoint, {name: shape} of those stored once
   in frozen_params); read from metadata, no array loaded."""
   checkpointer = ckpt_lib.Checkpointer(base, read_only=True)
   try:
-    in_checkpoint = {_name(k): v for k, v in checkpointer.param_shapes(step).items()}
+    in_checkpoint = _shapes(checkpointer.param_metadata(step))
   finally:
     checkpointer.close()
-  frozen = {_name(k): v for k, v in (ckpt_lib.frozen_shapes(base) or {}).items()}
-  return in_checkpoint, frozen
-
-
-def _name(keystr: str) -> str:
-  """"['layer_0']['mlp']['dense_in']['kernel']" -> 'layer_0/mlp/dense_in/kernel'."""
-  return '/'.join(re.findall(r"\['([^']*)'\]", keystr))
+  return in_checkpoint, _shapes(ckpt_lib.frozen_metadata(base))
 
 
 def load_base_params(config, base: str, abstract_params, replicated):
@@ -201,9 +200,8 @@ def load_base_params(config, base: str, abstract_params, replicated):
   params = ckpt_lib.restore_params(base, wanted, targets(in_checkpoint))
   if in_frozen:
     params = join(params, ckpt_lib.restore_frozen(base, targets(in_frozen)))
-  if base_model.get('lora_rank', 0):
-    spec = transformer.LoraSpec(rank=base_model['lora_rank'], alpha=base_model['lora_alpha'],
-                                targets=tuple(base_model['lora_targets']))
+  spec = models.lora_spec(ml_collections.ConfigDict(base_model))
+  if spec:
     merged = _flat(transformer.merge_lora(params, spec))
     params = _unflat({k: jax.device_put(v, new_flat[k].sharding) for k, v in merged.items()})
   return params, wanted

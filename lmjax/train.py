@@ -211,13 +211,6 @@ def _init_state(rng, *, model, tx, seq_len: int, carry_rows: int = 0,
                     carry=carry, frozen=frozen)
 
 
-def trainable_filter(config):
-  """finetune.trainable_filter, or None when the config trains every parameter."""
-  if not config.train.get('freeze', ()) and not config.model.get('lora_rank', 0):
-    return None
-  return finetune.trainable_filter(config)
-
-
 def create_train_state(model, tx, mesh, rules, seed: int, seq_len: int, carry_rows: int = 0,
                        trainable=None):
   """Initialises the state directly into its shardings; no full host copy of the params."""
@@ -375,7 +368,8 @@ def restore_state(workdir: str, step: int | None = None):
   tx = optim.make_optimizer(config.opt, config.train.num_steps)
 
   init = functools.partial(_init_state, model=model, tx=tx, seq_len=config.train.seq_len,
-                           carry_rows=carry_rows(config), trainable=trainable_filter(config))
+                           carry_rows=carry_rows(config),
+                           trainable=finetune.trainable_filter(config))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.eval_shape(init, jax.random.key(0))
   abstract = ckpt_lib.abstract_with_shardings(abstract, jax.tree.map(lambda _: device, abstract))
@@ -617,7 +611,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   model = models.build_model(config.model, tokenizer.vocab_size)
   tx = optim.make_optimizer(config.opt, t.num_steps)
   schedule = optim.learning_rate_schedule(config.opt, t.num_steps)
-  trainable = trainable_filter(config)
+  trainable = finetune.trainable_filter(config)
   state, state_shardings = create_train_state(model, tx, mesh, rules, t.seed, t.seq_len,
                                               carry_rows=carry_rows(config), trainable=trainable)
   if trainable is not None:
@@ -650,9 +644,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
           flush=True)
     if base:
       state = _start_from_base(config, base, state, state_shardings, trainable, mesh)
-    if state.frozen is not None:
-      with _writing_frozen(workdir):
-        ckpt_lib.save_frozen(workdir, state.frozen)
 
   batch_sharding = sharding.batch_sharding(mesh)
   step_fn, eval_fn = jit_steps(model, tx, mesh, rules, state_shardings, stateful_eval=stateful)
@@ -680,6 +671,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
           f'{checkpointer.directory}; free some space or fix the directory, then rerun the '
           'same command to resume from it.') from e
 
+  if start_step == 0 and state.frozen is not None:  # written before any checkpoint
+    with writing(f'the frozen parameters to {workdir}/{ckpt_lib.FROZEN_DIR}'):
+      ckpt_lib.save_frozen(workdir, state.frozen)
   with writing(f'TensorBoard events to {workdir}'):
     writer = metric_writers.create_default_writer(workdir,
                                                   just_logging=jax.process_index() > 0)
@@ -867,21 +861,11 @@ def _start_from_base(config, base: str, state, state_shardings, trainable, mesh)
       finetune.join(state_shardings.params, state_shardings.frozen))
   base_params, base_step = finetune.load_base_params(config, base, abstract,
                                                      sharding.replicated(mesh))
-  full = finetune.replace_from(full, base_params)
+  full = finetune.join(full, base_params)
   params, frozen = finetune.split(full, trainable) if trainable else (full, None)
   print(f'Fine-tuning from {base}, step {base_step}: its parameters and tokenizer; a fresh '
         'optimizer.', flush=True)
   return state.replace(params=params, frozen=frozen)
-
-
-@contextlib.contextmanager
-def _writing_frozen(workdir: str):
-  try:
-    yield
-  except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds)
-    raise UserError(f'writing the frozen parameters to {workdir}/{ckpt_lib.FROZEN_DIR} '
-                    f'failed ({type(e).__name__}: {str(e)[:300]}); fix the directory (space, '
-                    'permissions) and rerun.') from e
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict:

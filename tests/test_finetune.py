@@ -46,7 +46,7 @@ def _flat(params):
 
 def _checkpoint_names(workdir, step):
   checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
-  names = {finetune._name(k) for k in checkpointer.param_shapes(step)}
+  names = set(finetune.param_names(checkpointer.param_metadata(step)))
   checkpointer.close()
   return names
 
@@ -106,7 +106,7 @@ def test_frozen_parts_do_not_change_are_stored_once_and_resume_exactly(base, tmp
       assert not np.array_equal(got[name], before[name]), name
   # Checkpoints hold the trained parameters only; the frozen ones are stored once.
   assert _checkpoint_names(workdir, 6) == set(got) - frozen
-  assert {finetune._name(k) for k in ckpt_lib.frozen_shapes(workdir)} == frozen
+  assert set(finetune.param_names(ckpt_lib.frozen_metadata(workdir))) == frozen
 
   # Resuming reads nothing of the base: the run holds what it needs.
   shutil.rmtree(moved_base)
