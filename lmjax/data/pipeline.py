@@ -156,30 +156,26 @@ def stream_dataset(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed:
 
 @dataclasses.dataclass(frozen=True)
 class EvalSet:
-  """A split cut into fixed, non-overlapping windows, padded to whole batches.
+  """A split cut into fixed rows, padded to whole batches: `arrays` maps each batch field
+  to all its rows, [num_batches * batch_size, ...], and its 'weights' are 0 on padding.
 
-  With `resets` (stateful evaluation of a recurrent model) row r of batch b + 1
-  continues row r of batch b, so a carry passed along the batches reads the whole split.
+  Language modelling: 'inputs', 'targets', 'weights' ([rows, seq_len] each), and with
+  'resets' (stateful evaluation of a recurrent model) row r of batch b + 1 continues row r
+  of batch b, so a carry passed along the batches reads the whole split. Classification:
+  'inputs', 'mask' ([rows, seq_len]), 'labels', 'weights' ([rows]).
   """
-  inputs: np.ndarray  # [num_batches * batch, seq_len]
-  targets: np.ndarray
-  weights: np.ndarray  # 0 marks padding
+  arrays: dict[str, np.ndarray]
   batch_size: int
-  resets: np.ndarray | None = None
 
   @property
   def num_batches(self) -> int:
-    return len(self.inputs) // self.batch_size
+    return len(self.arrays['inputs']) // self.batch_size
 
   def batches(self) -> Iterator[dict]:
     row_start, row_stop = _local_rows(self.batch_size)
     for b in range(self.num_batches):
       rows = slice(b * self.batch_size + row_start, b * self.batch_size + row_stop)
-      batch = {'inputs': self.inputs[rows], 'targets': self.targets[rows],
-               'weights': self.weights[rows]}
-      if self.resets is not None:
-        batch['resets'] = self.resets[rows]
-      yield batch
+      yield {k: v[rows] for k, v in self.arrays.items()}
 
 
 def eval_set(tokens: np.ndarray, *, seq_len: int, batch_size: int) -> EvalSet:
@@ -194,8 +190,8 @@ def eval_set(tokens: np.ndarray, *, seq_len: int, batch_size: int) -> EvalSet:
   weights[:num_targets] = 1.0
   starts = np.arange(num_rows) * seq_len
   idx = starts[:, None] + np.arange(seq_len)
-  return EvalSet(inputs=padded[idx], targets=padded[idx + 1], weights=weights[idx],
-                 batch_size=batch_size)
+  return EvalSet({'inputs': padded[idx], 'targets': padded[idx + 1],
+                  'weights': weights[idx]}, batch_size)
 
 
 def stream_eval_set(tokens: np.ndarray, *, seq_len: int, batch_size: int,
@@ -217,8 +213,72 @@ def stream_eval_set(tokens: np.ndarray, *, seq_len: int, batch_size: int,
             np.arange(windows)[:, None] * seq_len).reshape(-1)
   idx = starts[:, None] + np.arange(seq_len)
   inputs = padded[idx]
-  return EvalSet(inputs=inputs, targets=padded[idx + 1], weights=weights[idx],
-                 batch_size=batch_size, resets=inputs == eos_id)
+  return EvalSet({'inputs': inputs, 'targets': padded[idx + 1], 'weights': weights[idx],
+                  'resets': inputs == eos_id}, batch_size)
+
+
+# ----------------------------------------------------------------- classification
+
+
+def load_examples(data_config, split: str, tokenizer, seq_len: int,
+                  passages=None) -> dict[str, np.ndarray]:
+  """A classification split as arrays: 'inputs' (each passage's first `seq_len` tokens,
+  right-padded with 0), 'mask' (True on real tokens) and 'labels'. `passages`: the split's
+  (title, index, text, label) rows when the caller has read them already."""
+  if passages is None:
+    passages = corpora.load_split_passages(data_config.name, split,
+                                           data_config.data_dir or None)
+  texts = [(title, text) for title, _, text, _ in passages]
+  if data_config.get('drop_unknown_chars', False) and tokenizer.kind == 'char':
+    texts = _drop_unknown_chars(texts, tokenizer, split)
+  inputs = np.zeros((len(texts), seq_len), np.int32)
+  mask = np.zeros((len(texts), seq_len), bool)
+  for row, (_, text) in enumerate(texts):
+    ids = tokenizer.encode(text)[:seq_len]
+    inputs[row, :len(ids)] = ids
+    mask[row, :len(ids)] = True
+  labels = np.array([label for *_, label in passages], np.int32)
+  return {'inputs': inputs, 'mask': mask, 'labels': labels}
+
+
+def classification_train_dataset(examples: dict[str, np.ndarray], *, global_batch: int,
+                                 seed: int, start_example: int = 0) -> tf.data.Dataset:
+  """Endless {'inputs', 'mask', 'labels'} batches of this process's rows: every epoch
+  visits all examples in an order shuffled by (seed, epoch). As with `train_dataset`, the
+  only state is the count of examples read, `start_example`."""
+  n = len(examples['labels'])
+  if n < global_batch:
+    raise ValueError(f'the training split has {n} examples, fewer than one batch of '
+                     f'train.batch_size={global_batch}; lower the batch size.')
+  tensors = {k: tf.constant(v) for k, v in examples.items()}
+
+  def epoch_order(epoch):
+    epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
+    return tf.data.Dataset.from_tensor_slices(
+        tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), epoch_seed))
+
+  first_epoch, skip = divmod(start_example, n)
+  row_start, row_stop = _local_rows(global_batch)
+
+  def to_batch(indices):
+    return {k: tf.gather(v, indices[row_start:row_stop]) for k, v in tensors.items()}
+
+  ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max)
+  ds = ds.flat_map(epoch_order).skip(skip)
+  return ds.batch(global_batch, drop_remainder=True).map(to_batch).prefetch(2)
+
+
+def classification_eval_set(examples: dict[str, np.ndarray], *, batch_size: int) -> EvalSet:
+  """Every example once, in order, padded with weight-0 rows to whole batches."""
+  n = len(examples['labels'])
+  rows = -(-n // batch_size) * batch_size
+  arrays = {}
+  for k, v in examples.items():
+    padded = np.zeros((rows,) + v.shape[1:], v.dtype)
+    padded[:n] = v
+    arrays[k] = padded
+  arrays['weights'] = (np.arange(rows) < n).astype(np.float32)
+  return EvalSet(arrays, batch_size)
 
 
 def to_global(local_batch: dict, sharding) -> dict:

@@ -21,11 +21,13 @@ def _dtype(name: str, field: str):
   return _DTYPES[name]
 
 
-def build_model(model_config: Any, vocab_size: int, *, decode: bool = False) -> nn.Module:
+def build_model(model_config: Any, vocab_size: int, *, decode: bool = False,
+                num_classes: int = 0) -> nn.Module:
   """Builds the language model that `model_config` (the config's `model` section) names.
 
   `decode=True` gives the same parameters with an autoregressive state (the
-  Transformer's KV cache) for the decoder.
+  Transformer's KV cache) for the decoder. `num_classes` > 0 makes it a sequence
+  classifier (class logits from the final state; see heads.py).
   """
   name = model_config.name
   if name == 'transformer':
@@ -42,6 +44,7 @@ def build_model(model_config: Any, vocab_size: int, *, decode: bool = False) -> 
         param_dtype=_dtype(model_config.param_dtype, 'model.param_dtype'),
         decode=decode,
         lora=lora_spec(model_config),
+        num_classes=num_classes,
     )
   if name in rnn.CELLS:
     return rnn.RecurrentLM(
@@ -58,6 +61,7 @@ def build_model(model_config: Any, vocab_size: int, *, decode: bool = False) -> 
         scan_unroll=model_config.scan_unroll,
         dtype=_dtype(model_config.dtype, 'model.dtype'),
         param_dtype=_dtype(model_config.param_dtype, 'model.param_dtype'),
+        num_classes=num_classes,
     )  # the carry is its decode state: decode=True changes nothing
   raise ValueError(f'model.name={name!r} is not a known model; known: {list(MODEL_NAMES)}.')
 

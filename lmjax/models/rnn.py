@@ -32,6 +32,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lmjax.models import heads
+
 Array = jax.Array
 Dtype = Any
 PyTree = Any
@@ -255,6 +257,10 @@ class RecurrentLM(nn.Module):
   scan_unroll: int = 1
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  # Above 0: a sequence classifier. The top layer's output at each row's last real
+  # position (the carry there) goes through heads.ClassifierHead instead of the output
+  # layer.
+  num_classes: int = 0
 
   def __post_init__(self):
     if self.cell not in CELLS:
@@ -268,7 +274,7 @@ class RecurrentLM(nn.Module):
 
   @nn.compact
   def __call__(self, ids_BxT: Array, carry: PyTree | None = None, *, train: bool = False,
-               resets_BxT: Array | None = None):
+               resets_BxT: Array | None = None, mask_BxT: Array | None = None):
     return_carry = carry is not None
     if carry is None:
       carry = initial_carry(self.cell, self.num_layers, self.hidden_size, ids_BxT.shape[0])
@@ -295,6 +301,11 @@ class RecurrentLM(nn.Module):
           dtype=self.dtype, param_dtype=self.param_dtype, name=name,
       )(x_BxTxF, carry[name], resets_BxT, train=train)
     x_BxTxF = self._dropout(self.dropout_rate, x_BxTxF, train)
+    if self.num_classes:
+      logits_BxC = heads.ClassifierHead(
+          self.num_classes, 'hidden', self.dtype, self.param_dtype,
+          name=heads.HEAD_NAME)(heads.last_position(x_BxTxF, mask_BxT))
+      return (logits_BxC, new_carry) if return_carry else logits_BxC
 
     if self.tie_embeddings:
       if self.hidden_size != self.d_model:

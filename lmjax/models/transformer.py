@@ -28,6 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lmjax.models import heads
+
 Array = jax.Array
 Dtype = Any
 PyTree = Any
@@ -339,6 +341,9 @@ class Transformer(nn.Module):
   param_dtype: Dtype = jnp.float32
   decode: bool = False
   lora: LoraSpec | None = None  # LoRA adapters on the projections it names; None: none
+  # Above 0: a sequence classifier. The final state at each row's last real position
+  # goes through heads.ClassifierHead instead of the output projection.
+  num_classes: int = 0
 
   # GPT-2's initialisation: N(0, 0.02) weights, residual output projections
   # shrunk by 1/sqrt(2 * num_layers) so the residual stream's variance stays
@@ -353,7 +358,10 @@ class Transformer(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, ids_BxT: Array, *, train: bool = False) -> Array:
+  def __call__(self, ids_BxT: Array, *, train: bool = False,
+               mask_BxT: Array | None = None) -> Array:
+    """Next-token logits [B, T, V]; for a classifier, class logits [B, C], with
+    `mask_BxT` marking the real positions of right-padded rows (None: all are real)."""
     num_new = ids_BxT.shape[1]
     if num_new > self.max_len:
       raise ValueError(f'Input length {num_new} exceeds model.max_len={self.max_len}; '
@@ -404,6 +412,9 @@ class Transformer(nn.Module):
           name=f'layer_{layer}',
       )(x_BxTxE, start, train=train)
     x_BxTxE = _layer_norm(self.dtype, self.param_dtype, 'final_norm')(x_BxTxE)
+    if self.num_classes:
+      return heads.ClassifierHead(self.num_classes, 'embed', self.dtype, self.param_dtype,
+                                  name=heads.HEAD_NAME)(heads.last_position(x_BxTxE, mask_BxT))
 
     # Tied output projection. Not `token_embed.attend`: it returns logits in
     # `dtype`, and bfloat16 logits are too coarse for the loss. This keeps the

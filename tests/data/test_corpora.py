@@ -139,3 +139,47 @@ def test_fetch_archive_rejects_a_bad_archive(tmp_path):
                    'experiments/prepare_data.py'):
     assert expected in message
   assert path.read_bytes() == b'not the corpus archive'  # left for the user to inspect
+
+
+def test_passages_pack_whole_lines_cut_long_ones_and_drop_stubs():
+  line, last = 'x' * 100, 'y' * 254
+  long_line = ' '.join(['word'] * 80)  # 399 characters
+  text = f'  {line}  \n\n{line}\n{line}\n\t{long_line}\n{last}\nend'
+  got = corpora.passages(text)
+  assert got[0] == f'{line}\n{line}'  # a third line would pass 256 characters
+  assert all(len(p) <= corpora.PASSAGE_CHARS for p in got)
+  assert ' '.join(got[1:-1]).split() == [line] + long_line.split()
+  assert got[-1] == last  # 'end' fits with nothing, and alone it is a stub: dropped
+  assert corpora.passages('short\n\n') == []
+
+
+@pytest.fixture(scope='module')
+def authorship():
+  return {split: corpora.load_split_passages('authorship', split) for split in corpora.SPLITS}
+
+
+def test_authorship_splits_are_by_work_and_hold_out_the_corpora_held_out_works(authorship):
+  titles = {split: {row[0] for row in rows} for split, rows in authorship.items()}
+  assert not titles['train'] & titles['validation']
+  assert not titles['train'] & titles['test']
+  assert not titles['validation'] & titles['test']
+  S, M = corpora.Shakespeare, corpora.Milton
+  assert titles['validation'] == set(S.VALIDATION_WORKS) | set(M.VALIDATION_WORKS)
+  assert titles['test'] == set(S.TEST_WORKS) | set(M.TEST_WORKS)
+  every_work = ({t for t, _ in corpora.load_split_texts('shakespeare', 'train')} |
+                {t for t, _ in corpora.load_split_texts('milton', 'train')})
+  assert titles['train'] == every_work - set(corpora.Authorship.EXCLUDED_WORKS)
+  author = {**{t: 0 for s in ('train', 'validation', 'test')
+               for t, _ in corpora.load_split_texts('shakespeare', s)},
+            **{t: 1 for s in ('train', 'validation', 'test')
+               for t, _ in corpora.load_split_texts('milton', s)}}
+  for split, rows in authorship.items():
+    assert {row[3] for row in rows} == {0, 1}, split
+    for title, _, text, label in rows:
+      assert label == author[title], title
+      assert corpora.MIN_PASSAGE_CHARS <= len(text) <= corpora.PASSAGE_CHARS
+      assert all(line and line == line.strip() for line in text.split('\n'))
+  assert corpora.class_names('authorship') == ('shakespeare', 'milton')
+  assert corpora.class_names('shakespeare') == ()
+  with pytest.raises(ValueError, match='classification dataset'):
+    corpora.load_split_texts('authorship', 'train')
