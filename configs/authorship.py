@@ -49,6 +49,9 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
     c.model.d_ff = 0  # MLP hidden width; 0 means 4 * d_model
     c.model.max_len = 128  # size of the learned position table; >= train.seq_len
     c.model.dropout = 0.1  # dropout on embeddings, attention and residual branches
+    # False: a bidirectional encoder (a masked-LM base); its head reads the mean state over
+    # the passage
+    c.model.causal = True
     # LoRA adapters (fine-tuning): rank 0 means none; above 0, only the adapters and the
     # classifier's head train.
     c.model.lora_rank = 0
@@ -89,6 +92,9 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2  # how many recent checkpoints to keep
   c.train.log_every = 50  # steps between progress lines and train scalars
   c.train.seed = 0  # seeds init, data order and dropout
+  # Weigh each passage's loss by the inverse of its class's share of the training split,
+  # so that both authors count alike (Shakespeare has 5.8 times as many passages).
+  c.train.balance_classes = False
   # A step whose loss or gradient is NaN or Inf never updates the model; then 'stop'
   # ends the run (resume from the last checkpoint), 'skip' goes on and counts such steps.
   c.train.nonfinite = 'stop'

@@ -10,6 +10,9 @@ Variants (the text after ':'):
   full    the same model for the full 5000 steps (warmup 100): a GPU's job.
   cpu     4 layers x 128 wide, context 64, batch 12, 2000 steps: a good model in minutes on a
           laptop CPU.
+  mlm     the `cpu` model as a bidirectional encoder (model.causal=False) trained as a
+          masked LM (15% of characters selected: 80% masked, 10% random, 10% kept) over
+          windows of 128: the base of configs/authorship.py's encoder.
   tiny    2 layers x 64 wide, 80 steps: seconds; what the tests train.
 
 Sweeps (experiments/sweep.py --config=configs/shakespeare_char.py:ARG --workdir=ROOT):
@@ -35,6 +38,8 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.model.dropout = 0.2  # dropout on embeddings, attention and residual branches
   c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16
   c.model.param_dtype = 'float32'  # storage dtype of the parameters
+  # False: a bidirectional encoder trained as a masked LM (BERT's objective), not a decoder
+  c.model.causal = True
   # LoRA adapters (fine-tuning): rank 0 means none; above 0, only the adapters train.
   c.model.lora_rank = 0
   c.model.lora_alpha = 8.0  # adapters are scaled by lora_alpha / lora_rank
@@ -79,6 +84,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   # Regular expressions over parameter names ('layer_0/attention/query/kernel'); what
   # they match is not trained (fine-tuning). () trains everything.
   c.train.freeze = ()
+  c.train.mask_rate = 0.15  # masked LM only: share of tokens selected for prediction
   c.train.sample_prompt = 'ROMEO:\n'  # prompt of the samples logged at each evaluation
   c.train.sample_tokens = 240  # length of that sample (prompt + sample <= model.max_len)
 
@@ -104,6 +110,12 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
     c.opt.update(warmup_steps=100)
     c.train.update(num_steps=2000, batch_size=12, seq_len=64, eval_batch_size=256,
                    eval_every=1000, checkpoint_every=500, log_every=100, sample_tokens=56)
+  elif variant == 'mlm':
+    c.model.update(num_layers=4, num_heads=4, d_model=128, max_len=128, dropout=0.0,
+                   causal=False)
+    c.opt.update(warmup_steps=100)
+    c.train.update(num_steps=2000, batch_size=12, seq_len=128, eval_batch_size=256,
+                   eval_every=500, checkpoint_every=500, log_every=100)
   elif variant == 'tiny':
     c.model.update(num_layers=2, num_heads=4, d_model=64, max_len=32, dropout=0.0)
     c.opt.update(lr=3e-3, min_lr=3e-4, warmup_steps=10)
@@ -111,7 +123,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
                    eval_every=40, checkpoint_every=40, log_every=20, sample_tokens=20)
   else:
     raise ValueError(f'unknown variant {variant!r} of configs/shakespeare_char.py; '
-                     "use '', 'full', 'cpu' or 'tiny'")
+                     "use '', 'full', 'cpu', 'mlm' or 'tiny'")
   c.lock()
   return c
 

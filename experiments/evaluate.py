@@ -6,7 +6,10 @@
 The object holds loss (nats per token), perplexity, accuracy, bits_per_token,
 bits_per_byte (of UTF-8 text: character and SentencePiece models compare on it),
 num_tokens, num_bytes, workdir, step, split, tokenizer and num_params; character models
-also bits_per_char. --split defaults to validation, the split training evaluates on, so
+also bits_per_char. A classifier's (configs/authorship.py) holds loss, accuracy,
+precision/CLASS, recall/CLASS and f1/CLASS for each class, their macro means
+(precision_macro, recall_macro, f1_macro), confusion_matrix (rows: true class, columns:
+predicted), classes and num_examples, and the same run fields. --split defaults to validation, the split training evaluates on, so
 the latest checkpoint gives the numbers the run logged at its last step. Any number of
 devices gives the same numbers. Logs go to stderr; a mistake in a flag or the workdir is
 one `error:` line there (exit status 1).

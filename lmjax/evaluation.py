@@ -62,7 +62,7 @@ def evaluate_workdir(workdir: str, split: str = 'validation', step: int | None =
       evals = pipeline.stream_eval_set(tokens, seq_len=t.seq_len, batch_size=batch_size,
                                        eos_id=tokenizer.eos_id)
     else:
-      evals = pipeline.eval_set(tokens, seq_len=t.seq_len, batch_size=batch_size)
+      evals = train.lm_eval_set(config, tokenizer, tokens, batch_size)
   except ValueError as e:  # a split shorter than one window
     raise UserError(f'--split={split}: {e}') from None
 

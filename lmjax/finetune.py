@@ -188,7 +188,7 @@ def load_base_params(config, base: str, abstract_params, replicated):
   if any(map(is_head, expected)) and not any(map(is_head, stored_plain)):
     unused = sorted(set(stored_plain) - set(expected))
     print('The base is a language model and this run a classifier: its head starts from '
-          f'scratch' + (f', and the base\'s {", ".join(unused)} go unused.' if unused else '.'),
+          'scratch' + (f', and the base\'s {", ".join(unused)} go unused.' if unused else '.'),
           flush=True)
     stored_plain = {k: v for k, v in stored_plain.items() if k in expected}
     expected = {k: v for k, v in expected.items() if not is_head(k)}

@@ -66,6 +66,13 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
         raise UserError(f'model.{field}={m[field]} must be in [0, 1).')
     if m.scan_unroll < 1:
       raise UserError(f'model.scan_unroll={m.scan_unroll}; it must be at least 1.')
+  if not m.get('causal', True):
+    if m.name != 'transformer':
+      raise UserError(f'model.causal=False makes a bidirectional encoder, which only the '
+                      f'Transformer has; model.name={m.name!r} reads left to right.')
+    if not 0 < t.get('mask_rate', 0.15) < 1:
+      raise UserError(f'train.mask_rate={t.mask_rate}; the share of tokens a masked LM '
+                      'predicts must be between 0 and 1 (BERT: 0.15).')
   lora_rank = m.get('lora_rank', 0)
   if lora_rank < 0:
     raise UserError(f'model.lora_rank={lora_rank}; use 0 (no adapters) or a positive rank.')
@@ -200,9 +207,25 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 # ------------------------------------------------------------------------------ state
 
 
+def is_encoder(config) -> bool:
+  """A bidirectional Transformer (model.causal=False): trained as a masked LM, it has one
+  more id than its tokenizer, the mask token's, `masking(config, ...).mask_id`."""
+  return not config.model.get('causal', True)
+
+
+def masking(config, tokenizer) -> pipeline.Masking | None:
+  """The masked-LM corruption of an encoder's language-model training; None otherwise."""
+  if not is_encoder(config) or corpora.class_names(config.data.name):
+    return None
+  return pipeline.Masking(rate=config.train.get('mask_rate', 0.15),
+                          mask_id=tokenizer.vocab_size, vocab_size=tokenizer.vocab_size)
+
+
 def build_model(config, vocab_size: int, *, decode: bool = False):
   """The model of `config`: a language model, or a classifier with one output per class
-  when data.name is a classification dataset."""
+  when data.name is a classification dataset. `vocab_size` is the tokenizer's."""
+  if is_encoder(config):
+    vocab_size += 1  # the mask token
   return models.build_model(config.model, vocab_size, decode=decode,
                             num_classes=len(corpora.class_names(config.data.name)))
 
@@ -261,8 +284,10 @@ def train_step(state: TrainState, batch: dict, rng, *, model, tx):
     params = finetune.join(trained, state.frozen)
     if state.carry is None:  # independent windows, or passages to classify
       targets = batch['labels'] if 'labels' in batch else batch['targets']
-      sums = _loss_sums(model, params, batch, jnp.ones(targets.shape, jnp.float32),
-                        train=True, rngs={'dropout': dropout_rng})
+      # Per-example weights come with the batch when classes are balanced.
+      weights = batch.get('weights', jnp.ones(targets.shape, jnp.float32))
+      sums = _loss_sums(model, params, batch, weights, train=True,
+                        rngs={'dropout': dropout_rng})
       carry = None
     else:  # truncated BPTT: gradients stop at the window's start
       logits, carry = model.apply({'params': params}, batch['inputs'],
@@ -425,7 +450,11 @@ def decoder_fns(config, params, vocab_size: int):
     raise UserError(f'this run is a classifier (data.name={config.data.name!r}): it scores '
                     'passages and generates no text; evaluate it with '
                     'experiments/evaluate.py instead.')
-  decode_model = models.build_model(config.model, vocab_size, decode=True)
+  if is_encoder(config):
+    raise UserError('this run is a bidirectional encoder (model.causal=False), trained to '
+                    'fill in masked tokens: it cannot continue a prompt. Evaluate it with '
+                    'experiments/evaluate.py, or fine-tune it into a classifier.')
+  decode_model = build_model(config, vocab_size, decode=True)
   return functools.partial(models.decode_fns, decode_model, jax.device_get(params))
 
 
@@ -509,6 +538,16 @@ def jit_steps(model, tx, mesh, rules, state_shardings, stateful_eval: bool = Fal
                         in_shardings=(params_sharding, batch_sharding),
                         out_shardings=sharding.replicated(mesh))
   return step_fn, eval_fn
+
+
+def lm_eval_set(config, tokenizer, tokens, batch_size: int) -> pipeline.EvalSet:
+  """A language model's evaluation windows (independent ones, not stateful): next-token
+  targets, or for an encoder masked ones, drawn once under train.seed."""
+  mlm = masking(config, tokenizer)
+  if mlm:
+    return pipeline.masked_eval_set(tokens, seq_len=config.train.seq_len,
+                                    batch_size=batch_size, masking=mlm, seed=config.train.seed)
+  return pipeline.eval_set(tokens, seq_len=config.train.seq_len, batch_size=batch_size)
 
 
 def carry_rows(config) -> int:
@@ -639,6 +678,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         pipeline.load_examples(data, data.eval_split, tokenizer, t.seq_len),
         batch_size=t.eval_batch_size)
     counts = np.bincount(train_examples['labels'], minlength=len(class_names))
+    if t.get('balance_classes', False):
+      train_examples['weights'] = balanced_weights(train_examples['labels'], counts)
     train_size = (f'{len(train_passages):,} training passages (' +
                   ', '.join(f'{n:,} {c}' for c, n in zip(class_names, counts)) + ')')
   else:
@@ -650,8 +691,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       evals = pipeline.stream_eval_set(eval_tokens, seq_len=t.seq_len,
                                        batch_size=t.eval_batch_size, eos_id=tokenizer.eos_id)
     else:
-      evals = pipeline.eval_set(eval_tokens, seq_len=t.seq_len, batch_size=t.eval_batch_size)
-  bits_per_char = data.tokenizer == 'char'
+      evals = lm_eval_set(config, tokenizer, eval_tokens, t.eval_batch_size)
+  mlm = masking(config, tokenizer)
+  # Bits per character of a masked LM would not compare with a left-to-right model's.
+  bits_per_char = data.tokenizer == 'char' and mlm is None
 
   model = build_model(config, tokenizer.vocab_size)
   tx = optim.make_optimizer(config.opt, t.num_steps)
@@ -737,7 +780,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                                       eos_id=tokenizer.eos_id, start_example=next_example)
   else:
     dataset = pipeline.train_dataset(train_tokens, seq_len=t.seq_len, global_batch=t.batch_size,
-                                     seed=t.seed, start_example=next_example)
+                                     seed=t.seed, start_example=next_example, masking=mlm)
   batches = iter(dataset.as_numpy_iterator())
   dropout_rng = jax.random.key(t.seed + 1)
   tokens_per_step = t.batch_size * t.seq_len
@@ -856,11 +899,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         if class_names:
           texts = {'confusion_matrix': confusion_table(eval_metrics['confusion_matrix'],
                                                        class_names)}
+        elif mlm:
+          texts = {}  # an encoder writes no text
         else:
           sample = sample_text(state)
           texts = {'sample': sample}
-        with writing(f'TensorBoard events to {workdir}'):
-          writer.write_texts(step, texts)
+        if texts:
+          with writing(f'TensorBoard events to {workdir}'):
+            writer.write_texts(step, texts)
 
       stopping = stop.should_stop(step)
       if step % t.checkpoint_every == 0 or step == t.num_steps or stopping:
@@ -883,7 +929,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   checkpointer.close()
   if not eval_metrics:  # resumed a finished run: report where it stands
     eval_metrics = run_eval(state)
-    sample = None if class_names else sample_text(state)
+    sample = None if class_names or mlm else sample_text(state)
   writer.flush()
   writer.close()
   # The best evaluation over the whole run, resumed segments included: the event files
@@ -902,10 +948,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   done = (f'\nDone: eval loss {eval_metrics["loss"]:.4f} at step {t.num_steps} (best '
           f'{eval_losses[best_step]:.4f}, at step {best_step}); checkpoints in '
           f'{checkpointer.directory}, results in {workdir}/{RESULT_FILE}.\n')
-  if class_names:
+  if class_names or mlm:
+    table = confusion_table(eval_metrics['confusion_matrix'], class_names) if class_names else ''
     print(f'{done}Score another split with: python experiments/evaluate.py '
-          f'--workdir={workdir} --split=test\n\n'
-          f'{confusion_table(eval_metrics["confusion_matrix"], class_names)}', flush=True)
+          f'--workdir={workdir} --split=test\n\n{table}', flush=True)
   else:
     print(f'{done}Decode more with: python experiments/decode.py --workdir={workdir} '
           f"--prompt='{t.sample_prompt.strip()}'\n"
@@ -927,6 +973,15 @@ def _start_from_base(config, base: str, state, state_shardings, trainable, mesh)
   print(f'Fine-tuning from {base}, step {base_step}: its parameters and tokenizer; a fresh '
         'optimizer.', flush=True)
   return state.replace(params=params, frozen=frozen)
+
+
+def balanced_weights(labels, counts) -> np.ndarray:
+  """Per-example loss weights that give every class the same total weight, and the
+  examples a mean weight of 1 (scikit-learn's class_weight='balanced')."""
+  present = counts > 0
+  per_class = np.zeros(len(counts))
+  per_class[present] = len(labels) / (present.sum() * counts[present])
+  return per_class[labels].astype(np.float32)
 
 
 def confusion_table(confusion: list[list[int]], class_names) -> str:

@@ -48,6 +48,15 @@ def test_confusion_counts_weighted_rows_by_true_and_predicted_class():
   assert sums['correct_sum'] == np.trace(by_hand)
 
 
+def test_balanced_weights_give_each_class_the_same_total():
+  labels = np.array([0, 2, 0, 0, 2, 0])  # class 1 is absent
+  counts = np.bincount(labels, minlength=3)
+  weights = train.balanced_weights(labels, counts)
+  assert weights.mean() == pytest.approx(1.0)
+  assert weights[labels == 0].sum() == pytest.approx(weights[labels == 2].sum())
+  np.testing.assert_allclose(weights, [0.75, 1.5, 0.75, 0.75, 1.5, 0.75])
+
+
 @pytest.mark.parametrize('family', ['transformer', 'lstm'])
 def test_the_head_reads_the_last_real_position_and_ignores_padding(family):
   if family == 'transformer':

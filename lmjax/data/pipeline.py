@@ -79,9 +79,38 @@ def _local_rows(global_batch: int) -> tuple[int, int]:
   return index * per_process, (index + 1) * per_process
 
 
+@dataclasses.dataclass(frozen=True)
+class Masking:
+  """BERT's masked-LM corruption: each position is selected with probability `rate`; a
+  selected token becomes `mask_id` (80%), a random token of the vocabulary (10%) or stays
+  (10%), and only selected positions are scored."""
+  rate: float
+  mask_id: int
+  vocab_size: int  # random replacements are drawn from [0, vocab_size)
+
+  def apply(self, tokens_BxL, seed_pair):
+    """(inputs, weights) for `tokens_BxL`, a pure function of the tokens and `seed_pair`
+    (two int64s)."""
+    select_seed, kind_seed, token_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed_pair, 3))
+    shape = tf.shape(tokens_BxL)
+    selected = tf.random.stateless_uniform(shape, select_seed) < self.rate
+    kind = tf.random.stateless_uniform(shape, kind_seed)
+    random_ids = tf.random.stateless_uniform(shape, token_seed, 0, self.vocab_size,
+                                             dtype=tf.int32)
+    inputs = tf.where(selected & (kind < 0.8), tf.constant(self.mask_id, tf.int32),
+                      tf.where(selected & (kind < 0.9), random_ids, tokens_BxL))
+    return inputs, tf.cast(selected, tf.float32)
+
+
 def train_dataset(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: int,
-                  start_example: int = 0) -> tf.data.Dataset:
-  """Endless {'inputs', 'targets'} batches of this process's rows, from `start_example` on."""
+                  start_example: int = 0, masking: Masking | None = None) -> tf.data.Dataset:
+  """Endless {'inputs', 'targets'} batches of this process's rows, from `start_example` on.
+
+  With `masking` (a masked-LM encoder) the targets are the window's tokens, the inputs the
+  same tokens corrupted, and 'weights' marks the positions to score; the corruption is drawn
+  for the whole global batch from (seed, batch number), so it is the same on any number of
+  processes and after a resume."""
   _check_long_enough(tokens, seq_len, 'the training split')
   n = windows_per_epoch(len(tokens), seq_len)
   tokens_t = tf.constant(tokens, tf.int32)
@@ -101,9 +130,20 @@ def train_dataset(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: 
     windows = tf.gather(tokens_t, starts[row_start:row_stop, None] + span)
     return {'inputs': windows[:, :-1], 'targets': windows[:, 1:]}
 
+  def to_masked_batch(batch_number, starts):
+    tokens_BxL = tf.gather(tokens_t, starts[:, None] + span[:-1])  # all rows: one draw
+    inputs, weights = masking.apply(tokens_BxL, tf.stack([tf.constant(seed, tf.int64),
+                                                          batch_number]))
+    rows = slice(row_start, row_stop)
+    return {'inputs': inputs[rows], 'targets': tokens_BxL[rows], 'weights': weights[rows]}
+
   ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max)
   ds = ds.flat_map(epoch_window_starts).skip(skip)
-  ds = ds.batch(global_batch, drop_remainder=True).map(to_batch)
+  ds = ds.batch(global_batch, drop_remainder=True)
+  if masking is None:
+    ds = ds.map(to_batch)
+  else:  # a resumed run starts at a whole batch: start_example is steps x batch
+    ds = ds.enumerate(start=start_example // global_batch).map(to_masked_batch)
   return ds.prefetch(2)
 
 
@@ -192,6 +232,23 @@ def eval_set(tokens: np.ndarray, *, seq_len: int, batch_size: int) -> EvalSet:
   idx = starts[:, None] + np.arange(seq_len)
   return EvalSet({'inputs': padded[idx], 'targets': padded[idx + 1],
                   'weights': weights[idx]}, batch_size)
+
+
+def masked_eval_set(tokens: np.ndarray, *, seq_len: int, batch_size: int, masking: Masking,
+                    seed: int) -> EvalSet:
+  """The split cut into windows of `seq_len` tokens, corrupted once by `masking` under
+  `seed` (the same every evaluation); every selected real token is scored."""
+  _check_long_enough(tokens, seq_len, 'the evaluation split')
+  num_windows = -(-len(tokens) // seq_len)
+  num_rows = -(-num_windows // batch_size) * batch_size
+  padded = np.zeros(num_rows * seq_len, np.int32)
+  padded[:len(tokens)] = tokens
+  windows = padded.reshape(num_rows, seq_len)
+  # -1: the training batches' draws use batch numbers 0, 1, ...
+  inputs, selected = masking.apply(tf.constant(windows), tf.constant([seed, -1], tf.int64))
+  real = (np.arange(num_rows * seq_len) < len(tokens)).reshape(num_rows, seq_len)
+  return EvalSet({'inputs': inputs.numpy(), 'targets': windows,
+                  'weights': selected.numpy() * real}, batch_size)
 
 
 def stream_eval_set(tokens: np.ndarray, *, seq_len: int, batch_size: int,

@@ -45,6 +45,7 @@ def build_model(model_config: Any, vocab_size: int, *, decode: bool = False,
         decode=decode,
         lora=lora_spec(model_config),
         num_classes=num_classes,
+        causal=model_config.get('causal', True),
     )
   if name in rnn.CELLS:
     return rnn.RecurrentLM(

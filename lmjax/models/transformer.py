@@ -1,4 +1,5 @@
-"""GPT-2-style decoder-only Transformer language model, with a KV-cache decode mode.
+"""GPT-2-style decoder-only Transformer language model, with a KV-cache decode mode; the
+same stack without the causal mask is the bidirectional encoder of masked-LM pretraining.
 
 Parameters carry logical axis names ('vocab', 'position', 'embed', 'heads',
 'head_dim', 'mlp'); the config's rules map them to mesh axes. The layout of every
@@ -143,7 +144,8 @@ class ProjectionDense(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-  """Multi-head causal self-attention; in decode mode it reads and extends a KV cache."""
+  """Multi-head causal self-attention; in decode mode it reads and extends a KV cache.
+  With `causal=False` (the masked-LM encoder) every position sees every real one."""
 
   num_heads: int
   head_dim: int
@@ -155,6 +157,7 @@ class CausalSelfAttention(nn.Module):
   param_dtype: Dtype = jnp.float32
   decode: bool = False
   lora: LoraSpec | None = None
+  causal: bool = True
 
   def _project(self, name: str, d_model: int) -> ProjectionDense:
     return ProjectionDense(
@@ -170,8 +173,11 @@ class CausalSelfAttention(nn.Module):
     )
 
   @nn.compact
-  def __call__(self, x_BxTxE: Array, cache_index: Array | None, *, train: bool) -> Array:
-    """`cache_index` is the position of x's first token (decode mode only)."""
+  def __call__(self, x_BxTxE: Array, cache_index: Array | None, *, train: bool,
+               mask_BxT: Array | None = None) -> Array:
+    """`cache_index` is the position of x's first token (decode mode only); `mask_BxT`
+    marks real tokens of right-padded rows: an encoder attends to those only (a causal
+    model needs no mask, as padding comes after every real token)."""
     batch_size, num_new, d_model = x_BxTxE.shape
     query_BxTxHxD = self._project('query', d_model)(x_BxTxE)
     key_BxTxHxD = self._project('key', d_model)(x_BxTxE)
@@ -210,8 +216,13 @@ class CausalSelfAttention(nn.Module):
     scores_BxHxTxS = scores_BxHxTxS * (1.0 / math.sqrt(self.head_dim))
     # Key positions past the newest query (the unfilled cache tail included) are masked.
     key_positions_S = jnp.arange(key_BxSxHxD.shape[1])
-    causal_TxS = key_positions_S[None, :] <= query_positions_T[:, None]
-    scores_BxHxTxS = jnp.where(causal_TxS, scores_BxHxTxS, jnp.finfo(jnp.float32).min)
+    if self.causal:
+      allowed_BxHxTxS = (key_positions_S[None, :] <= query_positions_T[:, None])[None, None]
+    else:
+      allowed_BxHxTxS = jnp.ones((1, 1, num_new, key_BxSxHxD.shape[1]), bool)
+      if mask_BxT is not None:
+        allowed_BxHxTxS = allowed_BxHxTxS & mask_BxT.astype(bool)[:, None, None, :]
+    scores_BxHxTxS = jnp.where(allowed_BxHxTxS, scores_BxHxTxS, jnp.finfo(jnp.float32).min)
     probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(self.dtype)
     probs_BxHxTxS = nn.Dropout(self.dropout_rate)(probs_BxHxTxS, deterministic=not train)
     context_BxTxHxD = jnp.einsum('bhts,bshd->bthd', probs_BxHxTxS, value_BxSxHxD)
@@ -287,9 +298,11 @@ class DecoderLayer(nn.Module):
   param_dtype: Dtype = jnp.float32
   decode: bool = False
   lora: LoraSpec | None = None
+  causal: bool = True
 
   @nn.compact
-  def __call__(self, x_BxTxE: Array, cache_index: Array | None, *, train: bool) -> Array:
+  def __call__(self, x_BxTxE: Array, cache_index: Array | None, *, train: bool,
+               mask_BxT: Array | None = None) -> Array:
     attention = CausalSelfAttention(
         num_heads=self.num_heads,
         head_dim=self.head_dim,
@@ -301,10 +314,11 @@ class DecoderLayer(nn.Module):
         param_dtype=self.param_dtype,
         decode=self.decode,
         lora=self.lora,
+        causal=self.causal,
         name='attention',
     )
     normed_BxTxE = _layer_norm(self.dtype, self.param_dtype, 'attention_norm')(x_BxTxE)
-    x_BxTxE = x_BxTxE + attention(normed_BxTxE, cache_index, train=train)
+    x_BxTxE = x_BxTxE + attention(normed_BxTxE, cache_index, train=train, mask_BxT=mask_BxT)
     x_BxTxE = nn.with_logical_constraint(x_BxTxE, RESIDUAL_AXES)
 
     mlp = Mlp(
@@ -326,7 +340,8 @@ class Transformer(nn.Module):
   """GPT-2-style decoder-only language model: token ids -> float32 next-token logits.
 
   Embeddings are tied: the output projection is the token embedding transposed.
-  With `decode=True` each call consumes T new tokens and extends the 'cache'
+  With `causal=False` it is a bidirectional encoder (BERT's masked-LM objective): the
+  logits at each position are for the token that stands there. With `decode=True` each call consumes T new tokens and extends the 'cache'
   collection (see the module docstring); apply with `mutable=['cache']`.
   """
 
@@ -342,8 +357,11 @@ class Transformer(nn.Module):
   decode: bool = False
   lora: LoraSpec | None = None  # LoRA adapters on the projections it names; None: none
   # Above 0: a sequence classifier. The final state at each row's last real position
-  # goes through heads.ClassifierHead instead of the output projection.
+  # (an encoder's: the mean over its real positions) goes through heads.ClassifierHead
+  # instead of the output projection.
   num_classes: int = 0
+  # False: a bidirectional encoder (trained as a masked LM; it cannot decode).
+  causal: bool = True
 
   # GPT-2's initialisation: N(0, 0.02) weights, residual output projections
   # shrunk by 1/sqrt(2 * num_layers) so the residual stream's variance stays
@@ -355,6 +373,9 @@ class Transformer(nn.Module):
     if self.d_model % self.num_heads != 0:
       raise ValueError(f'model.d_model={self.d_model} must be divisible by '
                        f'model.num_heads={self.num_heads}.')
+    if self.decode and not self.causal:
+      raise ValueError('a bidirectional encoder (model.causal=False) cannot decode: every '
+                       'position reads the ones after it.')
     super().__post_init__()
 
   @nn.compact
@@ -409,12 +430,14 @@ class Transformer(nn.Module):
           param_dtype=self.param_dtype,
           decode=self.decode,
           lora=self.lora,
+          causal=self.causal,
           name=f'layer_{layer}',
-      )(x_BxTxE, start, train=train)
+      )(x_BxTxE, start, train=train, mask_BxT=mask_BxT)
     x_BxTxE = _layer_norm(self.dtype, self.param_dtype, 'final_norm')(x_BxTxE)
     if self.num_classes:
+      pool = heads.last_position if self.causal else heads.mean_over_positions
       return heads.ClassifierHead(self.num_classes, 'embed', self.dtype, self.param_dtype,
-                                  name=heads.HEAD_NAME)(heads.last_position(x_BxTxE, mask_BxT))
+                                  name=heads.HEAD_NAME)(pool(x_BxTxE, mask_BxT))
 
     # Tied output projection. Not `token_embed.attend`: it returns logits in
     # `dtype`, and bfloat16 logits are too coarse for the loss. This keeps the
