@@ -54,6 +54,10 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.data.spm_model_type = 'bpe'  # sentencepiece only: bpe | unigram
   c.data.eval_split = 'validation'  # split read whole at every evaluation
   c.data.drop_unknown_chars = False  # char tokenizer: drop characters it has no id for
+  # Several corpora at once, 'DATASET:WEIGHT' each, e.g. ('shakespeare:0.7', 'milton:0.3'):
+  # each training window comes from one, drawn by weight; each is evaluated on its own.
+  # () reads data.name alone.
+  c.data.mixture = ()
 
   c.opt = ml_collections.ConfigDict()
   c.opt.lr = 1e-3  # peak learning rate, reached after warmup

@@ -2,10 +2,11 @@
 
   python experiments/evaluate.py --workdir=runs/shakespeare_char --split=test
   python experiments/evaluate.py --workdir=runs/shakespeare_char --step=16 --devices=1
+  python experiments/evaluate.py --workdir=runs/shakespeare_char --dataset=milton
 
 The object holds loss (nats per token), perplexity, accuracy, bits_per_token,
 bits_per_byte (of UTF-8 text: character and SentencePiece models compare on it),
-num_tokens, num_bytes, workdir, step, split, tokenizer and num_params; character models
+num_tokens, num_bytes, dataset, workdir, step, split, tokenizer and num_params; character models
 also bits_per_char. A classifier's (configs/authorship.py) holds loss, accuracy,
 precision/CLASS, recall/CLASS and f1/CLASS for each class, their macro means
 (precision_macro, recall_macro, f1_macro), confusion_matrix (rows: true class, columns:
@@ -31,6 +32,9 @@ _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', None, 'Rows per evaluation batch; default: '
                                    "the run's train.eval_batch_size.")
 _DEVICES = flags.DEFINE_integer('devices', None, 'How many local devices to use; default: all.')
+_DATASET = flags.DEFINE_string('dataset', None, "Language models: the corpus to score "
+                               "(shakespeare, milton, ...); default: the run's data.name. A "
+                               'run on a mixture must name one.')
 flags.mark_flag_as_required('workdir')
 
 
@@ -54,7 +58,7 @@ def main(argv):
     # stdout carries only the result: anything the library prints goes to stderr.
     with contextlib.redirect_stdout(sys.stderr):
       result = evaluation.evaluate_workdir(_WORKDIR.value, _SPLIT.value, _STEP.value,
-                                           _BATCH_SIZE.value, devices)
+                                           _BATCH_SIZE.value, devices, _DATASET.value)
   except (UserError, FileNotFoundError) as e:  # not a workdir, no such step, a bad flag
     sys.exit(f'error: {e}')
   print(json.dumps(result), flush=True)

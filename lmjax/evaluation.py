@@ -22,14 +22,17 @@ from lmjax.errors import UserError
 
 
 def evaluate_workdir(workdir: str, split: str = 'validation', step: int | None = None,
-                     batch_size: int | None = None, devices=None) -> dict:
-  """Metrics of `workdir`'s checkpoint `step` (default: the latest) on `split`.
+                     batch_size: int | None = None, devices=None,
+                     dataset: str | None = None) -> dict:
+  """Metrics of `workdir`'s checkpoint `step` (default: the latest) on `split` of the
+  run's dataset, or of language-modelling corpus `dataset` (a run on a mixture must name
+  one of its corpora).
 
   `batch_size` (rows of `train.seq_len` tokens) defaults to the run's
   `train.eval_batch_size`; `devices` to all of them. Returns a JSON-ready dict: 'loss'
   (nats per token), 'perplexity', 'accuracy', 'bits_per_token', 'bits_per_byte',
-  'num_tokens' (scored targets), 'num_bytes' (the text they stand for), 'workdir',
-  'step', 'split', 'tokenizer', 'num_params', and for character models 'bits_per_char'.
+  'num_tokens' (scored targets), 'num_bytes' (the text they stand for), 'dataset',
+  'workdir', 'step', 'split', 'tokenizer', 'num_params', and for character models 'bits_per_char'.
   A classifier's holds 'loss' (nats per example), `losses.classification_metrics`,
   'confusion_matrix' (rows: true class, columns: predicted), 'classes', 'num_examples'
   and the same run fields. Mistakes raise UserError naming the flag of experiments/evaluate.py.
@@ -53,10 +56,14 @@ def evaluate_workdir(workdir: str, split: str = 'validation', step: int | None =
          'num_params': models.count_params(params)}
   class_names = corpora.class_names(config.data.name)
   if class_names:
+    if dataset is not None:
+      raise UserError(f'--dataset={dataset!r}: this run is a classifier of '
+                      f'{config.data.name!r}; it scores that dataset\'s passages only.')
     return {**_evaluate_classifier(config, tokenizer, params, split, batch_size, mesh, rules,
                                    class_names), **run}
 
-  tokens = pipeline.load_tokens(config.data, split, tokenizer)
+  data = _scored_data(config, dataset)
+  tokens = pipeline.load_tokens(data, split, tokenizer)
   try:
     if stateful:
       evals = pipeline.stream_eval_set(tokens, seq_len=t.seq_len, batch_size=batch_size,
@@ -96,6 +103,7 @@ def evaluate_workdir(workdir: str, split: str = 'validation', step: int | None =
       'bits_per_byte': loss_bits / num_bytes if num_bytes else None,
       'num_tokens': num_tokens,
       'num_bytes': num_bytes,
+      'dataset': data.name,
       **run,
   }
   if tokenizer.kind == 'char':
@@ -115,6 +123,20 @@ def _evaluate_classifier(config, tokenizer, params, split, batch_size, mesh, rul
     metrics = train.evaluate(eval_fn, jax.device_put(params, replicated), evals,
                              batch_sharding, bits_per_char=False, class_names=class_names)
   return {**metrics, 'classes': list(class_names), 'num_examples': len(examples['labels'])}
+
+
+def _scored_data(config, dataset: str | None):
+  """The data config of the corpus to score: `dataset`, or the run's own."""
+  tasks = [name for name, _ in train.mixture_tasks(config)]
+  if dataset is None:
+    if tasks:
+      raise UserError(f'this run trained on a mixture of {", ".join(tasks)}; name the corpus '
+                      f'to score with --dataset={tasks[0]} (each is scored on its own).')
+    return config.data
+  if dataset not in corpora.DATASETS or corpora.class_names(dataset):
+    known = ', '.join(n for n in corpora.DATASETS if not corpora.class_names(n))
+    raise UserError(f'--dataset={dataset!r}; score a language model on one of {known}.')
+  return train.task_data(config.data, dataset)
 
 
 def _batch_size(requested: int | None, configured: int, data_parallel: int,

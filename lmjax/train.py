@@ -2,6 +2,7 @@
 import contextlib
 import functools
 import json
+import math
 import os
 import shutil
 import signal
@@ -129,6 +130,36 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
                      '(e.g. --config.data.vocab_size=2000).')
   if d.name not in corpora.DATASETS:
     raise UserError(f'data.name={d.name!r}; known datasets: {", ".join(corpora.DATASETS)}.')
+  mixture_tasks(config)
+
+
+def mixture_tasks(config) -> list[tuple[str, float]]:
+  """The (dataset, weight) pairs of data.mixture, checked; [] when the run reads data.name
+  alone."""
+  tasks = []
+  for entry in config.data.get('mixture', ()):
+    name, _, weight = str(entry).partition(':')
+    try:
+      weight = float(weight)
+    except ValueError:
+      weight = -1.0
+    if name not in corpora.DATASETS or corpora.class_names(name) or not weight > 0:
+      known = ', '.join(n for n in corpora.DATASETS if not corpora.class_names(n))
+      raise UserError(f'data.mixture entry {entry!r}: write DATASET:WEIGHT with a '
+                      f'language-modelling dataset ({known}) and a positive weight, e.g. '
+                      "--config.data.mixture=\"('shakespeare:0.7','milton:0.3')\".")
+    tasks.append((name, weight))
+  if len({name for name, _ in tasks}) < len(tasks):
+    raise UserError(f'data.mixture={tuple(config.data.mixture)} names a dataset twice.')
+  if tasks and (config.train.get('stateful', False) or not config.model.get('causal', True)):
+    raise UserError('data.mixture trains a left-to-right model on independent windows; '
+                    'set train.stateful=False and model.causal=True, or drop the mixture.')
+  return tasks
+
+
+def task_data(data_config, name: str):
+  """`data_config` reading dataset `name` (one task of a mixture)."""
+  return ml_collections.ConfigDict({**data_config.to_dict(), 'name': name})
 
 
 def check_config_change(config, workdir: str, allow_change: bool = False) -> None:
@@ -664,9 +695,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   if class_names:
     train_passages = corpora.load_split_passages(data.name, 'train', data.data_dir or None)
     train_texts = [text for _, _, text, _ in train_passages]
-  else:
-    train_works = corpora.load_split_texts(data.name, 'train', data.data_dir or None)
-    train_texts = [text for _, text in train_works]
+    tasks = [(data.name, 1.0)]
+  else:  # one corpus, or each of a mixture's (its tokenizer learns from all of them)
+    tasks = mixture_tasks(config) or [(data.name, 1.0)]
+    task_works = {name: corpora.load_split_texts(name, 'train', data.data_dir or None)
+                  for name, _ in tasks}
+    train_works = task_works[tasks[0][0]]
+    train_texts = [text for works in task_works.values() for _, text in works]
   tokenizer = tokenizers.build_tokenizer(
       data.tokenizer, workdir, lambda: train_texts,
       vocab_size=data.vocab_size or None, model_type=data.spm_model_type)
@@ -682,6 +717,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       train_examples['weights'] = balanced_weights(train_examples['labels'], counts)
     train_size = (f'{len(train_passages):,} training passages (' +
                   ', '.join(f'{n:,} {c}' for c, n in zip(class_names, counts)) + ')')
+  elif len(tasks) > 1:
+    task_tokens = [pipeline.load_tokens(task_data(data, name), 'train', tokenizer,
+                                        task_works[name]) for name, _ in tasks]
+    train_tokens = np.concatenate(task_tokens)
+    mixture_starts, _ = pipeline.mixture_schedule(
+        [len(x) for x in task_tokens], [w for _, w in tasks], seq_len=t.seq_len,
+        num_examples=t.num_steps * t.batch_size, seed=t.seed)
+    task_evals = {name: lm_eval_set(config, tokenizer, pipeline.load_tokens(
+        task_data(data, name), data.eval_split, tokenizer), t.eval_batch_size)
+                  for name, _ in tasks}
+    train_size = 'a mixture of ' + ', '.join(
+        f'{name} ({len(x):,} training tokens, weight {w:g})'
+        for (name, w), x in zip(tasks, task_tokens))
   else:
     train_tokens = pipeline.load_tokens(data, 'train', tokenizer, train_works)
     eval_tokens = pipeline.load_tokens(data, data.eval_split, tokenizer)
@@ -740,8 +788,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   eval_start = eval_carry(model, mesh, t.eval_batch_size) if stateful else None
 
   def run_eval(state):
-    return evaluate(eval_fn, finetune.join(state.params, state.frozen), evals,
-                    batch_sharding, bits_per_char, eval_start, class_names)
+    params = finetune.join(state.params, state.frozen)
+    if len(tasks) == 1:
+      return evaluate(eval_fn, params, evals, batch_sharding, bits_per_char, eval_start,
+                      class_names)
+    return mixture_metrics({name: evaluate(eval_fn, params, task_evals[name],
+                                           batch_sharding, bits_per_char)
+                            for name in task_evals}, tasks, bits_per_char)
 
   @contextlib.contextmanager
   def writing(what: str):
@@ -774,6 +827,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   if class_names:
     dataset = pipeline.classification_train_dataset(
         train_examples, global_batch=t.batch_size, seed=t.seed, start_example=next_example)
+  elif len(tasks) > 1:
+    dataset = pipeline.mixture_dataset(train_tokens, mixture_starts, seq_len=t.seq_len,
+                                       global_batch=t.batch_size, start_example=next_example)
   elif stateful:
     dataset = pipeline.stream_dataset(train_tokens, seq_len=t.seq_len,
                                       global_batch=t.batch_size, seed=t.seed,
@@ -973,6 +1029,20 @@ def _start_from_base(config, base: str, state, state_shardings, trainable, mesh)
   print(f'Fine-tuning from {base}, step {base_step}: its parameters and tokenizer; a fresh '
         'optimizer.', flush=True)
   return state.replace(params=params, frozen=frozen)
+
+
+def mixture_metrics(per_task: dict[str, dict], tasks, bits_per_char: bool) -> dict:
+  """One evaluation of a mixture: each task's metrics under 'TASK/...', and loss and
+  accuracy averaged with the mixture's weights (the expectation training minimises)."""
+  total = sum(w for _, w in tasks)
+  out = {k: sum(w * per_task[name][k] for name, w in tasks) / total
+         for k in ('loss', 'accuracy')}
+  out['perplexity'] = math.exp(min(out['loss'], 80.0))
+  if bits_per_char:
+    out['bits_per_char'] = out['loss'] / math.log(2)
+  for name, metrics in per_task.items():
+    out.update({f'{name}/{k}': v for k, v in metrics.items()})
+  return out
 
 
 def balanced_weights(labels, counts) -> np.ndarray:

@@ -16,7 +16,7 @@ from lmjax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = {'loss', 'perplexity', 'accuracy', 'bits_per_token', 'bits_per_byte', 'num_tokens',
-        'num_bytes', 'workdir', 'step', 'split', 'tokenizer', 'num_params'}
+        'num_bytes', 'dataset', 'workdir', 'step', 'split', 'tokenizer', 'num_params'}
 
 
 def _train(workdir, family, devices=None, **train_overrides):

@@ -147,6 +147,51 @@ def train_dataset(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: 
   return ds.prefetch(2)
 
 
+def mixture_schedule(task_lengths: list[int], weights: list[float], *, seq_len: int,
+                     num_examples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """(window starts, task ids) of the first `num_examples` training examples of a weighted
+  mixture of token streams laid end to end (task t's stream starts where t - 1's ends).
+
+  Each example's task is drawn by weight; each task reads its own windows as
+  `train_dataset` reads a single stream (an offset and an order per epoch, every token a
+  target once per epoch), with its own epochs. All of it is a pure function of the seed:
+  a run resumed at any example, or read by any number of processes, sees the same."""
+  for length in task_lengths:
+    if length < seq_len + 2:
+      raise ValueError(f'a training split of the mixture has {length} tokens, too few for '
+                       f'one window of train.seq_len + 1 = {seq_len + 1}.')
+  probabilities = np.asarray(weights, np.float64) / np.sum(weights)
+  tasks = np.random.default_rng([seed, 1]).choice(len(task_lengths), num_examples,
+                                                  p=probabilities).astype(np.int32)
+  starts = np.empty(num_examples, np.int64)
+  base = 0
+  for t, length in enumerate(task_lengths):
+    rows = np.flatnonzero(tasks == t)
+    n = windows_per_epoch(length, seq_len)
+    epochs = []
+    for epoch in range(-(-len(rows) // n)):
+      rng = np.random.default_rng([seed, 2, t, epoch])
+      epochs.append(base + rng.integers(seq_len) + rng.permutation(n) * seq_len)
+    starts[rows] = np.concatenate(epochs)[:len(rows)] if epochs else []
+    base += length
+  return starts, tasks
+
+
+def mixture_dataset(tokens: np.ndarray, starts: np.ndarray, *, seq_len: int,
+                    global_batch: int, start_example: int = 0) -> tf.data.Dataset:
+  """{'inputs', 'targets'} batches of this process's rows of the windows at `starts` (from
+  `mixture_schedule`), from `start_example` on, until the schedule ends."""
+  tokens_t, span = tf.constant(tokens, tf.int32), tf.range(seq_len + 1, dtype=tf.int64)
+  row_start, row_stop = _local_rows(global_batch)
+  batches = starts[start_example:].reshape(-1, global_batch)[:, row_start:row_stop]
+
+  def to_batch(batch_starts):
+    windows = tf.gather(tokens_t, batch_starts[:, None] + span)
+    return {'inputs': windows[:, :-1], 'targets': windows[:, 1:]}
+
+  return tf.data.Dataset.from_tensor_slices(batches).map(to_batch).prefetch(2)
+
+
 def stream_rows(num_tokens: int, *, seq_len: int, global_batch: int) -> tuple[int, int]:
   """(tokens each row reads per epoch, windows per epoch) of a stateful stream."""
   # Leaves room for an epoch offset of up to seq_len - 1 and the last window's target.
