@@ -71,12 +71,13 @@ def test_the_head_reads_the_last_real_position_and_ignores_padding(family):
   assert not {'output_kernel', 'output_bias'} & set(params)  # no language-model output
   lengths = np.array([4, 10, 7])
   mask = jnp.arange(10)[None] < lengths[:, None]
-  logits = model.apply({'params': params}, ids, mask_BxT=mask)
+  apply = jax.jit(model.apply)  # eager, every op would compile on its own
+  logits = apply({'params': params}, ids, mask_BxT=mask)
   assert logits.shape == (3, 3) and logits.dtype == jnp.float32
   other_padding = jnp.where(mask, ids, 5)
-  np.testing.assert_array_equal(model.apply({'params': params}, other_padding, mask_BxT=mask),
+  np.testing.assert_array_equal(apply({'params': params}, other_padding, mask_BxT=mask),
                                 logits)
-  alone = model.apply({'params': params}, ids[:1, :4])  # row 0 without its padding
+  alone = apply({'params': params}, ids[:1, :4])  # row 0 without its padding
   np.testing.assert_allclose(alone[0], logits[0], rtol=1e-5, atol=1e-6)
 
 

@@ -63,12 +63,13 @@ def test_the_encoder_sees_both_ways_and_ignores_padding():
   ids = jnp.asarray(np.random.default_rng(2).integers(1, 30, (2, 8)), jnp.int32)
   params = nn.meta.unbox(model.init(jax.random.key(0), ids)['params'])
 
+  apply = jax.jit(model.apply)
   # Position 0 changes with the last token: a causal model's would not.
-  changed = model.apply({'params': params}, ids.at[:, -1].set(ids[:, -1] % 29 + 1))
-  assert not np.allclose(changed[:, 0], model.apply({'params': params}, ids)[:, 0])
+  changed = apply({'params': params}, ids.at[:, -1].set(ids[:, -1] % 29 + 1))
+  assert not np.allclose(changed[:, 0], apply({'params': params}, ids)[:, 0])
   mask = jnp.arange(8)[None] < jnp.array([[5], [8]])
-  padded = model.apply({'params': params}, ids, mask_BxT=mask)
-  repadded = model.apply({'params': params}, jnp.where(mask, ids, 7), mask_BxT=mask)
+  padded = apply({'params': params}, ids, mask_BxT=mask)
+  repadded = apply({'params': params}, jnp.where(mask, ids, 7), mask_BxT=mask)
   np.testing.assert_allclose(padded[0, :5], repadded[0, :5], rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match='cannot decode'):
     transformer.Transformer(vocab_size=30, num_layers=1, num_heads=2, d_model=16, d_ff=32,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tarfile
@@ -207,12 +208,36 @@ PASSAGE_CHARS = 256  # the longest passage
 MIN_PASSAGE_CHARS = 64  # shorter pieces (a work's last lines, lone headings) are dropped
 
 
-def passages(text: str) -> list[str]:
-  """A work cut into passages of whole lines, each stripped, without empty lines, at most
-  PASSAGE_CHARS long (a longer line is cut at spaces) and at least MIN_PASSAGE_CHARS."""
-  pieces = []
+# Play markup: act and scene headings, entrances and exits, and the title page's byline.
+_MARKUP = re.compile(r"^((ACT|Act|SCENE|Scene)\b|(Enter|Exit|Exeunt|Re-enter|Manet)\b|"
+                     r"by (William Shakespeare|John Milton)$|THE END\.?$)")
+
+
+def _is_speaker(line: str) -> bool:
+  """A speaker's name on its own line: 'HAMLET.', 'Ber.', 'First Citizen.'."""
+  words = line[:-1].split()
+  return (line.endswith('.') and len(line) <= 30 and 0 < len(words) <= 4 and
+          all(w[0].isupper() for w in words))
+
+
+def _text_lines(text: str):
+  """The lines of a work's text without play markup (speaker names, stage directions in
+  brackets, act and scene headings), each stripped, empty ones dropped."""
+  in_direction = False
   for line in text.split('\n'):
     line = ' '.join(line.split())  # also folds runs of spaces and tabs inside the line
+    if in_direction or line.startswith('['):
+      in_direction = ']' not in line and '}' not in line  # one direction ends in '}'
+      continue
+    if line and not _is_speaker(line) and not _MARKUP.match(line):
+      yield line
+
+
+def passages(text: str) -> list[str]:
+  """A work cut into passages of whole lines of text (`_text_lines`), at most PASSAGE_CHARS
+  long (a longer line is cut at spaces) and at least MIN_PASSAGE_CHARS."""
+  pieces = []
+  for line in _text_lines(text):
     while len(line) > PASSAGE_CHARS:
       cut = line.rfind(' ', 0, PASSAGE_CHARS + 1)
       cut = cut if cut > 0 else PASSAGE_CHARS
@@ -237,8 +262,13 @@ class Authorship(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   `shakespeare` or `milton` train split has read no validation or test passage.
   """
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Passages of up to 256 characters; split by work.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'Passages of up to 256 characters; split by work.',
+      # In 1.0.0, "has a speaker's name or a stage direction" alone told the authors apart
+      # with a macro F1 of 0.79 (validation) and 0.82 (test): most of Shakespeare is plays.
+      '1.1.0': 'Without play markup: speaker names, stage directions, act and scene headings.',
+  }
   CLASSES = ('shakespeare', 'milton')
   AUTHORS = {'shakespeare': Shakespeare, 'milton': Milton}
   # Files of the archive that are not the author's English: left out of every split.

@@ -153,6 +153,16 @@ def test_passages_pack_whole_lines_cut_long_ones_and_drop_stubs():
   assert corpora.passages('short\n\n') == []
 
 
+def test_passages_leave_out_play_markup():
+  scene = ('ACT I.\n\nScene I. Elsinore. A platform before the Castle.\n\n'
+           '[Francisco at his post. Enter to him\nBernardo.]\n\nBer.\nWho is there? '
+           + 'Nay, answer me: stand, and unfold yourself. ' * 2 + '\n\nFIRST CITIZEN.\n'
+           'Long live the king!\n\nEnter Horatio.\n[Exit.]')
+  got = corpora.passages(scene)
+  speech = ('Who is there? ' + 'Nay, answer me: stand, and unfold yourself. ' * 2).strip()
+  assert got == [speech + '\nLong live the king!']
+
+
 @pytest.fixture(scope='module')
 def authorship():
   return {split: corpora.load_split_passages('authorship', split) for split in corpora.SPLITS}
@@ -179,6 +189,10 @@ def test_authorship_splits_are_by_work_and_hold_out_the_corpora_held_out_works(a
       assert label == author[title], title
       assert corpora.MIN_PASSAGE_CHARS <= len(text) <= corpora.PASSAGE_CHARS
       assert all(line and line == line.strip() for line in text.split('\n'))
+      # No speaker names or stage directions: in version 1.0 they alone told the authors
+      # apart (most of Shakespeare is plays).
+      assert not any(corpora._is_speaker(line) or line.startswith('[')
+                     for line in text.split('\n')), (title, text)
   assert corpora.class_names('authorship') == ('shakespeare', 'milton')
   assert corpora.class_names('shakespeare') == ()
   with pytest.raises(ValueError, match='classification dataset'):
