@@ -57,7 +57,7 @@ _HF_BUFFERS = ('.attn.bias', '.attn.masked_bias')
 # LoRA fields are fine: train.load_trained merges the adapters and sets lora_rank to 0.
 _EXPORTABLE_MODEL_FIELDS = ('name', 'num_layers', 'num_heads', 'd_model', 'd_ff', 'max_len',
                             'dropout', 'dtype', 'param_dtype', 'lora_rank', 'lora_alpha',
-                            'lora_targets')
+                            'lora_targets', 'causal')
 
 
 # ------------------------------------------------------------------------------ reading
@@ -441,6 +441,9 @@ def _exportable_weights(config: ml_collections.ConfigDict, params: Any,
   if m.get('lora_rank', 0):
     raise ValueError(f'{workdir}: model.lora_rank={m.lora_rank}; merge the adapters first '
                      '(train.load_trained does).')
+  if not m.get('causal', True):
+    raise ValueError(f'{workdir}: model.causal=False, a bidirectional encoder; GPT-2 is a '
+                     'left-to-right decoder.')
   unknown = sorted(set(m.keys()) - set(_EXPORTABLE_MODEL_FIELDS))
   if unknown:
     raise ValueError(
