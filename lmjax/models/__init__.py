@@ -46,6 +46,10 @@ def build_model(model_config: Any, vocab_size: int, *, decode: bool = False,
         lora=lora_spec(model_config),
         num_classes=num_classes,
         causal=model_config.get('causal', True),
+        # Defaults for the fields a config.json saved before they existed lacks.
+        attention=model_config.get('attention', 'dot_product'),
+        remat=model_config.get('remat', 'none'),
+        scan_layers=model_config.get('scan_layers', False),
     )
   if name in rnn.CELLS:
     return rnn.RecurrentLM(

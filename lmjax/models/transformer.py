@@ -12,6 +12,10 @@ Decode mode (`decode=True`) keeps a 'cache' collection:
      'layer_<i>': {'attention': {'cached_key':   dtype[B, S, H, D],
                                  'cached_value': dtype[B, S, H, D]}}}
 
+With `scan_layers=True` the per-layer entries are one 'layers' entry instead, each
+array stacked on axis 1 (CACHE_LAYER_AXIS), [B, L, S, H, D]: the batch stays the
+leading axis, as lmjax.decode expects of every per-row leaf.
+
 A call with T new tokens writes them at [index, index + T), attends causally over
 everything filled, and advances `index` by T. The cache length S is max_len unless
 `init_cache` is asked for less: a decode that needs 200 positions of GPT-2's 1024 then
@@ -23,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -42,6 +47,23 @@ LAYER_NORM_EPSILON = 1e-5
 
 # The projections LoRA adapters may attach to: attention's and the MLP's.
 LORA_TARGETS = ('query', 'key', 'value', 'out', 'dense_in', 'dense_out')
+
+# model.attention: 'dot_product' is jax.nn.dot_product_attention (the backend picks the
+# kernel); 'einsum' is the formula written out, the reference the other is tested against.
+ATTENTION_KINDS = ('dot_product', 'einsum')
+# model.remat: what the backward pass of each decoder block keeps rather than recomputes.
+# 'save_dots' keeps the matmuls without batch dimensions (the weight projections) and
+# recomputes the attention scores, whose [B, H, T, T] size grows with the context.
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+# With scan_layers=True the blocks are one module of this name; its parameters (and
+# cache) are stacked along a new axis with this logical name.
+SCANNED_LAYERS = 'layers'
+# The axis of the stacked KV cache that indexes layers: 1, so the batch stays leading.
+CACHE_LAYER_AXIS = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +180,7 @@ class CausalSelfAttention(nn.Module):
   decode: bool = False
   lora: LoraSpec | None = None
   causal: bool = True
+  attention: str = 'dot_product'  # one of ATTENTION_KINDS
 
   def _project(self, name: str, d_model: int) -> ProjectionDense:
     return ProjectionDense(
@@ -210,22 +233,25 @@ class CausalSelfAttention(nn.Module):
       key_BxSxHxD, value_BxSxHxD = key_BxTxHxD, value_BxTxHxD
       query_positions_T = jnp.arange(num_new)
 
-    # Scores and softmax in float32: bfloat16 loses too much in the normaliser.
-    scores_BxHxTxS = jnp.einsum('bthd,bshd->bhts', query_BxTxHxD, key_BxSxHxD,
-                                preferred_element_type=jnp.float32)
-    scores_BxHxTxS = scores_BxHxTxS * (1.0 / math.sqrt(self.head_dim))
-    # Key positions past the newest query (the unfilled cache tail included) are masked.
-    key_positions_S = jnp.arange(key_BxSxHxD.shape[1])
-    if self.causal:
-      allowed_BxHxTxS = (key_positions_S[None, :] <= query_positions_T[:, None])[None, None]
+    # Causal with no offset: the queries are the keys (training, or the call that creates
+    # the cache). Otherwise a decode call's queries sit at cache_index + [0, T).
+    from_start = not (self.decode and cache_exists)
+    # jax.nn.dot_product_attention has no dropout on the attention probabilities, so a
+    # training step that drops them takes the einsum path: the model stays the same.
+    if self.attention == 'dot_product' and not (train and self.dropout_rate > 0):
+      if self.causal and from_start:
+        mask = None  # is_causal: a kernel like cuDNN's then skips the masked half
+      elif self.causal:
+        mask = _causal_mask_1x1xTxS(query_positions_T, key_BxSxHxD.shape[1])
+      else:
+        mask = None if mask_BxT is None else mask_BxT.astype(bool)[:, None, None, :]
+      # Scores and softmax run in float32 there too, whatever the input dtype.
+      context_BxTxHxD = jax.nn.dot_product_attention(
+          query_BxTxHxD, key_BxSxHxD, value_BxSxHxD, mask=mask,
+          is_causal=self.causal and from_start)
     else:
-      allowed_BxHxTxS = jnp.ones((1, 1, num_new, key_BxSxHxD.shape[1]), bool)
-      if mask_BxT is not None:
-        allowed_BxHxTxS = allowed_BxHxTxS & mask_BxT.astype(bool)[:, None, None, :]
-    scores_BxHxTxS = jnp.where(allowed_BxHxTxS, scores_BxHxTxS, jnp.finfo(jnp.float32).min)
-    probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(self.dtype)
-    probs_BxHxTxS = nn.Dropout(self.dropout_rate)(probs_BxHxTxS, deterministic=not train)
-    context_BxTxHxD = jnp.einsum('bhts,bshd->bthd', probs_BxHxTxS, value_BxSxHxD)
+      context_BxTxHxD = self._einsum_attention(
+          query_BxTxHxD, key_BxSxHxD, value_BxSxHxD, query_positions_T, mask_BxT, train)
 
     if self.decode and cache_exists:
       context_BxTxHxD = jnp.where(overrun, jnp.nan, context_BxTxHxD)
@@ -241,6 +267,32 @@ class CausalSelfAttention(nn.Module):
         **_lora_kwargs(self.lora, 'out'),
     )(context_BxTxHxD)
     return nn.Dropout(self.dropout_rate)(out_BxTxE, deterministic=not train)
+
+  def _einsum_attention(self, query_BxTxHxD: Array, key_BxSxHxD: Array,
+                        value_BxSxHxD: Array, query_positions_T: Array,
+                        mask_BxT: Array | None, train: bool) -> Array:
+    # Scores and softmax in float32: bfloat16 loses too much in the normaliser.
+    scores_BxHxTxS = jnp.einsum('bthd,bshd->bhts', query_BxTxHxD, key_BxSxHxD,
+                                preferred_element_type=jnp.float32)
+    scores_BxHxTxS = scores_BxHxTxS * (1.0 / math.sqrt(self.head_dim))
+    num_new, num_keys = query_BxTxHxD.shape[1], key_BxSxHxD.shape[1]
+    if self.causal:
+      allowed_BxHxTxS = _causal_mask_1x1xTxS(query_positions_T, num_keys)
+    else:
+      allowed_BxHxTxS = jnp.ones((1, 1, num_new, num_keys), bool)
+      if mask_BxT is not None:
+        allowed_BxHxTxS = allowed_BxHxTxS & mask_BxT.astype(bool)[:, None, None, :]
+    scores_BxHxTxS = jnp.where(allowed_BxHxTxS, scores_BxHxTxS, jnp.finfo(jnp.float32).min)
+    probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(self.dtype)
+    probs_BxHxTxS = nn.Dropout(self.dropout_rate)(probs_BxHxTxS, deterministic=not train)
+    return jnp.einsum('bhts,bshd->bthd', probs_BxHxTxS, value_BxSxHxD)
+
+
+def _causal_mask_1x1xTxS(query_positions_T: Array, num_keys: int) -> Array:
+  """True where a key is at or before its query: key positions past the newest query
+  (the unfilled cache tail included) are masked."""
+  key_positions_S = jnp.arange(num_keys)
+  return (key_positions_S[None, :] <= query_positions_T[:, None])[None, None]
 
 
 class Mlp(nn.Module):
@@ -285,7 +337,11 @@ class Mlp(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-LayerNorm block: x + attn(LN(x)), then x + mlp(LN(x))."""
+  """Pre-LayerNorm block: x + attn(LN(x)), then x + mlp(LN(x)).
+
+  `train` is positional so that nn.remat can mark it static; with `scanned=True` the
+  block returns (x, None), the (carry, output) pair nn.scan wants of its body.
+  """
 
   num_heads: int
   head_dim: int
@@ -299,10 +355,12 @@ class DecoderLayer(nn.Module):
   decode: bool = False
   lora: LoraSpec | None = None
   causal: bool = True
+  attention: str = 'dot_product'
+  scanned: bool = False
 
   @nn.compact
-  def __call__(self, x_BxTxE: Array, cache_index: Array | None, *, train: bool,
-               mask_BxT: Array | None = None) -> Array:
+  def __call__(self, x_BxTxE: Array, cache_index: Array | None, train: bool,
+               mask_BxT: Array | None = None) -> Array | tuple[Array, None]:
     attention = CausalSelfAttention(
         num_heads=self.num_heads,
         head_dim=self.head_dim,
@@ -315,6 +373,7 @@ class DecoderLayer(nn.Module):
         decode=self.decode,
         lora=self.lora,
         causal=self.causal,
+        attention=self.attention,
         name='attention',
     )
     normed_BxTxE = _layer_norm(self.dtype, self.param_dtype, 'attention_norm')(x_BxTxE)
@@ -333,7 +392,8 @@ class DecoderLayer(nn.Module):
     )
     normed_BxTxE = _layer_norm(self.dtype, self.param_dtype, 'mlp_norm')(x_BxTxE)
     x_BxTxE = x_BxTxE + mlp(normed_BxTxE, train=train)
-    return nn.with_logical_constraint(x_BxTxE, RESIDUAL_AXES)
+    x_BxTxE = nn.with_logical_constraint(x_BxTxE, RESIDUAL_AXES)
+    return (x_BxTxE, None) if self.scanned else x_BxTxE
 
 
 class Transformer(nn.Module):
@@ -362,6 +422,11 @@ class Transformer(nn.Module):
   num_classes: int = 0
   # False: a bidirectional encoder (trained as a masked LM; it cannot decode).
   causal: bool = True
+  attention: str = 'dot_product'  # one of ATTENTION_KINDS
+  remat: str = 'none'  # a key of REMAT_POLICIES; training only (decode has no backward)
+  # True: one nn.scan over the blocks, their parameters stacked under 'layers' (see
+  # stack_layers); compiles one block instead of num_layers.
+  scan_layers: bool = False
 
   # GPT-2's initialisation: N(0, 0.02) weights, residual output projections
   # shrunk by 1/sqrt(2 * num_layers) so the residual stream's variance stays
@@ -376,6 +441,12 @@ class Transformer(nn.Module):
     if self.decode and not self.causal:
       raise ValueError('a bidirectional encoder (model.causal=False) cannot decode: every '
                        'position reads the ones after it.')
+    if self.attention not in ATTENTION_KINDS:
+      raise ValueError(f'model.attention={self.attention!r} is not one of '
+                       f'{", ".join(ATTENTION_KINDS)}.')
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'model.remat={self.remat!r} is not one of '
+                       f'{", ".join(REMAT_POLICIES)}.')
     super().__post_init__()
 
   @nn.compact
@@ -416,23 +487,42 @@ class Transformer(nn.Module):
     x_BxTxE = nn.Dropout(self.dropout_rate)(x_BxTxE, deterministic=not train)
     x_BxTxE = nn.with_logical_constraint(x_BxTxE, RESIDUAL_AXES)
 
-    out_init_stddev = self.init_stddev / math.sqrt(2 * self.num_layers)
-    for layer in range(self.num_layers):
-      x_BxTxE = DecoderLayer(
-          num_heads=self.num_heads,
-          head_dim=self.d_model // self.num_heads,
-          d_ff=self.d_ff,
-          max_len=self.max_len,
-          init_stddev=self.init_stddev,
-          out_init_stddev=out_init_stddev,
-          dropout_rate=self.dropout_rate,
-          dtype=self.dtype,
-          param_dtype=self.param_dtype,
-          decode=self.decode,
-          lora=self.lora,
-          causal=self.causal,
-          name=f'layer_{layer}',
-      )(x_BxTxE, start, train=train, mask_BxT=mask_BxT)
+    layer_fields = dict(
+        num_heads=self.num_heads,
+        head_dim=self.d_model // self.num_heads,
+        d_ff=self.d_ff,
+        max_len=self.max_len,
+        init_stddev=self.init_stddev,
+        out_init_stddev=self.init_stddev / math.sqrt(2 * self.num_layers),
+        dropout_rate=self.dropout_rate,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        decode=self.decode,
+        lora=self.lora,
+        causal=self.causal,
+        attention=self.attention,
+    )
+    block = DecoderLayer
+    if REMAT_POLICIES[self.remat] is not None and not self.decode:
+      # static_argnums counts self: 3 is `train`. Inside a scan the loop boundary already
+      # keeps XLA from merging the recomputation away, so prevent_cse is not needed.
+      block = nn.remat(block, policy=REMAT_POLICIES[self.remat],
+                       prevent_cse=not self.scan_layers, static_argnums=(3,))
+    if self.scan_layers:
+      block = nn.scan(
+          block,
+          variable_axes={'params': 0, 'cache': CACHE_LAYER_AXIS},
+          split_rngs={'params': True, 'dropout': True},
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+          length=self.num_layers,
+          metadata_params={nn.PARTITION_NAME: SCANNED_LAYERS},
+      )
+      x_BxTxE, _ = block(**layer_fields, scanned=True, name=SCANNED_LAYERS)(
+          x_BxTxE, start, train, mask_BxT)
+    else:
+      for layer in range(self.num_layers):
+        x_BxTxE = block(**layer_fields, name=f'layer_{layer}')(x_BxTxE, start, train,
+                                                              mask_BxT)
     x_BxTxE = _layer_norm(self.dtype, self.param_dtype, 'final_norm')(x_BxTxE)
     if self.num_classes:
       pool = heads.last_position if self.causal else heads.mean_over_positions
@@ -457,12 +547,42 @@ def merge_lora(params: PyTree, lora: LoraSpec) -> PyTree:
   if not isinstance(params, dict):
     return params
   merged = {k: merge_lora(v, lora) for k, v in params.items()
-            if k not in ('lora_a', 'lora_b')}
+            if k not in ('lora_a', 'lora_b', SCANNED_LAYERS)}
+  if SCANNED_LAYERS in params:
+    # Stacked layers (scan_layers): the same merge, batched over the leading layer axis.
+    merged[SCANNED_LAYERS] = jax.vmap(lambda p: merge_lora(p, lora))(params[SCANNED_LAYERS])
   if 'lora_a' in params:
     product = jnp.tensordot(params['lora_a'], params['lora_b'], axes=1)
     merged['kernel'] = (params['kernel'] + (lora.alpha / lora.rank) * product).astype(
         params['kernel'].dtype)
   return merged
+
+
+_LAYER_NAME = re.compile(r'layer_(\d+)')
+
+
+def stack_layers(tree: PyTree, axis: int = 0) -> PyTree:
+  """`tree` (params, gradients, or with axis=CACHE_LAYER_AXIS a cache) with its
+  'layer_0'..'layer_{L-1}' entries stacked along `axis` into one 'layers' entry: the
+  layout of scan_layers=True. Leaves are arrays (unboxed); other entries pass through."""
+  numbers = sorted(int(m.group(1)) for k in tree if (m := _LAYER_NAME.fullmatch(k)))
+  if numbers != list(range(len(numbers))) or not numbers:
+    raise ValueError(f'stack_layers needs entries layer_0..layer_{{L-1}}; got layers {numbers}.')
+  per_layer = [tree[f'layer_{i}'] for i in numbers]
+  rest = {k: v for k, v in tree.items() if not _LAYER_NAME.fullmatch(k)}
+  return {**rest, SCANNED_LAYERS: jax.tree.map(lambda *xs: jnp.stack(xs, axis), *per_layer)}
+
+
+def unstack_layers(tree: PyTree, axis: int = 0) -> PyTree:
+  """The inverse of `stack_layers`: the 'layers' entry split into 'layer_<i>' entries."""
+  if SCANNED_LAYERS not in tree:
+    raise ValueError(f"unstack_layers needs a '{SCANNED_LAYERS}' entry (a model with "
+                     'scan_layers=True); got ' + ', '.join(sorted(tree)) + '.')
+  stacked = tree[SCANNED_LAYERS]
+  num_layers = jax.tree.leaves(stacked)[0].shape[axis]
+  rest = {k: v for k, v in tree.items() if k != SCANNED_LAYERS}
+  return {**rest, **{f'layer_{i}': jax.tree.map(lambda x: x.take(i, axis), stacked)
+                     for i in range(num_layers)}}
 
 
 def init_cache(model: Transformer, batch_size: int, length: int | None = None) -> PyTree:
@@ -474,14 +594,12 @@ def init_cache(model: Transformer, batch_size: int, length: int | None = None) -
   if not 1 <= length <= model.max_len:
     raise ValueError(f'cache length {length} must be in [1, model.max_len={model.max_len}].')
   dummy_ids = jnp.zeros((batch_size, 1), jnp.int32)
-  # eval_shape: only the cache's shapes are needed, not a parameter init.
-  shapes = jax.eval_shape(model.init, jax.random.key(0), dummy_ids)['cache']
-
-  def zeros(s):
-    shape = s.shape if len(s.shape) < 2 else (s.shape[0], length) + s.shape[2:]
-    return jnp.zeros(shape, s.dtype)
-
-  return jax.tree.map(zeros, shapes)
+  # eval_shape: only the cache's shapes are needed, not a parameter init. The cache
+  # length is max_len, so a clone with max_len=length has the asked-for cache, in
+  # whichever layout (per layer or stacked) the model keeps it.
+  shapes = jax.eval_shape(model.clone(max_len=length).init, jax.random.key(0),
+                          dummy_ids)['cache']
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,13 +1,17 @@
-"""The decoder-only Transformer: causality, KV cache, logical axes, config errors, sizes."""
+"""The decoder-only Transformer: causality, KV cache, logical axes, config errors, sizes;
+its efficiency options (attention kernel, remat, scanned layers) against the plain model."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
-from jax.sharding import AxisType
+from jax.sharding import AxisType, PartitionSpec
 
-from lmjax import models
+from lmjax import finetune, models
 from lmjax.models import transformer
 from lmjax.models.transformer import Transformer
 
@@ -266,15 +270,49 @@ def test_dropout_only_when_training(tiny_params):
   assert not np.allclose(train_a, train_b)
 
 
-def test_bfloat16_compute_keeps_float32_params_and_logits(tiny_params):
-  model = Transformer(**TINY, dtype=jnp.bfloat16)
-  ids_BxL = _random_ids((2, 8), seed=7)
-  params = jax.eval_shape(model.init, _key(0), ids_BxL)['params']
+def _loss_and_grads(model, params, ids_BxL, **apply_kwargs):
+  """(loss, logits, gradients) of next-token cross-entropy, jitted: a train step without
+  the optimizer."""
+  def loss_fn(params):
+    logits_BxLxV = model.apply({'params': params}, ids_BxL[:, :-1], **apply_kwargs)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, ids_BxL[:, 1:])
+    return loss.mean(), logits_BxLxV
+
+  (loss, logits_BxLxV), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+  return loss, logits_BxLxV, grads
+
+
+def _assert_trees_close(actual, expected, tol=1e-5):
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, atol=tol, rtol=tol, err_msg=jax.tree_util.keystr(path))
+
+
+def _train_ids():
+  return _random_ids((2, 9), seed=10)
+
+
+@pytest.fixture(scope='module')
+def plain_step(tiny_params):
+  """_loss_and_grads of the default model (float32, dot_product attention) on _train_ids:
+  the reference of the bfloat16, attention, remat and scan checks."""
+  return _loss_and_grads(Transformer(**TINY), tiny_params, _train_ids())
+
+
+@pytest.mark.parametrize('attention', transformer.ATTENTION_KINDS)
+def test_bfloat16_compute_keeps_float32_params_grads_and_loss(tiny_params, plain_step,
+                                                              attention):
+  model = Transformer(**TINY, dtype=jnp.bfloat16, attention=attention)
+  params = jax.eval_shape(model.init, _key(0), _train_ids())['params']
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
-  logits = jax.jit(model.apply)({'params': tiny_params}, ids_BxL)
-  assert logits.dtype == jnp.float32
-  reference = jax.jit(Transformer(**TINY).apply)({'params': tiny_params}, ids_BxL)
-  np.testing.assert_allclose(logits, reference, atol=0.2)
+  loss, logits, grads = _loss_and_grads(model, tiny_params, _train_ids())
+  assert loss.dtype == logits.dtype == jnp.float32
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(grads))
+  # (The float32 reference is dot_product's; einsum's equals it, as tested below.)
+  reference_loss, reference_logits, _ = plain_step
+  np.testing.assert_allclose(logits, reference_logits, atol=0.2)
+  # Scores, softmax, logits and loss in float32 keep bfloat16's error to its matmuls.
+  assert abs(loss - reference_loss) <= 2e-2 * reference_loss, (loss, reference_loss)
 
 
 def test_gpt2_small_parameter_count():
@@ -307,7 +345,180 @@ def test_build_model_from_config():
     (dict(name='gpt5'), r"model\.name='gpt5'.*transformer"),
     (dict(dtype='float8'), r'model\.dtype'),
     (dict(num_heads=5), r'model\.num_heads'),
+    (dict(attention='flash'), r"model\.attention='flash'.*dot_product, einsum"),
+    (dict(remat='all'), r"model\.remat='all'.*none, full, save_dots"),
 ])
 def test_build_model_rejects_bad_config(overrides, message):
   with pytest.raises(ValueError, match=message):
     models.build_model(_model_config(**overrides), vocab_size=11)
+
+
+def test_build_model_reads_the_efficiency_fields_and_defaults_them():
+  model = models.build_model(_model_config(attention='einsum', remat='save_dots',
+                                           scan_layers=True), vocab_size=11)
+  assert (model.attention, model.remat, model.scan_layers) == ('einsum', 'save_dots', True)
+  # A config.json saved before these fields existed builds the default model.
+  model = models.build_model(_model_config(), vocab_size=11)
+  assert (model.attention, model.remat, model.scan_layers) == ('dot_product', 'none', False)
+
+
+
+
+# ----------------------------------------------------------------- efficiency options
+# attention='dot_product', remat and scan_layers change how the model computes, never what:
+# each is checked against the plain model (attention='einsum', no remat, a Python loop).
+
+
+def _decode_steps(model, params, ids_BxL, prompt_len):
+  """(logits, final cache) of a prefill of `prompt_len` tokens, then one token a call."""
+  tokens_to_logits, state = transformer.decode_fns(model, params, batch_size=ids_BxL.shape[0])
+  tokens_to_logits = jax.jit(tokens_to_logits)
+  logits, state = tokens_to_logits(ids_BxL[:, :prompt_len], state)
+  steps = [logits]
+  for t in range(prompt_len, ids_BxL.shape[1]):
+    logits, state = tokens_to_logits(ids_BxL[:, t:t + 1], state)
+    steps.append(logits)
+  return np.concatenate(steps, axis=1), state['cache']
+
+
+@pytest.mark.parametrize('case', ['causal', 'encoder', 'decode', 'dropout'])
+def test_dot_product_attention_matches_einsum(tiny_params, plain_step, case):
+  ids_BxL = _random_ids((2, 9), seed=8)
+  if case == 'causal':  # a training forward and backward
+    _assert_trees_close(_loss_and_grads(Transformer(**TINY, attention='einsum'),
+                                        tiny_params, _train_ids()), plain_step)
+    return
+  outputs = []
+  for attention in ('dot_product', 'einsum'):
+    if case == 'encoder':  # bidirectional, the second row right-padded
+      mask_BxL = jnp.arange(9)[None, :] < jnp.array([[9], [5]])
+      model = Transformer(**TINY, causal=False, attention=attention)
+      outputs.append(jax.jit(model.apply)({'params': tiny_params}, ids_BxL, mask_BxT=mask_BxL))
+    elif case == 'decode':  # a prefill, then steps that attend over the cache's head only
+      outputs.append(_decode_steps(Transformer(**TINY, decode=True, attention=attention),
+                                   tiny_params, ids_BxL, prompt_len=5))
+    else:  # the probabilities' dropout: dot_product takes the einsum path to keep it
+      model = Transformer(**{**TINY, 'dropout_rate': 0.3}, attention=attention)
+      apply = jax.jit(functools.partial(model.apply, train=True))
+      outputs.append(apply({'params': tiny_params}, ids_BxL, rngs={'dropout': _key(4)}))
+  _assert_trees_close(*outputs)
+
+
+@pytest.mark.parametrize('remat', ['full', 'save_dots'])
+def test_remat_policies_give_the_same_loss_and_gradients(tiny_params, plain_step, remat):
+  model = Transformer(**TINY, remat=remat)
+  _assert_trees_close(_loss_and_grads(model, tiny_params, _train_ids()), plain_step)
+  # ... and the backward pass does recompute.
+  grad_fn = jax.grad(lambda p: model.apply({'params': p}, _train_ids()).sum())
+  assert 'remat' in str(jax.make_jaxpr(grad_fn)(tiny_params))
+
+
+def test_stack_and_unstack_layers_convert_between_the_layouts(tiny_params):
+  stacked = transformer.stack_layers(tiny_params)
+  assert set(stacked) == {'token_embed', 'position_embed', 'final_norm', 'layers'}
+  assert stacked['layers']['mlp']['dense_in']['kernel'].shape == (2, 32, 64)
+  np.testing.assert_array_equal(stacked['layers']['attention']['query']['kernel'][1],
+                                tiny_params['layer_1']['attention']['query']['kernel'])
+  jax.tree.map(np.testing.assert_array_equal, transformer.unstack_layers(stacked),
+               tiny_params)
+  # The stacked tree is exactly what a scanned model initialises.
+  abstract = jax.eval_shape(Transformer(**TINY, scan_layers=True).init, _key(0),
+                            jnp.zeros((1, 4), jnp.int32))
+  assert (jax.tree.map(jnp.shape, nn.unbox(abstract['params']))
+          == jax.tree.map(jnp.shape, stacked))
+  with pytest.raises(ValueError, match='layer_0'):
+    transformer.stack_layers({'layer_1': {}})
+
+
+@pytest.mark.parametrize('remat', ['none', 'full'])
+def test_scanned_layers_match_the_plain_model(tiny_params, plain_step, remat):
+  loss, logits, grads = plain_step
+  model = Transformer(**TINY, scan_layers=True, remat=remat)
+  got = _loss_and_grads(model, transformer.stack_layers(tiny_params), _train_ids())
+  _assert_trees_close(got, (loss, logits, transformer.stack_layers(grads)))
+
+
+def test_scanned_decode_matches_the_plain_model(tiny_params):
+  ids_BxL = _random_ids((2, 9), seed=11)
+  logits, cache = _decode_steps(Transformer(**TINY, decode=True), tiny_params, ids_BxL, 5)
+  scanned = Transformer(**TINY, decode=True, scan_layers=True)
+  scanned_logits, scanned_cache = _decode_steps(
+      scanned, transformer.stack_layers(tiny_params), ids_BxL, 5)
+  np.testing.assert_allclose(scanned_logits, logits, atol=1e-5, rtol=1e-5)
+  # [B, L, S, H, D]: lmjax.decode repeats and reorders rows along the leading axis.
+  assert scanned_cache['layers']['attention']['cached_key'].shape == (2, 2, 16, 4, 8)
+  _assert_trees_close(transformer.unstack_layers(scanned_cache, transformer.CACHE_LAYER_AXIS),
+                      cache)
+  short = transformer.init_cache(scanned, batch_size=3, length=8)
+  assert short['layers']['attention']['cached_value'].shape == (3, 2, 8, 4, 8)
+
+
+def test_scanned_layers_draw_their_own_dropout_masks():
+  """With every block's branches constant (zero kernels, unit biases) and zero embeddings,
+  the final norm's input is the sum of the four branch dropout masks of two layers: odd
+  counts show up only if each layer draws its own masks."""
+  model = Transformer(**{**TINY, 'dropout_rate': 0.5}, scan_layers=True)
+  params = nn.unbox(jax.eval_shape(model.init, _key(0), jnp.zeros((1, 4), jnp.int32)))
+  params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params['params'])
+  for branch in (params['layers']['attention']['out'], params['layers']['mlp']['dense_out']):
+    branch['bias'] = jnp.ones_like(branch['bias'])
+
+  @jax.jit
+  def final_norm_input(params):
+    seen = []
+
+    def capture(next_fun, args, kwargs, context):
+      if context.module.name == 'final_norm':
+        seen.append(args[0])
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(capture):
+      model.apply({'params': params}, _random_ids((2, 8)), train=True,
+                  rngs={'dropout': _key(6)})
+    return seen[0]
+
+  kept = np.asarray(final_norm_input(params)) * 0.5  # masks scale kept units by 2
+  assert set(np.unique(kept)) <= {0, 1, 2, 3, 4}
+  assert np.any(kept % 2 == 1), 'the layers share their dropout masks'
+
+
+def test_scanned_params_carry_the_layers_axis_and_shard(tiny_params):
+  model = Transformer(**TINY, scan_layers=True)
+  abstract = jax.eval_shape(model.init, _key(0), jnp.zeros((1, 4), jnp.int32))
+  specs = nn.get_partition_spec(abstract)['params']
+  assert specs['layers']['attention']['query']['kernel'] == PartitionSpec(
+      'layers', 'embed', 'heads', 'head_dim')
+  assert specs['layers']['mlp_norm']['scale'] == PartitionSpec('layers', 'embed')
+  assert specs['token_embed']['embedding'] == PartitionSpec('vocab', 'embed')
+
+  ids_BxL = _random_ids((4, 8), seed=5)
+  expected = jax.jit(Transformer(**TINY).apply)({'params': tiny_params}, ids_BxL)
+  mesh = jax.make_mesh((2, 4), ('data', 'model'), axis_types=(AxisType.Auto,) * 2)
+  # The stacked axis stays whole: each scan step reads one layer's slice of every weight.
+  rules = [('batch', 'data'), ('layers', None), ('embed', 'model'), ('mlp', 'model'),
+           ('heads', 'model')]
+  params = jax.device_put(transformer.stack_layers(tiny_params),
+                          nn.logical_to_mesh_sharding(specs, mesh, rules))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    sharded = jax.jit(model.apply)({'params': params}, ids_BxL)
+  np.testing.assert_allclose(sharded, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_on_scanned_layers_merges_as_on_plain_ones(tiny_params):
+  lora = transformer.LoraSpec(rank=2, alpha=4.0)
+  # tiny_params with adapters; random ones (a fresh B is zero and would hide a bad merge).
+  abstract = jax.eval_shape(Transformer(**TINY, lora=lora).init, _key(0),
+                            jnp.zeros((1, 4), jnp.int32))
+  rng = np.random.default_rng(0)
+  plain = finetune.join(tiny_params, jax.tree.map(
+      lambda s: 0.2 * rng.standard_normal(s.shape).astype(np.float32),
+      finetune.split(nn.unbox(abstract['params']), finetune.is_lora)[0]))
+  merged_plain = transformer.merge_lora(plain, lora)
+  _assert_trees_close(transformer.merge_lora(transformer.stack_layers(plain), lora),
+                      transformer.stack_layers(merged_plain))
+  # The scanned model with adapters computes what the plain merged one does.
+  ids_BxL = _random_ids((2, 8), seed=12)
+  logits = jax.jit(Transformer(**TINY, lora=lora, scan_layers=True).apply)(
+      {'params': transformer.stack_layers(plain)}, ids_BxL)
+  expected = jax.jit(Transformer(**TINY).apply)({'params': merged_plain}, ids_BxL)
+  np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)
