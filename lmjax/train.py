@@ -58,6 +58,12 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
       raise UserError(f'train.seq_len={t.seq_len} is longer than the position table '
                        f'(model.max_len={m.max_len}); raise model.max_len or lower '
                        'train.seq_len.')
+    if m.get('attention', 'dot_product') not in transformer.ATTENTION_KINDS:
+      raise UserError(f'model.attention={m.attention!r}; use one of '
+                      f'{", ".join(transformer.ATTENTION_KINDS)}.')
+    if m.get('remat', 'none') not in transformer.REMAT_POLICIES:
+      raise UserError(f'model.remat={m.remat!r}; use one of '
+                      f'{", ".join(transformer.REMAT_POLICIES)}.')
   else:
     if m.hidden_size < 0:
       raise UserError(f'model.hidden_size={m.hidden_size}; use 0 (same as model.d_model) '

@@ -12,6 +12,7 @@ import pytest
 from jax.sharding import AxisType, PartitionSpec
 
 from lmjax import finetune, models
+from lmjax.errors import UserError
 from lmjax.models import transformer
 from lmjax.models.transformer import Transformer
 
@@ -362,6 +363,18 @@ def test_build_model_reads_the_efficiency_fields_and_defaults_them():
   assert (model.attention, model.remat, model.scan_layers) == ('dot_product', 'none', False)
 
 
+@pytest.mark.parametrize('field, value, message', [
+    ('attention', 'flash', r"model\.attention='flash'; use one of dot_product, einsum"),
+    ('remat', 'all', r"model\.remat='all'; use one of none, full, save_dots"),
+])
+def test_training_config_validation_names_a_bad_efficiency_field(field, value, message):
+  from configs import shakespeare_char
+  from lmjax import sharding, train
+  config = shakespeare_char.get_config('tiny')
+  config.model[field] = value
+  mesh = jax.make_mesh((8, 1, 1), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+  with pytest.raises(UserError, match=message):
+    train.validate_config(config, mesh)
 
 
 # ----------------------------------------------------------------- efficiency options
