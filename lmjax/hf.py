@@ -55,9 +55,11 @@ _HF_FIXED_FIELDS = {
 _HF_BUFFERS = ('.attn.bias', '.attn.masked_bias')
 # lmjax model config fields that export_gpt2 knows how to write in GPT-2's terms.
 # LoRA fields are fine: train.load_trained merges the adapters and sets lora_rank to 0.
+# attention, remat and scan_layers change how the same function is computed (scan_layers
+# stacks the layers' parameters, which export unstacks).
 _EXPORTABLE_MODEL_FIELDS = ('name', 'num_layers', 'num_heads', 'd_model', 'd_ff', 'max_len',
                             'dropout', 'dtype', 'param_dtype', 'lora_rank', 'lora_alpha',
-                            'lora_targets', 'causal')
+                            'lora_targets', 'causal', 'attention', 'remat', 'scan_layers')
 
 
 # ------------------------------------------------------------------------------ reading
@@ -404,6 +406,8 @@ def import_gpt2(hf_dir: str, workdir: str,
     source = os.path.join(hf_dir, HF_WEIGHTS_INDEX_FILE)
   weights = _canonical_weights(read_hf_weights(hf_dir), hf_config['n_layer'], source)
   params = _hf_to_params(weights, hf_config['n_layer'], hf_config['n_head'])
+  if config.model.get('scan_layers', False):
+    params = transformer.stack_layers(params)
 
   model = models.build_model(config.model, tokenizer.vocab_size)
   tx = optim.make_optimizer(config.opt, config.train.num_steps)
@@ -449,6 +453,8 @@ def _exportable_weights(config: ml_collections.ConfigDict, params: Any,
     raise ValueError(
         f'{workdir}: model config fields {unknown} are unknown to the GPT-2 exporter, which '
         'cannot tell whether GPT-2 represents them; teach lmjax/hf.py about them first.')
+  if m.get('scan_layers', False):
+    params = transformer.unstack_layers(params)
   try:
     weights = _params_to_hf(params, m.num_layers)
   except KeyError as e:

@@ -535,3 +535,13 @@ def test_lora_on_scanned_layers_merges_as_on_plain_ones(tiny_params):
       {'params': transformer.stack_layers(plain)}, ids_BxL)
   expected = jax.jit(Transformer(**TINY).apply)({'params': merged_plain}, ids_BxL)
   np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_scanned_params_export_to_gpt2_like_plain_ones(tiny_params):
+  from lmjax import hf
+  config = ml_collections.ConfigDict(dict(model=_model_config(
+      dropout=0.0, dtype='float32', d_ff=64, scan_layers=True)))
+  weights = hf._exportable_weights(config, transformer.stack_layers(tiny_params), 'wd')
+  config.model.scan_layers = False
+  jax.tree.map(np.testing.assert_array_equal, weights,
+               hf._exportable_weights(config, tiny_params, 'wd'))
