@@ -72,10 +72,15 @@ def check_trainable(config, names: list[str]) -> None:
   """Every freeze pattern names some parameter, and something is left to train."""
   for pattern in config.train.get('freeze', ()):
     if not any(re.search(pattern, n) for n in names):
+      scanned = ''
+      if config.model.get('scan_layers', False):
+        scanned = (" model.scan_layers=True stacks every block's weights into one array "
+                   "under 'layers/', so single layers cannot be frozen; set "
+                   'model.scan_layers=False to freeze layer by layer.')
       raise UserError(f'train.freeze pattern {pattern!r} matches no parameter of this model; '
                       f'parameter names look like {", ".join(names[:3])}, ... (regular '
                       "expressions, searched anywhere in the name, e.g. 'token_embed' or "
-                      "'layer_[01]/').")
+                      "'layer_[01]/')." + scanned)
   trainable = trainable_filter(config)
   if not any(trainable(n) for n in names):
     raise UserError(f'train.freeze={tuple(config.train.freeze)} freezes every parameter; '
@@ -182,6 +187,13 @@ def load_base_params(config, base: str, abstract_params, replicated):
   in_checkpoint, in_frozen = _stored_shapes(base, wanted)
   stored = {**in_checkpoint, **in_frozen}
   base_model = _base_config(base)['model']
+  base_scanned = base_model.get('scan_layers', False)
+  if base_scanned != config.model.get('scan_layers', False):
+    raise UserError(
+        f'model.scan_layers={config.model.get("scan_layers", False)}, but the run in '
+        f'init_from.workdir={config.init_from.workdir!r} used {base_scanned}: its layers '
+        f'are stored {"stacked" if base_scanned else "one by one"}. Set '
+        f'model.scan_layers={base_scanned}.')
   stored_plain = {k: v for k, v in stored.items() if not is_lora(k)}
   new_flat = _flat(abstract_params)
   expected = {k: tuple(v.shape) for k, v in new_flat.items() if not is_lora(k)}

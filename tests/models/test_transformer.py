@@ -545,3 +545,13 @@ def test_scanned_params_export_to_gpt2_like_plain_ones(tiny_params):
   config.model.scan_layers = False
   jax.tree.map(np.testing.assert_array_equal, weights,
                hf._exportable_weights(config, tiny_params, 'wd'))
+
+
+def test_freezing_single_layers_of_scanned_ones_is_refused_naming_the_field():
+  config = ml_collections.ConfigDict(dict(model=dict(scan_layers=True, lora_rank=0),
+                                          train=dict(freeze=('layer_0/',))))
+  names = finetune.param_names(transformer.stack_layers(
+      {f'layer_{i}': {'mlp': {'kernel': np.zeros(2)}} for i in range(2)}))
+  with pytest.raises(UserError, match=r"'layer_0/' matches no parameter.*"
+                                      r'set model\.scan_layers=False'):
+    finetune.check_trainable(config, names)
