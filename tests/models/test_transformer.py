@@ -271,15 +271,18 @@ def test_dropout_only_when_training(tiny_params):
   assert not np.allclose(train_a, train_b)
 
 
-def _loss_and_grads(model, params, ids_BxL, **apply_kwargs):
+def _loss_and_grads(model, params, ids_BxL, *, jaxpr_out=None, **apply_kwargs):
   """(loss, logits, gradients) of next-token cross-entropy, jitted: a train step without
-  the optimizer."""
+  the optimizer. `jaxpr_out`, a list, gets the step's jaxpr as text."""
   def loss_fn(params):
     logits_BxLxV = model.apply({'params': params}, ids_BxL[:, :-1], **apply_kwargs)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, ids_BxL[:, 1:])
     return loss.mean(), logits_BxLxV
 
-  (loss, logits_BxLxV), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+  traced = jax.jit(jax.value_and_grad(loss_fn, has_aux=True)).trace(params)
+  if jaxpr_out is not None:
+    jaxpr_out.append(str(traced.jaxpr))
+  (loss, logits_BxLxV), grads = traced.lower().compile()(params)
   return loss, logits_BxLxV, grads
 
 
@@ -417,13 +420,18 @@ def test_dot_product_attention_matches_einsum(tiny_params, plain_step, case):
   _assert_trees_close(*outputs)
 
 
-@pytest.mark.parametrize('remat', ['full', 'save_dots'])
-def test_remat_policies_give_the_same_loss_and_gradients(tiny_params, plain_step, remat):
-  model = Transformer(**TINY, remat=remat)
-  _assert_trees_close(_loss_and_grads(model, tiny_params, _train_ids()), plain_step)
-  # ... and the backward pass does recompute.
-  grad_fn = jax.grad(lambda p: model.apply({'params': p}, _train_ids()).sum())
-  assert 'remat' in str(jax.make_jaxpr(grad_fn)(tiny_params))
+# save_dots inside a scan also covers remat in scan's body (and prevent_cse=False).
+@pytest.mark.parametrize('remat, scan_layers', [('full', False), ('save_dots', True)])
+def test_remat_policies_give_the_same_loss_and_gradients(tiny_params, plain_step, remat,
+                                                         scan_layers):
+  loss, logits, grads = plain_step
+  params = transformer.stack_layers(tiny_params) if scan_layers else tiny_params
+  model = Transformer(**TINY, remat=remat, scan_layers=scan_layers)
+  jaxpr = []
+  got = _loss_and_grads(model, params, _train_ids(), jaxpr_out=jaxpr)
+  _assert_trees_close(got, (loss, logits,
+                            transformer.stack_layers(grads) if scan_layers else grads))
+  assert 'remat' in jaxpr[0], 'the backward pass does not recompute'
 
 
 def test_stack_and_unstack_layers_convert_between_the_layouts(tiny_params):
@@ -443,10 +451,9 @@ def test_stack_and_unstack_layers_convert_between_the_layouts(tiny_params):
     transformer.stack_layers({'layer_1': {}})
 
 
-@pytest.mark.parametrize('remat', ['none', 'full'])
-def test_scanned_layers_match_the_plain_model(tiny_params, plain_step, remat):
+def test_scanned_layers_match_the_plain_model(tiny_params, plain_step):
   loss, logits, grads = plain_step
-  model = Transformer(**TINY, scan_layers=True, remat=remat)
+  model = Transformer(**TINY, scan_layers=True)
   got = _loss_and_grads(model, transformer.stack_layers(tiny_params), _train_ids())
   _assert_trees_close(got, (loss, logits, transformer.stack_layers(grads)))
 
