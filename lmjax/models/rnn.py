@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmjax.models import heads
+from lmjax.models import heads, layers
 
 Array = jax.Array
 Dtype = Any
@@ -220,6 +220,12 @@ class RecurrentLayer(nn.Module):
       keep = 1.0 - self.weight_dropout
       mask = jax.random.bernoulli(self.make_rng('dropout'), keep, w_h_HxGxH.shape)
       w_h_HxGxH = jnp.where(mask, w_h_HxGxH / keep, 0.0).astype(self.param_dtype)
+    # Under FSDP the recurrent matrix is gathered once, before the time loop, not at every
+    # step. It is also a workaround: XLA (jax 0.10.2) differentiates the loop wrongly when
+    # the matrix enters it split over both 'fsdp' and 'tensor' on a mesh whose 'data'
+    # axis is also above 1 (gradients off by ~1e-3 on mesh (2, 2, 2); the mesh test in
+    # tests/test_sharding.py catches it).
+    w_h_HxGxH = nn.with_logical_constraint(w_h_HxGxH, (None, 'gates', 'hidden'))
 
     # Time-major from the start, so the scan reads its inputs without a transpose.
     x_gates_TxBxGxH = jnp.einsum('bti,igh->tbgh', x_BxTxI.astype(self.dtype),
@@ -283,7 +289,7 @@ class RecurrentLM(nn.Module):
     else:  # N(0, 1), PyTorch's: the gates see the input from the first step
       embedding_init = nn.with_logical_partitioning(nn.initializers.normal(1.0),
                                                     ('vocab', 'embed'))
-    embed = nn.Embed(
+    embed = layers.GatheredEmbed(
         num_embeddings=self.vocab_size, features=self.d_model,
         embedding_init=embedding_init,
         dtype=self.dtype, param_dtype=self.param_dtype, name='token_embed')

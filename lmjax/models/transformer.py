@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmjax.models import heads
+from lmjax.models import heads, layers
 
 Array = jax.Array
 Dtype = Any
@@ -467,7 +467,7 @@ class Transformer(nn.Module):
     else:
       start = None
 
-    token_embed = nn.Embed(
+    token_embed = layers.GatheredEmbed(
         num_embeddings=self.vocab_size,
         features=self.d_model,
         embedding_init=_normal_init(self.init_stddev, ('vocab', 'embed')),

@@ -173,7 +173,7 @@ def test_parameters_carry_logical_axes_and_shard_by_the_rules():
   assert specs['layer_1']['recurrent_kernel'] == jax.sharding.PartitionSpec(
       'hidden_in', 'gates', 'hidden')
   assert specs['layer_0']['input_kernel'][0] == 'embed'
-  rules = dict(sharding.DATA_PARALLEL_RULES)
+  rules = dict(sharding.RULES)
   named = {name for spec in jax.tree.leaves(specs, is_leaf=lambda s: isinstance(
       s, jax.sharding.PartitionSpec)) for name in spec if name}
   assert named <= set(rules), named - set(rules)
