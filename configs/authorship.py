@@ -93,6 +93,9 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 400  # optimizer steps (12,800 passages, about half an epoch)
   c.train.batch_size = 32  # global batch, in passages; divides by the data-parallel devices
+  # Gradient accumulation: the batch runs as this many slices, one after another, their
+  # gradients summed (the same step in less memory); 1: the whole batch at once.
+  c.train.microbatches = 1
   c.train.seq_len = 128  # tokens read of each passage (the rest is cut)
   c.train.eval_batch_size = 256  # global batch for evaluation
   c.train.eval_every = 100  # steps between evaluations (and at the end)
@@ -119,8 +122,14 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.init_from.step = 0  # its checkpoint to start from; 0 means its latest
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.shape = (-1, 1, 1)  # devices along ('data', 'fsdp', 'tensor'); -1: the rest
-  c.mesh.rules = sharding.DATA_PARALLEL_RULES  # batch split, parameters replicated
+  # Devices along ('data', 'fsdp', 'tensor') within a slice or host; one entry may be -1 to
+  # take what is left: (-1, 1, 1) data parallel, (1, -1, 1) FSDP, (2, 2, 2) all three.
+  c.mesh.shape = (-1, 1, 1)
+  # Slices (or hosts) along the same axes, for the slow links between them: e.g. (4, 1, 1)
+  # runs data parallel across 4 hosts, mesh.shape within each. (1, 1, 1): one mesh.
+  c.mesh.dcn_shape = (1, 1, 1)
+  # Logical axis -> mesh axes (lmjax/sharding.py): the mesh shape picks the strategy.
+  c.mesh.rules = sharding.RULES
 
   if variant in ('', 'lstm'):
     pass

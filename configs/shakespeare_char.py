@@ -80,6 +80,9 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 32  # optimizer steps in the whole run
   c.train.batch_size = 64  # global batch, in sequences; divides by the data-parallel devices
+  # Gradient accumulation: the batch runs as this many slices, one after another, their
+  # gradients summed (the same step in less memory); 1: the whole batch at once.
+  c.train.microbatches = 1
   c.train.seq_len = 256  # tokens per training sequence
   c.train.eval_batch_size = 64  # global batch for evaluation
   c.train.eval_every = 32  # steps between evaluations (and at the end)
@@ -106,11 +109,14 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.init_from.step = 0  # its checkpoint to start from; 0 means its latest
 
   c.mesh = ml_collections.ConfigDict()
-  # Devices along ('data', 'fsdp', 'tensor'); one entry may be -1 to take what is left.
+  # Devices along ('data', 'fsdp', 'tensor') within a slice or host; one entry may be -1 to
+  # take what is left: (-1, 1, 1) data parallel, (1, -1, 1) FSDP, (2, 2, 2) all three.
   c.mesh.shape = (-1, 1, 1)
-  # Logical axis -> mesh axes: pure data parallelism (batch over data and fsdp, parameters
-  # replicated); see lmjax/sharding.py.
-  c.mesh.rules = sharding.DATA_PARALLEL_RULES
+  # Slices (or hosts) along the same axes, for the slow links between them: e.g. (4, 1, 1)
+  # runs data parallel across 4 hosts, mesh.shape within each. (1, 1, 1): one mesh.
+  c.mesh.dcn_shape = (1, 1, 1)
+  # Logical axis -> mesh axes (lmjax/sharding.py): the mesh shape picks the strategy.
+  c.mesh.rules = sharding.RULES
 
   if variant == '':
     pass

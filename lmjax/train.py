@@ -1,6 +1,7 @@
 """Sharded training: state init, the jitted train / eval steps, and the training loop."""
 import contextlib
 import functools
+import itertools
 import json
 import math
 import os
@@ -114,6 +115,12 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
           f'train.{field}={value} does not divide by the {dp} data-parallel devices '
           f"(mesh axes {sharding.BATCH_AXES} of mesh {dict(mesh.shape)}) and "
           f'{jax.process_count()} process(es); use a multiple of {dp}.')
+  microbatches = t.get('microbatches', 1)
+  if microbatches < 1 or t.batch_size % (microbatches * dp):
+    raise UserError(f'train.microbatches={microbatches}: the batch of {t.batch_size} must '
+                    f'split into that many slices of whole rows on each of the {dp} '
+                    f'data-parallel devices; use a divisor of {t.batch_size // dp} '
+                    '(1: no accumulation).')
   if t.get('nonfinite', 'stop') not in NONFINITE_MODES:
     raise UserError(f'train.nonfinite={t.nonfinite!r}; use one of {", ".join(NONFINITE_MODES)}.')
   if t.num_steps < 1:
@@ -180,6 +187,13 @@ def check_config_change(config, workdir: str, allow_change: bool = False) -> Non
   with open(path) as f:
     previous = json.load(f)
   changes, versioned = _config_changes(previous, json.loads(config.to_json()))
+  # The mesh says where the arrays live, not what is computed: a run checkpointed on one
+  # mesh (or number of hosts) resumes on another.
+  remeshed = [change for change in changes if change.startswith('mesh.')]
+  changes = [change for change in changes if not change.startswith('mesh.')]
+  if remeshed:
+    print(f'note: resuming on another mesh ({"; ".join(remeshed)}); the checkpoint is '
+          'resharded onto it.')
   if versioned:
     print(f'note: {path} was written by another lmjax version; fields that differ in '
           f'presence: {", ".join(versioned[:6])}{" ..." if len(versioned) > 6 else ""}')
@@ -292,6 +306,8 @@ def create_train_state(model, tx, mesh, rules, seed: int, seq_len: int, carry_ro
   rng = jax.random.key(seed)
   abstract_boxed = jax.eval_shape(functools.partial(init, unbox=False), rng)
   state_shardings = sharding.logical_shardings(abstract_boxed, mesh, rules)
+  for note in sharding.unsplit_dims(abstract_boxed.params, mesh, rules):
+    print(f'note: parameter {note}.', flush=True)
   # A carry row belongs with the batch row it continues.
   state_shardings = state_shardings.replace(carry=jax.tree.map(
       lambda _: sharding.batch_sharding(mesh), abstract_boxed.carry))
@@ -313,28 +329,56 @@ def _loss_sums(model, params, batch: dict, weights, **kwargs):
   return losses.token_cross_entropy(logits, batch['targets'], weights)
 
 
-def train_step(state: TrainState, batch: dict, rng, *, model, tx):
-  """One optimizer step: (state, batch, rng) -> (state, metrics)."""
+def train_step(state: TrainState, batch: dict, rng, *, model, tx, microbatches: int = 1):
+  """One optimizer step: (state, batch, rng) -> (state, metrics).
+
+  With `microbatches` k > 1 the batch is split into k slices that run one after another
+  (a scan), their gradients summed: the step of the whole batch in a k-th of the
+  activation memory. Each slice takes every k-th row, so every device keeps its share of
+  each slice and nothing moves between devices."""
   dropout_rng = jax.random.fold_in(rng, state.step)
 
-  def loss_fn(trained):
+  def loss_sums(trained, batch, carry, rng):
+    """(loss sums, new carry) of `batch` under the trained parameters `trained`."""
     params = finetune.join(trained, state.frozen)
-    if state.carry is None:  # independent windows, or passages to classify
-      targets = batch['labels'] if 'labels' in batch else batch['targets']
-      # Per-example weights come with the batch when classes are balanced.
-      weights = batch.get('weights', jnp.ones(targets.shape, jnp.float32))
-      sums = _loss_sums(model, params, batch, weights, train=True,
-                        rngs={'dropout': dropout_rng})
-      carry = None
-    else:  # truncated BPTT: gradients stop at the window's start
-      logits, carry = model.apply({'params': params}, batch['inputs'],
-                                  jax.lax.stop_gradient(state.carry), train=True,
-                                  resets_BxT=batch['resets'], rngs={'dropout': dropout_rng})
-      sums = losses.token_cross_entropy(logits, batch['targets'],
-                                        jnp.ones(batch['targets'].shape, jnp.float32))
-    return sums['loss_sum'] / sums['weight_sum'], (sums, carry)
+    if carry is None:  # independent windows, or passages to classify
+      weights = _weights(batch)  # per-example weights come with the batch (balanced classes)
+      return _loss_sums(model, params, batch, weights, train=True, rngs={'dropout': rng}), None
+    # Truncated BPTT: gradients stop at the window's start.
+    logits, carry = model.apply({'params': params}, batch['inputs'],
+                                jax.lax.stop_gradient(carry), train=True,
+                                resets_BxT=batch['resets'], rngs={'dropout': rng})
+    return losses.token_cross_entropy(logits, batch['targets'],
+                                      jnp.ones(batch['targets'].shape, jnp.float32)), carry
 
-  (loss, (sums, carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if microbatches == 1:
+    def loss_fn(trained):
+      sums, carry = loss_sums(trained, batch, state.carry, dropout_rng)
+      return sums['loss_sum'] / sums['weight_sum'], (sums, carry)
+
+    (loss, (sums, carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  else:
+    # Each slice's loss is divided by the whole batch's weight, so the summed gradients
+    # are those of the whole batch's mean loss.
+    total_weight = jnp.sum(_weights(batch).astype(jnp.float32))
+    slices = jax.tree.map(functools.partial(_split_rows, k=microbatches), (batch, state.carry))
+
+    def one_slice(grads_and_sums, inputs):
+      (slice_batch, slice_carry), index = inputs
+      def loss_fn(trained):
+        sums, carry = loss_sums(trained, slice_batch, slice_carry,
+                                jax.random.fold_in(dropout_rng, index))
+        return sums['loss_sum'] / total_weight, (sums, carry)
+      (_, (sums, carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      return jax.tree.map(jnp.add, grads_and_sums, (grads, sums)), carry
+
+    first = jax.tree.map(lambda x: x[0], slices)
+    sums_shape = jax.eval_shape(lambda: loss_sums(state.params, *first, dropout_rng)[0])
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (state.params, sums_shape))
+    (grads, sums), carries = jax.lax.scan(one_slice, zeros,
+                                          (slices, jnp.arange(microbatches)))
+    carry = jax.tree.map(_join_rows, carries)
+    loss = sums['loss_sum'] / sums['weight_sum']
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   # A NaN or Inf loss or gradient never reaches the parameters, the optimizer state or the
@@ -353,6 +397,23 @@ def train_step(state: TrainState, batch: dict, rng, *, model, tx):
              'accuracy': sums['correct_sum'] / sums['weight_sum'],
              'nonfinite': 1.0 - finite.astype(jnp.float32)}
   return new_state, metrics
+
+
+def _weights(batch: dict):
+  """Each target's loss weight: the batch's 'weights', else 1 for every target."""
+  targets = batch['labels'] if 'labels' in batch else batch['targets']
+  return batch.get('weights', jnp.ones(targets.shape, jnp.float32))
+
+
+def _split_rows(x_BxN, k: int):
+  """[B, ...] -> [k, B/k, ...], slice j holding rows j, j+k, j+2k, ...: a device holding a
+  contiguous block of rows holds its share of every slice."""
+  return jnp.swapaxes(x_BxN.reshape((x_BxN.shape[0] // k, k) + x_BxN.shape[1:]), 0, 1)
+
+
+def _join_rows(x_KxBxN):
+  """The inverse of `_split_rows`."""
+  return jnp.swapaxes(x_KxBxN, 0, 1).reshape((-1,) + x_KxBxN.shape[2:])
 
 
 def eval_step(params, batch: dict, *, model):
@@ -492,7 +553,17 @@ def decoder_fns(config, params, vocab_size: int):
                     'fill in masked tokens: it cannot continue a prompt. Evaluate it with '
                     'experiments/evaluate.py, or fine-tune it into a classifier.')
   decode_model = build_model(config, vocab_size, decode=True)
-  return functools.partial(models.decode_fns, decode_model, jax.device_get(params))
+  return functools.partial(models.decode_fns, decode_model, host_copy(params))
+
+
+def host_copy(tree):
+  """A NumPy copy of a tree of (possibly sharded) arrays, whole on every process: each
+  process holds only its own shards of parameters that FSDP or tensor parallelism split
+  over several hosts."""
+  if all(x.is_fully_addressable for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)):
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def generate_texts(config, params, tokenizer, prompts: list[str], *, max_new_tokens: int,
@@ -555,7 +626,8 @@ def continue_prompt(config, params, tokenizer, prompt: str, num_tokens: int, *,
 # ------------------------------------------------------------------------------- loop
 
 
-def jit_steps(model, tx, mesh, rules, state_shardings, stateful_eval: bool = False):
+def jit_steps(model, tx, mesh, rules, state_shardings, stateful_eval: bool = False,
+              microbatches: int = 1):
   """(train step, eval step), jitted with explicit shardings; the train step donates the
   state it is given. `stateful_eval` gives `stateful_eval_step` (carry in, carry out)."""
   batch_sharding = sharding.batch_sharding(mesh)
@@ -563,7 +635,7 @@ def jit_steps(model, tx, mesh, rules, state_shardings, stateful_eval: bool = Fal
   params_sharding = finetune.join(state_shardings.params, state_shardings.frozen)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     step_fn = jax.jit(
-        functools.partial(train_step, model=model, tx=tx),
+        functools.partial(train_step, model=model, tx=tx, microbatches=microbatches),
         in_shardings=(state_shardings, batch_sharding, sharding.replicated(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
     if stateful_eval:
@@ -575,6 +647,57 @@ def jit_steps(model, tx, mesh, rules, state_shardings, stateful_eval: bool = Fal
                         in_shardings=(params_sharding, batch_sharding),
                         out_shardings=sharding.replicated(mesh))
   return step_fn, eval_fn
+
+
+def compile_train_step(step_fn, state, batch, rng, mesh, rules):
+  """The train step compiled for these arguments. Prints what each device holds (its shards
+  of the parameters and optimizer state) and what the step needs at its peak (XLA's
+  memory analysis), and refuses to start when that exceeds the device's memory."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    compiled = step_fn.lower(state, batch, rng).compile()
+  mib = lambda n: f'{n / 2**20:,.1f} MiB'  # noqa: E731
+  params = per_device_bytes((state.params, state.frozen))
+  optimizer = per_device_bytes(state.opt_state)
+  analysis = compiled.memory_analysis()
+  line = (f'Mesh {dict(mesh.shape)}; per device: parameters {mib(params)}, optimizer state '
+          f'{mib(optimizer)}')
+  if analysis is None:  # not every backend reports it
+    print(line + '.', flush=True)
+    return compiled
+  # Arguments (the state and batch) and outputs live at once, less what donation lets the
+  # outputs reuse, plus XLA's temporaries (activations kept for the backward pass).
+  peak = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+          - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
+  device = mesh.devices.flat[0]
+  limit = device_memory_limit(device)
+  print(f'{line}, the compiled train step {mib(peak)} at its peak (temporaries '
+        f'{mib(analysis.temp_size_in_bytes)})'
+        + (f' of {mib(limit)}.' if limit else '.'), flush=True)
+  if limit and peak > limit:
+    raise UserError(
+        f'this config does not fit: the train step needs {mib(peak)} on each '
+        f'{device.platform} device and one has {mib(limit)}. Lower train.batch_size or '
+        'train.seq_len, raise train.microbatches (accumulate gradients over slices of the '
+        'batch), set model.remat, or shard the parameters over more devices (mesh.shape '
+        'with an fsdp or tensor entry above 1).')
+  return compiled
+
+
+def per_device_bytes(tree) -> int:
+  """Bytes of one device's shards of the arrays in `tree` (shards are of equal size)."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+             for x in jax.tree.leaves(tree))
+
+
+def device_memory_limit(device) -> int | None:
+  """Bytes one device may use: what its runtime reports, or on CPU, the host's memory
+  shared by its local devices; None if unknown."""
+  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  if stats and stats.get('bytes_limit'):
+    return int(stats['bytes_limit'])
+  if device.platform == 'cpu':
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // jax.local_device_count()
+  return None
 
 
 def lm_eval_set(config, tokenizer, tokens, batch_size: int) -> pipeline.EvalSet:
@@ -788,7 +911,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       state = _start_from_base(config, base, state, state_shardings, trainable, mesh)
 
   batch_sharding = sharding.batch_sharding(mesh)
-  step_fn, eval_fn = jit_steps(model, tx, mesh, rules, state_shardings, stateful_eval=stateful)
+  step_fn, eval_fn = jit_steps(model, tx, mesh, rules, state_shardings, stateful_eval=stateful,
+                               microbatches=t.get('microbatches', 1))
 
   # Every stateful evaluation starts from this zero carry (the eval step does not donate it).
   eval_start = eval_carry(model, mesh, t.eval_batch_size) if stateful else None
@@ -845,6 +969,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                                      seed=t.seed, start_example=next_example, masking=mlm)
   batches = iter(dataset.as_numpy_iterator())
   dropout_rng = jax.random.key(t.seed + 1)
+  if start_step < t.num_steps:  # compiled now, to know its memory before step one
+    first = next(batches)
+    step_fn = compile_train_step(step_fn, state, pipeline.to_global(first, batch_sharding),
+                                 dropout_rng, mesh, rules)
+    batches = itertools.chain([first], batches)
   tokens_per_step = t.batch_size * t.seq_len
   # Counted on the whole model: frozen parts still run forwards and pass gradients back.
   flops_per_token = models.train_flops_per_token(
