@@ -23,6 +23,15 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     'allow_config_change', False, 'Resume the checkpoints in --workdir even though they were '
     'trained under a config that differs from this one.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Join a multi-process run (jax.distributed): on a TPU pod slice or '
+    'under SLURM JAX finds the other processes itself; elsewhere give --coordinator_address, '
+    '--num_processes and --process_id. Every process runs the same command.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0, e.g. 10.0.0.1:8476 (implies '
+    '--distributed).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0 to num_processes - 1.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -60,6 +69,8 @@ def main(argv):
   runtime.stop_with_parent()  # a no-op unless a sweep started this run
 
   try:
+    if _DISTRIBUTED.value or _COORDINATOR.value:
+      runtime.start_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     train.train_and_evaluate(config, _WORKDIR.value,
                              allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except (UserError, FileNotFoundError) as e:

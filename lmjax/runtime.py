@@ -1,4 +1,5 @@
-"""Process-level settings: faster training on a CPU host; trainers that stop with their sweep."""
+"""Process-level settings: faster training on a CPU host; trainers that stop with their sweep;
+joining a multi-process run."""
 import ctypes
 import os
 import signal
@@ -50,3 +51,34 @@ def stop_with_parent() -> None:
     return
   if os.getppid() != int(parent):  # the parent died before the request took effect
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+def start_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                      process_id: int | None = None) -> None:
+  """Joins this process to a multi-process run (`jax.distributed.initialize`), before JAX
+  touches a device.
+
+  With no arguments JAX finds the cluster itself: TPU pod slices, SLURM (srun), Open MPI
+  and Kubernetes set what it reads. Otherwise name the coordinator (process 0's
+  host:port), the process count and this process's index; every process runs the same
+  command. On CPU the collectives go through gloo, so several processes on one machine
+  (the tests) or on several make one run.
+  """
+  import jax  # noqa: PLC0415  (callers set flags and the environment first)
+
+  from lmjax.errors import UserError  # noqa: PLC0415
+
+  if coordinator_address and (num_processes is None or process_id is None):
+    raise UserError('--coordinator_address needs --num_processes and --process_id as well '
+                    '(the same address and count on every process, its own id on each).')
+  if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+    raise UserError(f'--process_id={process_id} must be in [0, --num_processes='
+                    f'{num_processes}).')
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU devices only
+  try:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  except (ValueError, RuntimeError) as e:
+    raise UserError(f'joining the multi-process run failed ({type(e).__name__}: '
+                    f'{str(e).strip().splitlines()[0][:300]}). Check that every process was '
+                    'given the same --coordinator_address and --num_processes, and that '
+                    'process 0 is reachable there.') from None

@@ -78,8 +78,8 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
   axis_types = (AxisType.Auto,) * len(MESH_AXES)
   if granules == 1:
     return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
-  # Slices where the devices know theirs (TPU multislice), otherwise processes (hosts).
-  by_process = not hasattr(devices[0], 'slice_index')
+  # Slices where the devices are on several (TPU multislice), otherwise processes (hosts).
+  by_process = len({getattr(d, 'slice_index', 0) for d in devices}) == 1
   granule_count = len({d.process_index if by_process else d.slice_index for d in devices})
   if granule_count != granules:
     raise UserError(f'mesh.dcn_shape={dcn} asks for {granules} '

@@ -668,7 +668,7 @@ def compile_train_step(step_fn, state, batch, rng, mesh, rules):
   # outputs reuse, plus XLA's temporaries (activations kept for the backward pass).
   peak = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
           - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
-  device = mesh.devices.flat[0]
+  device = mesh.local_devices[0]
   limit = device_memory_limit(device)
   print(f'{line}, the compiled train step {mib(peak)} at its peak (temporaries '
         f'{mib(analysis.temp_size_in_bytes)})'
@@ -813,9 +813,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   check_config_change(config, workdir, allow_config_change)
   rules = sharding.rules_as_tuples(config.mesh.rules)
 
-  # Fine-tuning: the base run's tokenizer is this run's (its parameters come later).
-  if base and not os.path.exists(os.path.join(workdir, tokenizers.CONFIG_FILE)):
-    tokenizers.load_tokenizer(base).save(workdir)
 
   # Data and tokenizer. The tokenizer is trained once and then reused from the workdir.
   data = config.data
@@ -831,9 +828,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                   for name, _ in tasks}
     train_works = task_works[tasks[0][0]]
     train_texts = [text for works in task_works.values() for _, text in works]
-  tokenizer = tokenizers.build_tokenizer(
-      data.tokenizer, workdir, lambda: train_texts,
-      vocab_size=data.vocab_size or None, model_type=data.spm_model_type)
+  def build_tokenizer():
+    # Fine-tuning: the base run's tokenizer is this run's (its parameters come later).
+    if base and not os.path.exists(os.path.join(workdir, tokenizers.CONFIG_FILE)):
+      tokenizers.load_tokenizer(base).save(workdir)
+    return tokenizers.build_tokenizer(
+        data.tokenizer, workdir, lambda: train_texts,
+        vocab_size=data.vocab_size or None, model_type=data.spm_model_type)
+
+  if jax.process_count() > 1:  # process 0 trains and saves it; the others then read it
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    if jax.process_index() == 0:
+      build_tokenizer()
+    multihost_utils.sync_global_devices('lmjax: tokenizer saved')
+  tokenizer = build_tokenizer()
   stateful = t.get('stateful', False)
   if class_names:
     train_examples = pipeline.load_examples(data, 'train', tokenizer, t.seq_len,
