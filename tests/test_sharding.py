@@ -4,6 +4,7 @@ the whole batch."""
 import itertools
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -13,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 from configs import rnn_shakespeare_char, shakespeare_char
 from lmjax import optim, sharding, train
 from lmjax.data import corpora, pipeline, tokenizers
+from lmjax.errors import UserError
 
 NUM_STEPS = 5
 
@@ -144,3 +146,21 @@ def test_bad_mesh_and_microbatch_settings_are_named():
   with pytest.raises(ValueError, match=r'mesh.dcn_shape=\(2, 1, 1\) asks for 2 processes'):
     sharding.make_mesh(ml_collections.ConfigDict({'shape': (-1, 1, 1),
                                                   'dcn_shape': (2, 1, 1)}))
+
+
+def test_a_step_that_cannot_fit_is_refused_before_it_runs():
+  """XLA's memory analysis of the compiled step, against the device's memory (on CPU, the
+  host's shared by its 8 devices): a batch of 2**22 windows needs gigabytes per device."""
+  config = _config(shakespeare_char, (-1, 1, 1))
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_as_tuples(config.mesh.rules)
+  model = train.build_model(config, 85)
+  tx = optim.make_optimizer(config.opt, config.train.num_steps)
+  state, shardings = train.create_train_state(model, tx, mesh, rules, 0, 32)
+  step_fn, _ = train.jit_steps(model, tx, mesh, rules, shardings)
+  window = jax.ShapeDtypeStruct((2**22, 32), jnp.int32, sharding=sharding.batch_sharding(mesh))
+  with pytest.raises(UserError, match=r'this config does not fit: the train step needs '
+                     r'[\d,.]+ MiB on each cpu device and one has [\d,.]+ MiB\. Lower '
+                     r'train.batch_size'):
+    train.compile_train_step(step_fn, state, {'inputs': window, 'targets': window},
+                             jax.random.key(0), mesh, rules)
