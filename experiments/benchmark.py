@@ -273,7 +273,8 @@ def bench_train(config, vocab_size: int) -> dict:
   from lmjax import flops, models, sharding, train  # noqa: PLC0415
   model, tx, mesh, rules, state, shardings = _train_parts(config, vocab_size)
   t = config.train
-  step_fn, _ = train.jit_steps(model, tx, mesh, rules, shardings)
+  step_fn, _ = train.jit_steps(model, tx, mesh, rules, shardings,
+                               microbatches=t.get('microbatches', 1))
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, vocab_size, (t.batch_size, t.seq_len + 1), dtype=np.int32)
   batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}
@@ -285,9 +286,9 @@ def bench_train(config, vocab_size: int) -> dict:
   times = []
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     start = time.perf_counter()
-    state, metrics = step_fn(state, batch, dropout_rng)
-    jax.block_until_ready(metrics)
+    step_fn = step_fn.lower(state, batch, dropout_rng).compile()
     compile_s = time.perf_counter() - start
+    memory_use = train.memory_use(step_fn, state, mesh)
     for i in range(_WARMUP.value + _STEPS.value):
       start = time.perf_counter()
       state, metrics = step_fn(state, batch, dropout_rng)
@@ -308,11 +309,15 @@ def bench_train(config, vocab_size: int) -> dict:
   result = {
       'bench': 'train', 'impl': 'lmjax', **_common(config, vocab_size, num_params),
       'batch': t.batch_size, 'seq_len': t.seq_len, 'mesh': dict(mesh.shape),
-      'compile_s': round(compile_s - step_s, 2), 'step_ms': round(1e3 * step_s, 2),
+      'microbatches': t.get('microbatches', 1),
+      'compile_s': round(compile_s, 2), 'step_ms': round(1e3 * step_s, 2),
       'tokens_per_s': round(tokens_per_s, 1), 'flops_per_token': round(flops_per_token),
       'mfu': round(tokens_per_s * flops_per_token / peak, 4) if peak else None,
       'peak_flops': peak, 'peak_source': peak_source,
       'peak_memory_gb': round(memory / 1e9, 3), 'memory_source': memory_source,
+      # XLA's memory analysis of the compiled step, per device (None where it has none).
+      **{f'xla_{k[:-len("_bytes")]}_mib': None if v is None else round(v / 2**20, 1)
+         for k, v in memory_use.items() if k != 'limit_bytes'},
   }
   for field in ('prompt_len', 'new_tokens'):
     result.pop(field)
@@ -462,8 +467,8 @@ _TABLE_COLUMNS = ('impl', 'model', 'batch', 'strategy', 'prefill_ms', 'cached_st
 
 
 _OTHER_COLUMNS = {
-    'train': ('impl', 'model', 'params', 'batch', 'seq_len', 'step_ms', 'tokens_per_s', 'mfu',
-              'peak_memory_gb', 'compile_s'),
+    'train': ('impl', 'model', 'params', 'batch', 'seq_len', 'microbatches', 'step_ms',
+              'tokens_per_s', 'mfu', 'peak_memory_gb', 'xla_step_peak_mib', 'compile_s'),
     'pipeline': ('dataset', 'batch', 'seq_len', 'tokens_per_s', 'times_training'),
     'checkpoint': ('model', 'bytes', 'save_blocking_s', 'save_total_s', 'restore_s',
                    'save_gb_per_s', 'restore_gb_per_s'),

@@ -655,32 +655,41 @@ def compile_train_step(step_fn, state, batch, rng, mesh, rules):
   memory analysis), and refuses to start when that exceeds the device's memory."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     compiled = step_fn.lower(state, batch, rng).compile()
+  use = memory_use(compiled, state, mesh)
   mib = lambda n: f'{n / 2**20:,.1f} MiB'  # noqa: E731
-  params = per_device_bytes((state.params, state.frozen))
-  optimizer = per_device_bytes(state.opt_state)
-  analysis = compiled.memory_analysis()
-  line = (f'Mesh {dict(mesh.shape)}; per device: parameters {mib(params)}, optimizer state '
-          f'{mib(optimizer)}')
-  if analysis is None:  # not every backend reports it
-    print(line + '.', flush=True)
-    return compiled
-  # Arguments (the state and batch) and outputs live at once, less what donation lets the
-  # outputs reuse, plus XLA's temporaries (activations kept for the backward pass).
-  peak = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-          - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
-  device = mesh.local_devices[0]
-  limit = device_memory_limit(device)
-  print(f'{line}, the compiled train step {mib(peak)} at its peak (temporaries '
-        f'{mib(analysis.temp_size_in_bytes)})'
-        + (f' of {mib(limit)}.' if limit else '.'), flush=True)
-  if limit and peak > limit:
+  line = (f'Mesh {dict(mesh.shape)}; per device: parameters {mib(use["params_bytes"])}, '
+          f'optimizer state {mib(use["optimizer_bytes"])}')
+  peak, limit = use['step_peak_bytes'], use['limit_bytes']
+  if peak is not None:
+    line += (f', the compiled train step {mib(peak)} at its peak (temporaries '
+             f'{mib(use["temp_bytes"])})' + (f' of {mib(limit)}' if limit else ''))
+  print(line + '.', flush=True)
+  if peak is not None and limit and peak > limit:
     raise UserError(
         f'this config does not fit: the train step needs {mib(peak)} on each '
-        f'{device.platform} device and one has {mib(limit)}. Lower train.batch_size or '
-        'train.seq_len, raise train.microbatches (accumulate gradients over slices of the '
-        'batch), set model.remat, or shard the parameters over more devices (mesh.shape '
-        'with an fsdp or tensor entry above 1).')
+        f'{mesh.local_devices[0].platform} device and one has {mib(limit)}. Lower '
+        'train.batch_size or train.seq_len, raise train.microbatches (accumulate gradients '
+        'over slices of the batch), set model.remat, or shard the parameters over more '
+        'devices (mesh.shape with an fsdp or tensor entry above 1).')
   return compiled
+
+
+def memory_use(compiled, state, mesh) -> dict:
+  """Bytes per device: its shards of the parameters and optimizer state; the compiled
+  step's peak and temporaries by XLA's memory analysis (None where the backend has none);
+  and what one device may use (None if unknown)."""
+  analysis = compiled.memory_analysis()
+  peak = temp = None
+  if analysis is not None:
+    # Arguments (the state and batch) and outputs live at once, less what donation lets the
+    # outputs reuse, plus XLA's temporaries (activations kept for the backward pass).
+    temp = analysis.temp_size_in_bytes
+    peak = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+            - analysis.alias_size_in_bytes + temp)
+  return {'params_bytes': per_device_bytes((state.params, state.frozen)),
+          'optimizer_bytes': per_device_bytes(state.opt_state),
+          'step_peak_bytes': peak, 'temp_bytes': temp,
+          'limit_bytes': device_memory_limit(mesh.local_devices[0])}
 
 
 def per_device_bytes(tree) -> int:
