@@ -335,7 +335,8 @@ def train_step(state: TrainState, batch: dict, rng, *, model, tx, microbatches: 
   With `microbatches` k > 1 the batch is split into k slices that run one after another
   (a scan), their gradients summed: the step of the whole batch in a k-th of the
   activation memory. Each slice takes every k-th row, so every device keeps its share of
-  each slice and nothing moves between devices."""
+  each slice and nothing moves between devices. Gradients add up in float32; with dropout,
+  each slice draws its own masks."""
   dropout_rng = jax.random.fold_in(rng, state.step)
 
   def loss_sums(trained, batch, carry, rng):
@@ -374,9 +375,11 @@ def train_step(state: TrainState, batch: dict, rng, *, model, tx, microbatches: 
 
     first = jax.tree.map(lambda x: x[0], slices)
     sums_shape = jax.eval_shape(lambda: loss_sums(state.params, *first, dropout_rng)[0])
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (state.params, sums_shape))
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)),
+                         (state.params, sums_shape))
     (grads, sums), carries = jax.lax.scan(one_slice, zeros,
                                           (slices, jnp.arange(microbatches)))
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     carry = jax.tree.map(_join_rows, carries)
     loss = sums['loss_sum'] / sums['weight_sum']
   grad_norm = optax.tree.norm(grads)
@@ -821,7 +824,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   _prepare_workdir(workdir)
   check_config_change(config, workdir, allow_config_change)
   rules = sharding.rules_as_tuples(config.mesh.rules)
-
 
   # Data and tokenizer. The tokenizer is trained once and then reused from the workdir.
   data = config.data
