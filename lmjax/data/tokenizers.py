@@ -8,16 +8,19 @@ the end of a document drops the separators but keeps everything else.
 A directory holds `tokenizer.json` (and `tokenizer.model` for SentencePiece,
 `vocab.json` and `merges.txt` for GPT-2's byte-level BPE); `load_tokenizer(directory)`
 reads it back. GPT-2 tokenizers are never trained here: they come with a pretrained
-model (experiments/import_hf.py).
+model (experiments/import_hf.py) or from GPT-2's own vocab.json + merges.txt
+(`read_tokenizer_dir`, which data.tokenizer_dir names).
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import math
 import os
 import re
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -211,19 +214,30 @@ class SentencePieceTokenizer:
     return tokenizer
 
   def encode(self, text: str) -> np.ndarray:
+    return self.encode_many([text])[0]
+
+  def encode_many(self, texts: Sequence[str]) -> list[np.ndarray]:
+    """`[encode(text) for text in texts]`, in one call that keeps every thread busy (a
+    corpus of many short documents would otherwise encode on one thread each)."""
     # Chunks end at a '\n', which no piece crosses, so encoding them apart gives
     # the same pieces (up to ties between equally good unigram segmentations)
     # and lets SentencePiece use several threads.
-    chunks, start = [], 0
-    while start < len(text):
-      end = text.find('\n', start + _SPM_CHUNK_CHARS)
-      end = len(text) if end < 0 else end + 1
-      chunks.append(text[start:end])
-      start = end
-    if not chunks:
-      return np.zeros([0], np.int32)
-    pieces = self._sp.encode(chunks, num_threads=os.cpu_count() or 1)
-    return np.concatenate([np.asarray(p, np.int32) for p in pieces])
+    chunks, counts = [], []
+    for text in texts:
+      start, count = 0, 0
+      while start < len(text):
+        end = text.find('\n', start + _SPM_CHUNK_CHARS)
+        end = len(text) if end < 0 else end + 1
+        chunks.append(text[start:end])
+        start, count = end, count + 1
+      counts.append(count)
+    pieces = self._sp.encode(chunks, num_threads=os.cpu_count() or 1) if chunks else []
+    out, i = [], 0
+    for count in counts:
+      out.append(np.concatenate([np.asarray(p, np.int32) for p in pieces[i:i + count]])
+                 if count else np.zeros([0], np.int32))
+      i += count
+    return out
 
   def decode(self, ids) -> str:
     return self._sp.decode(_as_ids(ids, self.vocab_size).tolist())
@@ -466,6 +480,47 @@ def load_tokenizer(directory: str) -> Tokenizer:
   return tokenizer
 
 
+def read_tokenizer_dir(directory: str) -> Tokenizer:
+  """The tokenizer in `directory`: one `save` wrote (an lmjax workdir), or GPT-2's own
+  `vocab.json` + `merges.txt` (a Hugging Face GPT-2 directory)."""
+  config_path = os.path.join(directory, CONFIG_FILE)
+  if os.path.exists(config_path):
+    # Hugging Face directories have a tokenizer.json too (transformers' own format); only
+    # lmjax's names its kind.
+    with open(config_path) as f:
+      try:
+        is_lmjax = 'kind' in json.load(f)
+      except json.JSONDecodeError:
+        is_lmjax = False
+    if is_lmjax:
+      return load_tokenizer(directory)
+  vocab_path = os.path.join(directory, GPT2_VOCAB_FILE)
+  merges_path = os.path.join(directory, GPT2_MERGES_FILE)
+  if os.path.exists(vocab_path) and os.path.exists(merges_path):
+    return Gpt2BpeTokenizer.from_files(vocab_path, merges_path)
+  raise FileNotFoundError(
+      f'{directory} holds no tokenizer: expected an lmjax workdir (with an lmjax '
+      f'{CONFIG_FILE}) or a GPT-2 tokenizer as {GPT2_VOCAB_FILE} + {GPT2_MERGES_FILE}.')
+
+
+def fingerprint(tokenizer: Tokenizer) -> str:
+  """A hex digest of everything that decides `tokenizer`'s ids (the files `save` writes)."""
+  digest = hashlib.sha256()
+  with tempfile.TemporaryDirectory(prefix='lmjax-tokenizer-') as directory:
+    tokenizer.save(directory)
+    for name in sorted(os.listdir(directory)):
+      with open(os.path.join(directory, name), 'rb') as f:
+        digest.update(name.encode() + b'\0' + f.read() + b'\0')
+  return digest.hexdigest()
+
+
+def encode_many(tokenizer: Tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
+  """`[tokenizer.encode(text) for text in texts]`, batched where the tokenizer can."""
+  if isinstance(tokenizer, SentencePieceTokenizer):
+    return tokenizer.encode_many(texts)
+  return [tokenizer.encode(text) for text in texts]
+
+
 def build_tokenizer(kind: str, directory: str, train_texts: Callable[[], Iterable[str]],
                     vocab_size: int | None = None, model_type: str = 'bpe') -> Tokenizer:
   """Loads the tokenizer saved in `directory`, or trains one on `train_texts()` and saves it.
@@ -492,10 +547,12 @@ def build_tokenizer(kind: str, directory: str, train_texts: Callable[[], Iterabl
   elif kind == 'gpt2_bpe':
     raise ValueError(
         f'data.tokenizer=gpt2_bpe, but {directory} holds no tokenizer, and lmjax does not '
-        'train GPT-2 tokenizers: they come with a pretrained model. Import one with '
-        'python experiments/import_hf.py --hf_dir=HF_MODEL_DIR --workdir=WORKDIR, which '
-        'writes the tokenizer and the weights into WORKDIR, then train or decode in that '
-        'workdir.')
+        'train GPT-2 tokenizers: they come with a pretrained model. To pretrain with '
+        "GPT-2's, set data.tokenizer_dir to a directory with its vocab.json and merges.txt "
+        '(e.g. `hf download openai-community/gpt2 vocab.json merges.txt --local-dir=DIR`) '
+        'or to a workdir that has it; to fine-tune, import a model with python '
+        'experiments/import_hf.py --hf_dir=HF_MODEL_DIR --workdir=WORKDIR, which writes the '
+        'tokenizer and the weights into WORKDIR, then train or decode in that workdir.')
   else:
     if not vocab_size:
       raise ValueError('data.tokenizer=sentencepiece needs data.vocab_size > 0 '
