@@ -65,6 +65,27 @@ def _check_long_enough(tokens: np.ndarray, seq_len: int, what: str):
                      'larger split.')
 
 
+def _window_reader(tokens: np.ndarray, length: int):
+  """A function from int64 start positions [B] to the int32 windows [B, length] there.
+
+  An array in memory becomes one tensor, gathered from in the graph. A memmap (a token file
+  of a corpus too large to hold) is read window by window instead: only the pages a batch
+  touches come into memory, never the whole file."""
+  if isinstance(tokens, np.memmap):
+    offsets = np.arange(length)
+
+    def read(starts):
+      return np.asarray(tokens[starts[:, None] + offsets], np.int32)
+
+    def windows(starts):
+      out = tf.numpy_function(read, [starts], tf.int32, stateful=False)
+      return tf.ensure_shape(out, [None, length])
+    return windows
+  tokens_t = tf.constant(tokens, tf.int32)
+  span = tf.range(length, dtype=tf.int64)
+  return lambda starts: tf.gather(tokens_t, starts[:, None] + span)
+
+
 def windows_per_epoch(num_tokens: int, seq_len: int) -> int:
   # Leaves room for an offset of up to seq_len - 1 in every epoch.
   return (num_tokens - seq_len) // seq_len
@@ -113,8 +134,7 @@ def train_dataset(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: 
   processes and after a resume."""
   _check_long_enough(tokens, seq_len, 'the training split')
   n = windows_per_epoch(len(tokens), seq_len)
-  tokens_t = tf.constant(tokens, tf.int32)
-  span = tf.range(seq_len + 1, dtype=tf.int64)
+  read_windows = _window_reader(tokens, seq_len + 1)
 
   def epoch_window_starts(epoch):
     epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
@@ -127,11 +147,11 @@ def train_dataset(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: 
   row_start, row_stop = _local_rows(global_batch)
 
   def to_batch(starts):
-    windows = tf.gather(tokens_t, starts[row_start:row_stop, None] + span)
+    windows = read_windows(starts[row_start:row_stop])
     return {'inputs': windows[:, :-1], 'targets': windows[:, 1:]}
 
   def to_masked_batch(batch_number, starts):
-    tokens_BxL = tf.gather(tokens_t, starts[:, None] + span[:-1])  # all rows: one draw
+    tokens_BxL = read_windows(starts)[:, :-1]  # all rows: one draw
     inputs, weights = masking.apply(tokens_BxL, tf.stack([tf.constant(seed, tf.int64),
                                                           batch_number]))
     rows = slice(row_start, row_stop)
@@ -181,12 +201,12 @@ def mixture_dataset(tokens: np.ndarray, starts: np.ndarray, *, seq_len: int,
                     global_batch: int, start_example: int = 0) -> tf.data.Dataset:
   """{'inputs', 'targets'} batches of this process's rows of the windows at `starts` (from
   `mixture_schedule`), from `start_example` on, until the schedule ends."""
-  tokens_t, span = tf.constant(tokens, tf.int32), tf.range(seq_len + 1, dtype=tf.int64)
+  read_windows = _window_reader(tokens, seq_len + 1)
   row_start, row_stop = _local_rows(global_batch)
   batches = starts[start_example:].reshape(-1, global_batch)[:, row_start:row_stop]
 
   def to_batch(batch_starts):
-    windows = tf.gather(tokens_t, batch_starts[:, None] + span)
+    windows = read_windows(batch_starts)
     return {'inputs': windows[:, :-1], 'targets': windows[:, 1:]}
 
   return tf.data.Dataset.from_tensor_slices(batches).map(to_batch).prefetch(2)
@@ -216,8 +236,7 @@ def stream_dataset(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed:
   stream jumped back). `start_example` counts rows, as `train_dataset`'s does.
   """
   row_len, windows = stream_rows(len(tokens), seq_len=seq_len, global_batch=global_batch)
-  tokens_t = tf.constant(tokens, tf.int32)
-  span = tf.range(seq_len + 1, dtype=tf.int64)
+  read_windows = _window_reader(tokens, seq_len + 1)
   row_start, row_stop = _local_rows(global_batch)
   rows = tf.range(row_start, row_stop, dtype=tf.int64)
   first_column = tf.range(seq_len) == 0
@@ -227,7 +246,7 @@ def stream_dataset(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed:
     offset = tf.random.stateless_uniform(
         [], tf.stack([tf.constant(seed, tf.int64), epoch]), 0, seq_len, dtype=tf.int64)
     starts = offset + rows * row_len + k * seq_len
-    window = tf.gather(tokens_t, starts[:, None] + span)
+    window = read_windows(starts)
     inputs = window[:, :-1]
     resets = (inputs == eos_id) | (first_column[None, :] & (k == 0))
     return {'inputs': inputs, 'targets': window[:, 1:], 'resets': resets}

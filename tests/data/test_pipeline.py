@@ -133,3 +133,42 @@ def test_stream_eval_set_reads_every_token_once_as_contiguous_rows():
 def test_stream_too_short_for_the_batch_is_a_clear_error():
   with pytest.raises(ValueError, match='train.batch_size=64 contiguous streams'):
     pipeline.stream_dataset(_stream(1000), seq_len=16, global_batch=64, seed=0, eos_id=EOS)
+
+
+# ------------------------------------------------- token files on disk (np.memmap)
+
+
+def _memmap(path, tokens, dtype=np.uint16):
+  np.asarray(tokens, dtype).tofile(path)
+  return np.memmap(path, dtype=dtype, mode='r', shape=(len(tokens),))
+
+
+def test_a_memmap_reads_as_the_same_array_in_memory(tmp_path):
+  tokens = _stream()
+  on_disk = _memmap(tmp_path / 'tokens.bin', tokens)
+  masking = pipeline.Masking(rate=0.3, mask_id=5000, vocab_size=5000)
+  for make in (
+      lambda t: pipeline.train_dataset(t, seq_len=16, global_batch=4, seed=3, start_example=8),
+      lambda t: pipeline.train_dataset(t, seq_len=16, global_batch=4, seed=3, masking=masking),
+      lambda t: pipeline.stream_dataset(t, seq_len=16, global_batch=4, seed=3, eos_id=EOS)):
+    for x, y in zip(_take(make(tokens), 5), _take(make(on_disk), 5)):
+      assert x.keys() == y.keys()
+      for key in x:
+        assert x[key].dtype == y[key].dtype
+        np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_a_memmap_is_read_window_by_window_not_loaded_whole(tmp_path):
+  import resource  # noqa: PLC0415
+
+  # 2 GB of uint16 ids, sparse on disk; loaded whole as int32 it would take 4 GB.
+  num_tokens = 1 << 30
+  path = tmp_path / 'large.bin'
+  with open(path, 'wb') as f:
+    f.truncate(num_tokens * 2)
+  on_disk = np.memmap(path, dtype=np.uint16, mode='r', shape=(num_tokens,))
+  peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+  batches = _take(pipeline.train_dataset(on_disk, seq_len=1024, global_batch=2, seed=0), 3)
+  grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before
+  assert batches[0]['inputs'].shape == (2, 1024)
+  assert grown < 1 << 20, f'peak memory grew by {grown / 2**20:.1f} GiB'
