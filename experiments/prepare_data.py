@@ -1,7 +1,14 @@
-"""Downloads the corpus archive once (hash-checked) and builds the TFDS datasets.
+"""The data step: builds lmjax's TFDS datasets, and any TFDS dataset a config names as 'tfds:NAME'.
 
 python experiments/prepare_data.py [--datasets=shakespeare,milton,countdown] [--data_dir=DIR]
-Prints each split's size; returns quickly when the datasets are already built.
+python experiments/prepare_data.py --tfds=lm1b [--data_dir=DIR]
+
+lmjax's own datasets come from one corpus archive, downloaded once (hash-checked). --tfds
+prepares the named TFDS datasets instead (TFDS's own name syntax, DATASET[/CONFIG][:VERSION],
+also 'huggingface:REPO' with the `datasets` package installed): TFDS downloads and converts
+them, which takes what that dataset takes (some need Apache Beam or a manual download; TFDS
+says which). Training reads only what this step prepared and downloads nothing. Prints each
+split's size; returns quickly when the datasets are already built.
 """
 import os
 
@@ -13,21 +20,15 @@ import tensorflow_datasets as tfds  # noqa: E402
 
 from lmjax.data import corpora  # noqa: E402
 
-_DATASETS = flags.DEFINE_list('datasets', list(corpora.DATASETS), 'Datasets to prepare.')
+_DATASETS = flags.DEFINE_list('datasets', list(corpora.DATASETS),
+                              "lmjax's datasets to prepare (all of them unless --tfds is given).")
+_TFDS = flags.DEFINE_list('tfds', [], "TFDS datasets to prepare, by TFDS name (e.g. lm1b, "
+                          "c4/en:3.0.1); a config reads one as data.name='tfds:NAME'.")
 _DATA_DIR = flags.DEFINE_string('data_dir', '', "TFDS data directory; '' means TFDS's default.")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  unknown = [name for name in _DATASETS.value if name not in corpora.DATASETS]
-  if unknown:
-    raise app.UsageError(f'--datasets: unknown {unknown}; known: {", ".join(corpora.DATASETS)}.')
-  # TFDS logs every file it opens; the sizes printed below say what matters.
-  logging.set_verbosity(logging.WARNING)
-  tfds.disable_progress_bar()
-  data_dir = _DATA_DIR.value or None
-  for name in _DATASETS.value:
+def _prepare_lmjax(names, data_dir):
+  for name in names:
     builder = corpora.get_builder(name, data_dir)
     if builder.is_prepared():
       print(f'{name}: ready in {builder.data_dir}')
@@ -39,6 +40,46 @@ def main(argv):
       works = corpora.load_split_texts(name, split, data_dir)
       chars = sum(len(text) for _, text in works)
       print(f'  {split:<10} {len(works):7,d} examples {chars:>10,} characters')
+
+
+def _prepare_tfds(names, data_dir):
+  for name in names:
+    name = name.removeprefix('tfds:')  # the config's spelling works too
+    builder = tfds.builder(name, data_dir=data_dir)
+    if builder.is_prepared():
+      print(f'{name}: ready in {builder.data_dir}')
+    else:
+      print(f'{name}: downloading and preparing in {builder.data_dir}...', flush=True)
+      builder.download_and_prepare()
+    text = sorted(k for k, f in builder.info.features.items()
+                  if f.shape == () and f.tf_dtype.name == 'string')
+    print(f"  data.name='tfds:{name}'; text features (data.text_feature): "
+          f'{", ".join(text) or "none"}')
+    for split, info in builder.info.splits.items():
+      print(f'  {split:<10} {info.num_examples:12,d} examples {info.num_bytes:>16,} bytes')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  unknown = [name for name in _DATASETS.value if name not in corpora.DATASETS]
+  if unknown:
+    raise app.UsageError(f'--datasets: unknown {unknown}; known: {", ".join(corpora.DATASETS)}; '
+                         'other TFDS datasets go in --tfds.')
+  # TFDS logs every file it opens; the sizes printed below say what matters.
+  logging.set_verbosity(logging.WARNING)
+  tfds.disable_progress_bar()
+  data_dir = _DATA_DIR.value or None
+  if not _TFDS.value or flags.FLAGS['datasets'].present:
+    _prepare_lmjax(_DATASETS.value, data_dir)
+  try:
+    _prepare_tfds(_TFDS.value, data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise app.UsageError(f'--tfds: {str(e).splitlines()[0]} TFDS names: '
+                         'https://www.tensorflow.org/datasets/catalog/overview; a Hugging Face '
+                         'dataset is huggingface:OWNER__NAME, e.g. '
+                         'huggingface:skylion007__openwebtext (needs `pip install datasets`).'
+                         ) from None
 
 
 if __name__ == '__main__':
