@@ -76,6 +76,12 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.data.vocab_size = 0  # sentencepiece only: vocabulary size to train
   c.data.spm_model_type = 'bpe'  # sentencepiece only: bpe | unigram
   c.data.eval_split = 'validation'  # split scored at every evaluation
+  c.data.train_split = 'train'  # split trained on: train | validation | test
+  c.data.text_feature = 'text'  # unused: tfds: datasets are text to model, not classes
+  # Tokenizer to start from when the workdir has none: an lmjax workdir, or a directory with
+  # GPT-2's vocab.json + merges.txt (data.tokenizer=gpt2_bpe); '' trains one here.
+  c.data.tokenizer_dir = ''
+  c.data.cache_dir = ''  # unused: where tfds: datasets are tokenized to
   # char tokenizer: drop characters it has no id for (a base trained on one author lacks a
   # few of the other's symbols)
   c.data.drop_unknown_chars = True

@@ -52,6 +52,14 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.data.vocab_size = 0  # sentencepiece only
   c.data.spm_model_type = 'bpe'  # sentencepiece only
   c.data.eval_split = 'validation'  # held-out puzzles (different numbers or target)
+  c.data.train_split = 'train'  # split trained on (a tfds: dataset's: TFDS syntax, 'train[:-1000]')
+  c.data.text_feature = 'text'  # tfds: datasets only: the feature holding a document's text
+  # Tokenizer to start from when the workdir has none: an lmjax workdir, or a directory with
+  # GPT-2's vocab.json + merges.txt (data.tokenizer=gpt2_bpe); '' trains one here.
+  c.data.tokenizer_dir = ''
+  # tfds: datasets only: where each split is tokenized to, once (a file per dataset, split
+  # and tokenizer; runs pointed at one directory share them); '' means WORKDIR/tokens.
+  c.data.cache_dir = ''
   c.data.drop_unknown_chars = False  # char tokenizer: drop characters it has no id for
 
   c.opt = ml_collections.ConfigDict()

@@ -42,12 +42,22 @@ def get_config(variant: str = 'lstm') -> ml_collections.ConfigDict:
   c.model.param_dtype = 'float32'  # storage dtype of the parameters
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = 'shakespeare'  # TFDS dataset registered by lmjax.data
+  # shakespeare | milton (lmjax's own TFDS datasets), or 'tfds:NAME' for any prepared TFDS
+  # text dataset, NAME as TFDS writes it: 'tfds:lm1b', 'tfds:c4/en:3.0.1' (lmjax/data/external.py)
+  c.data.name = 'shakespeare'
   c.data.data_dir = ''  # TFDS data directory; '' means TFDS's default
   c.data.tokenizer = 'char'  # char | sentencepiece
   c.data.vocab_size = 0  # sentencepiece only: vocabulary size to train
   c.data.spm_model_type = 'bpe'  # sentencepiece only: bpe | unigram
   c.data.eval_split = 'validation'  # split read whole at every evaluation
+  c.data.train_split = 'train'  # split trained on (a tfds: dataset's: TFDS syntax, 'train[:-1000]')
+  c.data.text_feature = 'text'  # tfds: datasets only: the feature holding a document's text
+  # Tokenizer to start from when the workdir has none: an lmjax workdir, or a directory with
+  # GPT-2's vocab.json + merges.txt (data.tokenizer=gpt2_bpe); '' trains one here.
+  c.data.tokenizer_dir = ''
+  # tfds: datasets only: where each split is tokenized to, once (a file per dataset, split
+  # and tokenizer; runs pointed at one directory share them); '' means WORKDIR/tokens.
+  c.data.cache_dir = ''
   c.data.drop_unknown_chars = False  # char tokenizer: drop characters it has no id for
 
   c.opt = ml_collections.ConfigDict()

@@ -55,12 +55,22 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.model.scan_layers = False
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = 'shakespeare'  # TFDS dataset registered by lmjax.data: shakespeare | milton
+  # shakespeare | milton (lmjax's own TFDS datasets), or 'tfds:NAME' for any prepared TFDS
+  # text dataset, NAME as TFDS writes it: 'tfds:lm1b', 'tfds:c4/en:3.0.1' (lmjax/data/external.py)
+  c.data.name = 'shakespeare'
   c.data.data_dir = ''  # TFDS data directory; '' means TFDS's default (~/tensorflow_datasets)
   c.data.tokenizer = 'char'  # char | sentencepiece
   c.data.vocab_size = 0  # sentencepiece only: vocabulary size to train
   c.data.spm_model_type = 'bpe'  # sentencepiece only: bpe | unigram
   c.data.eval_split = 'validation'  # split read whole at every evaluation
+  c.data.train_split = 'train'  # split trained on (a tfds: dataset's: TFDS syntax, 'train[:-1000]')
+  c.data.text_feature = 'text'  # tfds: datasets only: the feature holding a document's text
+  # Tokenizer to start from when the workdir has none: an lmjax workdir, or a directory with
+  # GPT-2's vocab.json + merges.txt (data.tokenizer=gpt2_bpe); '' trains one here.
+  c.data.tokenizer_dir = ''
+  # tfds: datasets only: where each split is tokenized to, once (a file per dataset, split
+  # and tokenizer; runs pointed at one directory share them); '' means WORKDIR/tokens.
+  c.data.cache_dir = ''
   c.data.drop_unknown_chars = False  # char tokenizer: drop characters it has no id for
   # Several corpora at once, 'DATASET:WEIGHT' each, e.g. ('shakespeare:0.7', 'milton:0.3'):
   # each training window comes from one, drawn by weight; each is evaluated on its own.

@@ -27,13 +27,14 @@ import sys  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir to evaluate.')
-_SPLIT = flags.DEFINE_string('split', 'validation', 'Split to score: train, validation or test.')
+_SPLIT = flags.DEFINE_string('split', 'validation', 'Split to score: train, validation or '
+                             "test; for a tfds: dataset any of its splits, e.g. 'train[-1000:]'.")
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', None, 'Rows per evaluation batch; default: '
                                    "the run's train.eval_batch_size.")
 _DEVICES = flags.DEFINE_integer('devices', None, 'How many local devices to use; default: all.')
 _DATASET = flags.DEFINE_string('dataset', None, "Language models: the corpus to score "
-                               "(shakespeare, milton, ...); default: the run's data.name. A "
+                               "(shakespeare, milton, tfds:NAME...); default: the run's data.name. A "
                                'run on a mixture must name one.')
 flags.mark_flag_as_required('workdir')
 

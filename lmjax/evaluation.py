@@ -17,7 +17,7 @@ import jax
 import ml_collections
 
 from lmjax import models, sharding, train
-from lmjax.data import corpora, pipeline
+from lmjax.data import corpora, external, pipeline
 from lmjax.errors import UserError
 
 
@@ -37,11 +37,14 @@ def evaluate_workdir(workdir: str, split: str = 'validation', step: int | None =
   'confusion_matrix' (rows: true class, columns: predicted), 'classes', 'num_examples'
   and the same run fields. Mistakes raise UserError naming the flag of experiments/evaluate.py.
   """
-  if split not in corpora.SPLITS:
-    raise UserError(f'--split={split!r} is not a split; use one of {", ".join(corpora.SPLITS)}.')
   workdir = os.path.abspath(workdir)
-  # The config alone first: a bad batch size is reported before any checkpoint is read.
-  t = train.load_config(workdir).train
+  # The config alone first: a bad split or batch size is reported before any checkpoint is
+  # read.
+  run_config = train.load_config(workdir)
+  if (not external.is_external(dataset or run_config.data.name) and
+      split not in corpora.SPLITS):  # a tfds: dataset's splits are its own, checked by TFDS
+    raise UserError(f'--split={split!r} is not a split; use one of {", ".join(corpora.SPLITS)}.')
+  t = run_config.train
   stateful = t.get('stateful', False)
   # A data-parallel mesh whatever the run trained on: a forward pass of a model that fits
   # for training fits whole on each device, and rows split evenly over any device count.
@@ -63,7 +66,8 @@ def evaluate_workdir(workdir: str, split: str = 'validation', step: int | None =
                                    class_names), **run}
 
   data = _scored_data(config, dataset)
-  tokens = pipeline.load_tokens(data, split, tokenizer)
+  tokens = pipeline.load_tokens(data, split, tokenizer,
+                                cache_dir=external.cache_dir(data, workdir))
   try:
     if stateful:
       evals = pipeline.stream_eval_set(tokens, seq_len=t.seq_len, batch_size=batch_size,
@@ -133,9 +137,12 @@ def _scored_data(config, dataset: str | None):
       raise UserError(f'this run trained on a mixture of {", ".join(tasks)}; name the corpus '
                       f'to score with --dataset={tasks[0]} (each is scored on its own).')
     return config.data
-  if dataset not in corpora.DATASETS or corpora.class_names(dataset):
+  if external.is_external(dataset):
+    external.check_name(dataset)
+  elif dataset not in corpora.DATASETS or corpora.class_names(dataset):
     known = ', '.join(n for n in corpora.DATASETS if not corpora.class_names(n))
-    raise UserError(f'--dataset={dataset!r}; score a language model on one of {known}.')
+    raise UserError(f'--dataset={dataset!r}; score a language model on one of {known}, or '
+                    "a prepared TFDS text dataset as 'tfds:NAME'.")
   return train.task_data(config.data, dataset)
 
 

@@ -141,8 +141,17 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
   if d.tokenizer == 'sentencepiece' and d.vocab_size <= 0:
     raise UserError('data.tokenizer=sentencepiece needs data.vocab_size > 0 '
                      '(e.g. --config.data.vocab_size=2000).')
-  if d.name not in corpora.DATASETS:
-    raise UserError(f'data.name={d.name!r}; known datasets: {", ".join(corpora.DATASETS)}.')
+  from lmjax.data import external  # noqa: PLC0415  (belongs with the imports at the top)
+  if external.is_external(d.name):  # its splits and feature are checked when it is opened
+    external.check_name(d.name)
+  elif d.name not in corpora.DATASETS:
+    raise UserError(f'data.name={d.name!r}; known datasets: {", ".join(corpora.DATASETS)}, '
+                    "or any prepared TFDS text dataset as 'tfds:NAME' (e.g. 'tfds:lm1b').")
+  else:
+    for field, default in (('train_split', 'train'), ('eval_split', 'validation')):
+      if d.get(field, default) not in corpora.SPLITS:
+        raise UserError(f'data.{field}={d[field]!r}; {d.name} has the splits '
+                        f'{", ".join(corpora.SPLITS)}.')
   mixture_tasks(config)
 
 
@@ -826,26 +835,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   rules = sharding.rules_as_tuples(config.mesh.rules)
 
   # Data and tokenizer. The tokenizer is trained once and then reused from the workdir.
+  from lmjax.data import external  # noqa: PLC0415  (belongs with the imports at the top)
   data = config.data
+  train_split = data.get('train_split', 'train')
   class_names = corpora.class_names(data.name)  # () for language modelling
   # Read once: a split of many small documents (Countdown's 120,833) takes seconds to read.
   if class_names:
-    train_passages = corpora.load_split_passages(data.name, 'train', data.data_dir or None)
+    train_passages = corpora.load_split_passages(data.name, train_split, data.data_dir or None)
     train_texts = [text for _, _, text, _ in train_passages]
     tasks = [(data.name, 1.0)]
+  elif external.is_external(data.name):
+    # Far too large to hold as text: it is streamed into a token file, and a tokenizer to
+    # train learns from the split's first documents only.
+    tasks, train_works, train_texts = [(data.name, 1.0)], None, None
   else:  # one corpus, or each of a mixture's (its tokenizer learns from all of them)
     tasks = mixture_tasks(config) or [(data.name, 1.0)]
-    task_works = {name: corpora.load_split_texts(name, 'train', data.data_dir or None)
+    task_works = {name: corpora.load_split_texts(name, train_split, data.data_dir or None)
                   for name, _ in tasks}
     train_works = task_works[tasks[0][0]]
     train_texts = [text for works in task_works.values() for _, text in works]
+  tokenizer_dir = data.get('tokenizer_dir', '')
+  if base and tokenizer_dir:
+    raise UserError(f'data.tokenizer_dir={tokenizer_dir!r} and init_from.workdir={base!r}: a '
+                    "fine-tuned run takes its base's tokenizer; set data.tokenizer_dir=''.")
+
+  def tokenizer_texts():
+    if train_texts is None:
+      return external.sample_texts(data, train_split)
+    return train_texts
+
   def build_tokenizer():
+    has_tokenizer = os.path.exists(os.path.join(workdir, tokenizers.CONFIG_FILE))
     # Fine-tuning: the base run's tokenizer is this run's (its parameters come later).
-    if base and not os.path.exists(os.path.join(workdir, tokenizers.CONFIG_FILE)):
+    if base and not has_tokenizer:
       tokenizers.load_tokenizer(base).save(workdir)
+    if tokenizer_dir and not has_tokenizer:  # e.g. GPT-2's, to pretrain with it
+      try:
+        given = tokenizers.read_tokenizer_dir(tokenizer_dir)
+      except (OSError, ValueError) as e:
+        raise UserError(f'data.tokenizer_dir={tokenizer_dir!r}: {e}') from None
+      if given.kind != data.tokenizer:
+        raise UserError(f'data.tokenizer_dir={tokenizer_dir!r} holds a {given.kind!r} '
+                        f'tokenizer, and data.tokenizer={data.tokenizer!r}; set '
+                        f'data.tokenizer={given.kind!r}.')
+      given.save(workdir)
+    # A given tokenizer has its own size; data.vocab_size is for one trained here.
     return tokenizers.build_tokenizer(
-        data.tokenizer, workdir, lambda: train_texts,
-        vocab_size=data.vocab_size or None, model_type=data.spm_model_type)
+        data.tokenizer, workdir, tokenizer_texts,
+        vocab_size=None if tokenizer_dir else data.vocab_size or None,
+        model_type=data.spm_model_type)
 
   if jax.process_count() > 1:  # process 0 trains and saves it; the others then read it
     from jax.experimental import multihost_utils  # noqa: PLC0415
@@ -854,8 +892,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     multihost_utils.sync_global_devices('lmjax: tokenizer saved')
   tokenizer = build_tokenizer()
   stateful = t.get('stateful', False)
+  # A tfds: dataset's split is tokenized once into a file here (or in data.cache_dir) and
+  # read as a memmap; a second process or run waits for the first to write it.
+  token_cache = external.cache_dir(data, workdir)
   if class_names:
-    train_examples = pipeline.load_examples(data, 'train', tokenizer, t.seq_len,
+    train_examples = pipeline.load_examples(data, train_split, tokenizer, t.seq_len,
                                             train_passages)
     evals = pipeline.classification_eval_set(
         pipeline.load_examples(data, data.eval_split, tokenizer, t.seq_len),
@@ -866,7 +907,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     train_size = (f'{len(train_passages):,} training passages (' +
                   ', '.join(f'{n:,} {c}' for c, n in zip(class_names, counts)) + ')')
   elif len(tasks) > 1:
-    task_tokens = [pipeline.load_tokens(task_data(data, name), 'train', tokenizer,
+    task_tokens = [pipeline.load_tokens(task_data(data, name), train_split, tokenizer,
                                         task_works[name]) for name, _ in tasks]
     train_tokens = np.concatenate(task_tokens)
     mixture_starts, _ = pipeline.mixture_schedule(
@@ -879,8 +920,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         f'{name} ({len(x):,} training tokens, weight {w:g})'
         for (name, w), x in zip(tasks, task_tokens))
   else:
-    train_tokens = pipeline.load_tokens(data, 'train', tokenizer, train_works)
-    eval_tokens = pipeline.load_tokens(data, data.eval_split, tokenizer)
+    train_tokens = pipeline.load_tokens(data, train_split, tokenizer, train_works,
+                                        cache_dir=token_cache)
+    # Read whole (the evaluation windows are cut from an array in memory): keep it small,
+    # e.g. data.eval_split='train[-1000:]' for a dataset with one split.
+    eval_tokens = pipeline.load_tokens(data, data.eval_split, tokenizer, cache_dir=token_cache)
     train_size = f'{len(train_tokens):,} training tokens'
     if stateful:
       pipeline.stream_rows(len(train_tokens), seq_len=t.seq_len, global_batch=t.batch_size)

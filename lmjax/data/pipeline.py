@@ -19,15 +19,28 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from lmjax.data import corpora
+from lmjax.data import corpora, external
 
 # tf.data only shuffles integers here; it must not claim the accelerator JAX trains on.
 tf.config.set_visible_devices([], 'GPU')
 
 
-def load_tokens(data_config, split: str, tokenizer, works=None) -> np.ndarray:
+def load_tokens(data_config, split: str, tokenizer, works=None,
+                cache_dir: str | None = None) -> np.ndarray:
   """The split's works, tokenized and joined with the separator (eos) after each. `works`:
-  the split's (title, text) pairs when the caller has read them already."""
+  the split's (title, text) pairs when the caller has read them already.
+
+  A 'tfds:' dataset (lmjax/data/external.py) comes back as a read-only np.memmap of its
+  token file in `cache_dir` (uint16 or uint32 ids), written first if needed; every reader
+  below takes it as it takes an array in memory."""
+  if external.is_external(data_config.name):
+    if works is not None:
+      raise ValueError('a tfds: dataset is read from its token file, not from works.')
+    directory = cache_dir or data_config.get('cache_dir')
+    if not directory:
+      raise ValueError('a tfds: dataset needs cache_dir (or data.cache_dir): where its '
+                       'token files go.')
+    return external.load_tokens(data_config, split, tokenizer, directory)
   if works is None:
     works = corpora.load_split_texts(data_config.name, split, data_config.data_dir or None)
   if data_config.get('drop_unknown_chars', False) and tokenizer.kind == 'char':
