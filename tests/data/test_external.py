@@ -7,12 +7,13 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import shakespeare_char
-from lmjax import evaluation, train
+from configs import gpt2, shakespeare_char
+from lmjax import evaluation, models, sharding, train
 from lmjax.data import corpora, external, pipeline, tokenizers
 from lmjax.errors import UserError
 from tests.data.test_tokenizers import _write_gpt2_files
@@ -251,3 +252,21 @@ def test_a_malformed_tfds_name_is_refused_before_anything_runs(tmp_path):
   config.data.name = 'tfds:'
   with pytest.raises(UserError, match="write 'tfds:' and a TFDS dataset name"):
     train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
+
+
+def test_gpt2_small_is_gpt2s_124m_and_its_openwebtext_run_is_valid():
+  config = gpt2.get_config('small')
+  config.data.update(name='tfds:huggingface:skylion007__openwebtext',
+                     train_split='train[:-1000]', eval_split='train[-1000:]',
+                     tokenizer='gpt2_bpe', tokenizer_dir='hf/gpt2')
+  train.validate_config(config, sharding.make_mesh(config.mesh, jax.devices()))
+  model = train.build_model(config, 50257)  # GPT-2's vocabulary
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                             jnp.zeros((1, config.train.seq_len), jnp.int32)))
+  assert models.count_params(shapes['params']) == 124_439_808  # GPT-2 small's count
+  assert config.train.batch_size * config.train.seq_len == 491_520  # nanoGPT's 0.5M
+  assert (config.model.dtype, config.model.dropout) == ('bfloat16', 0.0)
+  assert external._files_name(config.data.name) == 'skylion007__openwebtext'
+  # The fine-tuning variants are what they were: gpt2 imports with dropout.
+  assert gpt2.get_config('').model.dropout == 0.1
+  assert gpt2.get_config('').data.tokenizer == 'gpt2_bpe'
