@@ -37,9 +37,12 @@ def _prepare_lmjax(names, data_dir):
             'the first time)...', flush=True)
       builder.download_and_prepare()
     for split in corpora.SPLITS:
-      works = corpora.load_split_texts(name, split, data_dir)
-      chars = sum(len(text) for _, text in works)
-      print(f'  {split:<10} {len(works):7,d} examples {chars:>10,} characters')
+      if corpora.class_names(name):  # labelled passages, not one text to model
+        texts = [text for _, _, text, _ in corpora.load_split_passages(name, split, data_dir)]
+      else:
+        texts = [text for _, text in corpora.load_split_texts(name, split, data_dir)]
+      chars = sum(len(text) for text in texts)
+      print(f'  {split:<10} {len(texts):7,d} examples {chars:>10,} characters')
 
 
 def _prepare_tfds(names, data_dir):

@@ -23,7 +23,7 @@ from flax import struct
 from lmjax import checkpoint as ckpt_lib
 from lmjax import decode, events, finetune, flops, losses, models, optim, runtime, sharding
 from lmjax.errors import UserError
-from lmjax.data import corpora, pipeline, tokenizers
+from lmjax.data import corpora, external, pipeline, tokenizers
 from lmjax.models import rnn, transformer
 
 
@@ -141,7 +141,6 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
   if d.tokenizer == 'sentencepiece' and d.vocab_size <= 0:
     raise UserError('data.tokenizer=sentencepiece needs data.vocab_size > 0 '
                      '(e.g. --config.data.vocab_size=2000).')
-  from lmjax.data import external  # noqa: PLC0415  (belongs with the imports at the top)
   if external.is_external(d.name):  # its splits and feature are checked when it is opened
     external.check_name(d.name)
   elif d.name not in corpora.DATASETS:
@@ -835,7 +834,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   rules = sharding.rules_as_tuples(config.mesh.rules)
 
   # Data and tokenizer. The tokenizer is trained once and then reused from the workdir.
-  from lmjax.data import external  # noqa: PLC0415  (belongs with the imports at the top)
   data = config.data
   train_split = data.get('train_split', 'train')
   class_names = corpora.class_names(data.name)  # () for language modelling
