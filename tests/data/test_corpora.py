@@ -4,6 +4,7 @@ import pathlib
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 import tensorflow_datasets as tfds
@@ -197,3 +198,15 @@ def test_authorship_splits_are_by_work_and_hold_out_the_corpora_held_out_works(a
   assert corpora.class_names('shakespeare') == ()
   with pytest.raises(ValueError, match='classification dataset'):
     corpora.load_split_texts('authorship', 'train')
+
+
+def test_the_data_step_reports_every_dataset_make_data_builds():
+  """`make data` (experiments/prepare_data.py) on the prepared datasets: each one's splits
+  and sizes, the classification dataset's passages included."""
+  repo = pathlib.Path(__file__).resolve().parents[2]
+  done = subprocess.run([sys.executable, 'experiments/prepare_data.py'], cwd=repo,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  for name in corpora.DATASETS:
+    assert f'{name}: ready in ' in done.stdout, done.stdout
+  assert re.search(r'authorship: ready in .*\n  train\s+20,526 examples', done.stdout)
