@@ -5,8 +5,8 @@
 
 Variants (the text after ':'):
   (none)  6 layers x 384 wide, context 256, batch 64 (the nanoGPT shakespeare_char size),
-          for 32 steps: what `make train` fits in 15 minutes on 2 CPU cores (about 17 s a
-          step there), so its sample is still rough.
+          for 32 steps: what `make train` runs on 2 CPU cores in minutes (about 7.5 s a
+          step there, the batch in 16 slices), so its sample is still rough.
   full    the same model for the full 5000 steps (warmup 100): a GPU's job.
   cpu     4 layers x 128 wide, context 64, batch 12, 2000 steps: a good model in minutes on a
           laptop CPU.
@@ -129,7 +129,10 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.mesh.rules = sharding.RULES
 
   if variant == '':
-    pass
+    # On a CPU the step runs faster as 16 slices of 4 sequences than whole (1.6x on 2 cores:
+    # each slice's activations stay in cache), in a fifth of the memory; an accelerator
+    # wants the whole batch at once (:full).
+    c.train.microbatches = 16
   elif variant == 'full':
     c.opt.update(warmup_steps=100)
     c.train.update(num_steps=5000, eval_every=250, checkpoint_every=500, log_every=10)
