@@ -164,3 +164,22 @@ def test_a_step_that_cannot_fit_is_refused_before_it_runs():
                      r'train.batch_size'):
     train.compile_train_step(step_fn, state, {'inputs': window, 'targets': window},
                              jax.random.key(0), mesh, rules)
+
+
+def test_scanned_layers_train_on_a_three_axis_mesh_as_on_one_device(shakespeare):
+  """model.scan_layers: the stacked parameters split along each layer's axes, the 'layers'
+  axis whole; the scan over the blocks differentiates right on (2, 2, 2), where XLA got a
+  scan with split weights wrong (see lmjax/models/rnn.py)."""
+  results = {}
+  for mesh_shape, devices in (((1, 1, 1), jax.devices()[:1]), ((2, 2, 2), None)):
+    config = _config(shakespeare_char, mesh_shape)
+    config.model.scan_layers = True
+    results[mesh_shape] = _train(config, shakespeare, devices)
+  (expected_losses, expected), (losses, state) = results[(1, 1, 1)], results[(2, 2, 2)]
+  np.testing.assert_allclose(losses, expected_losses, rtol=2e-5)
+  for a, b in zip(jax.tree.leaves(jax.device_get(state.params)),
+                  jax.tree.leaves(jax.device_get(expected.params)), strict=True):
+    np.testing.assert_allclose(a, b, atol=2e-5)
+  params = _specs(state.params)
+  assert params["['layers']['attention']['query']['kernel']"] == P(None, 'fsdp', 'tensor', None)
+  assert params["['layers']['mlp']['dense_out']['kernel']"] == P(None, 'tensor', 'fsdp')
