@@ -135,9 +135,21 @@ def documents(data_config, split: str) -> Iterator[list[str]]:
   ds = builder_.as_dataset(split=split, shuffle_files=False,
                            decoders=tfds.decode.PartialDecoding({feature: True}))
   ds = ds.map(lambda example: example[feature]).batch(_READ_BATCH)
+  not_utf8 = 0
   for batch in tfds.as_numpy(ds):
-    # 'replace': one bad byte in millions of documents must not end a long tokenization.
-    yield [text.decode('utf-8', errors='replace') for text in batch]
+    texts = []
+    for text in batch:
+      try:
+        texts.append(text.decode('utf-8'))
+      except UnicodeDecodeError:
+        # Replaced, not refused: one bad byte in millions of documents must not end a long
+        # tokenization; the count is reported when the split has been read.
+        not_utf8 += 1
+        texts.append(text.decode('utf-8', errors='replace'))
+    yield texts
+  if not_utf8:
+    print(f'note: {data_config.name} {split!r}: {not_utf8:,} document(s) not valid UTF-8; '
+          'their undecodable bytes were read as U+FFFD.', flush=True)
 
 
 def sample_texts(data_config, split: str, max_chars: int = TOKENIZER_SAMPLE_CHARS) -> list[str]:

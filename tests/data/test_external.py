@@ -270,3 +270,18 @@ def test_gpt2_small_is_gpt2s_124m_and_its_openwebtext_run_is_valid():
   # The fine-tuning variants are what they were: gpt2 imports with dropout.
   assert gpt2.get_config('').model.dropout == 0.1
   assert gpt2.get_config('').data.tokenizer == 'gpt2_bpe'
+
+
+def test_text_that_is_not_utf8_is_read_replaced_and_counted(tmp_path, capsys):
+  """A web corpus may hold a few bad bytes: the run goes on, and says how many documents."""
+  data_dir = str(tmp_path / 'tfds')
+  texts = [b'plain text', b'caf\xe9 in latin-1', 'na\u00efve in UTF-8'.encode()]
+  tfds.dataset_builders.store_as_tfds_dataset(
+      name='lmjax_test_latin1', version='1.0.0', data_dir=data_dir,
+      features=tfds.features.FeaturesDict({'text': tfds.features.Text()}),
+      split_datasets={'train': [(i, {'text': t}) for i, t in enumerate(texts)]})
+  data = _data(name='tfds:lmjax_test_latin1', data_dir=data_dir)
+  read = sorted(text for batch in external.documents(data, 'train') for text in batch)
+  assert read == sorted(['plain text', 'caf\ufffd in latin-1', 'na\u00efve in UTF-8'])
+  assert ("note: tfds:lmjax_test_latin1 'train': 1 document(s) not valid UTF-8"
+          in capsys.readouterr().out)
