@@ -28,7 +28,7 @@ _DISTRIBUTED = flags.DEFINE_bool(
     'under SLURM JAX finds the other processes itself; elsewhere give --coordinator_address, '
     '--num_processes and --process_id. Every process runs the same command.')
 _COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None, 'host:port of process 0, e.g. 10.0.0.1:8476 (implies '
+    'coordinator_address', None, 'host:port of process 0, e.g. host0:8476 (implies '
     '--distributed).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0 to num_processes - 1.')
