@@ -108,10 +108,15 @@ def logical_shardings(abstract_boxed_tree, mesh: Mesh, rules):
 
   A dimension that its mesh axes do not divide is left whole (jit refuses uneven
   shards); `unsplit_dims` lists where that happened."""
-  specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_boxed_tree), rules_as_tuples(rules))
-  shapes = nn.meta.unbox(abstract_boxed_tree)
+  specs, shapes = _mesh_specs(abstract_boxed_tree, rules)
   return jax.tree.map(lambda spec, leaf: NamedSharding(mesh, _divisible(spec, leaf.shape, mesh)),
                       specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def _mesh_specs(abstract_boxed_tree, rules):
+  """(mesh-axis PartitionSpecs by the rules, unboxed shapes) of a tree of boxed leaves."""
+  specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_boxed_tree), rules_as_tuples(rules))
+  return specs, nn.meta.unbox(abstract_boxed_tree)
 
 
 def _mesh_axes(entry) -> tuple[str, ...]:
@@ -120,24 +125,28 @@ def _mesh_axes(entry) -> tuple[str, ...]:
   return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
 
 
+def _parts(entry, mesh: Mesh) -> int:
+  """How many ways a PartitionSpec entry splits its dimension."""
+  return math.prod(mesh.shape[a] for a in _mesh_axes(entry))
+
+
 def _divisible(spec: PartitionSpec, shape, mesh: Mesh) -> PartitionSpec:
   entries = list(spec) + [None] * (len(shape) - len(spec))
   return PartitionSpec(*[
-      entry if size % math.prod(mesh.shape[a] for a in _mesh_axes(entry)) == 0 else None
+      entry if size % _parts(entry, mesh) == 0 else None
       for entry, size in zip(entries, shape)])
 
 
 def unsplit_dims(abstract_boxed_tree, mesh: Mesh, rules) -> list[str]:
   """'path: dim N (size S) stays whole, mesh axes A give K' for each dimension the rules
   would split but its size does not divide."""
-  specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_boxed_tree), rules_as_tuples(rules))
-  shapes = nn.meta.unbox(abstract_boxed_tree)
+  specs, shapes = _mesh_specs(abstract_boxed_tree, rules)
   out = []
   flat_specs = jax.tree_util.tree_leaves_with_path(
       specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
   for (path, spec), leaf in zip(flat_specs, jax.tree.leaves(shapes), strict=True):
     for dim, (entry, size) in enumerate(zip(spec, leaf.shape)):
-      parts = math.prod(mesh.shape[a] for a in _mesh_axes(entry))
+      parts = _parts(entry, mesh)
       if size % parts:
         out.append(f'{jax.tree_util.keystr(path)} dim {dim} (size {size}) stays whole: '
                    f'{"x".join(_mesh_axes(entry))} would split it {parts} ways')
