@@ -7,6 +7,7 @@ import os
 import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from lmjax.errors import UserError
@@ -60,12 +61,18 @@ class Checkpointer:
     """Moves an unreadable checkpoint out of the way (to WORKDIR/unreadable_checkpoints/), so
     training can resume from the one before and later write this step again. Returns where
     it went."""
+    # Process 0's clock names the place, so that every process says the same.
+    stamp = _agreed(time.strftime('%Y%m%d-%H%M%S'))
     target = os.path.join(os.path.dirname(self.directory), 'unreadable_checkpoints',
-                          f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    os.replace(os.path.join(self.directory, str(step)), target)
-    with open(os.path.join(target, 'WHY.txt'), 'w') as f:
-      f.write(reason + '\n')
+                          f'{step}-{stamp}')
+    if jax.process_index() == 0:  # one process moves it; the others wait, then look again
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.replace(os.path.join(self.directory, str(step)), target)
+      with open(os.path.join(target, 'WHY.txt'), 'w') as f:
+        f.write(reason + '\n')
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # noqa: PLC0415
+      multihost_utils.sync_global_devices(f'lmjax: checkpoint {step} set aside')
     self._manager.reload()
     return target
 
@@ -97,6 +104,15 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _agreed(text: str) -> str:
+  """Process 0's `text`, on every process."""
+  if jax.process_count() == 1:
+    return text
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  return multihost_utils.broadcast_one_to_all(
+      np.frombuffer(text.encode().ljust(32), np.uint8)).tobytes().decode().strip()
 
 
 def complete_steps(workdir: str) -> list[int]:

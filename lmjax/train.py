@@ -476,6 +476,7 @@ def restore_checkpoint(checkpointer, abstract, step: int | None = None, *,
                     f'{_steps_text(steps)}.')
   expected = ckpt_lib.shapes_by_path(abstract.params)
   for candidate in reversed(steps if step is None else [step]):
+    reason = None
     try:
       stored = checkpointer.param_shapes(candidate)
       fits = stored == expected
@@ -485,6 +486,12 @@ def restore_checkpoint(checkpointer, abstract, step: int | None = None, *,
       detail = (str(e).strip().splitlines() or [''])[0][:300]
       reason = (f'checkpoint {candidate} in {checkpointer.directory} cannot be read '
                 f'({type(e).__name__}: {detail})')
+    if _failed_anywhere(reason is not None) and reason is None:
+      # Each host reads its own shards: one that read them all must still go where the
+      # others go.
+      reason = (f'checkpoint {candidate} in {checkpointer.directory} cannot be read on '
+                'another process')
+    if reason is not None:
       if not set_aside_unreadable:
         others = [s for s in steps if s != candidate]
         raise UserError(f'{reason}. Other checkpoints: {_steps_text(others)} (--step=N).'
@@ -496,6 +503,14 @@ def restore_checkpoint(checkpointer, abstract, step: int | None = None, *,
       raise UserError(_shape_mismatch(candidate, checkpointer.directory, stored, expected))
     return candidate, state, data_state
   return None
+
+
+def _failed_anywhere(failed: bool) -> bool:
+  """Whether `failed` holds on any process (on one process: whether it holds)."""
+  if jax.process_count() == 1:
+    return failed
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  return bool(np.any(multihost_utils.process_allgather(np.asarray([failed]))))
 
 
 def _steps_text(steps) -> str:

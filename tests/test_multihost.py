@@ -130,3 +130,22 @@ def test_a_two_host_checkpoint_resumes_on_one_host_of_two_devices(
   assert f'Resuming from step {start} of 12' in out
   assert 'note: resuming on another mesh' in out
   _assert_close(_params(workdir, 12), _params(reference[0], 12))
+
+
+def test_two_hosts_set_a_damaged_checkpoint_aside_together(preempted_and_resumed, reference,
+                                                           tmp_path):
+  """One process moves it (two raced on the same rename), both resume from the one before."""
+  workdir = str(tmp_path / 'damaged')
+  shutil.copytree(preempted_and_resumed[0], workdir)
+  for root, _, files in os.walk(os.path.join(workdir, 'checkpoints', '12')):
+    for name in files:
+      with open(os.path.join(root, name), 'wb') as f:
+        f.write(b'\x98 not a checkpoint')
+  before = max(s for s in ckpt_lib.complete_steps(workdir) if s < 12)
+  outputs = _finish(_start_processes(workdir))
+  aside = os.listdir(os.path.join(workdir, 'unreadable_checkpoints'))
+  assert len(aside) == 1 and aside[0].startswith('12-'), aside
+  for out in outputs:
+    assert f'moved it to {workdir}/unreadable_checkpoints/{aside[0]}' in out
+    assert f'Resuming from step {before} of 12' in out
+  _assert_close(_params(workdir, 12), _params(reference[0], 12))
