@@ -36,8 +36,9 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.model.lora_alpha = 8.0  # adapters are scaled by lora_alpha / lora_rank
   # projections that get adapters: query key value out (attention), dense_in dense_out (MLP)
   c.model.lora_targets = ('query', 'key', 'value', 'out', 'dense_in', 'dense_out')
-  # dot_product: jax.nn.dot_product_attention (the backend's kernel) | einsum: the formula
-  # written out. A training step with dropout > 0 takes einsum: only it drops probabilities.
+  # dot_product: jax.nn.dot_product_attention (the backend's kernel) | cudnn: cuDNN's flash
+  # attention (NVIDIA GPU, bfloat16) | einsum: the formula written out. A training step
+  # with dropout > 0 takes einsum: only it drops probabilities.
   c.model.attention = 'dot_product'
   # recompute in the backward pass to save memory: none | full | save_dots (keeps the
   # weight matmuls, recomputes attention scores)

@@ -62,6 +62,14 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     if m.get('attention', 'dot_product') not in transformer.ATTENTION_KINDS:
       raise UserError(f'model.attention={m.attention!r}; use one of '
                       f'{", ".join(transformer.ATTENTION_KINDS)}.')
+    if m.get('attention') == 'cudnn' and (jax.default_backend() != 'gpu'
+                                          or m.dtype != 'bfloat16'
+                                          or (m.d_model // m.num_heads) % 8):
+      raise UserError(
+          f"model.attention='cudnn' is cuDNN's flash attention: it needs an NVIDIA GPU "
+          f'(this is {jax.default_backend()}), model.dtype=bfloat16 (it is {m.dtype}) and a '
+          f'head width that is a multiple of 8 (it is {m.d_model // m.num_heads}); use '
+          "model.attention='dot_product' otherwise.")
     if m.get('remat', 'none') not in transformer.REMAT_POLICIES:
       raise UserError(f'model.remat={m.remat!r}; use one of '
                       f'{", ".join(transformer.REMAT_POLICIES)}.')

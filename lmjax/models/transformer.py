@@ -49,8 +49,11 @@ LAYER_NORM_EPSILON = 1e-5
 LORA_TARGETS = ('query', 'key', 'value', 'out', 'dense_in', 'dense_out')
 
 # model.attention: 'dot_product' is jax.nn.dot_product_attention (the backend picks the
-# kernel); 'einsum' is the formula written out, the reference the other is tested against.
-ATTENTION_KINDS = ('dot_product', 'einsum')
+# kernel; jax 0.10 picks XLA's everywhere); 'cudnn' asks it for cuDNN's flash attention
+# (NVIDIA GPUs, bfloat16) where the causal mask starts at position 0 (training,
+# evaluation, a prefill), XLA's for decode steps; 'einsum' is the formula written out,
+# the reference the others are tested against.
+ATTENTION_KINDS = ('dot_product', 'einsum', 'cudnn')
 # model.remat: what the backward pass of each decoder block keeps rather than recomputes.
 # 'save_dots' keeps the matmuls without batch dimensions (the weight projections) and
 # recomputes the attention scores, whose [B, H, T, T] size grows with the context.
@@ -238,7 +241,7 @@ class CausalSelfAttention(nn.Module):
     from_start = not (self.decode and cache_exists)
     # jax.nn.dot_product_attention has no dropout on the attention probabilities, so a
     # training step that drops them takes the einsum path: the model stays the same.
-    if self.attention == 'dot_product' and not (train and self.dropout_rate > 0):
+    if self.attention != 'einsum' and not (train and self.dropout_rate > 0):
       if self.causal and from_start:
         mask = None  # is_causal: a kernel like cuDNN's then skips the masked half
       elif self.causal:
@@ -246,9 +249,10 @@ class CausalSelfAttention(nn.Module):
       else:
         mask = None if mask_BxT is None else mask_BxT.astype(bool)[:, None, None, :]
       # Scores and softmax run in float32 there too, whatever the input dtype.
+      flash = self.attention == 'cudnn' and self.causal and from_start
       context_BxTxHxD = jax.nn.dot_product_attention(
           query_BxTxHxD, key_BxSxHxD, value_BxSxHxD, mask=mask,
-          is_causal=self.causal and from_start)
+          is_causal=self.causal and from_start, implementation='cudnn' if flash else None)
     else:
       context_BxTxHxD = self._einsum_attention(
           query_BxTxHxD, key_BxSxHxD, value_BxSxHxD, query_positions_T, mask_BxT, train)
