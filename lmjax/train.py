@@ -1055,8 +1055,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   dropout_rng = jax.random.key(t.seed + 1)
   if start_step < t.num_steps:  # compiled now, to know its memory before step one
     first = next(batches)
-    step_fn = compile_train_step(step_fn, state, pipeline.to_global(first, batch_sharding),
-                                 dropout_rng, mesh, rules)
+    # The global batch's shapes (each process holds its rows): nothing is transferred.
+    global_batch = {k: jax.ShapeDtypeStruct((len(v) * jax.process_count(),) + v.shape[1:],
+                                            v.dtype, sharding=batch_sharding)
+                    for k, v in first.items()}
+    step_fn = compile_train_step(step_fn, state, global_batch, dropout_rng, mesh, rules)
     batches = itertools.chain([first], batches)
   tokens_per_step = t.batch_size * t.seq_len
   # Counted on the whole model: frozen parts still run forwards and pass gradients back.
