@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmjax.models import heads, layers
+from lmjax.models import dropout, heads, layers
 
 Array = jax.Array
 Dtype = Any
@@ -63,7 +63,7 @@ def sequence_dropout(x_BxTxF: Array, rate: float, rng: Array, *, locked: bool) -
   """Inverted dropout on [B, T, F]; `locked` draws one mask per row for all time steps."""
   keep = 1.0 - rate
   mask_shape = (x_BxTxF.shape[0], 1, x_BxTxF.shape[2]) if locked else x_BxTxF.shape
-  mask = jax.random.bernoulli(rng, keep, mask_shape)
+  mask = dropout.bernoulli(rng, keep, mask_shape)
   return jnp.where(mask, x_BxTxF / keep, 0.0).astype(x_BxTxF.dtype)
 
 
@@ -218,7 +218,7 @@ class RecurrentLayer(nn.Module):
 
     if train and self.weight_dropout > 0:
       keep = 1.0 - self.weight_dropout
-      mask = jax.random.bernoulli(self.make_rng('dropout'), keep, w_h_HxGxH.shape)
+      mask = dropout.bernoulli(self.make_rng('dropout'), keep, w_h_HxGxH.shape)
       w_h_HxGxH = jnp.where(mask, w_h_HxGxH / keep, 0.0).astype(self.param_dtype)
     # Under FSDP the recurrent matrix is gathered once, before the time loop, not at every
     # step. It is also a workaround: XLA (jax 0.10.2) differentiates the loop wrongly when

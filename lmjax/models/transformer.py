@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmjax.models import heads, layers
+from lmjax.models import dropout, heads, layers
 
 Array = jax.Array
 Dtype = Any
@@ -270,7 +270,7 @@ class CausalSelfAttention(nn.Module):
         name='out',
         **_lora_kwargs(self.lora, 'out'),
     )(context_BxTxHxD)
-    return nn.Dropout(self.dropout_rate)(out_BxTxE, deterministic=not train)
+    return dropout.Dropout(self.dropout_rate)(out_BxTxE, deterministic=not train)
 
   def _einsum_attention(self, query_BxTxHxD: Array, key_BxSxHxD: Array,
                         value_BxSxHxD: Array, query_positions_T: Array,
@@ -288,7 +288,7 @@ class CausalSelfAttention(nn.Module):
         allowed_BxHxTxS = allowed_BxHxTxS & mask_BxT.astype(bool)[:, None, None, :]
     scores_BxHxTxS = jnp.where(allowed_BxHxTxS, scores_BxHxTxS, jnp.finfo(jnp.float32).min)
     probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(self.dtype)
-    probs_BxHxTxS = nn.Dropout(self.dropout_rate)(probs_BxHxTxS, deterministic=not train)
+    probs_BxHxTxS = dropout.Dropout(self.dropout_rate)(probs_BxHxTxS, deterministic=not train)
     return jnp.einsum('bhts,bshd->bthd', probs_BxHxTxS, value_BxSxHxD)
 
 
@@ -337,7 +337,7 @@ class Mlp(nn.Module):
         name='dense_out',
         **_lora_kwargs(self.lora, 'dense_out'),
     )(hidden_BxTxF)
-    return nn.Dropout(self.dropout_rate)(out_BxTxE, deterministic=not train)
+    return dropout.Dropout(self.dropout_rate)(out_BxTxE, deterministic=not train)
 
 
 class DecoderLayer(nn.Module):
@@ -488,7 +488,7 @@ class Transformer(nn.Module):
       position_embed_TxE = jax.lax.dynamic_slice_in_dim(position_table_PxE, start, num_new)
 
     x_BxTxE = token_embed(ids_BxT) + position_embed_TxE.astype(self.dtype)[None]
-    x_BxTxE = nn.Dropout(self.dropout_rate)(x_BxTxE, deterministic=not train)
+    x_BxTxE = dropout.Dropout(self.dropout_rate)(x_BxTxE, deterministic=not train)
     x_BxTxE = nn.with_logical_constraint(x_BxTxE, RESIDUAL_AXES)
 
     layer_fields = dict(

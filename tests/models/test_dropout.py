@@ -1,0 +1,63 @@
+"""lmjax's dropout draws exactly the masks flax's nn.Dropout and jax.random draw."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmjax.models import dropout
+
+# Odd sizes (Threefry pairs up counters; an odd count is where a port would slip), a
+# scalar-free 1-D shape, and the attention-probability shape of a small model.
+SHAPES = [(7,), (3, 5), (2, 3, 4, 5), (2, 6, 64, 64), (1, 1, 1)]
+
+
+@pytest.mark.parametrize('shape', SHAPES)
+def test_bits_equal_jax_random_bits(shape):
+  for key in (jax.random.key(0), jax.random.fold_in(jax.random.key(123), 7),
+              jax.random.PRNGKey(5)):
+    ours = jax.jit(lambda k: dropout.random_bits(k, shape))(key)  # noqa: B023
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(jax.random.bits(key, shape)))
+
+
+@pytest.mark.parametrize('p', [0.8, 0.5, 0.1, 1e-3])
+def test_bernoulli_equals_jax_random_bernoulli(p):
+  key = jax.random.key(3)
+  ours = dropout.bernoulli(key, p, (4, 333))
+  theirs = jax.random.bernoulli(key, p, (4, 333))
+  np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+  assert abs(float(ours.mean()) - p) < 0.02 + 3 * np.sqrt(p * (1 - p) / ours.size)
+
+
+def test_other_key_kinds_fall_back_to_jax_random():
+  key = jax.random.key(0, impl='rbg')
+  np.testing.assert_array_equal(np.asarray(dropout.random_bits(key, (3, 4))),
+                                np.asarray(jax.random.bits(key, (3, 4))))
+
+
+@pytest.mark.parametrize('rate,broadcast_dims', [(0.2, ()), (0.5, (1,)), (0.3, (-1,)),
+                                                 (0.0, ()), (1.0, ())])
+def test_module_equals_flax_dropout(rate, broadcast_dims):
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 5, 7)), jnp.float32)
+
+  # Equal auto-names would give equal make_rng streams; applied alone, each is Dropout's.
+  ours = dropout.Dropout(rate, broadcast_dims=broadcast_dims).apply(
+      {}, x, deterministic=False, rngs={'dropout': jax.random.key(9)})
+  theirs = nn.Dropout(rate, broadcast_dims=broadcast_dims).apply(
+      {}, x, deterministic=False, rngs={'dropout': jax.random.key(9)})
+  np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+  if 0 < rate < 1:
+    assert 0 < float((ours == 0).mean()) < 1
+  np.testing.assert_array_equal(
+      np.asarray(dropout.Dropout(rate).apply({}, x, deterministic=True)), np.asarray(x))
+
+
+def test_sharded_mask_equals_unsharded():
+  """On a mesh each device hashes only its rows' counters; together they are the whole."""
+  mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'))
+  shape = (8, 6, 16, 16)
+  key = jax.random.key(1)
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(('data', 'fsdp'), 'tensor'))
+  ours = jax.jit(lambda k: dropout.bernoulli(k, 0.8, shape), out_shardings=spec)(key)
+  assert ours.sharding.is_equivalent_to(spec, len(shape))
+  np.testing.assert_array_equal(np.asarray(ours), np.asarray(jax.random.bernoulli(key, 0.8, shape)))
