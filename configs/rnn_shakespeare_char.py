@@ -112,6 +112,9 @@ def get_config(variant: str = 'lstm') -> ml_collections.ConfigDict:
   c.mesh.dcn_shape = (1, 1, 1)
   # Logical axis -> mesh axes (lmjax/sharding.py): the mesh shape picks the strategy.
   c.mesh.rules = sharding.RULES
+  # With no accelerator, present the CPU as this many devices and split each batch over
+  # them (lmjax/runtime.py split_cpu); 0 keeps JAX's one. No effect on a GPU or TPU.
+  c.mesh.cpu_devices = 0
 
   if variant in ('lstm', ''):
     pass

@@ -128,6 +128,10 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.mesh.dcn_shape = (1, 1, 1)
   # Logical axis -> mesh axes (lmjax/sharding.py): the mesh shape picks the strategy.
   c.mesh.rules = sharding.RULES
+  # With no accelerator, present the CPU as this many devices and split each batch over
+  # them (lmjax/runtime.py split_cpu); 0 keeps JAX's one. On 2 cores 2 devices make the
+  # step 14% faster here (the `:cpu` recipe's 25%). No effect on a GPU or TPU.
+  c.mesh.cpu_devices = 2
 
   if variant == '':
     # On a CPU the step runs faster as 16 slices of 4 sequences than whole (1.6x on 2 cores:

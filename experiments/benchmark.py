@@ -507,6 +507,10 @@ def main(argv):
         f"model's context (model.max_len={config.model.max_len}); lower one of them.")
   for name in _STRATEGIES.value:
     _strategy(name)
+  from lmjax import runtime  # noqa: PLC0415
+  note = runtime.split_cpu(config.mesh.get('cpu_devices', 0))  # as training would
+  if note:
+    print(f'note: {note}', flush=True)
   vocab_size = _vocab_size(config)
   results = []
   consumed = None

@@ -1,5 +1,5 @@
-"""Process-level settings: faster training on a CPU host; trainers that stop with their sweep;
-joining a multi-process run."""
+"""Process-level settings: faster training on a CPU host (its memory, its device count);
+trainers that stop with their sweep; joining a multi-process run."""
 import ctypes
 import os
 import signal
@@ -28,6 +28,43 @@ def keep_freed_host_memory() -> bool:
   ok &= libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # never hand the heap's top back
   ok &= libc.mallopt(_M_TOP_PAD, 1 << 28)  # grow the heap 256 MiB at a time
   return bool(ok)
+
+
+_CPU_COUNT_FLAG = '--xla_force_host_platform_device_count'
+
+
+def split_cpu(num_devices: int) -> str | None:
+  """Has XLA:CPU present the host as `num_devices` devices (`mesh.cpu_devices`), which the
+  data-parallel mesh then splits each batch over. Only takes effect before JAX starts its
+  CPU backend, and not where XLA_FLAGS already sets a count (the tests' 8 fake devices);
+  it adds CPU devices only, so a run on a GPU or TPU is not affected. Returns a note when
+  the setting cannot apply, else None.
+
+  Why: on 2 cores XLA:CPU keeps both busy only part of the time on one device (many of the
+  step's ops are too small to split over threads); two devices, each running its half of
+  the batch, took the default recipe's step from 6.8 to 5.9 s and the `:cpu` recipe's from
+  44 to 33 ms. The sum of the devices' gradients is rounded differently from one device's.
+  """
+  if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices < 0:
+    from lmjax.errors import UserError  # noqa: PLC0415
+    raise UserError(f'mesh.cpu_devices={num_devices!r}: give a whole number of CPU devices, '
+                    'or 0 for JAX\'s one.')
+  if num_devices == 0:
+    return None
+  flags = os.environ.get('XLA_FLAGS', '')
+  if _CPU_COUNT_FLAG in flags:
+    return (f'mesh.cpu_devices={num_devices} not applied: XLA_FLAGS already sets '
+            f'{_CPU_COUNT_FLAG}.')
+  if 'jax' in sys.modules:
+    try:  # JAX's own check; it has no public one
+      from jax._src.xla_bridge import backends_are_initialized  # noqa: PLC0415
+    except ImportError:
+      backends_are_initialized = lambda: False  # noqa: E731
+    if backends_are_initialized():
+      return (f'mesh.cpu_devices={num_devices} not applied: JAX had already started; '
+              'set it before the first JAX call.')
+  os.environ['XLA_FLAGS'] = f'{flags} {_CPU_COUNT_FLAG}={num_devices}'.strip()
+  return None
 
 
 PARENT_ENV = 'LMJAX_STOP_WITH_PARENT'  # set by a sweep for its trainers: the sweep's pid

@@ -849,6 +849,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   t = config.train
   nonfinite = t.get('nonfinite', 'stop')
   runtime.keep_freed_host_memory()
+  note = runtime.split_cpu(config.mesh.get('cpu_devices', 0))
+  if note and jax.process_index() == 0:
+    print(f'note: {note}', flush=True)
   mesh = sharding.make_mesh(config.mesh, devices)
   validate_config(config, mesh)
   base = finetune.base_workdir(config, workdir)  # the run fine-tuned from, if any

@@ -262,6 +262,7 @@ def test_loading_a_workdir_runs_no_code_from_it(reference, tmp_path):
     (['--config=configs/nope.py'], "--config: [Errno 2] No such file or directory"),
     (['--config=configs/shakespeare_char.py:huge'], "unknown variant 'huge'"),
     (['--config.train.batch_size=12'], 'train.batch_size=12 does not divide by the 8'),
+    (['--config.mesh.cpu_devices=-2'], 'mesh.cpu_devices=-2: give a whole number'),
 ])
 def test_the_train_script_names_a_bad_flag_without_a_traceback(flags, message, tmp_path):
   command = train_command(str(tmp_path / 'wd'), *flags)
