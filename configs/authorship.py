@@ -62,6 +62,9 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
     # attention (NVIDIA GPU, bfloat16) | einsum: the formula written out. A training step
     # with dropout > 0 takes einsum: only it drops probabilities.
     c.model.attention = 'dot_product'
+    # Above 0, the einsum path (training with dropout) computes causal attention in blocks of
+    # this many queries, skipping the masked blocks above the diagonal; 0: whole.
+    c.model.attention_block = 0
     # recompute in the backward pass to save memory: none | full | save_dots (keeps the
     # weight matmuls, recomputes attention scores)
     c.model.remat = 'none'

@@ -70,6 +70,10 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
           f'(this is {jax.default_backend()}), model.dtype=bfloat16 (it is {m.dtype}) and a '
           f'head width that is a multiple of 8 (it is {m.d_model // m.num_heads}); use '
           "model.attention='dot_product' otherwise.")
+    block = m.get('attention_block', 0)
+    if isinstance(block, bool) or not isinstance(block, int) or block < 0:
+      raise UserError(f'model.attention_block={block!r}; use 0 (attention whole) or a '
+                      'positive number of queries per block, e.g. 32.')
     if m.get('remat', 'none') not in transformer.REMAT_POLICIES:
       raise UserError(f'model.remat={m.remat!r}; use one of '
                       f'{", ".join(transformer.REMAT_POLICIES)}.')

@@ -48,6 +48,7 @@ def build_model(model_config: Any, vocab_size: int, *, decode: bool = False,
         causal=model_config.get('causal', True),
         # Defaults for the fields a config.json saved before they existed lacks.
         attention=model_config.get('attention', 'dot_product'),
+        attention_block=model_config.get('attention_block', 0),
         remat=model_config.get('remat', 'none'),
         scan_layers=model_config.get('scan_layers', False),
     )

@@ -45,21 +45,34 @@ def _rotate_left(x: jax.Array, bits: int) -> jax.Array:
   return lax.shift_left(x, np.uint32(bits)) | lax.shift_right_logical(x, np.uint32(32 - bits))
 
 
-def random_bits(key: jax.Array, shape: Sequence[int]) -> jax.Array:
+def random_bits(key: jax.Array, shape: Sequence[int], *, window_start: Sequence[int] = (),
+                window_shape: Sequence[int] = ()) -> jax.Array:
   """uint32 random bits of `shape`: `jax.random.bits(key, shape)`, with Threefry's rounds
-  unrolled when the key is a threefry key (see the module docstring)."""
+  unrolled when the key is a threefry key (see the module docstring).
+
+  With `window_shape`, only the window of that shape at `window_start` (a corner index)
+  of those bits: blocked causal attention draws its mask one block of queries at a time.
+  """
   shape = tuple(int(d) for d in shape)
+  window = tuple(int(d) for d in window_shape) or shape
+  start = tuple(int(d) for d in window_start) or (0,) * len(shape)
+  if len(window) != len(shape) or len(start) != len(shape) or any(
+      s < 0 or s + w > d for s, w, d in zip(start, window, shape)):
+    raise ValueError(f'window {window} at {start} does not fit in {shape}')
   words = _threefry_words(key)
   size = int(np.prod(shape, dtype=np.int64))
   if words is None or size >= 2**32 or not shape:
-    return jax.random.bits(key, shape, jnp.uint32)
+    bits = jax.random.bits(key, shape, jnp.uint32)
+    return lax.slice(bits, start, tuple(s + w for s, w in zip(start, window)))
   k0, k1 = words[0], words[1]
   schedule = (k0, k1, k0 ^ k1 ^ _KEY_PARITY)
   # The counter of an element is its row-major index (high word 0 below 2**32 elements),
   # built from per-dimension iotas so that SPMD partitions it like any elementwise op.
   strides = np.cumprod((*shape[1:], 1)[::-1])[::-1]
-  index = sum(lax.broadcasted_iota(jnp.uint32, shape, dim) * np.uint32(stride)
-              for dim, stride in enumerate(strides))
+  index = np.uint32(sum(s * int(stride) for s, stride in zip(start, strides)))
+  index = index + sum(lax.broadcasted_iota(jnp.uint32, window, dim) * np.uint32(stride)
+                      for dim, stride in enumerate(strides))
+  shape = window
   x0 = jnp.broadcast_to(schedule[0], shape)
   x1 = index + schedule[1]
   for block in range(5):
@@ -71,10 +84,10 @@ def random_bits(key: jax.Array, shape: Sequence[int]) -> jax.Array:
   return x0 ^ x1
 
 
-def bernoulli(key: jax.Array, p: float, shape: Sequence[int]) -> jax.Array:
-  """`jax.random.bernoulli(key, p, shape)` (its default mode), through `random_bits`:
-  a float32 uniform from the top 23 bits, True where it is below p."""
-  bits = random_bits(key, shape)
+def bernoulli(key: jax.Array, p: float, shape: Sequence[int], **window) -> jax.Array:
+  """`jax.random.bernoulli(key, p, shape)` (its default mode), through `random_bits` (and
+  its window arguments): a float32 uniform from the top 23 bits, True where it is below p."""
+  bits = random_bits(key, shape, **window)
   uniform = lax.bitcast_convert_type(
       lax.shift_right_logical(bits, np.uint32(9)) | np.uint32(0x3F800000), jnp.float32) - 1.0
   return uniform < jnp.float32(p)
@@ -91,11 +104,23 @@ class Dropout(nn.Module):
   def __call__(self, inputs: jax.Array, deterministic: bool) -> jax.Array:
     if self.rate == 0.0 or deterministic:
       return inputs
+    shared = {dim % inputs.ndim for dim in self.broadcast_dims}
+    shape = [1 if dim in shared else size for dim, size in enumerate(inputs.shape)]
+    return self.apply_window(inputs, self.make_rng(self.rng_collection), shape, (), ())
+
+  def key(self) -> jax.Array:
+    """The key `__call__` would draw its mask from: one call of it, then windows."""
+    return self.make_rng(self.rng_collection)
+
+  def apply_window(self, inputs: jax.Array, key: jax.Array, shape: Sequence[int],
+                   window_start: Sequence[int], window_shape: Sequence[int]) -> jax.Array:
+    """Drops `inputs`, the window at `window_start` of a whole of `shape`, as the whole's
+    mask under `key` would (no broadcast dims)."""
+    if self.rate == 0.0:
+      return inputs
     if self.rate == 1.0:
       return jnp.zeros_like(inputs)
     keep = 1.0 - self.rate
-    shared = {dim % inputs.ndim for dim in self.broadcast_dims}
-    shape = [1 if dim in shared else size for dim, size in enumerate(inputs.shape)]
-    mask = jnp.broadcast_to(bernoulli(self.make_rng(self.rng_collection), keep, shape),
-                            inputs.shape)
+    mask = bernoulli(key, keep, shape, window_start=window_start, window_shape=window_shape)
+    mask = jnp.broadcast_to(mask, inputs.shape)
     return lax.select(mask, inputs / keep, jnp.zeros_like(inputs))

@@ -61,3 +61,14 @@ def test_sharded_mask_equals_unsharded():
   ours = jax.jit(lambda k: dropout.bernoulli(k, 0.8, shape), out_shardings=spec)(key)
   assert ours.sharding.is_equivalent_to(spec, len(shape))
   np.testing.assert_array_equal(np.asarray(ours), np.asarray(jax.random.bernoulli(key, 0.8, shape)))
+
+
+@pytest.mark.parametrize('impl', ['threefry2x32', 'rbg'])
+def test_a_window_of_the_bits_is_that_slice_of_the_whole(impl):
+  key = jax.random.key(11, impl=impl)
+  whole = np.asarray(dropout.random_bits(key, (2, 3, 10, 10)))
+  window = dropout.random_bits(key, (2, 3, 10, 10), window_start=(0, 1, 4, 0),
+                               window_shape=(2, 2, 3, 7))
+  np.testing.assert_array_equal(np.asarray(window), whole[:, 1:3, 4:7, :7])
+  with pytest.raises(ValueError, match='does not fit'):
+    dropout.random_bits(key, (2, 3), window_start=(1, 0), window_shape=(2, 3))

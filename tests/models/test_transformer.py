@@ -370,6 +370,7 @@ def test_build_model_reads_the_efficiency_fields_and_defaults_them():
 @pytest.mark.parametrize('field, value, message', [
     ('attention', 'flash', r"model\.attention='flash'; use one of dot_product, einsum"),
     ('remat', 'all', r"model\.remat='all'; use one of none, full, save_dots"),
+    ('attention_block', -4, r"model\.attention_block=-4; use 0 \(attention whole\)"),
     # On CPU; on a GPU it would pass with model.dtype=bfloat16.
     ('attention', 'cudnn', r"model\.attention='cudnn' is cuDNN's flash attention: it needs an "
      r'NVIDIA GPU \(this is cpu\), model\.dtype=bfloat16 \(it is float32\)'),
@@ -422,6 +423,37 @@ def test_dot_product_attention_matches_einsum(tiny_params, plain_step, case):
       apply = jax.jit(functools.partial(model.apply, train=True))
       outputs.append(apply({'params': tiny_params}, ids_BxL, rngs={'dropout': _key(4)}))
   _assert_trees_close(*outputs)
+
+
+@pytest.mark.parametrize('block', [4, 5])  # dividing the 12 positions, and not
+def test_blocked_causal_attention_matches_whole(tiny_params, block):
+  """Blocks skip the masked scores; each draws its window of the whole dropout mask (a
+  threefry key, the fast path), so loss, logits and gradients stay the whole model's."""
+  ids_BxL = _random_ids((2, 12), seed=3)
+  results = []
+  for attention_block in (0, block):
+    model = Transformer(**{**TINY, 'dropout_rate': 0.3}, attention='einsum',
+                        attention_block=attention_block)
+
+    def loss_fn(params, model=model):
+      logits = model.apply({'params': params}, ids_BxL, train=True,
+                           rngs={'dropout': jax.random.key(4)})
+      return jnp.mean(logits**2), logits
+
+    (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(tiny_params)
+    results.append((loss, logits, grads))
+  _assert_trees_close(*results)
+  # With no dropout too, and the decode path (a cache) ignores the blocks.
+  model = Transformer(**TINY, attention='einsum', attention_block=block)
+  np.testing.assert_allclose(
+      jax.jit(model.apply)({'params': tiny_params}, ids_BxL),
+      jax.jit(Transformer(**TINY, attention='einsum').apply)({'params': tiny_params}, ids_BxL),
+      rtol=1e-5, atol=1e-6)
+  blocked, _ = _decode_steps(Transformer(**TINY, decode=True, attention='einsum',
+                                         attention_block=block), tiny_params, ids_BxL, 5)
+  whole, _ = _decode_steps(Transformer(**TINY, decode=True, attention='einsum'),
+                           tiny_params, ids_BxL, 5)
+  np.testing.assert_allclose(blocked, whole, rtol=1e-5, atol=1e-6)
 
 
 # save_dots inside a scan also covers remat in scan's body (and prevent_cse=False).
