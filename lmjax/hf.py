@@ -55,11 +55,12 @@ _HF_FIXED_FIELDS = {
 _HF_BUFFERS = ('.attn.bias', '.attn.masked_bias')
 # lmjax model config fields that export_gpt2 knows how to write in GPT-2's terms.
 # LoRA fields are fine: train.load_trained merges the adapters and sets lora_rank to 0.
-# attention, remat and scan_layers change how the same function is computed (scan_layers
-# stacks the layers' parameters, which export unstacks).
+# attention, attention_block, remat and scan_layers change how the same function is
+# computed (scan_layers stacks the layers' parameters, which export unstacks).
 _EXPORTABLE_MODEL_FIELDS = ('name', 'num_layers', 'num_heads', 'd_model', 'd_ff', 'max_len',
                             'dropout', 'dtype', 'param_dtype', 'lora_rank', 'lora_alpha',
-                            'lora_targets', 'causal', 'attention', 'remat', 'scan_layers')
+                            'lora_targets', 'causal', 'attention', 'attention_block', 'remat',
+                            'scan_layers')
 
 
 # ------------------------------------------------------------------------------ reading
