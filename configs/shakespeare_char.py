@@ -5,8 +5,9 @@
 
 Variants (the text after ':'):
   (none)  6 layers x 384 wide, context 256, batch 64 (the nanoGPT shakespeare_char size),
-          for 32 steps: what `make train` runs on 2 CPU cores in minutes (about 7.5 s a
-          step there, the batch in 16 slices), so its sample is still rough.
+          for 32 steps: what `make train` runs on 2 CPU cores in minutes (about 6 s a
+          step there: the batch in 16 slices over 2 CPU devices, attention in blocks of
+          32 queries), so its sample is still rough.
   full    the same model for the full 5000 steps (warmup 100): a GPU's job.
   cpu     4 layers x 128 wide, context 64, batch 12, 2000 steps: a good model in minutes on a
           laptop CPU.
