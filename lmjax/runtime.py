@@ -42,8 +42,9 @@ def split_cpu(num_devices: int) -> str | None:
 
   Why: on 2 cores XLA:CPU keeps both busy only part of the time on one device (many of the
   step's ops are too small to split over threads); two devices, each running its half of
-  the batch, took the default recipe's step from 6.8 to 5.9 s and the `:cpu` recipe's from
-  44 to 33 ms. The sum of the devices' gradients is rounded differently from one device's.
+  the batch, took the default recipe's step from 6.8 to 5.9 s (the small `:cpu` recipe's
+  from 44 to 33 ms timed alone, though not its training loop, which its host work paces).
+  The sum of the devices' gradients is rounded differently from one device's.
   """
   if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices < 0:
     from lmjax.errors import UserError  # noqa: PLC0415
