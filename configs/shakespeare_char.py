@@ -164,6 +164,8 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
     c.opt.update(lr=3e-3, min_lr=3e-4, warmup_steps=10)
     c.train.update(num_steps=80, batch_size=16, seq_len=32, eval_batch_size=64,
                    eval_every=40, checkpoint_every=40, log_every=20, sample_tokens=20)
+    # Seconds-long runs on one device: the tests start several at once (sweeps, hosts).
+    c.mesh.cpu_devices = 0
   else:
     raise ValueError(f'unknown variant {variant!r} of configs/shakespeare_char.py; '
                      "use '', 'full', 'cpu', 'mlm' or 'tiny'")
