@@ -132,6 +132,9 @@ def test_a_two_host_checkpoint_resumes_on_one_host_of_two_devices(
   _assert_close(_params(workdir, 12), _params(reference[0], 12))
 
 
+# Slow (a minute of two more processes): `make test-slow`. A damaged checkpoint on one host
+# is tested in tests/test_faults.py, in `make test`.
+@pytest.mark.slow
 def test_two_hosts_set_a_damaged_checkpoint_aside_together(preempted_and_resumed, reference,
                                                            tmp_path):
   """One process moves it (two raced on the same rename), both resume from the one before."""

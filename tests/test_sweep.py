@@ -115,6 +115,9 @@ def _wait_for(predicate, what: str, timeout: float = 180.0):
     time.sleep(0.2)
 
 
+# Slow (two sweeps of two trainers each): `make test-slow`. Resuming a killed single run is
+# tested in tests/test_faults.py, in `make test`.
+@pytest.mark.slow
 def test_killed_sweep_resumes_skips_finished_points_and_summarizes(tmp_path, monkeypatch):
   monkeypatch.chdir(REPO)  # the config is named relative to the repository, as in the README
   root = str(tmp_path / 'sweep')
