@@ -225,6 +225,7 @@ def test_hand_written_backward_matches_autodiff_of_the_scan(cell):
   rng = np.random.default_rng(5)
   gates, hidden, batch, length = rnn.NUM_GATES[cell], 6, 3, 7
   args = (jnp.asarray(rng.standard_normal((length, batch, gates, hidden)), jnp.float32),
+          jnp.asarray(0.1 * rng.standard_normal((gates, hidden)), jnp.float32),
           jnp.asarray(0.5 * rng.standard_normal((hidden, gates, hidden)), jnp.float32),
           jnp.asarray(0.1 * rng.standard_normal((gates, hidden)), jnp.float32),
           jax.tree.map(lambda a: jnp.asarray(0.5 * rng.standard_normal(a.shape), jnp.float32),
@@ -232,20 +233,20 @@ def test_hand_written_backward_matches_autodiff_of_the_scan(cell):
   resets = jnp.zeros((length, batch), bool).at[3, 1].set(True)
   weights = jnp.asarray(rng.standard_normal((length, batch, hidden)), jnp.float32)
 
-  def loss(run, x, w, b, carry):
-    h, final = run(x, w, b, carry)
+  def loss(run, x, x_bias, w, b, carry):
+    h, final = run(x, x_bias, w, b, carry)
     return jnp.sum(h * weights) + sum(jnp.sum(v ** 2) for v in final.values())
 
-  def custom(x, w, b, carry):
-    return rnn.recurrence(cell, 1, x, w, b, carry, resets)
+  def custom(x, x_bias, w, b, carry):
+    return rnn.recurrence(cell, 1, x, x_bias, w, b, carry, resets)
 
-  def plain(x, w, b, carry):
-    h, final, _ = rnn._scan(cell, 1, x, w, b, carry, resets, keep=False)  # noqa: SLF001
+  def plain(x, x_bias, w, b, carry):
+    h, final, _ = rnn._scan(cell, 1, x, x_bias, w, b, carry, resets, keep=False)  # noqa: SLF001
     return h, final
 
   np.testing.assert_allclose(loss(custom, *args), loss(plain, *args), rtol=1e-6)
-  got = jax.grad(functools.partial(loss, custom), argnums=(0, 1, 2, 3))(*args)
-  expected = jax.grad(functools.partial(loss, plain), argnums=(0, 1, 2, 3))(*args)
+  got = jax.grad(functools.partial(loss, custom), argnums=(0, 1, 2, 3, 4))(*args)
+  expected = jax.grad(functools.partial(loss, plain), argnums=(0, 1, 2, 3, 4))(*args)
   for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
     np.testing.assert_allclose(g, e, atol=1e-5, rtol=1e-5)
   # The reset cuts the path back: what row 1 outputs from step 3 on does not depend on its
@@ -253,3 +254,21 @@ def test_hand_written_backward_matches_autodiff_of_the_scan(cell):
   later = lambda x: jnp.sum(custom(x, *args[1:])[0][3:] * weights[3:])  # noqa: E731
   d_x = np.asarray(jax.grad(later)(args[0]))
   assert np.all(d_x[:3, 1] == 0) and np.abs(d_x[:3, 0]).max() > 0
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_input_projection_backward_matches_autodiff(dtype):
+  """`_project` (x W with its dL/dW ordered for XLA:CPU) differentiates as the plain
+  product does, in float32 and in bfloat16 compute."""
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.standard_normal((12, 5)), dtype)
+  w = jnp.asarray(rng.standard_normal((5, 8)), dtype)
+  g = jnp.asarray(rng.standard_normal((12, 8)), jnp.float32)
+  plain = lambda x, w: jnp.einsum('ni,ik->nk', x, w, preferred_element_type=jnp.float32)  # noqa: E731
+  out, vjp = jax.vjp(rnn._project, x, w)  # noqa: SLF001
+  expected_out, expected_vjp = jax.vjp(plain, x, w)
+  np.testing.assert_array_equal(out, expected_out)
+  for got, expected in zip(vjp(g), expected_vjp(g), strict=True):
+    assert got.dtype == expected.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32),
+                               rtol=1e-6 if dtype == jnp.float32 else 1e-2)
