@@ -6,8 +6,8 @@
 Variants (the text after ':'):
   lstm      2 layers x 512 (char-rnn's classic size, 3.4M parameters), stateful truncated
             BPTT over windows of 128 characters, batch 64, 500 steps (about 0.9 of an epoch
-            of the 4.5M-character training split; about 14 minutes on 2 CPU cores at the
-            benchmark's 1.6 s a step), dropout 0.1
+            of the 4.5M-character training split; about 9.5 minutes on 2 CPU cores at the
+            benchmark's 1.0 s a step), dropout 0.1
             between layers and on the output.
   gru, rnn  the same with GRU or Elman (tanh) cells.
   lstm_spm  the LSTM on a 1000-piece SentencePiece (BPE) vocabulary instead of characters,

@@ -31,7 +31,6 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from lmjax.models import dropout, heads, layers
 
@@ -133,32 +132,6 @@ def _scan(cell, unroll, x_gates_TxBxGxH, x_bias_GxH, w_h_HxGxH, b_h_GxH, carry, 
   carry, (h_TxBxH, residuals) = jax.lax.scan(step, carry, (x_gates_TxBxGxH, resets_TxB),
                                              unroll=unroll)
   return h_TxBxH, carry, residuals
-
-
-@jax.custom_vjp
-def _project(x_NxI: Array, w_IxK: Array) -> Array:
-  """x W in float32, a layer's input side of the gates for all steps at once. Its VJP is
-  JAX's own but for the order of dL/dW = x^T g: JAX computes (g^T x)^T, for which XLA:CPU
-  transposes g ([T*B, G*H]), where x^T is a quarter of the size (jax 0.10.2; 3% of the
-  LSTM recipe's step)."""
-  return lax.dot_general(x_NxI, w_IxK, (((1,), (0,)), ((), ())),
-                         preferred_element_type=jnp.float32)
-
-
-def _project_fwd(x_NxI, w_IxK):
-  return _project(x_NxI, w_IxK), (x_NxI, w_IxK)
-
-
-def _project_bwd(saved, g_NxK):
-  x_NxI, w_IxK = saved
-  d_x = lax.dot_general(g_NxK, w_IxK, (((1,), (1,)), ((), ())),
-                        preferred_element_type=jnp.float32)
-  d_w = lax.dot_general(x_NxI, g_NxK, (((0,), (0,)), ((), ())),
-                        preferred_element_type=jnp.float32)
-  return d_x.astype(x_NxI.dtype), d_w.astype(w_IxK.dtype)
-
-
-_project.defvjp(_project_fwd, _project_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -273,8 +246,9 @@ class RecurrentLayer(nn.Module):
     # backward (jax 0.10.2; 16% of the LSTM recipe's step).
     length, batch, width = x_BxTxI.shape[1], x_BxTxI.shape[0], x_BxTxI.shape[2]
     x_NxI = jnp.swapaxes(x_BxTxI, 0, 1).astype(self.dtype).reshape(length * batch, width)
-    x_gates_TxBxGxH = _project(x_NxI, w_x_IxGxH.astype(self.dtype).reshape(width, -1)
-                               ).reshape(length, batch, num_gates, hidden)
+    # layers.matmul orders dL/dW_x to transpose x, 4x narrower than the gates.
+    x_gates_TxBxGxH = layers.matmul(x_NxI, w_x_IxGxH.astype(self.dtype).reshape(width, -1),
+                                    jnp.float32).reshape(length, batch, num_gates, hidden)
     if b_h_GxH is None:
       b_h_GxH = jnp.zeros((num_gates, hidden), self.param_dtype)
     if resets_BxT is None:

@@ -254,21 +254,3 @@ def test_hand_written_backward_matches_autodiff_of_the_scan(cell):
   later = lambda x: jnp.sum(custom(x, *args[1:])[0][3:] * weights[3:])  # noqa: E731
   d_x = np.asarray(jax.grad(later)(args[0]))
   assert np.all(d_x[:3, 1] == 0) and np.abs(d_x[:3, 0]).max() > 0
-
-
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_input_projection_backward_matches_autodiff(dtype):
-  """`_project` (x W with its dL/dW ordered for XLA:CPU) differentiates as the plain
-  product does, in float32 and in bfloat16 compute."""
-  rng = np.random.default_rng(7)
-  x = jnp.asarray(rng.standard_normal((12, 5)), dtype)
-  w = jnp.asarray(rng.standard_normal((5, 8)), dtype)
-  g = jnp.asarray(rng.standard_normal((12, 8)), jnp.float32)
-  plain = lambda x, w: jnp.einsum('ni,ik->nk', x, w, preferred_element_type=jnp.float32)  # noqa: E731
-  out, vjp = jax.vjp(rnn._project, x, w)  # noqa: SLF001
-  expected_out, expected_vjp = jax.vjp(plain, x, w)
-  np.testing.assert_array_equal(out, expected_out)
-  for got, expected in zip(vjp(g), expected_vjp(g), strict=True):
-    assert got.dtype == expected.dtype == dtype
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32),
-                               rtol=1e-6 if dtype == jnp.float32 else 1e-2)
