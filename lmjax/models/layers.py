@@ -25,7 +25,8 @@ def matmul(x_NxI: jax.Array, w_IxK: jax.Array, out_dtype=None) -> jax.Array:
   own but for the order of dL/dW: JAX computes (g^T x)^T, for which XLA:CPU (jax 0.10.2)
   copies g [N, K] into a transposed layout; where x is the narrower (I < K), this computes
   x^T g instead, and the copy is x's. For an LSTM layer's input projection (K = 4H) that
-  was 7% of the recipe's step; for the Transformer's MLP input (K = 4E), 2%."""
+  made the recipe's step 5% faster; for the Transformer's MLP input (K = 4E) the copy was
+  2% of the step in a profile."""
   return lax.dot_general(x_NxI, w_IxK, (((1,), (0,)), ((), ())),
                          preferred_element_type=out_dtype)
 

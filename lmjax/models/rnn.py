@@ -140,9 +140,9 @@ def recurrence(cell: str, unroll: int, x_gates_TxBxGxH: Array, x_bias_GxH: Array
                resets_TxB: Array) -> tuple[Array, dict]:
   """Runs `cell` over time: (h at every step [T, B, H], final carry). `x_gates` is the
   input side of the gates, x W_x, and `x_bias` its bias, added step by step inside the
-  loop: added outside, the sum was a [T, B, G, H] array written and read once more (3% of
-  the LSTM recipe's step on a CPU). A carry row is zeroed before each step whose `resets`
-  is True."""
+  loop: added outside, the sum was a [T, B, G, H] array written and read once more (31 ms
+  of the LSTM recipe's 1.08 s step on a CPU, in a profile). A carry row is zeroed before
+  each step whose `resets` is True."""
   h_TxBxH, carry, _ = _scan(cell, unroll, x_gates_TxBxGxH, x_bias_GxH, w_h_HxGxH, b_h_GxH,
                             carry, resets_TxB, keep=False)
   return h_TxBxH, carry
@@ -243,7 +243,7 @@ class RecurrentLayer(nn.Module):
     # Time-major from the start, so the scan reads its inputs without a transpose. The
     # layer's input is transposed, not the gates (4x wider): given 'bti,igh->tbgh', XLA:CPU
     # wrote the gates in token order and then copied them into time order, forward and
-    # backward (jax 0.10.2; 16% of the LSTM recipe's step).
+    # backward (jax 0.10.2; 5% of the LSTM recipe's step).
     length, batch, width = x_BxTxI.shape[1], x_BxTxI.shape[0], x_BxTxI.shape[2]
     x_NxI = jnp.swapaxes(x_BxTxI, 0, 1).astype(self.dtype).reshape(length * batch, width)
     # layers.matmul orders dL/dW_x to transpose x, 4x narrower than the gates.
