@@ -127,7 +127,8 @@ def _flat_einsum(equation: str, x: Array, kernel: Array) -> Array:
   lead = x_letters[:len(x_letters) - num_in]
   if (x_letters != lead + in_letters or outputs != lead + out_letters
       or any(c in lead for c in kernel_letters)):
-    return jnp.einsum(equation, x, kernel)
+    raise ValueError(f'ProjectionDense equation {equation!r}: it must contract the last '
+                     "axes of x with the kernel's first, as 'bte,ehd->bthd' does.")
   in_size = math.prod(kernel.shape[:num_in])
   y = layers.matmul(x.reshape(-1, in_size), kernel.reshape(in_size, -1))
   return y.reshape(x.shape[:len(lead)] + kernel.shape[num_in:])
