@@ -13,6 +13,10 @@ Benchmarks (--bench, repeatable):
               Recurrent configs count 6 FLOPs per matmul weight; --compare_torch times the
               same LSTM / GRU / RNN, batch and Adam in PyTorch beside it (pip install -e
               '.[hf]'), stateful as lmjax trains.
+  matmul      recurrent configs: each matmul of the train step (the input-side product,
+              the per-step recurrent ones each way, the weight gradients) timed alone,
+              GFLOP/s, and their sum over one step: the step's time in matmuls if it did
+              nothing else. --compare_torch times the same products with torch.matmul.
   pipeline    the tf.data input pipeline alone on the config's real dataset (prepare it
               first: make data): tokens/s it delivers; beside a train benchmark, how many
               times what training consumes.
@@ -42,7 +46,8 @@ from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Model config file.',
                                           lock_config=True)
-_BENCH = flags.DEFINE_multi_enum('bench', ['decode'], ['train', 'pipeline', 'checkpoint', 'decode'],
+_BENCH = flags.DEFINE_multi_enum('bench', ['decode'],
+                                 ['train', 'matmul', 'pipeline', 'checkpoint', 'decode'],
                                  'What to measure.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'train: timed steps.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'train: untimed steps after the compiling one.')
@@ -58,7 +63,8 @@ _VOCAB_SIZE = flags.DEFINE_integer(
     'characters) for char ones, data.vocab_size for sentencepiece.')
 _COMPARE_HF = flags.DEFINE_bool('compare_hf', False, 'Also time Hugging Face generate.')
 _COMPARE_TORCH = flags.DEFINE_bool(
-    'compare_torch', False, 'train, recurrent configs: also time the same model in PyTorch.')
+    'compare_torch', False, 'train, matmul (recurrent configs): also time the same model, or '
+    'the same products, in PyTorch.')
 _TABLE = flags.DEFINE_bool('table', False, 'Print a Markdown table after the JSON lines.')
 flags.mark_flags_as_required(['config'])
 
@@ -325,14 +331,19 @@ def bench_train(config, vocab_size: int) -> dict:
   return result
 
 
-def bench_train_torch(config, vocab_size: int, lmjax_result: dict) -> dict:
-  """The same recurrent LM, batch and optimizer in PyTorch (nn.LSTM / nn.GRU / nn.RNN,
-  whose CPU kernels are oneDNN's and whose GPU kernels are cuDNN's), stateful as lmjax
-  trains it: each step starts from the last step's carry, detached."""
+def _import_torch():
   try:
     import torch  # noqa: PLC0415
   except ImportError:
     raise app.UsageError("--compare_torch needs PyTorch: pip install -e '.[hf]'") from None
+  return torch
+
+
+def bench_train_torch(config, vocab_size: int, lmjax_result: dict) -> dict:
+  """The same recurrent LM, batch and optimizer in PyTorch (nn.LSTM / nn.GRU / nn.RNN,
+  whose CPU kernels are oneDNN's and whose GPU kernels are cuDNN's), stateful as lmjax
+  trains it: each step starts from the last step's carry, detached."""
+  torch = _import_torch()
   import numpy as np  # noqa: PLC0415
 
   m, t = config.model, config.train
@@ -384,6 +395,101 @@ def bench_train_torch(config, vocab_size: int, lmjax_result: dict) -> dict:
   }
   print(json.dumps(result), flush=True)
   return result
+
+
+def _recurrent_matmuls(config, vocab_size: int) -> list[tuple[str, int, int, int, int]]:
+  """(product, M, K, N, times per train step) for the matmuls of a recurrent LM's step as
+  lmjax/models/rnn.py arranges them: per layer one input-side product over all B*T rows,
+  T thin recurrent products each way, and the weight gradients as single large products."""
+  m, t = config.model, config.train
+  rows, hidden = t.batch_size * t.seq_len, m.hidden_size or m.d_model
+  gates = {'rnn': 1, 'lstm': 4, 'gru': 3}[m.name] * hidden
+  out = []
+  for i in range(m.num_layers):
+    width = m.d_model if i == 0 else hidden
+    out += [(f'layer {i}: x W_x', rows, width, gates, 1),
+            (f'layer {i}: h W_h, one step', t.batch_size, hidden, gates, t.seq_len),
+            (f'layer {i}: dL/dh through W_h, one step', t.batch_size, gates, hidden, t.seq_len),
+            (f'layer {i}: dL/dx', rows, gates, width, 1),
+            (f'layer {i}: dL/dW_x', width, rows, gates, 1),
+            (f'layer {i}: dL/dW_h', hidden, rows, gates, 1)]
+  head = [('output layer', rows, hidden, vocab_size)]
+  if m.tie_embeddings and hidden != m.d_model:
+    head = [('output projection', rows, hidden, m.d_model), ('output layer', rows, m.d_model,
+                                                             vocab_size)]
+  for name, rows_, k, n in head:
+    out += [(name, rows_, k, n, 1), (f'{name}: dL/dx', rows_, n, k, 1),
+            (f'{name}: dL/dW', k, rows_, n, 1)]
+  return out
+
+
+def _time_products(run, seconds: float = 0.1) -> float:
+  """Seconds per call of `run(calls)` (which makes that many products and waits for the
+  last): the median of --repeats rounds, each long enough to time."""
+  start = time.perf_counter()
+  run(1)
+  calls = max(1, int(seconds / max(time.perf_counter() - start, 1e-6)))
+  rounds = []
+  for _ in range(_REPEATS.value):
+    start = time.perf_counter()
+    run(calls)
+    rounds.append((time.perf_counter() - start) / calls)
+  return statistics.median(rounds)
+
+
+def bench_matmul(config, vocab_size: int) -> list[dict]:
+  """Each matmul of a recurrent LM's train step timed alone on the config's device, in
+  XLA (and with --compare_torch in PyTorch): the time the step spends in matmuls if it
+  did nothing else, a floor under its step time set by the matmul kernels."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  products = _recurrent_matmuls(config, vocab_size)
+  dtype = jnp.dtype(config.model.dtype)
+  rng = np.random.default_rng(0)
+  impls = [('xla', f'{jax.devices()[0].device_kind}, jax {jax.__version__}')]
+  if _COMPARE_TORCH.value:
+    torch = _import_torch()
+    impls.append((f'torch {torch.__version__}', f'cpu, {torch.get_num_threads()} threads'))
+  results = []
+  for impl, device in impls:
+    step_s, step_flops = 0.0, 0
+    for name, m, k, n, per_step in products:
+      a = rng.standard_normal((m, k), np.float32)
+      b = rng.standard_normal((k, n), np.float32)
+      if impl == 'xla':
+        a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+        product = jax.jit(jnp.matmul)
+
+        def run(calls, a=a, b=b, product=product):
+          for _ in range(calls):
+            out = product(a, b)  # dispatched asynchronously; they run in order
+          out.block_until_ready()
+      else:
+        torch_dtype = getattr(torch, dtype.name)
+        a, b = torch.as_tensor(a).to(torch_dtype), torch.as_tensor(b).to(torch_dtype)
+        out = torch.empty((m, n), dtype=torch_dtype)
+
+        def run(calls, a=a, b=b, out=out):
+          for _ in range(calls):
+            torch.matmul(a, b, out=out)
+      seconds = _time_products(run)
+      step_s += per_step * seconds
+      step_flops += per_step * 2 * m * k * n
+      results.append({'bench': 'matmul', 'impl': impl, 'device': device, 'product': name,
+                      'shape': f'{m}x{k}x{n}', 'dtype': dtype.name, 'per_step': per_step,
+                      'ms': round(1e3 * seconds, 3),
+                      'gflop_per_s': round(2 * m * k * n / seconds / 1e9, 1),
+                      'step_ms': round(1e3 * per_step * seconds, 1)})
+      print(json.dumps(results[-1]), flush=True)
+    results.append({'bench': 'matmul', 'impl': impl, 'device': device,
+                    'product': 'all, one train step', 'dtype': dtype.name,
+                    'model': _common(config, vocab_size, 0)['model'],
+                    'batch': config.train.batch_size, 'seq_len': config.train.seq_len,
+                    'gflop_per_s': round(step_flops / step_s / 1e9, 1),
+                    'step_ms': round(1e3 * step_s, 1)})
+    print(json.dumps(results[-1]), flush=True)
+  return results
 
 
 def bench_pipeline(config, consumed_tokens_per_s: float | None) -> dict:
@@ -469,6 +575,7 @@ _TABLE_COLUMNS = ('impl', 'model', 'batch', 'strategy', 'prefill_ms', 'cached_st
 _OTHER_COLUMNS = {
     'train': ('impl', 'model', 'params', 'batch', 'seq_len', 'microbatches', 'step_ms',
               'tokens_per_s', 'mfu', 'peak_memory_gb', 'xla_step_peak_mib', 'compile_s'),
+    'matmul': ('impl', 'product', 'shape', 'per_step', 'ms', 'gflop_per_s', 'step_ms'),
     'pipeline': ('dataset', 'batch', 'seq_len', 'tokens_per_s', 'times_training'),
     'checkpoint': ('model', 'bytes', 'save_blocking_s', 'save_total_s', 'restore_s',
                    'save_gb_per_s', 'restore_gb_per_s'),
@@ -497,9 +604,12 @@ def main(argv):
     raise app.UsageError('--steps and --pipeline_batches must be at least 1, --warmup at '
                          'least 0.')
   recurrent = config.model.name != 'transformer'
-  if _COMPARE_TORCH.value and not (recurrent and 'train' in _BENCH.value):
+  if _COMPARE_TORCH.value and not (recurrent and {'train', 'matmul'} & set(_BENCH.value)):
     raise app.UsageError('--compare_torch compares the recurrent models\' train step: use it '
-                         'with --bench=train and an LSTM, GRU or RNN config.')
+                         'with --bench=train or --bench=matmul and an LSTM, GRU or RNN config.')
+  if 'matmul' in _BENCH.value and not recurrent:
+    raise app.UsageError('--bench=matmul lists the matmuls of a recurrent model\'s train step '
+                         '(an LSTM, GRU or RNN config); for the Transformer use --bench=train.')
   if ('decode' in _BENCH.value and not recurrent and
       _PROMPT_LEN.value + _NEW_TOKENS.value > config.model.max_len):
     raise app.UsageError(
@@ -519,6 +629,8 @@ def main(argv):
     consumed = results[-1]['tokens_per_s']
     if _COMPARE_TORCH.value:
       results.append(bench_train_torch(config, vocab_size, results[-1]))
+  if 'matmul' in _BENCH.value:
+    results += bench_matmul(config, vocab_size)
   if 'pipeline' in _BENCH.value:
     results.append(bench_pipeline(config, consumed))
   if 'checkpoint' in _BENCH.value:

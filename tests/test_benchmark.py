@@ -1,5 +1,6 @@
 """experiments/benchmark.py runs end to end on a tiny model and prints what it promises."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -61,12 +62,13 @@ def test_train_pipeline_and_checkpoint_benchmarks_report_their_figures():
 
 def test_recurrent_train_benchmark_times_pytorch_beside_lmjax():
   done = _benchmark('--config=configs/rnn_shakespeare_char.py:tiny', '--bench=train',
-                    '--bench=decode', '--compare_torch', '--steps=2', '--warmup=1',
-                    '--batch_sizes=2', '--strategies=greedy', '--prompt_len=4',
+                    '--bench=matmul', '--bench=decode', '--compare_torch', '--steps=2',
+                    '--warmup=1', '--batch_sizes=2', '--strategies=greedy', '--prompt_len=4',
                     '--new_tokens=40', '--repeats=1')
   assert done.returncode == 0, done.stderr
   rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{')]
-  lmjax, torch, decode = rows
+  matmuls = [r for r in rows if r['bench'] == 'matmul']
+  lmjax, torch, decode = [r for r in rows if r['bench'] != 'matmul']
   assert lmjax['impl'] == 'lmjax' and torch['impl'].endswith('nn.LSTM')
   assert lmjax['model'] == torch['model'] == 'lstm 1x64'
   # 1x64 LSTM over 32-wide embeddings, untied output over the 65 characters the benchmark
@@ -78,6 +80,17 @@ def test_recurrent_train_benchmark_times_pytorch_beside_lmjax():
   assert torch['lmjax_speedup'] == pytest.approx(
       lmjax['tokens_per_s'] / torch['tokens_per_s'], rel=0.01)
   assert decode['bench'] == 'decode' and decode['tokens_per_s'] > 0  # no context bound
+  # --bench=matmul: the products of one step, in XLA and in PyTorch, then their sums. Their
+  # FLOPs are 6 per weight of the matmul matrices (no biases) per token of the 16 x 32 batch.
+  for impl in ('xla', torch['impl'].split(' nn.')[0]):
+    *products, total = [r for r in matmuls if r['impl'] == impl]
+    assert total['product'] == 'all, one train step' and total['model'] == 'lstm 1x64'
+    flops = sum(r['per_step'] * 2 * math.prod(map(int, r['shape'].split('x')))
+                for r in products)
+    assert flops == 6 * 16 * 32 * (32 * 4 * 64 + 64 * 4 * 64 + 64 * 65)
+    assert [r['per_step'] for r in products if 'one step' in r['product']] == [32, 32]
+    assert total['step_ms'] == pytest.approx(sum(r['step_ms'] for r in products), abs=0.1)
+    assert all(r['ms'] > 0 and r['gflop_per_s'] > 0 for r in products)
 
 
 def test_compare_torch_needs_a_recurrent_train_benchmark():
@@ -85,3 +98,9 @@ def test_compare_torch_needs_a_recurrent_train_benchmark():
                     '--compare_torch', '--steps=1')
   assert done.returncode != 0
   assert '--compare_torch' in done.stderr and 'Traceback' not in done.stderr
+
+
+def test_matmul_benchmark_is_for_recurrent_configs():
+  done = _benchmark('--config=configs/shakespeare_char.py:tiny', '--bench=matmul')
+  assert done.returncode != 0
+  assert '--bench=matmul' in done.stderr and 'Traceback' not in done.stderr
