@@ -403,7 +403,8 @@ def _recurrent_matmuls(config, vocab_size: int) -> list[tuple[str, int, int, int
   T thin recurrent products each way, and the weight gradients as single large products."""
   m, t = config.model, config.train
   rows, hidden = t.batch_size * t.seq_len, m.hidden_size or m.d_model
-  gates = {'rnn': 1, 'lstm': 4, 'gru': 3}[m.name] * hidden
+  from lmjax.models import rnn  # noqa: PLC0415
+  gates = rnn.NUM_GATES[m.name] * hidden
   out = []
   for i in range(m.num_layers):
     width = m.d_model if i == 0 else hidden
