@@ -86,11 +86,37 @@ def random_bits(key: jax.Array, shape: Sequence[int], *, window_start: Sequence[
 
 def bernoulli(key: jax.Array, p: float, shape: Sequence[int], **window) -> jax.Array:
   """`jax.random.bernoulli(key, p, shape)` (its default mode), through `random_bits` (and
-  its window arguments): a float32 uniform from the top 23 bits, True where it is below p."""
+  its window arguments): a float32 uniform from the top 23 bits, True where it is below p.
+
+  When the last axis splits into bytes, the mask is packed 8 elements to a byte and
+  unpacked again. The values are the same; what changes is what XLA keeps. A training
+  step uses a mask twice, forward and backward, and XLA fuses an elementwise hash into
+  each of its consumers, so the hash ran twice. A packed mask comes out of a reduction,
+  which XLA computes once and stores (an eighth of a byte per element); the unpacking
+  fuses into both consumers. In the default recipe's step on 2 CPU cores (8 steps each,
+  interleaved in one process) this took 5.47 s against 5.70, with the same loss and gradients.
+  """
   bits = random_bits(key, shape, **window)
   uniform = lax.bitcast_convert_type(
       lax.shift_right_logical(bits, np.uint32(9)) | np.uint32(0x3F800000), jnp.float32) - 1.0
-  return uniform < jnp.float32(p)
+  mask = uniform < jnp.float32(p)
+  if mask.ndim and mask.shape[-1] % 8 == 0:
+    mask = _unpack_bits(_pack_bits(mask), mask.shape[-1])
+  return mask
+
+
+def _pack_bits(mask: jax.Array) -> jax.Array:
+  """bool [..., 8n] -> uint8 [..., n], bit j of byte i holding element 8i + j. A sum
+  over the 8 rather than ORs of slices: XLA stores a reduction's result instead of
+  fusing it into each consumer."""
+  bytes_ = mask.reshape(mask.shape[:-1] + (mask.shape[-1] // 8, 8)).astype(jnp.uint8)
+  return jnp.sum(bytes_ << jnp.arange(8, dtype=jnp.uint8), axis=-1, dtype=jnp.uint8)
+
+
+def _unpack_bits(packed: jax.Array, n: int) -> jax.Array:
+  """The inverse of `_pack_bits`: uint8 [..., n/8] -> bool [..., n]."""
+  bits = (packed[..., None] >> jnp.arange(8, dtype=jnp.uint8)) & np.uint8(1)
+  return bits.reshape(packed.shape[:-1] + (n,)).astype(bool)
 
 
 class Dropout(nn.Module):

@@ -20,11 +20,13 @@ def test_bits_equal_jax_random_bits(shape):
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(jax.random.bits(key, shape)))
 
 
-@pytest.mark.parametrize('p', [0.8, 0.5, 0.1, 1e-3])
-def test_bernoulli_equals_jax_random_bernoulli(p):
+# (4, 333) is drawn as it is; (3, 64) goes through the bytes of a packed mask.
+@pytest.mark.parametrize('p,shape', [(0.8, (4, 333)), (0.5, (4, 333)), (0.1, (4, 333)),
+                                     (1e-3, (4, 333)), (0.8, (3, 64)), (0.3, (2, 5, 16))])
+def test_bernoulli_equals_jax_random_bernoulli(p, shape):
   key = jax.random.key(3)
-  ours = dropout.bernoulli(key, p, (4, 333))
-  theirs = jax.random.bernoulli(key, p, (4, 333))
+  ours = dropout.bernoulli(key, p, shape)
+  theirs = jax.random.bernoulli(key, p, shape)
   np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
   assert abs(float(ours.mean()) - p) < 0.02 + 3 * np.sqrt(p * (1 - p) / ours.size)
 
@@ -35,10 +37,11 @@ def test_other_key_kinds_fall_back_to_jax_random():
                                 np.asarray(jax.random.bits(key, (3, 4))))
 
 
-@pytest.mark.parametrize('rate,broadcast_dims', [(0.2, ()), (0.5, (1,)), (0.3, (-1,)),
-                                                 (0.0, ()), (1.0, ())])
-def test_module_equals_flax_dropout(rate, broadcast_dims):
-  x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 5, 7)), jnp.float32)
+@pytest.mark.parametrize('rate,broadcast_dims,shape', [
+    (0.2, (), (3, 5, 7)), (0.5, (1,), (3, 5, 7)), (0.3, (-1,), (3, 5, 7)), (0.0, (), (3, 5, 7)),
+    (1.0, (), (3, 5, 7)), (0.2, (), (3, 5, 16)), (0.5, (1,), (3, 5, 16))])
+def test_module_equals_flax_dropout(rate, broadcast_dims, shape):
+  x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
 
   # Equal auto-names would give equal make_rng streams; applied alone, each is Dropout's.
   ours = dropout.Dropout(rate, broadcast_dims=broadcast_dims).apply(
@@ -72,3 +75,30 @@ def test_a_window_of_the_bits_is_that_slice_of_the_whole(impl):
   np.testing.assert_array_equal(np.asarray(window), whole[:, 1:3, 4:7, :7])
   with pytest.raises(ValueError, match='does not fit'):
     dropout.random_bits(key, (2, 3), window_start=(1, 0), window_shape=(2, 3))
+
+
+def test_the_backward_pass_reuses_the_forward_mask():
+  """A mask feeding a matmul forward and backward is hashed once, not once per use: the
+  compiled gradient holds one copy of Threefry's rounds (20 shift-lefts), where a mask that
+  is not packed, drawn from the same bits, holds two."""
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 32, 64)), jnp.float32)
+  w = jnp.asarray(np.random.default_rng(1).standard_normal((64, 64)), jnp.float32)
+  key = jax.random.key(2)
+
+  def unpacked(key, p, shape):
+    bits = dropout.random_bits(key, shape)
+    uniform = jax.lax.bitcast_convert_type((bits >> 9) | np.uint32(0x3F800000), jnp.float32)
+    return uniform - 1.0 < p
+
+  def shift_lefts(mask_fn):
+    def loss(x):
+      mask = mask_fn(key, 0.8, x.shape)
+      return jnp.sum((jnp.where(mask, x @ w / 0.8, 0.0) @ w) ** 2)
+    grad = jax.jit(jax.grad(loss))
+    return grad(x), grad.lower(x).compile().as_text().count(' shift-left(')
+
+  ours, ours_count = shift_lefts(dropout.bernoulli)
+  theirs, theirs_count = shift_lefts(unpacked)
+  np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+  assert theirs_count >= 40, theirs_count
+  assert ours_count < 40 - 16, ours_count
