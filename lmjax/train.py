@@ -24,7 +24,7 @@ from lmjax import checkpoint as ckpt_lib
 from lmjax import decode, events, finetune, flops, losses, models, optim, runtime, sharding
 from lmjax.errors import UserError
 from lmjax.data import corpora, external, pipeline, tokenizers
-from lmjax.models import rnn, transformer
+from lmjax.models import dropout, rnn, transformer
 
 
 class TrainState(struct.PyTreeNode):
@@ -349,14 +349,20 @@ def _loss_sums(model, params, batch: dict, weights, **kwargs):
   return losses.token_cross_entropy(logits, batch['targets'], weights)
 
 
-def train_step(state: TrainState, batch: dict, rng, *, model, tx, microbatches: int = 1):
+def train_step(state: TrainState, batch: dict, rng, *, model, tx, microbatches: int = 1,
+               reduce_once: bool | None = None):
   """One optimizer step: (state, batch, rng) -> (state, metrics).
 
   With `microbatches` k > 1 the batch is split into k slices that run one after another
   (a scan), their gradients summed: the step of the whole batch in a k-th of the
   activation memory. Each slice takes every k-th row, so every device keeps its share of
   each slice and nothing moves between devices. Gradients add up in float32; with dropout,
-  each slice draws its own masks."""
+  each slice draws its own masks.
+
+  `reduce_once` (None: wherever it applies, see `_reduces_once`): on a data-parallel mesh
+  each device sums its own slices' gradients and the devices add them up once, after the
+  last slice. Under GSPMD alone they are all-reduced after every slice. Same masks, same
+  model; the sums are rounded in another order."""
   dropout_rng = jax.random.fold_in(rng, state.step)
 
   def loss_sums(trained, batch, carry, rng):
@@ -372,6 +378,26 @@ def train_step(state: TrainState, batch: dict, rng, *, model, tx, microbatches: 
     return losses.token_cross_entropy(logits, batch['targets'],
                                       jnp.ones(batch['targets'].shape, jnp.float32)), carry
 
+  def accumulate(trained, batch, carry, total_weight):
+    """(gradient sums, loss sums, carries) over the microbatches of `batch`."""
+    slices = jax.tree.map(functools.partial(_split_rows, k=microbatches), (batch, carry))
+
+    def one_slice(grads_and_sums, inputs):
+      (slice_batch, slice_carry), index = inputs
+      def loss_fn(trained):
+        sums, carry = loss_sums(trained, slice_batch, slice_carry,
+                                jax.random.fold_in(dropout_rng, index))
+        return sums['loss_sum'] / total_weight, (sums, carry)
+      (_, (sums, carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
+      return jax.tree.map(jnp.add, grads_and_sums, (grads, sums)), carry
+
+    first = jax.tree.map(lambda x: x[0], slices)
+    sums_shape = jax.eval_shape(lambda: loss_sums(trained, *first, dropout_rng)[0])
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)),
+                         (trained, sums_shape))
+    (grads, sums), carries = jax.lax.scan(one_slice, zeros, (slices, jnp.arange(microbatches)))
+    return grads, sums, carries
+
   if microbatches == 1:
     def loss_fn(trained):
       sums, carry = loss_sums(trained, batch, state.carry, dropout_rng)
@@ -382,25 +408,17 @@ def train_step(state: TrainState, batch: dict, rng, *, model, tx, microbatches: 
     # Each slice's loss is divided by the whole batch's weight, so the summed gradients
     # are those of the whole batch's mean loss.
     total_weight = jnp.sum(_weights(batch).astype(jnp.float32))
-    slices = jax.tree.map(functools.partial(_split_rows, k=microbatches), (batch, state.carry))
-
-    def one_slice(grads_and_sums, inputs):
-      (slice_batch, slice_carry), index = inputs
-      def loss_fn(trained):
-        sums, carry = loss_sums(trained, slice_batch, slice_carry,
-                                jax.random.fold_in(dropout_rng, index))
-        return sums['loss_sum'] / total_weight, (sums, carry)
-      (_, (sums, carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-      return jax.tree.map(jnp.add, grads_and_sums, (grads, sums)), carry
-
-    first = jax.tree.map(lambda x: x[0], slices)
-    sums_shape = jax.eval_shape(lambda: loss_sums(state.params, *first, dropout_rng)[0])
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)),
-                         (state.params, sums_shape))
-    (grads, sums), carries = jax.lax.scan(one_slice, zeros,
-                                          (slices, jnp.arange(microbatches)))
+    if reduce_once is None:
+      reduce_once = _reduces_once(state)
+    if reduce_once:
+      grads, sums = _summed_per_device(
+          lambda trained, batch: accumulate(trained, batch, None, total_weight)[:2],
+          state.params, batch)
+      carry = None
+    else:
+      grads, sums, carries = accumulate(state.params, batch, state.carry, total_weight)
+      carry = jax.tree.map(_join_rows, carries)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
-    carry = jax.tree.map(_join_rows, carries)
     loss = sums['loss_sum'] / sums['weight_sum']
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -420,6 +438,44 @@ def train_step(state: TrainState, batch: dict, rng, *, model, tx, microbatches: 
              'accuracy': sums['correct_sum'] / sums['weight_sum'],
              'nonfinite': 1.0 - finite.astype(jnp.float32)}
   return new_state, metrics
+
+
+def _reduces_once(state: TrainState) -> bool:
+  """Whether the step can sum gradients per device and all-reduce once (`train_step`):
+  the batch is split over the 'data' axis only, so every device holds all parameters,
+  and no carry runs from step to step (a stateful carry stays with GSPMD)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return (state.carry is None and not mesh.empty and mesh.shape.get('data', 1) > 1
+          and all(size == 1 for name, size in mesh.shape.items() if name != 'data'))
+
+
+def _summed_per_device(accumulate, trained, batch: dict):
+  """`accumulate(trained, batch)` run on each device's rows of the batch, inside a
+  `shard_map` over 'data', and its results added up over the devices once.
+
+  The parameters come in replicated, and their gradients stay each device's own until the
+  final psum: with `check_vma` off, autodiff inside the body adds no psum of its own, which
+  is the all-reduce after every slice that GSPMD places. Batch masks draw their device's
+  rows of the whole batch's mask (`dropout.rows_of_batch`). Inside the body the 'data'
+  axis is manual, so it leaves the logical axis rules."""
+  rules = tuple((logical, _without_axis(mesh_axes, 'data'))
+                for logical, mesh_axes in nn.get_logical_axis_rules())
+
+  def local(trained, batch):
+    with dropout.rows_of_batch('data'), nn.logical_axis_rules(rules):
+      return jax.lax.psum(accumulate(trained, batch), 'data')
+
+  spec = jax.sharding.PartitionSpec
+  return jax.shard_map(local, in_specs=(spec(), spec('data')), out_specs=spec(),
+                       axis_names={'data'}, check_vma=False)(trained, batch)
+
+
+def _without_axis(mesh_axes, axis: str):
+  """A logical rule's mesh axes with `axis` taken out (None where nothing is left)."""
+  if isinstance(mesh_axes, tuple):
+    kept = tuple(a for a in mesh_axes if a != axis)
+    return kept or None
+  return None if mesh_axes == axis else mesh_axes
 
 
 def _weights(batch: dict):

@@ -37,8 +37,9 @@ def _config(family, mesh_shape, **train_overrides):
   return config
 
 
-def _train(config, shakespeare, devices=None):
-  """NUM_STEPS steps of the real train step on the real data pipeline: (losses, state)."""
+def _train(config, shakespeare, devices=None, compiled_texts=None):
+  """NUM_STEPS steps of the real train step on the real data pipeline: (losses, state).
+  The compiled step's HLO text is appended to `compiled_texts` if given."""
   tokenizer, tokens = shakespeare
   t = config.train
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -62,6 +63,8 @@ def _train(config, shakespeare, devices=None):
   # As the training loop does: compiled under the mesh and the logical axis rules.
   step_fn = train.compile_train_step(step_fn, state, batches[0], jax.random.key(1), mesh,
                                      rules)
+  if compiled_texts is not None:
+    compiled_texts.append(step_fn.as_text())
   losses = []
   for batch in batches:
     state, metrics = step_fn(state, batch, jax.random.key(1))
@@ -130,6 +133,42 @@ def test_gradient_accumulation_equals_the_whole_batch(family, shakespeare, one_d
   for a, b in zip(jax.tree.leaves(jax.device_get((state.params, state.carry))),
                   jax.tree.leaves(jax.device_get((expected.params, expected.carry))),
                   strict=True):
+    np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def _loop_all_reduces(compiled_text: str) -> int:
+  """All-reduces of a compiled step that sit anywhere but its ENTRY computation (in the
+  microbatch loop, that is)."""
+  count, entry = 0, False
+  for line in compiled_text.splitlines():
+    if line and not line[0].isspace():
+      entry = line.startswith('ENTRY')
+    count += (not entry) and ' all-reduce(' in line
+  return count
+
+
+@pytest.mark.parametrize('family', [shakespeare_char, rnn_shakespeare_char])
+def test_one_all_reduce_a_step_trains_what_one_a_slice_trains(family, shakespeare,
+                                                              monkeypatch):
+  """On a data-parallel mesh each device sums its slices' gradients and the step
+  all-reduces once. With dropout on, that trains what the all-reduce after every slice
+  trains: each device draws its rows of the whole batch's masks."""
+  config = _config(family, (8, 1, 1), microbatches=2)
+  if 'stateful' in config.train:
+    config.train.stateful = False  # a carry from step to step stays with GSPMD
+  config.model.dropout = 0.3
+  texts = []
+  summed, summed_state = _train(config, shakespeare, compiled_texts=texts)
+  monkeypatch.setattr(train, '_reduces_once', lambda state: False)
+  per_slice, per_slice_state = _train(config, shakespeare, compiled_texts=texts)
+  assert _loop_all_reduces(texts[0]) == 0
+  assert _loop_all_reduces(texts[1]) > 0
+  # Equal losses with dropout at 0.3 mean equal masks: were `rows_of_batch` left out,
+  # every device would draw the first rows' masks, and the losses differ from step 1.
+  np.testing.assert_allclose(summed, per_slice, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(jax.device_get(summed_state.params)),
+                  jax.tree.leaves(jax.device_get(per_slice_state.params)), strict=True):
+    # Adam turns the rounding of a gradient near 0 into an update of about lr.
     np.testing.assert_allclose(a, b, atol=2e-5)
 
 

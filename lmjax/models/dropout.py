@@ -12,7 +12,13 @@ Threefry's (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3") a
 `jax.random.bernoulli(key, 1 - rate, shape)`; tests/test_dropout.py holds it to that. Any
 other key (rbg, a non-default implementation) or a setup this does not cover goes through
 `jax.random` itself.
+
+Masks do not depend on the mesh. Under GSPMD each device hashes the counters of its own
+rows; inside a `shard_map` that splits the batch (the train step's per-device gradient
+sums), `rows_of_batch` tells every batch-shaped mask which rows of the whole it holds.
 """
+import contextlib
+import contextvars
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -23,6 +29,24 @@ from jax import lax
 
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _KEY_PARITY = np.uint32(0x1BD11BDA)  # Threefry's constant for the third key word
+
+
+# The mesh axis that splits the batch (dim 0) inside a shard_map, while `rows_of_batch`
+# is active; None outside it.
+_BATCH_AXIS: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    'lmjax_dropout_batch_axis', default=None)
+
+
+@contextlib.contextmanager
+def rows_of_batch(axis_name: str):
+  """While tracing the body of a `shard_map` whose `axis_name` splits the batch into equal
+  blocks of rows, in device order: every batch mask (`batch_bernoulli`, `Dropout`) draws
+  its block's rows of the mask of the whole batch, as it would without the shard_map."""
+  token = _BATCH_AXIS.set(axis_name)
+  try:
+    yield
+  finally:
+    _BATCH_AXIS.reset(token)
 
 
 def _threefry_words(key: jax.Array) -> jax.Array | None:
@@ -52,24 +76,28 @@ def random_bits(key: jax.Array, shape: Sequence[int], *, window_start: Sequence[
 
   With `window_shape`, only the window of that shape at `window_start` (a corner index)
   of those bits: blocked causal attention draws its mask one block of queries at a time.
+  A start may be a traced integer (a device's first row, in `rows_of_batch`); only its
+  static entries are checked against `shape`.
   """
   shape = tuple(int(d) for d in shape)
   window = tuple(int(d) for d in window_shape) or shape
-  start = tuple(int(d) for d in window_start) or (0,) * len(shape)
+  start = tuple(d if isinstance(d, jax.Array) else int(d) for d in window_start)
+  start = start or (0,) * len(shape)
   if len(window) != len(shape) or len(start) != len(shape) or any(
-      s < 0 or s + w > d for s, w, d in zip(start, window, shape)):
+      w > d or (not isinstance(s, jax.Array) and (s < 0 or s + w > d))
+      for s, w, d in zip(start, window, shape)):
     raise ValueError(f'window {window} at {start} does not fit in {shape}')
   words = _threefry_words(key)
   size = int(np.prod(shape, dtype=np.int64))
   if words is None or size >= 2**32 or not shape:
-    bits = jax.random.bits(key, shape, jnp.uint32)
-    return lax.slice(bits, start, tuple(s + w for s, w in zip(start, window)))
+    return lax.dynamic_slice(jax.random.bits(key, shape, jnp.uint32), start, window)
   k0, k1 = words[0], words[1]
   schedule = (k0, k1, k0 ^ k1 ^ _KEY_PARITY)
   # The counter of an element is its row-major index (high word 0 below 2**32 elements),
   # built from per-dimension iotas so that SPMD partitions it like any elementwise op.
   strides = np.cumprod((*shape[1:], 1)[::-1])[::-1]
-  index = np.uint32(sum(s * int(stride) for s, stride in zip(start, strides)))
+  index = sum((lax.convert_element_type(s, jnp.uint32) if isinstance(s, jax.Array)
+               else np.uint32(s)) * np.uint32(stride) for s, stride in zip(start, strides))
   index = index + sum(lax.broadcasted_iota(jnp.uint32, window, dim) * np.uint32(stride)
                       for dim, stride in enumerate(strides))
   shape = window
@@ -105,6 +133,21 @@ def bernoulli(key: jax.Array, p: float, shape: Sequence[int], **window) -> jax.A
   return mask
 
 
+def batch_bernoulli(key: jax.Array, p: float, shape: Sequence[int],
+                    window_start: Sequence[int] = (), window_shape: Sequence[int] = ()):
+  """`bernoulli` for a mask whose dim 0 is the batch, or its window: inside
+  `rows_of_batch`, `shape` counts this device's rows only, and the mask is their rows of
+  the whole batch's mask."""
+  axis = _BATCH_AXIS.get()
+  if axis is not None:
+    window_shape = tuple(window_shape) or tuple(shape)
+    window_start = tuple(window_start) or (0,) * len(shape)
+    rows = shape[0]
+    shape = (rows * lax.axis_size(axis), *shape[1:])
+    window_start = (lax.axis_index(axis) * rows + window_start[0], *window_start[1:])
+  return bernoulli(key, p, shape, window_start=window_start, window_shape=window_shape)
+
+
 def _pack_bits(mask: jax.Array) -> jax.Array:
   """bool [..., 8n] -> uint8 [..., n], bit j of byte i holding element 8i + j. A sum
   over the 8 rather than ORs of slices: XLA stores a reduction's result instead of
@@ -132,21 +175,25 @@ class Dropout(nn.Module):
       return inputs
     shared = {dim % inputs.ndim for dim in self.broadcast_dims}
     shape = [1 if dim in shared else size for dim, size in enumerate(inputs.shape)]
-    return self.apply_window(inputs, self.make_rng(self.rng_collection), shape, (), ())
+    return self.apply_window(inputs, self.make_rng(self.rng_collection), shape, (), (),
+                             batch=0 not in shared)
 
   def key(self) -> jax.Array:
     """The key `__call__` would draw its mask from: one call of it, then windows."""
     return self.make_rng(self.rng_collection)
 
   def apply_window(self, inputs: jax.Array, key: jax.Array, shape: Sequence[int],
-                   window_start: Sequence[int], window_shape: Sequence[int]) -> jax.Array:
+                   window_start: Sequence[int], window_shape: Sequence[int], *,
+                   batch: bool = True) -> jax.Array:
     """Drops `inputs`, the window at `window_start` of a whole of `shape`, as the whole's
-    mask under `key` would (no broadcast dims)."""
+    mask under `key` would (no broadcast dims). `batch`: dim 0 is the batch's rows, not
+    one row shared by all of them (see `rows_of_batch`)."""
     if self.rate == 0.0:
       return inputs
     if self.rate == 1.0:
       return jnp.zeros_like(inputs)
     keep = 1.0 - self.rate
-    mask = bernoulli(key, keep, shape, window_start=window_start, window_shape=window_shape)
+    draw = batch_bernoulli if batch else bernoulli
+    mask = draw(key, keep, shape, window_start=window_start, window_shape=window_shape)
     mask = jnp.broadcast_to(mask, inputs.shape)
     return lax.select(mask, inputs / keep, jnp.zeros_like(inputs))

@@ -63,7 +63,7 @@ def sequence_dropout(x_BxTxF: Array, rate: float, rng: Array, *, locked: bool) -
   """Inverted dropout on [B, T, F]; `locked` draws one mask per row for all time steps."""
   keep = 1.0 - rate
   mask_shape = (x_BxTxF.shape[0], 1, x_BxTxF.shape[2]) if locked else x_BxTxF.shape
-  mask = dropout.bernoulli(rng, keep, mask_shape)
+  mask = dropout.batch_bernoulli(rng, keep, mask_shape)
   return jnp.where(mask, x_BxTxF / keep, 0.0).astype(x_BxTxF.dtype)
 
 

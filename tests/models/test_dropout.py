@@ -102,3 +102,24 @@ def test_the_backward_pass_reuses_the_forward_mask():
   np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
   assert theirs_count >= 40, theirs_count
   assert ours_count < 40 - 16, ours_count
+
+
+@pytest.mark.parametrize('broadcast_dims', [(), (1,), (0,)])
+def test_each_device_of_a_shard_map_draws_its_rows_of_the_whole_mask(broadcast_dims):
+  """Inside `rows_of_batch`, a shard_map over 4 devices, each holding 2 of the batch's 8
+  rows, drops them as the whole batch would be dropped; a mask shared by all rows
+  (broadcast over dim 0) stays one mask."""
+  mesh = jax.make_mesh((4,), ('data',))
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 3, 16)), jnp.float32)
+  drop = dropout.Dropout(0.5, broadcast_dims=broadcast_dims)
+  rngs = {'dropout': jax.random.key(4)}
+
+  def local(x):
+    with dropout.rows_of_batch('data'):
+      return drop.apply({}, x, deterministic=False, rngs=rngs)
+
+  spec = jax.sharding.PartitionSpec('data')
+  rows = jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+  ours = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec))(rows)
+  whole = drop.apply({}, x, deterministic=False, rngs=rngs)
+  np.testing.assert_array_equal(np.asarray(ours), np.asarray(whole))
