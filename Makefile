@@ -24,9 +24,12 @@ train: data
 	$(BIN)/python experiments/train.py --config=$(CONFIG) --workdir=$(WORKDIR)
 
 # Two pytest workers: most of the suite's time is single-threaded (imports, compiling,
-# starting processes), so two keep both cores busy (7.5 instead of 9.5 minutes).
+# starting processes), so two keep both cores busy (7.5 instead of 9.5 minutes). Each
+# module's tests stay on one worker (--dist loadscope), so a module's fixtures (a trained
+# run, two hosts' processes) are built once, not once per worker: 8:17 against 8:55 for
+# the suite, 13.7 against 14.6 CPU-minutes.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 -m 'not slow'
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope -m 'not slow'
 
 # pytest exits 5 when no test is marked slow; that is not a failure here.
 test-slow: $(STAMP)
