@@ -140,12 +140,15 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   if variant == '':
     # On a CPU the step runs faster in slices than whole (16 slices of 4: 1.6x on 2 cores,
     # each slice's activations staying in cache), in a fraction of the memory; an
-    # accelerator wants the whole batch at once (:full). 8 slices against 16: 5.61 against
-    # 5.72 s a step, interleaved in one process (2026-12-01), 4 slices no faster again.
-    c.train.microbatches = 8
-    # Causal attention in 8 blocks of 32 queries: 5.83 -> 5.51 s a step on 2 CPU cores
-    # (blocks of 64: 5.69 s; 16: 6.19 s); untried on accelerators, so not in :full.
-    c.model.attention_block = 32
+    # accelerator wants the whole batch at once (:full). Since the step all-reduces once
+    # rather than after every slice (lmjax/train.py), 16 slices with attention blocks of 64
+    # beat 8 slices with blocks of 32: 5.19 against 5.41 s a step, interleaved in one
+    # process (2026-12-01); 32 slices 6.07 s, 4 slices 5.49 s.
+    c.train.microbatches = 16
+    # Causal attention in 4 blocks of 64 queries, skipping the masked blocks above the
+    # diagonal (at 8 slices: blocks of 32 5.51 s, 64 5.69 s, whole 5.83 s; at 16 slices
+    # 128 was level with 64); untried on accelerators, so not in :full.
+    c.model.attention_block = 64
   elif variant == 'full':
     c.opt.update(warmup_steps=100)
     c.train.update(num_steps=5000, eval_every=250, checkpoint_every=500, log_every=10)
