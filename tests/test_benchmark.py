@@ -57,6 +57,7 @@ def test_train_pipeline_and_checkpoint_benchmarks_report_their_figures():
       data['tokens_per_s'] / train['tokens_per_s'], rel=0.01)
   assert ckpt['bytes'] > 4 * 106304  # the params alone, in float32
   assert 0 < ckpt['save_blocking_s'] <= ckpt['save_total_s']
+  assert 0 < ckpt['first_save_blocking_s']
   assert 'checkpoint:' in done.stdout and 'pipeline:' in done.stdout
 
 
