@@ -6,12 +6,12 @@ Threefry-2x32 hash, and on CPU jax 0.10 lowers its 20 rounds as a 5-trip while l
 XLA stores and reloads the two 32-bit words of every element at each trip; in the default
 recipe's step that was 22% of the time (the JAX profiler trace, 2 CPU cores). Here the same
 rounds are written out in jnp, the way jax itself lowers them for GPUs, and XLA fuses hash
-and comparison into one pass (then packs the mask, see `bernoulli`). The counters, key schedule and rotations are
-Threefry's (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3") as
-`jax.random` arranges them, so for a threefry key the mask is exactly
-`jax.random.bernoulli(key, 1 - rate, shape)`; tests/models/test_dropout.py holds it to that. Any
-other key (rbg, a non-default implementation) or a setup this does not cover goes through
-`jax.random` itself.
+and comparison into one pass (then packs the mask, see `bernoulli`). The counters, key
+schedule and rotations are Threefry's (Salmon et al. 2011, "Parallel random numbers: as
+easy as 1, 2, 3") as `jax.random` arranges them, so for a threefry key the mask is exactly
+`jax.random.bernoulli(key, 1 - rate, shape)`; tests/models/test_dropout.py holds it to
+that. Any other key (rbg, a non-default implementation) or a setup this does not cover goes
+through `jax.random` itself.
 
 Masks do not depend on the mesh. Under GSPMD each device hashes the counters of its own
 rows; inside a `shard_map` that splits the batch (the train step's per-device gradient
