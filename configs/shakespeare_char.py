@@ -5,9 +5,9 @@
 
 Variants (the text after ':'):
   (none)  6 layers x 384 wide, context 256, batch 64 (the nanoGPT shakespeare_char size),
-          for 32 steps: what `make train` runs on 2 CPU cores in minutes (about 6 s a
-          step there: the batch in 8 slices over 2 CPU devices, attention in blocks of
-          32 queries), so its sample is still rough.
+          for 32 steps: what `make train` runs on 2 CPU cores in minutes (about 5.3 s a
+          step there: the batch in 16 slices over 2 CPU devices, attention in blocks of
+          64 queries), so its sample is still rough.
   full    the same model for the full 5000 steps (warmup 100): a GPU's job.
   cpu     4 layers x 128 wide, context 64, batch 12, 2000 steps: a good model in minutes on a
           laptop CPU.
@@ -146,8 +146,8 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
     # process (2026-12-01); 32 slices 6.07 s, 4 slices 5.49 s.
     c.train.microbatches = 16
     # Causal attention in 4 blocks of 64 queries, skipping the masked blocks above the
-    # diagonal (at 8 slices: blocks of 32 5.51 s, 64 5.69 s, whole 5.83 s; at 16 slices
-    # 128 was level with 64); untried on accelerators, so not in :full.
+    # diagonal (16 slices, before the single all-reduce: blocks of 32 5.51 s, 64 5.69 s,
+    # whole 5.83 s; with it, 128 was level with 64); untried on accelerators, so not in :full.
     c.model.attention_block = 64
   elif variant == 'full':
     c.opt.update(warmup_steps=100)

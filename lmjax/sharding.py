@@ -119,6 +119,13 @@ def _mesh_specs(abstract_boxed_tree, rules):
   return specs, nn.meta.unbox(abstract_boxed_tree)
 
 
+def rules_without_axis(rules, axis: str) -> tuple:
+  """The logical axis rules with the mesh axis `axis` taken out of every entry: inside a
+  `shard_map` that makes `axis` manual, a sharding constraint may not name it."""
+  return tuple((logical, tuple(a for a in _mesh_axes(mesh_axes) if a != axis) or None)
+               for logical, mesh_axes in rules)
+
+
 def _mesh_axes(entry) -> tuple[str, ...]:
   if entry is None:
     return ()

@@ -458,8 +458,7 @@ def _summed_per_device(accumulate, trained, batch: dict):
   is the all-reduce after every slice that GSPMD places. Batch masks draw their device's
   rows of the whole batch's mask (`dropout.rows_of_batch`). Inside the body the 'data'
   axis is manual, so it leaves the logical axis rules."""
-  rules = tuple((logical, _without_axis(mesh_axes, 'data'))
-                for logical, mesh_axes in nn.get_logical_axis_rules())
+  rules = sharding.rules_without_axis(nn.get_logical_axis_rules(), 'data')
 
   def local(trained, batch):
     with dropout.rows_of_batch('data'), nn.logical_axis_rules(rules):
@@ -468,14 +467,6 @@ def _summed_per_device(accumulate, trained, batch: dict):
   spec = jax.sharding.PartitionSpec
   return jax.shard_map(local, in_specs=(spec(), spec('data')), out_specs=spec(),
                        axis_names={'data'}, check_vma=False)(trained, batch)
-
-
-def _without_axis(mesh_axes, axis: str):
-  """A logical rule's mesh axes with `axis` taken out (None where nothing is left)."""
-  if isinstance(mesh_axes, tuple):
-    kept = tuple(a for a in mesh_axes if a != axis)
-    return kept or None
-  return None if mesh_axes == axis else mesh_axes
 
 
 def _weights(batch: dict):
