@@ -1,0 +1,103 @@
+"""The same behaviour, bit for bit: five kinds of tiny run against scalars, texts and final
+parameters recorded in tests/golden.json.
+
+Any change to what a run computes (a default, the data order, a loss, the optimizer, the
+sample) shows here. A change meant to alter results re-records the file, and says so in its
+commit:
+
+    LMJAX_RECORD_GOLDEN=1 .venv/bin/python -m pytest -q tests/test_golden.py
+"""
+import hashlib
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import authorship, rnn_shakespeare_char, shakespeare_char
+from lmjax import events
+
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'golden.json')
+# Wall-clock figures differ from run to run; everything else must not.
+TIMED = ('train/tokens_per_sec', 'train/mfu')
+
+
+def _short(config, **train):
+  config.unlock()
+  config.train.update(num_steps=4, eval_every=4, log_every=2, checkpoint_every=4, **train)
+  config.opt.warmup_steps = 2
+  return config
+
+
+def _runs() -> dict:
+  """name -> (config, number of devices) of each kind of run; the language model and the
+  stream accumulate gradients over 2 slices on 2 devices (the one all-reduce, and GSPMD
+  with a carry)."""
+  lm = _short(shakespeare_char.get_config('tiny'), sample_tokens=12, microbatches=2)
+  stream = _short(rnn_shakespeare_char.get_config('tiny'), sample_tokens=12, microbatches=2)
+  mlm = _short(shakespeare_char.get_config('tiny'))
+  mlm.model.causal = False
+  mixture = _short(shakespeare_char.get_config('tiny'), sample_tokens=12)
+  mixture.data.update(mixture=('shakespeare:0.7', 'milton:0.3'), drop_unknown_chars=True)
+  classifier = _short(authorship.get_config('tiny'))
+  return {'transformer_lm': (lm, 2), 'lstm_stream': (stream, 2), 'masked_lm': (mlm, 1),
+          'mixture': (mixture, 1), 'classifier': (classifier, 2)}
+
+
+def _digest(x) -> str:
+  x = np.asarray(x)
+  return hashlib.sha256(str((x.dtype, x.shape)).encode() + x.tobytes()).hexdigest()[:16]
+
+
+def observe(config, devices: int, workdir: str) -> dict:
+  """What a run leaves behind that must not change: its logged scalars and texts, its
+  result, and a digest of each final parameter."""
+  from lmjax import train  # noqa: PLC0415  (after conftest's device setup)
+  train.train_and_evaluate(config, workdir, devices=jax.devices()[:devices])
+  scalars = {tag: {str(s): v for s, v in sorted(values.items())}
+             for tag, values in events.read_scalars(workdir).items() if tag not in TIMED}
+  texts = _texts(workdir)
+  with open(os.path.join(workdir, 'result.json')) as f:
+    result = json.load(f)
+  del result['train_seconds']
+  _, _, params, _ = train.load_trained(workdir)
+  leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
+  digests = {jax.tree_util.keystr(path): _digest(leaf) for path, leaf in leaves}
+  return {'scalars': scalars, 'texts': texts, 'result': result, 'params': digests}
+
+
+def _texts(workdir: str) -> dict:
+  """{tag: {step: text}} of the text summaries but the config (whose JSON lists fields)."""
+  from tensorboard.backend.event_processing import event_accumulator  # noqa: PLC0415
+  acc = event_accumulator.EventAccumulator(workdir, size_guidance={'tensors': 0})
+  acc.Reload()
+  tags = [tag for tag in acc.Tags()['tensors'] if tag != 'config' and
+          acc.SummaryMetadata(tag).plugin_data.plugin_name == 'text']
+  return {tag: {str(e.step): e.tensor_proto.string_val[0].decode() for e in acc.Tensors(tag)}
+          for tag in tags}
+
+
+RECORD = bool(os.environ.get('LMJAX_RECORD_GOLDEN'))
+
+
+@pytest.fixture(scope='module')
+def golden():
+  if RECORD:
+    recorded = {}
+    yield recorded
+    with open(GOLDEN, 'w') as f:
+      json.dump(recorded, f, indent=1, sort_keys=True)
+      f.write('\n')
+    return
+  with open(GOLDEN) as f:
+    yield json.load(f)
+
+
+@pytest.mark.parametrize('name', list(_runs()))
+def test_a_tiny_run_computes_what_it_always_has(name, golden, tmp_path):
+  config, devices = _runs()[name]
+  observed = observe(config, devices, str(tmp_path))
+  if RECORD:
+    golden[name] = observed
+  assert observed == golden[name]
