@@ -36,6 +36,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 STRATEGIES = ('greedy', 'sample', 'beam')
 BEAM_COMPAT = ('lmjax', 'hf')
@@ -147,6 +148,21 @@ def _seen_in_prompt(tokens_BxL, prompt_lens_B, vocab_size: int):
 FINISH_NAMES = ('length', 'eos', 'stop')  # codes 0, 1, 2
 
 
+@struct.dataclass
+class SampleState:
+  """What the greedy and sampling loop carries from one step to the next: N = B*copies rows,
+  sample j of prompt b in row b*copies + j."""
+  pos: jax.Array  # () int32: the buffer position this step writes
+  tokens_NxL: jax.Array  # int32: prompt, then new tokens; 0 after a row is done
+  logits_NxV: jax.Array  # float32: the model's logits for the token at `pos`
+  model_state: Any  # the model's state (see the module docstring), one cache row per row
+  done_N: jax.Array  # bool: rows that have ended
+  finish_N: jax.Array  # int32: how each row ended, a FINISH_NAMES code
+  length_N: jax.Array  # int32: new tokens so far (EOS included)
+  score_N: jax.Array  # float32: summed log-probabilities of the new tokens
+  seen_NxV: Any  # bool: tokens in each row, for the repetition penalty; None when it is off
+
+
 @functools.partial(jax.jit, static_argnames=(
     'tokens_to_logits', 'prefill_len', 'copies', 'greedy', 'top_k', 'use_top_p',
     'use_penalty'))
@@ -156,58 +172,65 @@ def _sample_loop(state, tokens_BxL, prompt_lens_B, rng, max_new_tokens, temperat
   logits_BxPxV, state = tokens_to_logits(tokens_BxL[:, :prefill_len], state)
   # Every prompt is repeated `copies` times (samples), after the shared prefill.
   state = _repeat_rows(state, copies)
-  tokens_BxL = jnp.repeat(tokens_BxL, copies, axis=0)
-  prompt_lens_B = jnp.repeat(prompt_lens_B, copies, axis=0)
-  logits_BxV = jnp.repeat(logits_BxPxV[:, -1], copies, axis=0).astype(jnp.float32)
-  num_rows, buffer_len = tokens_BxL.shape
-  vocab_size = logits_BxV.shape[-1]
-  rows_B = jnp.arange(num_rows)
-  end_B = prompt_lens_B + max_new_tokens  # position one past each row's last new token
-  seen_BxV = None
+  tokens_NxL = jnp.repeat(tokens_BxL, copies, axis=0)
+  prompt_lens_N = jnp.repeat(prompt_lens_B, copies, axis=0)
+  logits_NxV = jnp.repeat(logits_BxPxV[:, -1], copies, axis=0).astype(jnp.float32)
+  num_rows = tokens_NxL.shape[0]
+  rows_N = jnp.arange(num_rows)
+  end_N = prompt_lens_N + max_new_tokens  # position one past each row's last new token
+  seen_NxV = None
   if use_penalty:
-    seen_BxV = _seen_in_prompt(tokens_BxL, prompt_lens_B, vocab_size)
+    seen_NxV = _seen_in_prompt(tokens_NxL, prompt_lens_N, logits_NxV.shape[-1])
 
-  def cond(carry):
-    pos, _, _, _, done_B, *_ = carry
-    return (pos < jnp.max(end_B)) & ~jnp.all(done_B)
+  def cond(samples):
+    return (samples.pos < jnp.max(end_N)) & ~jnp.all(samples.done_N)
 
-  def body(carry):
-    pos, tokens_BxL, logits_BxV, state, done_B, finish_B, length_B, score_B, seen_BxV = carry
-    forced_B = pos < prompt_lens_B
-    log_probs_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
+  def body(samples):
+    pos, logits_NxV, done_N = samples.pos, samples.logits_NxV, samples.done_N
+    forced_N = pos < prompt_lens_N
+    log_probs_NxV = jax.nn.log_softmax(logits_NxV, axis=-1)
     if use_penalty:
-      logits_BxV = repetition_penalty(logits_BxV, seen_BxV, penalty)
+      logits_NxV = repetition_penalty(logits_NxV, samples.seen_NxV, penalty)
     if greedy:
-      choice_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+      choice_N = jnp.argmax(logits_NxV, axis=-1).astype(jnp.int32)
     else:
-      choice_B = sample_logits(logits_BxV, jax.random.fold_in(rng, pos),
+      choice_N = sample_logits(logits_NxV, jax.random.fold_in(rng, pos),
                                temperature=temperature, top_k=top_k,
                                top_p=top_p if use_top_p else None)
-    new_B = ~forced_B & ~done_B  # rows that really generate at this position
-    token_B = jnp.where(forced_B, tokens_BxL[:, pos], jnp.where(done_B, 0, choice_B))
-    tokens_BxL = tokens_BxL.at[:, pos].set(token_B)
-    score_B = score_B + jnp.where(new_B, log_probs_BxV[rows_B, token_B], 0.0)
-    length_B = jnp.where(new_B, pos + 1 - prompt_lens_B, length_B)
+    new_N = ~forced_N & ~done_N  # rows that really generate at this position
+    token_N = jnp.where(forced_N, samples.tokens_NxL[:, pos], jnp.where(done_N, 0, choice_N))
+    tokens_NxL = samples.tokens_NxL.at[:, pos].set(token_N)
+    score_N = samples.score_N + jnp.where(new_N, log_probs_NxV[rows_N, token_N], 0.0)
+    length_N = jnp.where(new_N, pos + 1 - prompt_lens_N, samples.length_N)
+    seen_NxV = samples.seen_NxV
     if use_penalty:
-      seen_BxV = seen_BxV.at[rows_B, token_B].set(True)
+      seen_NxV = seen_NxV.at[rows_N, token_N].set(True)
 
-    eos_B = new_B & (token_B == eos_id)
-    stop_B = new_B & _stop_hits(tokens_BxL, pos, stops_SxW, stop_lens_S, prompt_lens_B)
-    full_B = new_B & (pos + 1 >= end_B)
-    finish_B = jnp.where(eos_B, 1, jnp.where(stop_B, 2, finish_B))
-    done_B = done_B | eos_B | stop_B | full_B
+    eos_N = new_N & (token_N == eos_id)
+    stop_N = new_N & _stop_hits(tokens_NxL, pos, stops_SxW, stop_lens_S, prompt_lens_N)
+    full_N = new_N & (pos + 1 >= end_N)
+    finish_N = jnp.where(eos_N, 1, jnp.where(stop_N, 2, samples.finish_N))
+    done_N = done_N | eos_N | stop_N | full_N
     # The token goes in even when this was the last step: one spare forward pass per
     # call buys a loop body with no branches.
-    logits_Bx1xV, state = tokens_to_logits(token_B[:, None], state)
-    return (pos + 1, tokens_BxL, logits_Bx1xV[:, -1].astype(jnp.float32), state, done_B,
-            finish_B, length_B, score_B, seen_BxV)
+    logits_Nx1xV, model_state = tokens_to_logits(token_N[:, None], samples.model_state)
+    return SampleState(pos=pos + 1, tokens_NxL=tokens_NxL,
+                       logits_NxV=logits_Nx1xV[:, -1].astype(jnp.float32),
+                       model_state=model_state, done_N=done_N, finish_N=finish_N,
+                       length_N=length_N, score_N=score_N, seen_NxV=seen_NxV)
 
-  carry = (jnp.asarray(prefill_len, jnp.int32), tokens_BxL, logits_BxV, state,
-           jnp.zeros(num_rows, bool), jnp.zeros(num_rows, jnp.int32),
-           jnp.zeros(num_rows, jnp.int32), jnp.zeros(num_rows, jnp.float32), seen_BxV)
-  _, tokens_BxL, _, _, _, finish_B, length_B, score_B, _ = jax.lax.while_loop(
-      cond, body, carry)
-  return tokens_BxL, finish_B, length_B, score_B
+  samples = jax.lax.while_loop(cond, body, SampleState(
+      pos=jnp.asarray(prefill_len, jnp.int32), tokens_NxL=tokens_NxL, logits_NxV=logits_NxV,
+      model_state=state, done_N=jnp.zeros(num_rows, bool),
+      finish_N=jnp.zeros(num_rows, jnp.int32), length_N=jnp.zeros(num_rows, jnp.int32),
+      score_N=jnp.zeros(num_rows, jnp.float32), seen_NxV=seen_NxV))
+  # Each prompt's samples as its K = copies slots, all kept, as `_beam_loop` returns beams.
+  num_prompts = tokens_BxL.shape[0]
+
+  def slots(x_Nx):
+    return x_Nx.reshape((num_prompts, copies) + x_Nx.shape[1:])
+  return (slots(samples.tokens_NxL), slots(samples.score_N),
+          jnp.ones((num_prompts, copies), bool), slots(samples.finish_N), slots(samples.length_N))
 
 
 # ------------------------------------------------------------------------ beam search
@@ -224,6 +247,108 @@ def length_penalty_divisor(length, alpha, compat: str):
   if compat == 'hf':
     return length ** alpha
   return ((5.0 + length) / 6.0) ** alpha
+
+
+@struct.dataclass
+class BeamState:
+  """What the beam loop carries from one step to the next: B prompts with K beams each,
+  N = B*K rows of the model's state, beam k of prompt b in row b*K + k."""
+  pos: jax.Array  # () int32: the buffer position this step writes
+  logits_NxV: jax.Array  # float32: the model's logits for the token at `pos`, per live beam
+  model_state: Any  # the model's state (see the module docstring), one cache row per beam
+  seen_NxV: Any  # bool: tokens in each live beam, for the repetition penalty; None when off
+  live_scores_BxK: jax.Array  # summed log-probabilities, best first; NEG: no beam
+  live_tokens_BxKxL: jax.Array  # int32: each live beam's prompt and new tokens
+  finished_tokens_BxKxL: jax.Array  # int32: each finished beam's prompt and new tokens
+  finished_scores_BxK: jax.Array  # length-penalised scores, best first; NEG: empty slot
+  finished_flags_BxK: jax.Array  # bool: which slots hold a finished beam
+  finished_ends_BxK: jax.Array  # int32: how each ended, a FINISH_NAMES code
+  finished_lens_BxK: jax.Array  # int32: new tokens of each (EOS included)
+  searching_B: jax.Array  # bool: prompts whose live beams may still beat their finished
+
+
+def _beam_init(logits_BxV, state, tokens_BxL, prompt_lens_B, prefill_len: int, k: int,
+               use_penalty: bool) -> BeamState:
+  """The state after the prefill: only beam 0 of each prompt is alive, so that the K beams
+  do not start as K copies of one, and no beam has finished."""
+  num_prompts = tokens_BxL.shape[0]
+  seen_NxV = None
+  if use_penalty:
+    seen_BxV = _seen_in_prompt(tokens_BxL, prompt_lens_B, logits_BxV.shape[-1])
+    seen_NxV = jnp.repeat(seen_BxV, k, axis=0)
+  live_tokens_BxKxL = jnp.repeat(tokens_BxL[:, None], k, axis=1)
+  return BeamState(
+      pos=jnp.asarray(prefill_len, jnp.int32),
+      logits_NxV=jnp.repeat(logits_BxV, k, axis=0).astype(jnp.float32),
+      model_state=_repeat_rows(state, k), seen_NxV=seen_NxV,
+      live_scores_BxK=jnp.full((num_prompts, k), NEG).at[:, 0].set(0.0),
+      live_tokens_BxKxL=live_tokens_BxKxL, finished_tokens_BxKxL=live_tokens_BxKxL,
+      finished_scores_BxK=jnp.full((num_prompts, k), NEG),
+      finished_flags_BxK=jnp.zeros((num_prompts, k), bool),
+      finished_ends_BxK=jnp.zeros((num_prompts, k), jnp.int32),
+      finished_lens_BxK=jnp.zeros((num_prompts, k), jnp.int32),
+      searching_B=jnp.ones(num_prompts, bool))
+
+
+def _gather_beams(x_BxKx, index_BxJ):
+  """Entries `index_BxJ` of axis 1 (the beams) of `x_BxKx`, for every prompt."""
+  return jnp.take_along_axis(x_BxKx, index_BxJ.reshape(index_BxJ.shape + (1,) * (
+      x_BxKx.ndim - 2)), axis=1)
+
+
+def _extend_beams(beams: BeamState, prompt_token_B, forced_B, penalty, use_penalty: bool):
+  """The 2K best (beam, token) extensions of each prompt's live beams by summed
+  log-probability: their scores, the live beam each extends, the token it adds, and the
+  extended beams' tokens."""
+  num_prompts, k, _ = beams.live_tokens_BxKxL.shape
+  vocab_size = beams.logits_NxV.shape[-1]
+  log_probs_NxV = jax.nn.log_softmax(beams.logits_NxV, axis=-1)
+  if use_penalty:
+    log_probs_NxV = repetition_penalty(log_probs_NxV, beams.seen_NxV, penalty)
+  log_probs_BxKxV = log_probs_NxV.reshape(num_prompts, k, vocab_size)
+  # A prompt token is the only possible extension while the prompt lasts.
+  forced_BxV = jnp.where(jnp.arange(vocab_size)[None] == prompt_token_B[:, None], 0.0, NEG)
+  log_probs_BxKxV = jnp.where(forced_B[:, None, None], forced_BxV[:, None], log_probs_BxKxV)
+
+  totals_BxKV = (beams.live_scores_BxK[:, :, None] + log_probs_BxKxV).reshape(num_prompts, -1)
+  scores_Bx2K, index_Bx2K = jax.lax.top_k(totals_BxKV, 2 * k)
+  origin_Bx2K = index_Bx2K // vocab_size
+  token_Bx2K = (index_Bx2K % vocab_size).astype(jnp.int32)
+  tokens_Bx2KxL = _gather_beams(beams.live_tokens_BxKxL, origin_Bx2K).at[:, :, beams.pos].set(
+      token_Bx2K)
+  return scores_Bx2K, origin_Bx2K, token_Bx2K, tokens_Bx2KxL
+
+
+def _merge_finished(beams: BeamState, tokens_Bx2KxL, scores_Bx2K, eligible_Bx2K, ends_Bx2K,
+                    new_length_B) -> BeamState:
+  """`beams` with the eligible extensions (`scores_Bx2K` NEG where not) merged into each
+  prompt's K best finished."""
+  finished_scores_BxK, best_BxK = jax.lax.top_k(
+      jnp.concatenate([beams.finished_scores_BxK, scores_Bx2K], axis=1),
+      beams.finished_scores_BxK.shape[1])
+
+  def merge(finished_BxKx, extensions_Bx2Kx):
+    return _gather_beams(jnp.concatenate([finished_BxKx, extensions_Bx2Kx], axis=1), best_BxK)
+
+  new_lens_Bx2K = jnp.broadcast_to(new_length_B[:, None], scores_Bx2K.shape)
+  return beams.replace(
+      finished_tokens_BxKxL=merge(beams.finished_tokens_BxKxL, tokens_Bx2KxL),
+      finished_scores_BxK=finished_scores_BxK,
+      finished_flags_BxK=merge(beams.finished_flags_BxK, eligible_Bx2K),
+      finished_ends_BxK=merge(beams.finished_ends_BxK, ends_Bx2K),
+      finished_lens_BxK=merge(beams.finished_lens_BxK, new_lens_Bx2K))
+
+
+def _follow_parents(beams: BeamState, parent_BxK, next_token_N, use_penalty: bool):
+  """The model state and seen tokens of the new live beams: their parents' rows, with the
+  tokens they add marked seen."""
+  num_prompts, k = parent_BxK.shape
+  flat_parent_N = (jnp.arange(num_prompts)[:, None] * k + parent_BxK).reshape(-1)
+  model_state = _map_rows(lambda x: x[flat_parent_N], beams.model_state)
+  seen_NxV = beams.seen_NxV
+  if use_penalty:
+    seen_NxV = seen_NxV[flat_parent_N].at[jnp.arange(num_prompts * k), next_token_N].set(True)
+  return model_state, seen_NxV
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -243,126 +368,71 @@ def _beam_loop(state, tokens_BxL, prompt_lens_B, max_new_tokens, alpha, penalty,
   num_prompts, buffer_len = tokens_BxL.shape
   k = beam_size
   logits_BxPxV, state = tokens_to_logits(tokens_BxL[:, :prefill_len], state)
-  state = _repeat_rows(state, k)
-  vocab_size = logits_BxPxV.shape[-1]
-  logits_NxV = jnp.repeat(logits_BxPxV[:, -1], k, axis=0).astype(jnp.float32)  # N = B*K
   end_B = prompt_lens_B + max_new_tokens
-  prompt_BxL = tokens_BxL
-  seen_NxV = None
-  if use_penalty:
-    seen_NxV = jnp.repeat(_seen_in_prompt(tokens_BxL, prompt_lens_B, vocab_size), k, axis=0)
 
-  # Only beam 0 is alive at first, so the K beams do not start as K copies of one.
-  live_scores_BxK = jnp.full((num_prompts, k), NEG).at[:, 0].set(0.0)
-  live_tokens_BxKxL = jnp.repeat(tokens_BxL[:, None], k, axis=1)
-  finished_tokens_BxKxL = live_tokens_BxKxL
-  finished_scores_BxK = jnp.full((num_prompts, k), NEG)
-  finished_flags_BxK = jnp.zeros((num_prompts, k), bool)
-  finished_ends_BxK = jnp.zeros((num_prompts, k), jnp.int32)  # 1 eos, 2 stop, 0 length
-  finished_lens_BxK = jnp.zeros((num_prompts, k), jnp.int32)
-  searching_B = jnp.ones(num_prompts, bool)
-  rank_2K = jnp.arange(2 * k)
+  def cond(beams):
+    return (beams.pos < jnp.max(end_B)) & jnp.any(beams.searching_B)
 
-  def gather_beams(x_BxKx, index_BxJ):
-    return jnp.take_along_axis(x_BxKx, index_BxJ.reshape(index_BxJ.shape + (1,) * (
-        x_BxKx.ndim - 2)), axis=1)
-
-  def cond(carry):
-    pos, searching_B = carry[0], carry[-1]
-    return (pos < jnp.max(end_B)) & jnp.any(searching_B)
-
-  def body(carry):
-    (pos, logits_NxV, state, seen_NxV, live_scores_BxK, live_tokens_BxKxL,
-     finished_tokens_BxKxL, finished_scores_BxK, finished_flags_BxK, finished_ends_BxK,
-     finished_lens_BxK, searching_B) = carry
-    log_probs_NxV = jax.nn.log_softmax(logits_NxV, axis=-1)
-    if use_penalty:
-      log_probs_NxV = repetition_penalty(log_probs_NxV, seen_NxV, penalty)
-    log_probs_BxKxV = log_probs_NxV.reshape(num_prompts, k, vocab_size)
+  def body(beams):
+    pos = beams.pos
     forced_B = pos < prompt_lens_B
-    # A prompt token is the only possible extension while the prompt lasts.
-    prompt_token_B = prompt_BxL[:, pos]
-    forced_BxV = jnp.where(jnp.arange(vocab_size)[None] == prompt_token_B[:, None], 0.0, NEG)
-    log_probs_BxKxV = jnp.where(forced_B[:, None, None], forced_BxV[:, None], log_probs_BxKxV)
-
-    totals_BxKV = (live_scores_BxK[:, :, None] + log_probs_BxKxV).reshape(num_prompts, -1)
-    top_scores_Bx2K, top_index_Bx2K = jax.lax.top_k(totals_BxKV, 2 * k)
-    origin_Bx2K = top_index_Bx2K // vocab_size
-    token_Bx2K = (top_index_Bx2K % vocab_size).astype(jnp.int32)
-    cand_tokens_Bx2KxL = gather_beams(live_tokens_BxKxL, origin_Bx2K).at[:, :, pos].set(
-        token_Bx2K)
-
+    scores_Bx2K, origin_Bx2K, token_Bx2K, tokens_Bx2KxL = _extend_beams(
+        beams, tokens_BxL[:, pos], forced_B, penalty, use_penalty)
     new_length_B = pos + 1 - prompt_lens_B
-    generating_B = ~forced_B & searching_B
+    generating_B = ~forced_B & beams.searching_B
     is_eos_Bx2K = token_Bx2K == eos_id
-    stops_Bx2K = _stop_hits(cand_tokens_Bx2KxL.reshape(num_prompts * 2 * k, buffer_len), pos,
+    stops_Bx2K = _stop_hits(tokens_Bx2KxL.reshape(num_prompts * 2 * k, buffer_len), pos,
                             stops_SxW, stop_lens_S,
                             jnp.repeat(prompt_lens_B, 2 * k)).reshape(num_prompts, 2 * k)
     at_limit_B = pos + 1 >= end_B
     ends_Bx2K = generating_B[:, None] & (is_eos_Bx2K | stops_Bx2K | at_limit_B[:, None])
 
     # Live beams for the next step: the K best extensions that did not end.
-    live_pick_Bx2K = jnp.where(ends_Bx2K, NEG, top_scores_Bx2K)
-    live_scores_BxK, pick_BxK = jax.lax.top_k(live_pick_Bx2K, k)
-    live_tokens_BxKxL = gather_beams(cand_tokens_Bx2KxL, pick_BxK)
-    parent_BxK = gather_beams(origin_Bx2K, pick_BxK)
-    next_token_N = gather_beams(token_Bx2K, pick_BxK).reshape(-1)
+    live_scores_BxK, pick_BxK = jax.lax.top_k(jnp.where(ends_Bx2K, NEG, scores_Bx2K), k)
+    parent_BxK = _gather_beams(origin_Bx2K, pick_BxK)
+    next_token_N = _gather_beams(token_Bx2K, pick_BxK).reshape(-1)
 
     # Finished beams: merge the extensions that ended into the K best so far.
     eligible_Bx2K = ends_Bx2K
     if compat == 'hf':
       # Hugging Face only lets the K best of the 2K extensions finish.
-      eligible_Bx2K = eligible_Bx2K & (rank_2K < k)[None]
+      eligible_Bx2K = eligible_Bx2K & (jnp.arange(2 * k) < k)[None]
     if early_stopping:
-      eligible_Bx2K = eligible_Bx2K & ~jnp.all(finished_flags_BxK, axis=1, keepdims=True)
+      eligible_Bx2K = eligible_Bx2K & ~jnp.all(beams.finished_flags_BxK, axis=1, keepdims=True)
     divisor_B = length_penalty_divisor(jnp.maximum(new_length_B, 1), alpha, compat)
-    ended_scores_Bx2K = jnp.where(eligible_Bx2K, top_scores_Bx2K / divisor_B[:, None], NEG)
+    ended_scores_Bx2K = jnp.where(eligible_Bx2K, scores_Bx2K / divisor_B[:, None], NEG)
     end_kind_Bx2K = jnp.where(is_eos_Bx2K, 1, jnp.where(stops_Bx2K, 2, 0))
-    merged_scores = jnp.concatenate([finished_scores_BxK, ended_scores_Bx2K], axis=1)
-    finished_scores_BxK, best_BxK = jax.lax.top_k(merged_scores, k)
-    finished_tokens_BxKxL = gather_beams(
-        jnp.concatenate([finished_tokens_BxKxL, cand_tokens_Bx2KxL], axis=1), best_BxK)
-    finished_flags_BxK = gather_beams(
-        jnp.concatenate([finished_flags_BxK, eligible_Bx2K], axis=1), best_BxK)
-    finished_ends_BxK = gather_beams(
-        jnp.concatenate([finished_ends_BxK, end_kind_Bx2K], axis=1), best_BxK)
-    new_lens_Bx2K = jnp.broadcast_to(new_length_B[:, None], (num_prompts, 2 * k))
-    finished_lens_BxK = gather_beams(
-        jnp.concatenate([finished_lens_BxK, new_lens_Bx2K], axis=1), best_BxK)
+    beams = _merge_finished(beams, tokens_Bx2KxL, ended_scores_Bx2K, eligible_Bx2K,
+                            end_kind_Bx2K, new_length_B)
 
     # Can a live beam still beat the worst of the K finished?
     if compat == 'hf':
       # Hugging Face's default heuristic (early_stopping=False): judge the best live
       # beam as if it ended now.
-      bound_B = live_scores_BxK[:, 0] / length_penalty_divisor(
-          jnp.maximum(new_length_B, 1), alpha, compat)
+      bound_B = live_scores_BxK[:, 0] / divisor_B
     else:
       # Exact: log-probabilities only fall as a beam grows and the divisor only grows
       # (alpha >= 0), so the best a live beam can reach is its score now over the
       # divisor of the longest allowed output.
       bound_B = live_scores_BxK[:, 0] / length_penalty_divisor(max_new_tokens, alpha, compat)
-    full_B = jnp.all(finished_flags_BxK, axis=1)
-    worst_B = jnp.where(full_B, jnp.min(finished_scores_BxK, axis=1), NEG)
+    full_B = jnp.all(beams.finished_flags_BxK, axis=1)
+    worst_B = jnp.where(full_B, jnp.min(beams.finished_scores_BxK, axis=1), NEG)
     still_B = (bound_B > worst_B) & ~at_limit_B
     if early_stopping:
       still_B = still_B & ~full_B
-    searching_B = searching_B & (forced_B | still_B)
 
-    flat_parent_N = (jnp.arange(num_prompts)[:, None] * k + parent_BxK).reshape(-1)
-    state = _map_rows(lambda x: x[flat_parent_N], state)
-    if use_penalty:
-      seen_NxV = seen_NxV[flat_parent_N].at[jnp.arange(num_prompts * k), next_token_N].set(
-          True)
-    logits_Nx1xV, state = tokens_to_logits(next_token_N[:, None], state)
-    return (pos + 1, logits_Nx1xV[:, -1].astype(jnp.float32), state, seen_NxV,
-            live_scores_BxK, live_tokens_BxKxL, finished_tokens_BxKxL, finished_scores_BxK,
-            finished_flags_BxK, finished_ends_BxK, finished_lens_BxK, searching_B)
+    model_state, seen_NxV = _follow_parents(beams, parent_BxK, next_token_N, use_penalty)
+    logits_Nx1xV, model_state = tokens_to_logits(next_token_N[:, None], model_state)
+    return beams.replace(
+        pos=pos + 1, logits_NxV=logits_Nx1xV[:, -1].astype(jnp.float32),
+        model_state=model_state, seen_NxV=seen_NxV, live_scores_BxK=live_scores_BxK,
+        live_tokens_BxKxL=_gather_beams(tokens_Bx2KxL, pick_BxK),
+        searching_B=beams.searching_B & (forced_B | still_B))
 
-  carry = (jnp.asarray(prefill_len, jnp.int32), logits_NxV, state, seen_NxV, live_scores_BxK,
-           live_tokens_BxKxL, finished_tokens_BxKxL, finished_scores_BxK, finished_flags_BxK,
-           finished_ends_BxK, finished_lens_BxK, searching_B)
-  carry = jax.lax.while_loop(cond, body, carry)
-  return carry[6:11]
+  beams = jax.lax.while_loop(cond, body, _beam_init(
+      logits_BxPxV[:, -1], state, tokens_BxL, prompt_lens_B, prefill_len, k, use_penalty))
+  return (beams.finished_tokens_BxKxL, beams.finished_scores_BxK, beams.finished_flags_BxK,
+          beams.finished_ends_BxK, beams.finished_lens_BxK)
 
 
 # -------------------------------------------------------------------------- front end
@@ -413,39 +483,10 @@ def _stop_array(stop_sequences: Sequence[Sequence[int]]):
   return jnp.asarray(array), jnp.asarray([len(s) for s in stops], jnp.int32)
 
 
-def generate(tokens_to_logits: TokensToLogits, state, prompts: Sequence[Sequence[int]], *,
-             max_new_tokens: int, strategy: str = 'greedy', num_samples: int = 1,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             repetition_penalty: float = 1.0, beam_size: int = 4,
-             length_penalty: float = 0.6, beam_compat: str = 'lmjax',
-             early_stopping: bool = False, eos_id: int | None = None,
-             stop_sequences: Sequence[Sequence[int]] = (), seed: int = 0,
-             max_len: int | None = None) -> list[list[Candidate]]:
-  """Continues each prompt; returns, per prompt, a list of `Candidate`s.
-
-  Args:
-    tokens_to_logits, state: the model (see the module docstring); `state` has one row
-      per prompt.
-    prompts: token id sequences, any lengths >= 1.
-    max_new_tokens: tokens to add at most (fewer where EOS or a stop sequence comes).
-    strategy: 'greedy' | 'sample' | 'beam'.
-    num_samples: continuations per prompt (greedy and sample). For beam search, the
-      number of best beams returned (at most `beam_size`).
-    temperature, top_k, top_p: sampling only. top_k 0 and top_p 1 switch them off.
-    repetition_penalty: > 1 discourages tokens already in the row (prompt included).
-    beam_size, length_penalty (alpha), early_stopping: beam search only.
-      early_stopping=True ends a prompt as soon as it has `beam_size` finished beams.
-    beam_compat: 'lmjax' (default) scores with GNMT's length penalty, lets any of the
-      2K extensions of a step finish, and stops when no live beam can beat the K-th
-      finished one, exactly. 'hf' reproduces Hugging Face `generate` (num_beams=K,
-      do_sample=False): penalty length ** alpha, only the K best extensions may finish,
-      and its stopping heuristic (the best live beam judged as if it ended now).
-    eos_id: the token that ends a continuation (not returned); None: never ends early.
-    stop_sequences: token sequences that end a continuation (kept in its tokens).
-    seed: sampling is a pure function of it.
-    max_len: the model's context (prompt + new tokens must fit), if bounded.
-  """
-  prompts = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
+def _check_options(prompts, *, max_new_tokens, strategy, num_samples, temperature, top_k,
+                   top_p, repetition_penalty, beam_size, length_penalty, beam_compat,
+                   max_len) -> None:
+  """Rejects `generate`'s impossible arguments with a message naming the argument."""
   if strategy not in STRATEGIES:
     raise ValueError(f'strategy={strategy!r}; use one of {", ".join(STRATEGIES)}.')
   if not prompts:
@@ -484,6 +525,46 @@ def generate(tokens_to_logits: TokensToLogits, state, prompts: Sequence[Sequence
         f"model's context of {max_len} tokens (model.max_len); shorten the prompt or ask "
         'for fewer tokens.')
 
+
+
+def generate(tokens_to_logits: TokensToLogits, state, prompts: Sequence[Sequence[int]], *,
+             max_new_tokens: int, strategy: str = 'greedy', num_samples: int = 1,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             repetition_penalty: float = 1.0, beam_size: int = 4,
+             length_penalty: float = 0.6, beam_compat: str = 'lmjax',
+             early_stopping: bool = False, eos_id: int | None = None,
+             stop_sequences: Sequence[Sequence[int]] = (), seed: int = 0,
+             max_len: int | None = None) -> list[list[Candidate]]:
+  """Continues each prompt; returns, per prompt, a list of `Candidate`s.
+
+  Args:
+    tokens_to_logits, state: the model (see the module docstring); `state` has one row
+      per prompt.
+    prompts: token id sequences, any lengths >= 1.
+    max_new_tokens: tokens to add at most (fewer where EOS or a stop sequence comes).
+    strategy: 'greedy' | 'sample' | 'beam'.
+    num_samples: continuations per prompt (greedy and sample). For beam search, the
+      number of best beams returned (at most `beam_size`).
+    temperature, top_k, top_p: sampling only. top_k 0 and top_p 1 switch them off.
+    repetition_penalty: > 1 discourages tokens already in the row (prompt included).
+    beam_size, length_penalty (alpha), early_stopping: beam search only.
+      early_stopping=True ends a prompt as soon as it has `beam_size` finished beams.
+    beam_compat: 'lmjax' (default) scores with GNMT's length penalty, lets any of the
+      2K extensions of a step finish, and stops when no live beam can beat the K-th
+      finished one, exactly. 'hf' reproduces Hugging Face `generate` (num_beams=K,
+      do_sample=False): penalty length ** alpha, only the K best extensions may finish,
+      and its stopping heuristic (the best live beam judged as if it ended now).
+    eos_id: the token that ends a continuation (not returned); None: never ends early.
+    stop_sequences: token sequences that end a continuation (kept in its tokens).
+    seed: sampling is a pure function of it.
+    max_len: the model's context (prompt + new tokens must fit), if bounded.
+  """
+  prompts = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
+  _check_options(prompts, max_new_tokens=max_new_tokens, strategy=strategy,
+                 num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=top_p,
+                 repetition_penalty=repetition_penalty, beam_size=beam_size,
+                 length_penalty=length_penalty, beam_compat=beam_compat, max_len=max_len)
+  longest = max(len(p) for p in prompts)
   buffer_len = buffer_length(longest + max_new_tokens, max_len)
   tokens_BxL = np.zeros((len(prompts), buffer_len), np.int32)
   for row, p in enumerate(prompts):
@@ -498,31 +579,32 @@ def generate(tokens_to_logits: TokensToLogits, state, prompts: Sequence[Sequence
   penalty = jnp.asarray(repetition_penalty, jnp.float32)
 
   if strategy == 'beam':
-    tokens_BxKxL, scores_BxK, flags_BxK, ends_BxK, lens_BxK = jax.device_get(_beam_loop(
+    slots = _beam_loop(
         state, jnp.asarray(tokens_BxL), prompt_lens_B, max_new,
         jnp.asarray(length_penalty, jnp.float32), penalty, eos, stops_SxW, stop_lens_S,
         tokens_to_logits=tokens_to_logits, prefill_len=prefill_len, beam_size=beam_size,
-        compat=beam_compat, early_stopping=bool(early_stopping), use_penalty=use_penalty))
-    results = []
-    for row, p in enumerate(prompts):
-      kept = [j for j in range(beam_size) if flags_BxK[row, j]][:num_samples]
-      results.append([_candidate(tokens_BxKxL[row, j], len(p), lens_BxK[row, j],
-                                 FINISH_NAMES[ends_BxK[row, j]], scores_BxK[row, j])
-                      for j in kept])
-    return results
+        compat=beam_compat, early_stopping=bool(early_stopping), use_penalty=use_penalty)
+  else:
+    slots = _sample_loop(
+        state, jnp.asarray(tokens_BxL), prompt_lens_B, jax.random.key(seed), max_new,
+        jnp.asarray(temperature if strategy == 'sample' else 1.0, jnp.float32),
+        jnp.asarray(top_p, jnp.float32), penalty, eos, stops_SxW, stop_lens_S,
+        tokens_to_logits=tokens_to_logits, prefill_len=prefill_len, copies=num_samples,
+        greedy=strategy == 'greedy', top_k=int(top_k) if strategy == 'sample' else 0,
+        use_top_p=strategy == 'sample' and top_p < 1.0, use_penalty=use_penalty)
+  return _candidates(prompts, slots, num_samples)
 
-  tokens_NxL, finish_N, length_N, score_N = jax.device_get(_sample_loop(
-      state, jnp.asarray(tokens_BxL), prompt_lens_B, jax.random.key(seed), max_new,
-      jnp.asarray(temperature if strategy == 'sample' else 1.0, jnp.float32),
-      jnp.asarray(top_p, jnp.float32), penalty, eos, stops_SxW, stop_lens_S,
-      tokens_to_logits=tokens_to_logits, prefill_len=prefill_len, copies=num_samples,
-      greedy=strategy == 'greedy', top_k=int(top_k) if strategy == 'sample' else 0,
-      use_top_p=strategy == 'sample' and top_p < 1.0, use_penalty=use_penalty))
+
+def _candidates(prompts, slots, count: int) -> list[list[Candidate]]:
+  """Per prompt, a `Candidate` for each of its first `count` kept slots. `slots` is what
+  the loops return: (tokens_BxKxL, scores_BxK, kept_BxK, ends_BxK, lens_BxK)."""
+  tokens_BxKxL, scores_BxK, kept_BxK, ends_BxK, lens_BxK = jax.device_get(slots)
   results = []
   for row, p in enumerate(prompts):
-    rows = range(row * num_samples, (row + 1) * num_samples)
-    results.append([_candidate(tokens_NxL[n], len(p), length_N[n], FINISH_NAMES[finish_N[n]],
-                               score_N[n]) for n in rows])
+    kept = [j for j in range(kept_BxK.shape[1]) if kept_BxK[row, j]][:count]
+    results.append([_candidate(tokens_BxKxL[row, j], len(p), lens_BxK[row, j],
+                               FINISH_NAMES[ends_BxK[row, j]], scores_BxK[row, j])
+                    for j in kept])
   return results
 
 

@@ -275,6 +275,29 @@ def test_early_stopping_returns_the_first_beam_size_finished():
   assert hasty[0].score <= patient[0].score + 1e-6
 
 
+def test_merging_finished_beams_keeps_each_field_with_its_score():
+  # One prompt, K = 2: a finished beam (score -1, token 9s) and an empty slot, then four
+  # extensions (tokens 0-3) of which 0 and 2 ended; the others come in as NEG, as the
+  # loop passes them. The K best are extension 0 and the old beam, in that order.
+  beams = decode._beam_init(jnp.zeros((1, VOCAB)), _counting_state(1),
+                            jnp.zeros((1, 3), jnp.int32), jnp.array([1]), 1, 2, False)
+  beams = beams.replace(
+      finished_tokens_BxKxL=jnp.full((1, 2, 3), 9),
+      finished_scores_BxK=jnp.array([[-1.0, decode.NEG]]),
+      finished_flags_BxK=jnp.array([[True, False]]),
+      finished_ends_BxK=jnp.array([[1, 0]]), finished_lens_BxK=jnp.array([[2, 0]]))
+  merged = decode._merge_finished(
+      beams, jnp.broadcast_to(jnp.arange(4)[None, :, None], (1, 4, 3)),
+      jnp.array([[-0.5, decode.NEG, -2.0, decode.NEG]]),
+      jnp.array([[True, False, True, False]]), jnp.array([[2, 1, 0, 1]]), jnp.array([3]))
+  assert merged.finished_scores_BxK.tolist() == [[-0.5, -1.0]]
+  assert merged.finished_tokens_BxKxL[0, :, 0].tolist() == [0, 9]
+  assert merged.finished_flags_BxK.tolist() == [[True, True]]
+  assert merged.finished_ends_BxK.tolist() == [[2, 1]]
+  assert merged.finished_lens_BxK.tolist() == [[3, 2]]
+  assert merged.live_scores_BxK.tolist() == beams.live_scores_BxK.tolist()  # untouched
+
+
 # ----------------------------------------------------------- the real Transformer
 
 
