@@ -21,100 +21,19 @@ Transformer does.
 """
 import ml_collections
 
-from lmjax import sharding
+from lmjax import config
 
 
 def get_config(variant: str = 'lstm') -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-
-  c.model = ml_collections.ConfigDict()
-  c.model.name = 'lstm'  # lstm | gru | rnn (Elman, tanh)
-  c.model.num_layers = 2  # recurrent layers
-  c.model.d_model = 128  # embedding width
-  c.model.hidden_size = 512  # carry width of every layer; 0 means d_model
-  c.model.tie_embeddings = False  # output layer = embedding^T (after a projection if widths differ)
-  c.model.dropout = 0.1  # dropout between layers and on the output
-  c.model.embed_dropout = 0.0  # dropout on the embeddings
-  c.model.weight_dropout = 0.0  # DropConnect on hidden-to-hidden weights (AWD-LSTM)
-  c.model.locked_dropout = False  # one dropout mask per sequence for all time steps
-  c.model.scan_unroll = 1  # time steps per iteration of the compiled loop (speed only)
-  c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16
-  c.model.param_dtype = 'float32'  # storage dtype of the parameters
-
-  c.data = ml_collections.ConfigDict()
-  # shakespeare | milton (lmjax's own TFDS datasets), or 'tfds:NAME' for any prepared TFDS
-  # text dataset, NAME as TFDS writes it: 'tfds:lm1b', 'tfds:c4/en:3.0.1' (lmjax/data/external.py)
-  c.data.name = 'shakespeare'
-  c.data.data_dir = ''  # TFDS data directory; '' means TFDS's default
-  c.data.tokenizer = 'char'  # char | sentencepiece
-  c.data.vocab_size = 0  # sentencepiece only: vocabulary size to train
-  c.data.spm_model_type = 'bpe'  # sentencepiece only: bpe | unigram
-  c.data.eval_split = 'validation'  # split read whole at every evaluation
-  c.data.train_split = 'train'  # split trained on (a tfds: dataset's: TFDS syntax, 'train[:-1000]')
-  c.data.text_feature = 'text'  # tfds: datasets only: the feature holding a document's text
-  # Tokenizer to start from when the workdir has none: an lmjax workdir, or a directory with
-  # GPT-2's vocab.json + merges.txt (data.tokenizer=gpt2_bpe); '' trains one here.
-  c.data.tokenizer_dir = ''
-  # tfds: datasets only: where each split is tokenized to, once (a file per dataset, split
-  # and tokenizer; runs pointed at one directory share them); '' means WORKDIR/tokens.
-  c.data.cache_dir = ''
-  c.data.drop_unknown_chars = False  # char tokenizer: drop characters it has no id for
-
-  c.opt = ml_collections.ConfigDict()
-  c.opt.lr = 2e-3  # peak learning rate (char-rnn's Adam default)
-  c.opt.min_lr = 1e-4  # learning rate at the end of the cosine decay
-  c.opt.warmup_steps = 50  # linear warmup from 0
-  c.opt.b1 = 0.9  # Adam first-moment decay
-  c.opt.b2 = 0.99  # Adam second-moment decay
-  c.opt.eps = 1e-8  # Adam epsilon
-  c.opt.weight_decay = 0.0  # decoupled weight decay on matrices; dropout regularises here
-  c.opt.grad_clip = 1.0  # clip gradients to this global norm (exploding gradients); 0 off
-
-  c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 500  # optimizer steps: 4.1M characters, 0.9 of an epoch
-  c.train.batch_size = 64  # global batch: contiguous streams when stateful
-  # Gradient accumulation: the batch runs as this many slices, one after another, their
-  # gradients summed (the same step in less memory); 1: the whole batch at once.
-  c.train.microbatches = 1
-  c.train.seq_len = 128  # characters per window (the BPTT length)
-  # Truncated BPTT: each row's carry passes to the next window of its stream (gradients
-  # stop at the window), reset at document boundaries; evaluation reads the whole split.
-  c.train.stateful = True
-  c.train.eval_batch_size = 16  # streams the evaluation split is cut into
-  c.train.eval_every = 250  # steps between evaluations (and at the end)
-  c.train.checkpoint_every = 250  # steps between checkpoints (and at the end)
-  c.train.keep_checkpoints = 3  # how many recent checkpoints to keep
-  c.train.log_every = 25  # steps between progress lines and train scalars
-  c.train.seed = 0  # seeds init, data order and dropout
-  # A step whose loss or gradient is NaN or Inf never updates the model; then 'stop'
-  # ends the run (resume from the last checkpoint), 'skip' goes on and counts such steps.
-  c.train.nonfinite = 'stop'
-  # First and last step to trace with the JAX profiler (TensorBoard's profile tab),
-  # e.g. (10, 12); () traces nothing.
-  c.train.profile_steps = ()
-  # Regular expressions over parameter names ('layer_0/attention/query/kernel'); what
-  # they match is not trained (fine-tuning). () trains everything.
-  c.train.freeze = ()
-  c.train.sample_prompt = 'ROMEO:\n'  # prompt of the samples logged at each evaluation
-  c.train.sample_tokens = 240  # length of that sample
-
-  # Fine-tuning: start from another run's parameters and tokenizer (a fresh optimizer).
-  c.init_from = ml_collections.ConfigDict()
-  c.init_from.workdir = ''  # that run's workdir; '' starts from a random init
-  c.init_from.step = 0  # its checkpoint to start from; 0 means its latest
-
-  c.mesh = ml_collections.ConfigDict()
-  # Devices along ('data', 'fsdp', 'tensor') within a slice or host; one entry may be -1 to
-  # take what is left: (-1, 1, 1) data parallel, (1, -1, 1) FSDP, (2, 2, 2) all three.
-  c.mesh.shape = (-1, 1, 1)
-  # Slices (or hosts) along the same axes, for the slow links between them: e.g. (4, 1, 1)
-  # runs data parallel across 4 hosts, mesh.shape within each. (1, 1, 1): one mesh.
-  c.mesh.dcn_shape = (1, 1, 1)
-  # Logical axis -> mesh axes (lmjax/sharding.py): the mesh shape picks the strategy.
-  c.mesh.rules = sharding.RULES
-  # With no accelerator, present the CPU as this many devices and split each batch over
-  # them (lmjax/runtime.py split_cpu); 0 keeps JAX's one. No effect on a GPU or TPU.
-  c.mesh.cpu_devices = 0
+  c = config.base_config()
+  # char-rnn's classic size: 2 layers of 512 (model.hidden_size) over 128-wide embeddings.
+  c.model.update(name='lstm', num_layers=2)
+  # char-rnn's Adam learning rate; dropout regularises here, not weight decay.
+  c.opt.update(lr=2e-3, warmup_steps=50, weight_decay=0.0)
+  # 500 steps of 64 x 128 characters: 4.1M, 0.9 of an epoch. Stateful: truncated BPTT, each
+  # row's carry passing to the next window of its stream; evaluation reads the whole split.
+  c.train.update(num_steps=500, stateful=True, eval_batch_size=16, eval_every=250,
+                 checkpoint_every=250, keep_checkpoints=3, log_every=25)
 
   if variant in ('lstm', ''):
     pass
@@ -135,5 +54,4 @@ def get_config(variant: str = 'lstm') -> ml_collections.ConfigDict:
   else:
     raise ValueError(f'unknown variant {variant!r} of configs/rnn_shakespeare_char.py; use '
                      "'lstm', 'gru', 'rnn', 'lstm_spm', 'awd' or 'tiny'")
-  c.lock()
   return c

@@ -37,12 +37,12 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('NO_GCE_CHECK', 'true')
 
-import json  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
+import json
+import statistics
+import time
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Model config file.',
                                           lock_config=True)
@@ -93,12 +93,13 @@ def _strategy(name: str) -> dict:
 
 
 def _common(config, vocab_size: int, num_params: int) -> dict:
-  import jax  # noqa: PLC0415
+  import jax
   m = config.model
-  shape = (f'{m.num_layers}x{m.d_model}' if m.name == 'transformer' else
+  transformer = m.name == 'transformer'  # a recurrent model has no heads and no context limit
+  shape = (f'{m.num_layers}x{m.d_model}' if transformer else
            f'{m.name} {m.num_layers}x{m.hidden_size or m.d_model}')
-  return {'model': shape, 'heads': m.get('num_heads'), 'vocab': vocab_size,
-          'context': m.get('max_len'), 'params': num_params, 'dtype': m.dtype,
+  return {'model': shape, 'heads': m.num_heads if transformer else None, 'vocab': vocab_size,
+          'context': m.max_len if transformer else None, 'params': num_params, 'dtype': m.dtype,
           'device': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
           'prompt_len': _PROMPT_LEN.value, 'new_tokens': _NEW_TOKENS.value}
 
@@ -123,11 +124,11 @@ def _decode_result(impl: str, common: dict, batch: int, strategy: str, compile_s
 
 
 def bench_decode_lmjax(config, vocab_size: int) -> list[dict]:
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
 
-  from lmjax import decode, models, train  # noqa: PLC0415
+  from lmjax import decode, generation, models
 
   model = models.build_model(config.model, vocab_size)
   decode_model = models.build_model(config.model, vocab_size, decode=True)
@@ -144,7 +145,7 @@ def bench_decode_lmjax(config, vocab_size: int) -> list[dict]:
       options = _strategy(name)
       rows = batch * options.get('beam_size', 1)
       # The cache the decoder would ask for: the positions needed, not the whole context.
-      context = train.context_length(config)
+      context = generation.context_length(config)
       cache_len = decode.buffer_length(prompt_len + new_tokens, context)
       tokens_to_logits, state = models.decode_fns(decode_model, params, batch_size=rows,
                                                   cache_len=cache_len)
@@ -191,11 +192,11 @@ def bench_decode_lmjax(config, vocab_size: int) -> list[dict]:
 
 def bench_decode_hf(config, vocab_size: int) -> list[dict]:
   try:
-    import torch  # noqa: PLC0415
-    import transformers  # noqa: PLC0415
+    import torch
+    import transformers
   except ImportError:
     raise app.UsageError("--compare_hf needs the 'hf' extra: pip install -e '.[hf]'") from None
-  import numpy as np  # noqa: PLC0415
+  import numpy as np
 
   m = config.model
   hf_config = transformers.GPT2Config(
@@ -247,19 +248,20 @@ def bench_decode_hf(config, vocab_size: int) -> list[dict]:
 
 def _train_parts(config, vocab_size: int):
   """Model, optimizer, mesh and freshly initialised sharded state, as training makes them."""
-  from lmjax import models, optim, runtime, sharding, train  # noqa: PLC0415
+  from lmjax import config as config_lib
+  from lmjax import models, optim, runtime, sharding, state as state_lib
   runtime.keep_freed_host_memory()
   mesh = sharding.make_mesh(config.mesh)
   try:
-    train.validate_config(config, mesh)
+    config_lib.validate_config(config, mesh)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   rules = sharding.rules_as_tuples(config.mesh.rules)
   model = models.build_model(config.model, vocab_size)
   tx = optim.make_optimizer(config.opt, config.train.num_steps)
-  state, shardings = train.create_train_state(model, tx, mesh, rules, config.train.seed,
-                                              config.train.seq_len,
-                                              carry_rows=train.carry_rows(config))
+  state, shardings = state_lib.create_train_state(model, tx, mesh, rules, config.train.seed,
+                                                  config.train.seq_len,
+                                                  carry_rows=state_lib.carry_rows(config))
   return model, tx, mesh, rules, state, shardings
 
 
@@ -267,20 +269,20 @@ def _peak_memory_bytes(device) -> tuple[int, str]:
   stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
   if stats and 'peak_bytes_in_use' in stats:
     return int(stats['peak_bytes_in_use']), 'device peak_bytes_in_use'
-  import resource  # noqa: PLC0415
+  import resource
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'host max RSS'
 
 
 def bench_train(config, vocab_size: int) -> dict:
-  import flax.linen as nn  # noqa: PLC0415
-  import jax  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
+  import flax.linen as nn
+  import jax
+  import numpy as np
 
-  from lmjax import flops, models, sharding, train  # noqa: PLC0415
+  from lmjax import flops, models, sharding, steps
   model, tx, mesh, rules, state, shardings = _train_parts(config, vocab_size)
   t = config.train
-  step_fn, _ = train.jit_steps(model, tx, mesh, rules, shardings,
-                               microbatches=t.get('microbatches', 1))
+  step_fn, _ = steps.jit_steps(model, tx, mesh, rules, shardings,
+                               microbatches=t.microbatches)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, vocab_size, (t.batch_size, t.seq_len + 1), dtype=np.int32)
   batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}
@@ -294,7 +296,7 @@ def bench_train(config, vocab_size: int) -> dict:
     start = time.perf_counter()
     step_fn = step_fn.lower(state, batch, dropout_rng).compile()
     compile_s = time.perf_counter() - start
-    memory_use = train.memory_use(step_fn, state, mesh)
+    memory_use = steps.memory_use(step_fn, state, mesh)
     for i in range(_WARMUP.value + _STEPS.value):
       start = time.perf_counter()
       state, metrics = step_fn(state, batch, dropout_rng)
@@ -315,7 +317,7 @@ def bench_train(config, vocab_size: int) -> dict:
   result = {
       'bench': 'train', 'impl': 'lmjax', **_common(config, vocab_size, num_params),
       'batch': t.batch_size, 'seq_len': t.seq_len, 'mesh': dict(mesh.shape),
-      'microbatches': t.get('microbatches', 1),
+      'microbatches': t.microbatches,
       'compile_s': round(compile_s, 2), 'step_ms': round(1e3 * step_s, 2),
       'tokens_per_s': round(tokens_per_s, 1), 'flops_per_token': round(flops_per_token),
       'mfu': round(tokens_per_s * flops_per_token / peak, 4) if peak else None,
@@ -333,7 +335,7 @@ def bench_train(config, vocab_size: int) -> dict:
 
 def _import_torch():
   try:
-    import torch  # noqa: PLC0415
+    import torch
   except ImportError:
     raise app.UsageError("--compare_torch needs PyTorch: pip install -e '.[hf]'") from None
   return torch
@@ -344,7 +346,7 @@ def bench_train_torch(config, vocab_size: int, lmjax_result: dict) -> dict:
   whose CPU kernels are oneDNN's and whose GPU kernels are cuDNN's), stateful as lmjax
   trains it: each step starts from the last step's carry, detached."""
   torch = _import_torch()
-  import numpy as np  # noqa: PLC0415
+  import numpy as np
 
   m, t = config.model, config.train
   hidden = m.hidden_size or m.d_model
@@ -403,7 +405,7 @@ def _recurrent_matmuls(config, vocab_size: int) -> list[tuple[str, int, int, int
   T thin recurrent products each way, and the weight gradients as single large products."""
   m, t = config.model, config.train
   rows, hidden = t.batch_size * t.seq_len, m.hidden_size or m.d_model
-  from lmjax.models import rnn  # noqa: PLC0415
+  from lmjax.models import rnn
   gates = rnn.NUM_GATES[m.name] * hidden
   out = []
   for i in range(m.num_layers):
@@ -442,9 +444,9 @@ def bench_matmul(config, vocab_size: int) -> list[dict]:
   """Each matmul of a recurrent LM's train step timed alone on the config's device, in
   XLA (and with --compare_torch in PyTorch): the time the step spends in matmuls if it
   did nothing else, a floor under its step time set by the matmul kernels."""
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
   products = _recurrent_matmuls(config, vocab_size)
   dtype = jnp.dtype(config.model.dtype)
   rng = np.random.default_rng(0)
@@ -494,9 +496,9 @@ def bench_matmul(config, vocab_size: int) -> list[dict]:
 
 
 def bench_pipeline(config, consumed_tokens_per_s: float | None) -> dict:
-  import tempfile  # noqa: PLC0415
+  import tempfile
 
-  from lmjax.data import corpora, pipeline, tokenizers  # noqa: PLC0415
+  from lmjax.data import corpora, pipeline, tokenizers
   t, data = config.train, config.data
   with tempfile.TemporaryDirectory() as directory:
     try:
@@ -508,7 +510,7 @@ def bench_pipeline(config, consumed_tokens_per_s: float | None) -> dict:
     except (FileNotFoundError, ValueError) as e:
       raise app.UsageError(f'{e} (prepare the data first: make data)') from None
     tokens = pipeline.load_tokens(data, 'train', tokenizer)
-  if t.get('stateful', False):
+  if t.stateful:
     dataset = pipeline.stream_dataset(tokens, seq_len=t.seq_len, global_batch=t.batch_size,
                                       seed=t.seed, eos_id=tokenizer.eos_id)
   else:
@@ -532,13 +534,13 @@ def bench_pipeline(config, consumed_tokens_per_s: float | None) -> dict:
 
 
 def bench_checkpoint(config, vocab_size: int) -> dict:
-  import shutil  # noqa: PLC0415
-  import tempfile  # noqa: PLC0415
+  import shutil
+  import tempfile
 
-  import jax  # noqa: PLC0415
+  import jax
 
-  from lmjax import checkpoint as ckpt_lib  # noqa: PLC0415
-  from lmjax import models  # noqa: PLC0415
+  from lmjax import checkpoint as ckpt_lib
+  from lmjax import models
   _, _, _, _, state, shardings = _train_parts(config, vocab_size)
   directory = tempfile.mkdtemp(prefix='lmjax-bench-ckpt-')
   try:
@@ -625,8 +627,8 @@ def main(argv):
         f"model's context (model.max_len={config.model.max_len}); lower one of them.")
   for name in _STRATEGIES.value:
     _strategy(name)
-  from lmjax import runtime  # noqa: PLC0415
-  note = runtime.split_cpu(config.mesh.get('cpu_devices', 0))  # as training would
+  from lmjax import runtime
+  note = runtime.split_cpu(config.mesh.cpu_devices)  # as training would
   if note:
     print(f'note: {note}', flush=True)
   vocab_size = _vocab_size(config)

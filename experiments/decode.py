@@ -16,10 +16,10 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('NO_GCE_CHECK', 'true')
 
-import json  # noqa: E402
-import sys  # noqa: E402
+import json
+import sys
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags, logging
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir to decode from.')
 _PROMPT = flags.DEFINE_multi_string('prompt', [], 'Text to continue; repeat for several.')
@@ -75,8 +75,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads
-  from lmjax import train  # noqa: PLC0415  (after absl has parsed flags)
-  from lmjax.errors import UserError  # noqa: PLC0415
+  from lmjax import generation, workdir as workdir_lib
+  from lmjax.errors import UserError
 
   prompts = _read_prompts()
   if _BATCH_SIZE.value < 1:
@@ -90,7 +90,7 @@ def main(argv):
     options.update(beam_size=_BEAM_SIZE.value, length_penalty=_LENGTH_PENALTY.value,
                    beam_compat=_BEAM_COMPAT.value, early_stopping=_EARLY_STOPPING.value)
   try:
-    config, tokenizer, params, step = train.load_trained(_WORKDIR.value, _STEP.value)
+    config, tokenizer, params, step = workdir_lib.load_trained(_WORKDIR.value, _STEP.value)
   except (UserError, FileNotFoundError) as e:  # not a workdir, no such step, a damaged one
     raise app.UsageError(str(e)) from None
 
@@ -105,7 +105,7 @@ def main(argv):
   for start in range(0, len(prompts), batch):
     chunk = prompts[start:start + batch]
     try:
-      results = train.generate_texts(config, params, tokenizer, chunk,
+      results = generation.generate_texts(config, params, tokenizer, chunk,
                                      max_new_tokens=_MAX_NEW_TOKENS.value,
                                      stop_strings=tuple(_STOP.value), **options)
     except ValueError as e:  # out-of-vocabulary or too long prompt, bad option value

@@ -6,12 +6,13 @@
 
 The object holds loss (nats per token), perplexity, accuracy, bits_per_token,
 bits_per_byte (of UTF-8 text: character and SentencePiece models compare on it),
-num_tokens, num_bytes, dataset, workdir, step, split, tokenizer and num_params; character models
-also bits_per_char. A classifier's (configs/authorship.py) holds loss, accuracy,
+num_tokens, num_bytes, dataset, workdir, step, split, tokenizer and num_params; character
+models also bits_per_char. A classifier's (configs/authorship.py) holds loss, accuracy,
 precision/CLASS, recall/CLASS and f1/CLASS for each class, their macro means
 (precision_macro, recall_macro, f1_macro), confusion_matrix (rows: true class, columns:
-predicted), classes and num_examples, and the same run fields. --split defaults to validation, the split training evaluates on, so
-the latest checkpoint gives the numbers the run logged at its last step. Any number of
+predicted), classes and num_examples, and the same run fields. --split defaults to
+validation, the split training evaluates on, so the latest checkpoint gives the numbers the
+run logged at its last step. Any number of
 devices gives the same numbers. Logs go to stderr; a mistake in a flag or the workdir is
 one `error:` line there (exit status 1).
 """
@@ -20,11 +21,11 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('NO_GCE_CHECK', 'true')
 
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
+import contextlib
+import json
+import sys
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags, logging
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir to evaluate.')
 _SPLIT = flags.DEFINE_string('split', 'validation', 'Split to score: train, validation or '
@@ -34,8 +35,8 @@ _BATCH_SIZE = flags.DEFINE_integer('batch_size', None, 'Rows per evaluation batc
                                    "the run's train.eval_batch_size.")
 _DEVICES = flags.DEFINE_integer('devices', None, 'How many local devices to use; default: all.')
 _DATASET = flags.DEFINE_string('dataset', None, "Language models: the corpus to score "
-                               "(shakespeare, milton, tfds:NAME...); default: the run's data.name. A "
-                               'run on a mixture must name one.')
+                               "(shakespeare, milton, tfds:NAME...); default: the run's "
+                               'data.name. A run on a mixture must name one.')
 flags.mark_flag_as_required('workdir')
 
 
@@ -43,10 +44,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads
-  import jax  # noqa: PLC0415  (after absl has parsed flags: a typo is reported fast)
+  import jax  # after absl has parsed flags: a typo is reported fast
 
-  from lmjax import evaluation  # noqa: PLC0415
-  from lmjax.errors import UserError  # noqa: PLC0415
+  from lmjax import evaluation
+  from lmjax.errors import UserError
 
   try:
     devices = None  # all of them

@@ -11,7 +11,7 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('NO_GCE_CHECK', 'true')
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags, logging
 
 _HF_DIR = flags.DEFINE_string('hf_dir', None, 'Hugging Face GPT-2 model directory to read.')
 _WORKDIR = flags.DEFINE_string('workdir', None,
@@ -23,7 +23,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes
-  from lmjax import hf  # noqa: PLC0415  (after absl has parsed flags)
+  from lmjax import hf  # after absl has parsed flags
 
   try:
     config = hf.import_gpt2(_HF_DIR.value, _WORKDIR.value)

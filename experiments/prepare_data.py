@@ -15,10 +15,10 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('NO_GCE_CHECK', 'true')
 
-from absl import app, flags, logging  # noqa: E402
-import tensorflow_datasets as tfds  # noqa: E402
+from absl import app, flags, logging
+import tensorflow_datasets as tfds
 
-from lmjax.data import corpora  # noqa: E402
+from lmjax.data import corpora
 
 _DATASETS = flags.DEFINE_list('datasets', list(corpora.DATASETS),
                               "lmjax's datasets to prepare (all of them unless --tfds is given).")

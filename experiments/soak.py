@@ -8,27 +8,28 @@ First a reference run trains without interruption (WORKDIR/reference). Then each
 starts experiments/train.py in WORKDIR/soak and, after a random time, sends SIGKILL (or
 SIGTERM, one round in four: --sigterm_fraction). One round in five kills during start-up
 (imports, data, tokenizer, restore); the others kill after training began and compiled, at
-a random share of 2.5 x (the reference's training time / --kills), so the run is cut at many different
-steps, in steps and in asynchronous checkpoint writes alike. A round that finishes the run
-ends the rounds. Then the run is resumed to the end and its final parameters (bit for bit)
-and logged metrics are compared with the reference. Prints one JSON line per round and a
-summary; exit status 1 if anything differs. Each round's output is in WORKDIR/logs/.
+a random share of 2.5 x (the reference's training time / --kills), so the run is cut at
+many different steps, in steps and in asynchronous checkpoint writes alike. A round that
+finishes the run ends the rounds. Then the run is resumed to the end and its final
+parameters (bit for bit) and logged metrics are compared with the reference. Prints one
+JSON line per round and a summary; exit status 1 if anything differs. Each round's output
+is in WORKDIR/logs/.
 """
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('NO_GCE_CHECK', 'true')
 
-import json  # noqa: E402
-import random  # noqa: E402
-import re  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
+import json
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags, logging
 
 _CONFIG = flags.DEFINE_string('config', 'configs/shakespeare_char.py:tiny',
                               'Config file (and variant) to train, as for experiments/train.py.')
@@ -143,12 +144,12 @@ def main(argv):
   if _run(command + [f'--workdir={soak}'], os.path.join(logs, 'final.txt'))['exit'] != 0:
     raise app.UsageError(f'the final resume failed; see {logs}/final.txt')
 
-  import jax  # noqa: PLC0415  (only now: the runs above had the machine to themselves)
-  import numpy as np  # noqa: PLC0415
+  import jax  # only now: the runs above had the machine to themselves
+  import numpy as np
 
-  from lmjax import events, train  # noqa: PLC0415
-  _, _, ref_params, ref_step = train.load_trained(reference)
-  _, _, params, step = train.load_trained(soak)
+  from lmjax import events, workdir as workdir_lib
+  _, _, ref_params, ref_step = workdir_lib.load_trained(reference)
+  _, _, params, step = workdir_lib.load_trained(soak)
   differing = [jax.tree_util.keystr(path) for (path, a), b in zip(
       jax.tree_util.tree_flatten_with_path(jax.device_get(ref_params))[0],
       jax.tree.leaves(jax.device_get(params)), strict=True) if not np.array_equal(a, b)]

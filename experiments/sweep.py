@@ -11,12 +11,12 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('NO_GCE_CHECK', 'true')
 
-import sys  # noqa: E402
+import sys
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags, logging
 
-from lmjax import sweep  # noqa: E402
-from lmjax.errors import UserError  # noqa: E402
+from lmjax import sweep
+from lmjax.errors import UserError
 
 _CONFIG = flags.DEFINE_string('config', None, 'Config file with get_sweep, and its argument: '
                               'configs/NAME.py[:ARG].')

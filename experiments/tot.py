@@ -33,13 +33,13 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('NO_GCE_CHECK', 'true')
 
-import functools  # noqa: E402
-import json  # noqa: E402
-import random  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
+import functools
+import json
+import random
+import sys
+import time
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags, logging
 
 STRATEGIES = ('greedy', 'sample', 'beam', 'beam_verified', 'sample_verified', 'bfs_model',
               'bfs_checker', 'bfs_lookahead', 'dfs_checker', 'dfs_lookahead', 'bfs_scorer')
@@ -97,9 +97,9 @@ def _read_puzzles(puzzles_lib, corpora):
 
 
 def _load(workdir, step):
-  from lmjax import train
-  config, tokenizer, params, _ = train.load_trained(workdir, step)
-  return (tokenizer, train.decoder_fns(config, params, tokenizer.vocab_size),
+  from lmjax import generation, workdir as workdir_lib
+  config, tokenizer, params, _ = workdir_lib.load_trained(workdir, step)
+  return (tokenizer, generation.decoder_fns(config, params, tokenizer.vocab_size),
           config.model.max_len)
 
 

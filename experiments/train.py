@@ -9,13 +9,13 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('NO_GCE_CHECK', 'true')
 
-import sys  # noqa: E402
+import sys
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-from absl import logging  # noqa: E402
+from absl import app, flags
+from ml_collections import config_flags
+from absl import logging
 
-from lmjax.errors import UserError  # noqa: E402
+from lmjax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
                                           lock_config=True)
@@ -64,7 +64,7 @@ def main(argv):
     detail = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
     sys.exit(f'error: --config: {detail}. Name a Python file in configs/, e.g. '
              '--config=configs/shakespeare_char.py:tiny')
-  from lmjax import runtime, train  # noqa: PLC0415  (after the flags: a typo is reported fast)
+  from lmjax import runtime, train  # after the flags: a typo is reported fast
 
   runtime.stop_with_parent()  # a no-op unless a sweep started this run
 

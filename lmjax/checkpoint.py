@@ -71,7 +71,7 @@ class Checkpointer:
       with open(os.path.join(target, 'WHY.txt'), 'w') as f:
         f.write(reason + '\n')
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # noqa: PLC0415
+      from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f'lmjax: checkpoint {step} set aside')
     self._manager.reload()
     return target
@@ -110,7 +110,7 @@ def _agreed(text: str) -> str:
   """Process 0's `text`, on every process."""
   if jax.process_count() == 1:
     return text
-  from jax.experimental import multihost_utils  # noqa: PLC0415
+  from jax.experimental import multihost_utils
   return multihost_utils.broadcast_one_to_all(
       np.frombuffer(text.encode().ljust(32), np.uint8)).tobytes().decode().strip()
 
@@ -181,3 +181,73 @@ def restore_frozen(workdir: str, abstract_frozen):
         '--workdir.')
   with ocp.StandardCheckpointer() as checkpointer:
     return checkpointer.restore(path, abstract_frozen)
+
+
+def restore_checkpoint(checkpointer, abstract, step: int | None = None, *,
+                       set_aside_unreadable: bool = False):
+  """(step, state, data state) of checkpoint `step`, or of the latest one; None if there is
+  none. `abstract` (ShapeDtypeStructs with shardings) says what the state should be.
+
+  Parameters of other shapes than `abstract`'s are refused, naming the first that differs.
+  An unreadable checkpoint (damaged or missing files) is an error; with
+  `set_aside_unreadable` (resuming training) it is moved aside instead, with a message,
+  and the one before it is tried.
+  """
+  steps = checkpointer.all_steps()
+  if step is not None and step not in steps:
+    raise UserError(f'no checkpoint of step {step} in {checkpointer.directory}; it has '
+                    f'{steps_text(steps)}.')
+  expected = shapes_by_path(abstract.params)
+  for candidate in reversed(steps if step is None else [step]):
+    reason = None
+    try:
+      stored = checkpointer.param_shapes(candidate)
+      fits = stored == expected
+      if fits:
+        state, data_state = checkpointer.restore(candidate, abstract)
+    except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds)
+      detail = (str(e).strip().splitlines() or [''])[0][:300]
+      reason = (f'checkpoint {candidate} in {checkpointer.directory} cannot be read '
+                f'({type(e).__name__}: {detail})')
+    if _failed_anywhere(reason is not None) and reason is None:
+      # Each host reads its own shards: one that read them all must still go where the
+      # others go.
+      reason = (f'checkpoint {candidate} in {checkpointer.directory} cannot be read on '
+                'another process')
+    if reason is not None:
+      if not set_aside_unreadable:
+        others = [s for s in steps if s != candidate]
+        raise UserError(f'{reason}. Other checkpoints: {steps_text(others)} (--step=N).'
+                        ) from None
+      where = checkpointer.set_aside(candidate, reason)
+      print(f'{reason}; moved it to {where} and trying the one before it.', flush=True)
+      continue
+    if not fits:
+      raise UserError(_shape_mismatch(candidate, checkpointer.directory, stored, expected))
+    return candidate, state, data_state
+  return None
+
+
+def _failed_anywhere(failed: bool) -> bool:
+  """Whether `failed` holds on any process (on one process: whether it holds)."""
+  if jax.process_count() == 1:
+    return failed
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.asarray([failed]))))
+
+
+def steps_text(steps) -> str:
+  if not steps:
+    return 'none'
+  return f'step{"s" if len(steps) > 1 else ""} {", ".join(map(str, steps))}'
+
+
+def _shape_mismatch(step, directory, stored: dict, expected: dict) -> str:
+  for path in sorted(set(stored) | set(expected)):
+    if stored.get(path) != expected.get(path):
+      return (f'checkpoint {step} in {directory} does not fit the model of this config: '
+              f'parameter {path} is {stored.get(path, "absent")} there and '
+              f'{expected.get(path, "absent")} here (of {len(expected)} parameters, '
+              f'{len(stored)} stored). Restore it with the config it was trained with, or '
+              'train in a new --workdir.')
+  return f'checkpoint {step} in {directory} does not fit the model of this config.'

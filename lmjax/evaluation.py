@@ -8,16 +8,15 @@ do not: a token of the second holds several characters). The split is read and c
 windows exactly as training's evaluation does it, so the validation split gives the
 numbers the run logged; the mesh is data parallel over any number of devices.
 """
-import functools
 import math
 import os
 
 import flax.linen as nn
 import jax
-import ml_collections
 
-from lmjax import models, sharding, train
-from lmjax.data import corpora, external, pipeline
+from lmjax import config as config_lib
+from lmjax import models, sharding, state as state_lib, steps, tasks, workdir as workdir_lib
+from lmjax.data import corpora, external
 from lmjax.errors import UserError
 
 
@@ -32,118 +31,47 @@ def evaluate_workdir(workdir: str, split: str = 'validation', step: int | None =
   `train.eval_batch_size`; `devices` to all of them. Returns a JSON-ready dict: 'loss'
   (nats per token), 'perplexity', 'accuracy', 'bits_per_token', 'bits_per_byte',
   'num_tokens' (scored targets), 'num_bytes' (the text they stand for), 'dataset',
-  'workdir', 'step', 'split', 'tokenizer', 'num_params', and for character models 'bits_per_char'.
-  A classifier's holds 'loss' (nats per example), `losses.classification_metrics`,
-  'confusion_matrix' (rows: true class, columns: predicted), 'classes', 'num_examples'
-  and the same run fields. Mistakes raise UserError naming the flag of experiments/evaluate.py.
+  'workdir', 'step', 'split', 'tokenizer', 'num_params', and for character models
+  'bits_per_char'. A classifier's holds 'loss' (nats per example),
+  `losses.classification_metrics`, 'confusion_matrix' (rows: true class, columns:
+  predicted), 'classes', 'num_examples' and the same run fields. Mistakes raise UserError
+  naming the flag of experiments/evaluate.py.
   """
   workdir = os.path.abspath(workdir)
   # The config alone first: a bad split or batch size is reported before any checkpoint is
   # read.
-  run_config = train.load_config(workdir)
+  run_config = workdir_lib.load_config(workdir)
   if (not external.is_external(dataset or run_config.data.name) and
       split not in corpora.SPLITS):  # a tfds: dataset's splits are its own, checked by TFDS
     raise UserError(f'--split={split!r} is not a split; use one of {", ".join(corpora.SPLITS)}.')
-  t = run_config.train
-  stateful = t.get('stateful', False)
+  task = tasks.scoring_task(run_config, dataset)
   # A data-parallel mesh whatever the run trained on: a forward pass of a model that fits
   # for training fits whole on each device, and rows split evenly over any device count.
-  mesh = sharding.make_mesh(ml_collections.ConfigDict({'shape': (-1, 1, 1)}), devices)
-  batch_size = _batch_size(batch_size, t.eval_batch_size, sharding.data_parallel_size(mesh),
-                           stateful)
-  config, tokenizer, params, step = train.load_trained(workdir, step)
+  data_parallel = config_lib.base_config().mesh
+  data_parallel.shape = (-1, 1, 1)
+  mesh = sharding.make_mesh(data_parallel, devices)
+  batch_size = _batch_size(batch_size, run_config.train.eval_batch_size,
+                           sharding.data_parallel_size(mesh), task.stateful)
+  config, tokenizer, params, step = workdir_lib.load_trained(workdir, step)
+  evals = task.split_eval_set(split, tokenizer, batch_size, workdir)
+  metrics = _score(config, task, tokenizer, params, evals, mesh)
+  return {**task.split_report(metrics, evals, tokenizer), 'workdir': workdir, 'step': step,
+          'split': split, 'tokenizer': tokenizer.kind,
+          'num_params': models.count_params(params)}
+
+
+def _score(config, task, tokenizer, params, evals, mesh) -> dict:
+  """`task`'s metrics of `params` on `evals`, replicated on a data-parallel `mesh`."""
+  model = state_lib.build_model(config, tokenizer.vocab_size)
   # The run's rules still resolve the models' activation constraints on this mesh.
   rules = sharding.rules_as_tuples(config.mesh.rules)
-
-  run = {'workdir': workdir, 'step': step, 'split': split, 'tokenizer': tokenizer.kind,
-         'num_params': models.count_params(params)}
-  class_names = corpora.class_names(config.data.name)
-  if class_names:
-    if dataset is not None:
-      raise UserError(f'--dataset={dataset!r}: this run is a classifier of '
-                      f'{config.data.name!r}; it scores that dataset\'s passages only.')
-    return {**_evaluate_classifier(config, tokenizer, params, split, batch_size, mesh, rules,
-                                   class_names), **run}
-
-  data = _scored_data(config, dataset)
-  tokens = pipeline.load_tokens(data, split, tokenizer,
-                                cache_dir=external.cache_dir(data, workdir))
-  try:
-    if stateful:
-      evals = pipeline.stream_eval_set(tokens, seq_len=t.seq_len, batch_size=batch_size,
-                                       eos_id=tokenizer.eos_id)
-    else:
-      evals = train.lm_eval_set(config, tokenizer, tokens, batch_size)
-  except ValueError as e:  # a split shorter than one window
-    raise UserError(f'--split={split}: {e}') from None
-
-  model = train.build_model(config, tokenizer.vocab_size)
-  replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  params = jax.device_put(params, replicated)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    if stateful:
-      eval_fn = jax.jit(functools.partial(train.stateful_eval_step, model=model),
-                        in_shardings=(replicated, batch_sharding, batch_sharding),
-                        out_shardings=(replicated, batch_sharding))
-      carry = train.eval_carry(model, mesh, batch_size)
-    else:
-      eval_fn = jax.jit(functools.partial(train.eval_step, model=model),
-                        in_shardings=(replicated, batch_sharding), out_shardings=replicated)
-      carry = None
-    metrics = train.evaluate(eval_fn, params, evals, batch_sharding, bits_per_char=False,
-                             carry=carry)
-
-  # The text the scored targets stand for, counted on the host: padding has weight 0,
-  # the end-of-document separator 0 bytes.
-  scored = evals.arrays['weights'] > 0
-  num_tokens = int(scored.sum())
-  num_bytes = int(tokenizer.byte_lengths()[evals.arrays['targets'][scored]].sum())
-  loss_bits = metrics['loss'] * num_tokens / math.log(2)  # the whole split's loss, in bits
-  result = {
-      'loss': metrics['loss'],
-      'perplexity': metrics['perplexity'],
-      'accuracy': metrics['accuracy'],
-      'bits_per_token': metrics['loss'] / math.log(2),
-      'bits_per_byte': loss_bits / num_bytes if num_bytes else None,
-      'num_tokens': num_tokens,
-      'num_bytes': num_bytes,
-      'dataset': data.name,
-      **run,
-  }
-  if tokenizer.kind == 'char':
-    result['bits_per_char'] = result['bits_per_token']
-  return result
-
-
-def _evaluate_classifier(config, tokenizer, params, split, batch_size, mesh, rules,
-                         class_names) -> dict:
-  examples = pipeline.load_examples(config.data, split, tokenizer, config.train.seq_len)
-  evals = pipeline.classification_eval_set(examples, batch_size=batch_size)
-  model = train.build_model(config, tokenizer.vocab_size)
   replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    eval_fn = jax.jit(functools.partial(train.eval_step, model=model),
-                      in_shardings=(replicated, batch_sharding), out_shardings=replicated)
-    metrics = train.evaluate(eval_fn, jax.device_put(params, replicated), evals,
-                             batch_sharding, bits_per_char=False, class_names=class_names)
-  return {**metrics, 'classes': list(class_names), 'num_examples': len(examples['labels'])}
-
-
-def _scored_data(config, dataset: str | None):
-  """The data config of the corpus to score: `dataset`, or the run's own."""
-  tasks = [name for name, _ in train.mixture_tasks(config)]
-  if dataset is None:
-    if tasks:
-      raise UserError(f'this run trained on a mixture of {", ".join(tasks)}; name the corpus '
-                      f'to score with --dataset={tasks[0]} (each is scored on its own).')
-    return config.data
-  if external.is_external(dataset):
-    external.check_name(dataset)
-  elif dataset not in corpora.DATASETS or corpora.class_names(dataset):
-    known = ', '.join(n for n in corpora.DATASETS if not corpora.class_names(n))
-    raise UserError(f'--dataset={dataset!r}; score a language model on one of {known}, or '
-                    "a prepared TFDS text dataset as 'tfds:NAME'.")
-  return train.task_data(config.data, dataset)
+    eval_fn = steps.jit_eval_step(model, mesh, replicated, stateful=task.stateful)
+    carry = (state_lib.eval_carry(model, mesh, evals.batch_size) if task.stateful else None)
+    return steps.evaluate(eval_fn, jax.device_put(params, replicated), evals,
+                          batch_sharding, bits_per_char=False, carry=carry,
+                          class_names=task.class_names)
 
 
 def _batch_size(requested: int | None, configured: int, data_parallel: int,

@@ -6,7 +6,6 @@ when `model.lora_rank` > 0) is split off into `TrainState.frozen`: it gets no gr
 and no optimizer state, and is stored once in WORKDIR/frozen_params instead of in
 every checkpoint.
 """
-import json
 import os
 import re
 from typing import Any, Callable
@@ -18,7 +17,7 @@ from flax import traverse_util
 import ml_collections
 
 from lmjax import checkpoint as ckpt_lib
-from lmjax import models
+from lmjax import models, sharding
 from lmjax.errors import UserError
 from lmjax.models import heads, transformer
 
@@ -50,16 +49,16 @@ def trainable_filter(config) -> Callable[[str], bool] | None:
   """name -> whether the run trains that parameter, from train.freeze and model.lora_rank;
   None when the config trains every parameter. With LoRA, a classifier's head trains
   beside the adapters (it starts from scratch)."""
-  if not config.train.get('freeze', ()) and not config.model.get('lora_rank', 0):
+  if not config.train.freeze and not config.model.lora_rank:
     return None
   patterns = []
-  for pattern in config.train.get('freeze', ()):
+  for pattern in config.train.freeze:
     try:
       patterns.append(re.compile(pattern))
     except re.error as e:
       raise UserError(f'train.freeze pattern {pattern!r} is not a regular expression ({e}).'
                       ) from None
-  lora = bool(config.model.get('lora_rank', 0))
+  lora = bool(config.model.lora_rank)
 
   def trainable(name: str) -> bool:
     if lora and not (is_lora(name) or is_head(name)):
@@ -70,10 +69,10 @@ def trainable_filter(config) -> Callable[[str], bool] | None:
 
 def check_trainable(config, names: list[str]) -> None:
   """Every freeze pattern names some parameter, and something is left to train."""
-  for pattern in config.train.get('freeze', ()):
+  for pattern in config.train.freeze:
     if not any(re.search(pattern, n) for n in names):
       scanned = ''
-      if config.model.get('scan_layers', False):
+      if config.model.scan_layers:
         scanned = (" model.scan_layers=True stacks every block's weights into one array "
                    "under 'layers/', so single layers cannot be frozen; set "
                    'model.scan_layers=False to freeze layer by layer.')
@@ -106,8 +105,7 @@ def join(trained, frozen):
 def for_decoding(config, params):
   """(config, params) with LoRA adapters merged into their kernels: a plain model with
   the same logits, for the decoder and for exporting."""
-  lora = config.model.get('lora_rank', 0)
-  if not lora:
+  if not config.model.lora_rank:
     return config, params
   merged = transformer.merge_lora(params, models.lora_spec(config.model))
   config = config.copy_and_resolve_references()
@@ -119,20 +117,21 @@ def for_decoding(config, params):
 # ----------------------------------------------------------------------- starting point
 
 
-def _base_config(base: str) -> dict:
-  path = os.path.join(base, 'config.json')
-  if not os.path.exists(path):
+def _base_config(base: str) -> ml_collections.ConfigDict:
+  """The base run's config, a field its lmjax version lacked at its default."""
+  from lmjax import config as config_lib  # here: config imports tasks, which import this
+  config = config_lib.read_saved(base)
+  if config is None:
     raise UserError(f'init_from.workdir={base!r} holds no config.json; name a training '
                     'workdir (one experiments/train.py wrote).')
-  with open(path) as f:
-    return json.load(f)
+  return config
 
 
 def base_workdir(config, workdir: str) -> str | None:
   """The absolute workdir `config.init_from` names, checked; None when it names none, or
   when `workdir` has checkpoints already: a run that started needs its base no more."""
-  init_from = config.get('init_from')
-  if not init_from or not init_from.workdir:
+  init_from = config.init_from
+  if not init_from.workdir:
     return None
   base = os.path.abspath(init_from.workdir)
   if base == os.path.abspath(workdir):
@@ -142,13 +141,13 @@ def base_workdir(config, workdir: str) -> str | None:
     return None
   if not os.path.isdir(base):
     raise UserError(f'init_from.workdir={init_from.workdir!r} does not exist.')
-  base_data = _base_config(base)['data']
+  base_data = _base_config(base).data
   for field in ('tokenizer', 'vocab_size'):
-    if base_data.get(field) != config.data.get(field):
+    if base_data[field] != config.data[field]:
       raise UserError(
-          f'data.{field}={config.data.get(field)!r}, but the run in init_from.workdir='
-          f'{init_from.workdir!r} used {base_data.get(field)!r}; a fine-tuned model keeps '
-          f'its base\'s tokenizer, so set data.{field}={base_data.get(field)!r}.')
+          f'data.{field}={config.data[field]!r}, but the run in init_from.workdir='
+          f'{init_from.workdir!r} used {base_data[field]!r}; a fine-tuned model keeps '
+          f'its base\'s tokenizer, so set data.{field}={base_data[field]!r}.')
   return base
 
 
@@ -186,11 +185,11 @@ def load_base_params(config, base: str, abstract_params, replicated):
                     '(init_from.step=0 takes the latest).')
   in_checkpoint, in_frozen = _stored_shapes(base, wanted)
   stored = {**in_checkpoint, **in_frozen}
-  base_model = _base_config(base)['model']
-  base_scanned = base_model.get('scan_layers', False)
-  if base_scanned != config.model.get('scan_layers', False):
+  base_model = _base_config(base).model
+  base_scanned = base_model.scan_layers
+  if base_scanned != config.model.scan_layers:
     raise UserError(
-        f'model.scan_layers={config.model.get("scan_layers", False)}, but the run in '
+        f'model.scan_layers={config.model.scan_layers}, but the run in '
         f'init_from.workdir={config.init_from.workdir!r} used {base_scanned}: its layers '
         f'are stored {"stacked" if base_scanned else "one by one"}. Set '
         f'model.scan_layers={base_scanned}.')
@@ -210,8 +209,8 @@ def load_base_params(config, base: str, abstract_params, replicated):
           f'init_from.workdir={config.init_from.workdir!r} (step {wanted}) does not fit this '
           f'model: parameter {name} is {stored_plain.get(name, "absent")} there and '
           f'{expected.get(name, "absent")} here. Fine-tuning keeps the base\'s shapes: use '
-          f'its model settings (model.name={base_model.get("name")!r}, '
-          f'num_layers={base_model.get("num_layers")}, d_model={base_model.get("d_model")}, '
+          f'its model settings (model.name={base_model.name!r}, '
+          f'num_layers={base_model.num_layers}, d_model={base_model.d_model}, '
           '...), changing only dropout, LoRA and the training fields.')
 
   def targets(names):
@@ -228,8 +227,24 @@ def load_base_params(config, base: str, abstract_params, replicated):
     params = join(params, ckpt_lib.restore_frozen(base, targets(in_frozen)))
   # Only what this model has (and the base's own adapters, merged next).
   params = _unflat({k: v for k, v in _flat(params).items() if k in new_flat or is_lora(k)})
-  spec = models.lora_spec(ml_collections.ConfigDict(base_model))
+  spec = models.lora_spec(base_model)
   if spec:
     merged = _flat(transformer.merge_lora(params, spec))
     params = _unflat({k: jax.device_put(v, new_flat[k].sharding) for k, v in merged.items()})
   return params, wanted
+
+
+def start_from_base(config, base: str, state, state_shardings, trainable, mesh):
+  """`state` with the base run's parameters in place of the fresh ones (LoRA adapters
+  excepted), on this run's shardings; the optimizer state stays fresh."""
+  full = join(state.params, state.frozen)
+  abstract = ckpt_lib.abstract_with_shardings(
+      jax.eval_shape(lambda: full),
+      join(state_shardings.params, state_shardings.frozen))
+  base_params, base_step = load_base_params(config, base, abstract,
+                                                     sharding.replicated(mesh))
+  full = join(full, base_params)
+  params, frozen = split(full, trainable) if trainable else (full, None)
+  print(f'Fine-tuning from {base}, step {base_step}: its parameters and tokenizer; a fresh '
+        'optimizer.', flush=True)
+  return state.replace(params=params, frozen=frozen)

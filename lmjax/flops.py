@@ -60,3 +60,34 @@ def peak_flops_per_device(device=None) -> float | None:
     if kind.startswith(prefix):
       return _PEAK_FLOPS[prefix]
   return None
+
+
+class Throughput:
+  """Tokens per second and MFU, timed over train steps only: the compiling first step,
+  evaluations and checkpoint writes restart the interval instead of counting in it."""
+
+  def __init__(self, tokens_per_step: int, flops_per_token: float, mesh, start_step: int):
+    self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+    peak = peak_flops_per_device(mesh.devices.flat[0])
+    self.peak_flops = peak * mesh.size if peak else None
+    self.start, self.start_step, self.steps_per_sec = None, start_step, 0.0
+
+  def after_step(self, step: int, metrics) -> None:
+    if self.start is None:  # the first step compiled and ran: time from its end
+      jax.block_until_ready(metrics)
+      self.restart(step)
+
+  def restart(self, step: int) -> None:
+    self.start, self.start_step = time.perf_counter(), step
+
+  def scalars(self, step: int) -> dict:
+    if step > self.start_step:
+      self.steps_per_sec = (step - self.start_step) / (time.perf_counter() - self.start)
+      self.restart(step)
+    out = {'tokens_per_sec': self.steps_per_sec * self.tokens_per_step}
+    if self.peak_flops:
+      out['mfu'] = out['tokens_per_sec'] * self.flops_per_token / self.peak_flops
+    return out
+
+  def eta(self, steps_left: int) -> float:
+    return steps_left / self.steps_per_sec if self.steps_per_sec else float('nan')

@@ -30,7 +30,7 @@ import safetensors
 import safetensors.numpy
 
 from lmjax import checkpoint as ckpt_lib
-from lmjax import models, optim, train
+from lmjax import models, optim, state as state_lib, workdir as workdir_lib
 from lmjax.data import tokenizers
 from lmjax.models import transformer
 
@@ -54,13 +54,15 @@ _HF_FIXED_FIELDS = {
 # Buffers GPT-2 checkpoints may carry: the causal mask and the value masked scores get.
 _HF_BUFFERS = ('.attn.bias', '.attn.masked_bias')
 # lmjax model config fields that export_gpt2 knows how to write in GPT-2's terms.
-# LoRA fields are fine: train.load_trained merges the adapters and sets lora_rank to 0.
+# LoRA fields are fine: workdir_lib.load_trained merges the adapters and sets lora_rank to 0.
 # attention, attention_block, remat and scan_layers change how the same function is
-# computed (scan_layers stacks the layers' parameters, which export unstacks).
+# computed (scan_layers stacks the layers' parameters, which export unstacks). The last six
+# are the recurrent models' and mean nothing to the Transformer.
 _EXPORTABLE_MODEL_FIELDS = ('name', 'num_layers', 'num_heads', 'd_model', 'd_ff', 'max_len',
                             'dropout', 'dtype', 'param_dtype', 'lora_rank', 'lora_alpha',
                             'lora_targets', 'causal', 'attention', 'attention_block', 'remat',
-                            'scan_layers')
+                            'scan_layers', 'hidden_size', 'tie_embeddings', 'embed_dropout',
+                            'weight_dropout', 'locked_dropout', 'scan_unroll')
 
 
 # ------------------------------------------------------------------------------ reading
@@ -380,7 +382,7 @@ def import_gpt2(hf_dir: str, workdir: str,
 
   `workdir` then holds config.json (configs/gpt2.py, or `base_config`, with the
   checkpoint's dimensions), the GPT-2 tokenizer and checkpoints/0, which
-  `train.load_trained(workdir)` restores. Returns the config. Refuses a workdir that
+  `workdir_lib.load_trained(workdir)` restores. Returns the config. Refuses a workdir that
   already has checkpoints.
   """
   hf_dir, workdir = os.path.abspath(hf_dir), os.path.abspath(workdir)
@@ -407,7 +409,7 @@ def import_gpt2(hf_dir: str, workdir: str,
     source = os.path.join(hf_dir, HF_WEIGHTS_INDEX_FILE)
   weights = _canonical_weights(read_hf_weights(hf_dir), hf_config['n_layer'], source)
   params = _hf_to_params(weights, hf_config['n_layer'], hf_config['n_head'])
-  if config.model.get('scan_layers', False):
+  if config.model.scan_layers:
     params = transformer.stack_layers(params)
 
   model = models.build_model(config.model, tokenizer.vocab_size)
@@ -419,13 +421,13 @@ def import_gpt2(hf_dir: str, workdir: str,
   param_dtype = jnp.dtype(config.model.param_dtype)
   params = jax.tree.map(lambda x: jnp.asarray(x, param_dtype), params)
   # A fresh optimizer state, as training would start with: the checkpoint then has
-  # exactly the structure train.load_trained and a resumed run restore.
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  # exactly the structure workdir_lib.load_trained and a resumed run restore.
+  state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=tx.init(params))
 
   os.makedirs(workdir, exist_ok=True)
   tokenizer.save(workdir)
-  train.save_config(config, workdir)
+  workdir_lib.save_config(config, workdir)
   checkpointer = ckpt_lib.Checkpointer(workdir)
   checkpointer.save(0, state, {'next_example': 0})
   checkpointer.wait()
@@ -443,10 +445,10 @@ def _exportable_weights(config: ml_collections.ConfigDict, params: Any,
   if m.name != 'transformer':
     raise ValueError(f'{workdir}: model.name={m.name!r}; only the Transformer has a GPT-2 '
                      'counterpart.')
-  if m.get('lora_rank', 0):
+  if m.lora_rank:
     raise ValueError(f'{workdir}: model.lora_rank={m.lora_rank}; merge the adapters first '
-                     '(train.load_trained does).')
-  if not m.get('causal', True):
+                     '(workdir_lib.load_trained does).')
+  if not m.causal:
     raise ValueError(f'{workdir}: model.causal=False, a bidirectional encoder; GPT-2 is a '
                      'left-to-right decoder.')
   unknown = sorted(set(m.keys()) - set(_EXPORTABLE_MODEL_FIELDS))
@@ -454,7 +456,7 @@ def _exportable_weights(config: ml_collections.ConfigDict, params: Any,
     raise ValueError(
         f'{workdir}: model config fields {unknown} are unknown to the GPT-2 exporter, which '
         'cannot tell whether GPT-2 represents them; teach lmjax/hf.py about them first.')
-  if m.get('scan_layers', False):
+  if m.scan_layers:
     params = transformer.unstack_layers(params)
   try:
     weights = _params_to_hf(params, m.num_layers)
@@ -473,7 +475,7 @@ def _exportable_weights(config: ml_collections.ConfigDict, params: Any,
 
 def _hf_config_for(config: ml_collections.ConfigDict, tokenizer) -> dict:
   m = config.model
-  d_ff = m.get('d_ff') or 4 * m.d_model
+  d_ff = m.d_ff or 4 * m.d_model
   return {
       'architectures': ['GPT2LMHeadModel'],
       'model_type': 'gpt2',
@@ -516,7 +518,7 @@ def export_gpt2(workdir: str, hf_dir: str, step: int | None = None) -> int:
   if os.path.exists(os.path.join(hf_dir, HF_WEIGHTS_FILE)):
     raise ValueError(f'{hf_dir} already holds {HF_WEIGHTS_FILE}; export to a new directory '
                      'or delete that one.')
-  config, tokenizer, params, step = train.load_trained(workdir, step)
+  config, tokenizer, params, step = workdir_lib.load_trained(workdir, step)
   weights = _exportable_weights(config, jax.device_get(params), workdir)
 
   os.makedirs(hf_dir, exist_ok=True)

@@ -75,3 +75,13 @@ def summarize(sums: dict, bits_per_char: bool = False, class_names=()) -> dict:
   if bits_per_char:
     out['bits_per_char'] = loss / math.log(2)
   return out
+
+
+def confusion_table(confusion: list[list[int]], class_names) -> str:
+  """A Markdown table of a confusion matrix (rows: true class, columns: predicted), as
+  TensorBoard's text tab and a terminal both show it."""
+  lines = ['| true \\ predicted | ' + ' | '.join(class_names) + ' |',
+           '| --- |' + ' ---: |' * len(class_names)]
+  for name, row in zip(class_names, confusion):
+    lines.append(f'| {name} | ' + ' | '.join(str(n) for n in row) + ' |')
+  return '\n'.join(lines)

@@ -4,6 +4,7 @@ import ctypes
 import os
 import signal
 import sys
+import threading
 
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -47,7 +48,7 @@ def split_cpu(num_devices: int) -> str | None:
   The sum of the devices' gradients is rounded differently from one device's.
   """
   if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices < 0:
-    from lmjax.errors import UserError  # noqa: PLC0415
+    from lmjax.errors import UserError
     raise UserError(f'mesh.cpu_devices={num_devices!r}: give a whole number of CPU devices, '
                     'or 0 for JAX\'s one.')
   if num_devices == 0:
@@ -58,9 +59,9 @@ def split_cpu(num_devices: int) -> str | None:
             f'{_CPU_COUNT_FLAG}.')
   if 'jax' in sys.modules:
     try:  # JAX's own check; it has no public one
-      from jax._src.xla_bridge import backends_are_initialized  # noqa: PLC0415
+      from jax._src.xla_bridge import backends_are_initialized
     except ImportError:
-      backends_are_initialized = lambda: False  # noqa: E731
+      backends_are_initialized = lambda: False
     if backends_are_initialized():
       return (f'mesh.cpu_devices={num_devices} not applied: JAX had already started; '
               'set it before the first JAX call.')
@@ -102,9 +103,9 @@ def start_distributed(coordinator_address: str | None = None, num_processes: int
   command. On CPU the collectives go through gloo, so several processes on one machine
   (the tests) or on several make one run.
   """
-  import jax  # noqa: PLC0415  (callers set flags and the environment first)
+  import jax  # callers set flags and the environment first
 
-  from lmjax.errors import UserError  # noqa: PLC0415
+  from lmjax.errors import UserError
 
   if coordinator_address and (num_processes is None or process_id is None):
     raise UserError('--coordinator_address needs --num_processes and --process_id as well '
@@ -120,3 +121,45 @@ def start_distributed(coordinator_address: str | None = None, num_processes: int
                     f'{str(e).strip().splitlines()[0][:300]}). Check that every process was '
                     'given the same --coordinator_address and --num_processes, and that '
                     'process 0 is reachable there.') from None
+
+
+class StopSignals:
+  """While active, SIGTERM (preemption) and SIGINT (Ctrl-C) ask the loop to stop after the
+  current step and write its checkpoint; a second Ctrl-C aborts at once. On several
+  processes JAX's preemption sync point picks the step, the same on every host."""
+
+  def __init__(self):
+    self.received = None  # the signal's name once one came
+    self._previous = {}
+    import jax  # here: this module is read before JAX starts
+    self._multihost = jax.process_count() > 1
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT,) if self._multihost else (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.received is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    if self.received == signal.Signals(signum).name:
+      return  # the same notice again (a sweep's death and its own SIGTERM): said already
+    self.received = signal.Signals(signum).name
+    # os.write, not print: a handler may run in the middle of another print.
+    os.write(1, f'\n{self.received} received: stopping after this step, once its '
+                'checkpoint is written (press Ctrl-C again to abort without it).\n'.encode())
+
+  def should_stop(self, step: int) -> bool:
+    if self._multihost:
+      from jax.experimental import multihost_utils
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.received = self.received or 'preemption notice'
+        return True
+      return False
+    return self.received is not None

@@ -65,7 +65,7 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
   """The device mesh of `mesh.shape` (within a slice or host) times `mesh.dcn_shape`
   (across them), axes MESH_AXES."""
   devices = jax.devices() if devices is None else list(devices)
-  dcn = tuple(int(s) for s in mesh_config.get('dcn_shape', (1, 1, 1)))
+  dcn = tuple(int(s) for s in mesh_config.dcn_shape)
   if len(dcn) != len(MESH_AXES) or any(s < 1 for s in dcn):
     raise UserError(f'mesh.dcn_shape={dcn} must have {len(MESH_AXES)} positive entries, '
                     f'one per mesh axis {MESH_AXES}; (1, 1, 1) for a single slice or host.')

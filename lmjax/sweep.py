@@ -30,7 +30,7 @@ TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
                             'experiments', 'train.py')
 SWEEP_FILE = 'sweep.json'  # in the root: the config and the points, to resume and summarize
 LOG_FILE = 'train.log'  # in each point's workdir: its train.py output, appended per attempt
-RESULT_FILE = 'result.json'  # in each point's workdir, once finished (see lmjax/train.py)
+RESULT_FILE = 'result.json'  # in each point's workdir, once finished (lmjax/workdir.py)
 
 
 # ------------------------------------------------------------------------ making points
@@ -173,13 +173,13 @@ def load_points(config_spec: str) -> list[Point]:
         _set_field(config, field, value)
       except (KeyError, AttributeError) as e:
         raise UserError(f'sweep point {name}: the config has no field {field} ({e}); every '
-                        f'field is listed in {path}.') from None
+                        'field is listed in docs/reference/config.md.') from None
       except TypeError as e:
         raise UserError(f'sweep point {name}: {field}={value!r} does not fit the config '
                         f'field ({e}).') from None
-    from lmjax import sharding, train  # noqa: PLC0415  (heavy; only for the checks)
+    from lmjax import config as config_lib, sharding  # heavy; only for the checks
     try:  # the checks train.py makes at start-up, before any point trains
-      train.validate_config(config, sharding.make_mesh(config.mesh))
+      config_lib.validate_config(config, sharding.make_mesh(config.mesh))
     except UserError as e:
       raise UserError(f'sweep point {name}: {e}') from None
   return [Point(n, dict(o)) for n, o in zip(names, overrides)]
@@ -296,7 +296,7 @@ def run(config_spec: str, root: str, *, parallel: int = 1, dry_run: bool = False
         workdir = os.path.join(root, p.name)
         os.makedirs(workdir, exist_ok=True)
         resumed = point_status(workdir) == 'interrupted'
-        log = open(os.path.join(workdir, LOG_FILE), 'a')  # noqa: SIM115  (closed by the child's end)
+        log = open(os.path.join(workdir, LOG_FILE), 'a')  # closed by the child's end
         log.write(f'\n=== {time.strftime("%Y-%m-%d %H:%M:%S")} '
                   f'{shlex.join(train_command(config_spec, workdir, p.overrides))}\n')
         log.flush()
@@ -402,9 +402,9 @@ def _write_markdown(path: str, config_spec: str, columns: list[str], rows: list[
 def plot_curves(path: str, curves: dict[str, dict[str, dict[int, float]]],
                 title: str = '') -> dict[str, str]:
   """Train and eval loss against step, one colour per point; returns {point: colour}."""
-  import matplotlib  # noqa: PLC0415  (only summaries need it)
+  import matplotlib  # only summaries need it
   matplotlib.use('Agg')
-  from matplotlib import pyplot as plt  # noqa: PLC0415
+  from matplotlib import pyplot as plt
 
   cmap = plt.get_cmap('tab10' if len(curves) <= 10 else 'tab20')
   colors = {name: matplotlib.colors.to_hex(cmap(i % cmap.N)) for i, name in enumerate(curves)}

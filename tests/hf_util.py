@@ -46,9 +46,9 @@ def make_tiny_gpt2_dir(path: str, seed: int = 0, vocab_size: int = 512, n_layer:
   every parameter (LayerNorm scales and biases too) gets a little noise, so that a
   conversion that mixed up biases or norms could not pass as correct.
   """
-  import tokenizers  # noqa: PLC0415  (optional dependencies, imported on use)
-  import torch  # noqa: PLC0415
-  import transformers  # noqa: PLC0415
+  import tokenizers  # optional dependencies, imported on use
+  import torch
+  import transformers
 
   os.makedirs(path, exist_ok=True)
   bpe = tokenizers.ByteLevelBPETokenizer()

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from configs import authorship, shakespeare_char
-from lmjax import events, evaluation, finetune, losses, train
+from lmjax import evaluation, events, finetune, generation, losses, state as state_lib, tasks, train
+from lmjax import workdir as workdir_lib
 from lmjax.data import corpora
 from lmjax.errors import UserError
 from lmjax.models import rnn, transformer
@@ -51,7 +52,7 @@ def test_confusion_counts_weighted_rows_by_true_and_predicted_class():
 def test_balanced_weights_give_each_class_the_same_total():
   labels = np.array([0, 2, 0, 0, 2, 0])  # class 1 is absent
   counts = np.bincount(labels, minlength=3)
-  weights = train.balanced_weights(labels, counts)
+  weights = tasks.balanced_weights(labels, counts)
   assert weights.mean() == pytest.approx(1.0)
   assert weights[labels == 0].sum() == pytest.approx(weights[labels == 2].sum())
   np.testing.assert_allclose(weights, [0.75, 1.5, 0.75, 0.75, 1.5, 0.75])
@@ -99,8 +100,8 @@ def runs(tmp_path_factory):
 
 def test_a_language_model_becomes_a_classifier_with_all_but_its_head(runs):
   base, _, config = runs
-  _, _, base_params, _ = train.load_trained(base)
-  model = train.build_model(config, len(base_params['token_embed']['embedding']))
+  _, _, base_params, _ = workdir_lib.load_trained(base)
+  model = state_lib.build_model(config, len(base_params['token_embed']['embedding']))
   abstract = jax.eval_shape(lambda: nn.meta.unbox(
       model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -116,7 +117,7 @@ def test_a_language_model_becomes_a_classifier_with_all_but_its_head(runs):
 
 def test_metrics_reach_tensorboard_result_json_and_evaluate(runs):
   _, tuned, _ = runs
-  with open(os.path.join(tuned, train.RESULT_FILE)) as f:
+  with open(os.path.join(tuned, workdir_lib.RESULT_FILE)) as f:
     final = json.load(f)['eval']
   assert final['classes'] == list(corpora.class_names('authorship'))
   confusion = np.array(final['confusion_matrix'])
@@ -143,6 +144,6 @@ def test_metrics_reach_tensorboard_result_json_and_evaluate(runs):
 
 def test_a_classifier_generates_no_text(runs):
   _, tuned, _ = runs
-  config, tokenizer, params, _ = train.load_trained(tuned)
+  config, tokenizer, params, _ = workdir_lib.load_trained(tuned)
   with pytest.raises(UserError, match='classifier.*evaluate.py'):
-    train.generate_texts(config, params, tokenizer, ['To be'], max_new_tokens=4)
+    generation.generate_texts(config, params, tokenizer, ['To be'], max_new_tokens=4)

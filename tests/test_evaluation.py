@@ -10,7 +10,7 @@ import jax
 import pytest
 
 from configs import rnn_shakespeare_char, shakespeare_char
-from lmjax import evaluation, train
+from lmjax import evaluation, train, workdir as workdir_lib
 from lmjax.data import corpora
 from lmjax.errors import UserError
 
@@ -26,7 +26,7 @@ def _train(workdir, family, devices=None, **train_overrides):
   config.opt.warmup_steps = 1
   config.lock()
   train.train_and_evaluate(config, workdir, devices)
-  with open(os.path.join(workdir, train.RESULT_FILE)) as f:
+  with open(os.path.join(workdir, workdir_lib.RESULT_FILE)) as f:
     return json.load(f)
 
 

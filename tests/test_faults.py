@@ -17,7 +17,7 @@ import pytest
 from configs import shakespeare_char
 from lmjax import checkpoint as ckpt_lib
 from lmjax import events
-from lmjax import train
+from lmjax import generation, train, workdir as workdir_lib
 from lmjax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +41,7 @@ def train_command(workdir, *extra):
 
 
 def final_params(workdir):
-  _, _, params, step = train.load_trained(workdir)
+  _, _, params, step = workdir_lib.load_trained(workdir)
   return step, jax.device_get(params)
 
 
@@ -151,8 +151,8 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped_and_counted(tmp_path
 
   skip = str(tmp_path / 'skip')
   train.train_and_evaluate(config('skip'), skip)
-  _, _, after_1, _ = train.restore_state(skip, 1)
-  _, _, after_4, _ = train.restore_state(skip, 4)
+  _, _, after_1, _ = workdir_lib.restore_state(skip, 1)
+  _, _, after_4, _ = workdir_lib.restore_state(skip, 4)
   assert int(after_4.step) == 4
   # No NaN update reached the parameters or the optimizer (Adam's count stayed at 1).
   for a, b in zip(jax.tree.leaves((after_1.params, after_1.opt_state)),
@@ -178,7 +178,7 @@ def test_a_changed_config_is_refused_and_a_changed_shape_names_the_parameter(ref
                                       r'there and \(96,\) here'):
     train.train_and_evaluate(wider, workdir, allow_config_change=True)
   # The workdir still describes its checkpoints, so decoding it works as before.
-  assert train.load_config(workdir).model.d_model == 64
+  assert workdir_lib.load_config(workdir).model.d_model == 64
 
 
 def test_a_field_added_by_a_newer_lmjax_does_not_block_resuming(reference, tmp_path, capsys):
@@ -192,7 +192,7 @@ def test_a_field_added_by_a_newer_lmjax_does_not_block_resuming(reference, tmp_p
   del saved['train']['profile_steps']
   with open(path, 'w') as f:
     json.dump(saved, f)
-  train.check_config_change(tiny_config(), workdir)
+  workdir_lib.check_config_change(tiny_config(), workdir)
   assert "fields that differ in presence: train.profile_steps: (absent) -> '[]'" in (
       capsys.readouterr().out)
 
@@ -208,7 +208,7 @@ def test_an_unreadable_latest_checkpoint_is_named_and_training_resumes_before_it
         f.write(b'\x00garbage')
   # Decoding names it and the other steps; it does not guess.
   with pytest.raises(UserError, match=r'checkpoint 40 .* cannot be read .*steps 20, 30'):
-    train.load_trained(workdir)
+    workdir_lib.load_trained(workdir)
   capsys.readouterr()
   train.train_and_evaluate(tiny_config(), workdir)
   out = capsys.readouterr().out
@@ -246,8 +246,8 @@ def test_loading_a_workdir_runs_no_code_from_it(reference, tmp_path):
   active = [True]
   sys.addaudithook(lambda event, args: audit(event, args) if active[0] else None)
   try:
-    config, tokenizer, params, _ = train.load_trained(workdir)
-    train.generate_texts(config, params, tokenizer, ['ROMEO:'], max_new_tokens=4,
+    config, tokenizer, params, _ = workdir_lib.load_trained(workdir)
+    generation.generate_texts(config, params, tokenizer, ['ROMEO:'], max_new_tokens=4,
                          strategy='greedy')
   finally:
     active[0] = False  # an audit hook cannot be removed, only silenced

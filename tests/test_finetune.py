@@ -10,7 +10,7 @@ import pytest
 
 from configs import rnn_shakespeare_char, shakespeare_char
 from lmjax import checkpoint as ckpt_lib
-from lmjax import evaluation, finetune, models, train
+from lmjax import evaluation, finetune, models, train, workdir as workdir_lib
 from lmjax.data import pipeline, tokenizers
 from lmjax.models import transformer
 
@@ -82,8 +82,8 @@ def test_init_from_copies_the_base_parameters_exactly_onto_another_mesh(base, tm
   out = capsys.readouterr().out
   assert f'Fine-tuning from {base}, step 40' in out
   assert 'data.drop_unknown_chars: dropped' in out  # Milton has symbols Shakespeare lacks
-  _, tokenizer, params, _ = train.load_trained(workdir)
-  _, base_tokenizer, base_params, _ = train.load_trained(base)
+  _, tokenizer, params, _ = workdir_lib.load_trained(workdir)
+  _, base_tokenizer, base_params, _ = workdir_lib.load_trained(base)
   assert tokenizer.chars == base_tokenizer.chars
   got, expected = _flat(params), _flat(base_params)
   assert got.keys() == expected.keys()
@@ -96,7 +96,8 @@ def test_frozen_parts_do_not_change_are_stored_once_and_resume_exactly(base, tmp
   shutil.copytree(base, moved_base)
   config = _milton(moved_base, train=dict(freeze=('token_embed', 'layer_0/')))
   train.train_and_evaluate(config, workdir)
-  got, before = _flat(train.load_trained(workdir)[2]), _flat(train.load_trained(base)[2])
+  got = _flat(workdir_lib.load_trained(workdir)[2])
+  before = _flat(workdir_lib.load_trained(base)[2])
   frozen = {n for n in got if n.startswith(('token_embed', 'layer_0/'))}
   assert frozen and len(frozen) < len(got)
   for name in got:
@@ -114,7 +115,7 @@ def test_frozen_parts_do_not_change_are_stored_once_and_resume_exactly(base, tmp
   shutil.copytree(workdir, resumed)
   shutil.rmtree(os.path.join(resumed, 'checkpoints', '6'))
   train.train_and_evaluate(config, resumed)
-  for name, value in _flat(train.load_trained(resumed)[2]).items():
+  for name, value in _flat(workdir_lib.load_trained(resumed)[2]).items():
     np.testing.assert_array_equal(value, got[name], err_msg=name)
 
 
@@ -126,10 +127,10 @@ def test_lora_trains_only_the_adapters_and_decodes_merged(base, tmp_path):
   assert saved and all(finetune.is_lora(n) for n in saved)
   assert {n.split('/')[-2] for n in saved} == {'query', 'value', 'dense_in'}
 
-  restored_config, tokenizer, state, _ = train.restore_state(workdir)
+  restored_config, tokenizer, state, _ = workdir_lib.restore_state(workdir)
   for name, value in _flat(state.frozen).items():  # the base, untouched
-    np.testing.assert_array_equal(value, _flat(train.load_trained(base)[2])[name])
-  decode_config, _, merged, _ = train.load_trained(workdir)
+    np.testing.assert_array_equal(value, _flat(workdir_lib.load_trained(base)[2])[name])
+  decode_config, _, merged, _ = workdir_lib.load_trained(workdir)
   assert decode_config.model.lora_rank == 0
   assert not any(finetune.is_lora(n) for n in _flat(merged))
 

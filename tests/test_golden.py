@@ -53,7 +53,7 @@ def _digest(x) -> str:
 def observe(config, devices: int, workdir: str) -> dict:
   """What a run leaves behind that must not change: its logged scalars and texts, its
   result, and a digest of each final parameter."""
-  from lmjax import train  # noqa: PLC0415  (after conftest's device setup)
+  from lmjax import train, workdir as workdir_lib
   train.train_and_evaluate(config, workdir, devices=jax.devices()[:devices])
   scalars = {tag: {str(s): v for s, v in sorted(values.items())}
              for tag, values in events.read_scalars(workdir).items() if tag not in TIMED}
@@ -61,7 +61,7 @@ def observe(config, devices: int, workdir: str) -> dict:
   with open(os.path.join(workdir, 'result.json')) as f:
     result = json.load(f)
   del result['train_seconds']
-  _, _, params, _ = train.load_trained(workdir)
+  _, _, params, _ = workdir_lib.load_trained(workdir)
   leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
   digests = {jax.tree_util.keystr(path): _digest(leaf) for path, leaf in leaves}
   return {'scalars': scalars, 'texts': texts, 'result': result, 'params': digests}
@@ -69,7 +69,7 @@ def observe(config, devices: int, workdir: str) -> dict:
 
 def _texts(workdir: str) -> dict:
   """{tag: {step: text}} of the text summaries but the config (whose JSON lists fields)."""
-  from tensorboard.backend.event_processing import event_accumulator  # noqa: PLC0415
+  from tensorboard.backend.event_processing import event_accumulator
   acc = event_accumulator.EventAccumulator(workdir, size_guidance={'tensors': 0})
   acc.Reload()
   tags = [tag for tag in acc.Tags()['tensors'] if tag != 'config' and

@@ -13,7 +13,7 @@ _NEEDS = "the Hugging Face tests need transformers and torch: pip install -e '.[
 transformers = pytest.importorskip('transformers', reason=_NEEDS)
 torch = pytest.importorskip('torch', reason=_NEEDS)
 
-from lmjax import hf, models, train  # noqa: E402
+from lmjax import hf, models, train, workdir as workdir_lib  # noqa: E402
 from lmjax.data import tokenizers  # noqa: E402
 from tests import hf_util  # noqa: E402
 
@@ -75,7 +75,7 @@ def random_ids():
 
 
 def test_imported_model_gives_the_logits_of_transformers(workdir, hf_model, random_ids):
-  config, tokenizer, params, step = train.load_trained(workdir)
+  config, tokenizer, params, step = workdir_lib.load_trained(workdir)
   assert step == 0 and tokenizer.kind == 'gpt2_bpe' and tokenizer.vocab_size == 512
   assert (config.model.num_layers, config.model.num_heads, config.model.d_model,
           config.model.max_len, config.data.tokenizer) == (2, 4, 64, 64, 'gpt2_bpe')
@@ -204,7 +204,7 @@ def _rewrite_weights(hf_dir, tmp_path, lm_head_offset):
 def test_unprefixed_names_buffers_and_a_tied_head_import(hf_dir, hf_model, random_ids, tmp_path):
   workdir = str(tmp_path / 'workdir')
   hf.import_gpt2(_rewrite_weights(hf_dir, tmp_path, lm_head_offset=0.0), workdir)
-  config, tokenizer, params, _ = train.load_trained(workdir)
+  config, tokenizer, params, _ = workdir_lib.load_trained(workdir)
   model = models.build_model(config.model, tokenizer.vocab_size)
   ids = random_ids[1]
   np.testing.assert_allclose(np.asarray(model.apply({'params': params}, ids)),
@@ -261,7 +261,7 @@ def test_import_script_then_decode_script(hf_dir, tmp_path):
 def test_lora_on_an_imported_gpt2_exports_merged(workdir, hf_model, random_ids, tmp_path):
   """An imported GPT-2 is a base like any other: LoRA-tune it briefly, export the merged
   model, and transformers gives lmjax's logits, which the adapters have moved."""
-  config = train.load_config(workdir)
+  config = workdir_lib.load_config(workdir)
   config.init_from.workdir = workdir
   config.model.update(lora_rank=4, dropout=0.0)
   config.opt.update(lr=1e-2, warmup_steps=0)
@@ -272,7 +272,7 @@ def test_lora_on_an_imported_gpt2_exports_merged(workdir, hf_model, random_ids, 
   exported = str(tmp_path / 'exported')
   assert hf.export_gpt2(lora_workdir, exported) == 2  # the step exported
   model = transformers.GPT2LMHeadModel.from_pretrained(exported).eval()
-  merged_config, tokenizer, params, _ = train.load_trained(lora_workdir)
+  merged_config, tokenizer, params, _ = workdir_lib.load_trained(lora_workdir)
   lmjax_model = models.build_model(merged_config.model, tokenizer.vocab_size)
   ids = random_ids[1]
   ours = np.asarray(lmjax_model.apply({'params': params}, ids))

@@ -13,7 +13,7 @@ transformers = pytest.importorskip(
     'transformers', reason="needs the 'hf' extra: pip install -e '.[hf]'")
 torch = pytest.importorskip('torch', reason="needs the 'hf' extra: pip install -e '.[hf]'")
 
-from lmjax import decode, hf, train  # noqa: E402
+from lmjax import decode, hf, workdir as workdir_lib  # noqa: E402
 from lmjax.models import transformer  # noqa: E402
 from tests import hf_util  # noqa: E402
 
@@ -31,7 +31,7 @@ def models(tmp_path_factory):
   hf_model.save_pretrained(hf_dir, safe_serialization=True)
   workdir = str(root / 'lmjax')
   hf.import_gpt2(hf_dir, workdir)
-  config, tokenizer, params, _ = train.load_trained(workdir)
+  config, tokenizer, params, _ = workdir_lib.load_trained(workdir)
   assert tokenizer.eos_id == eos
   return hf_model, config, params, eos
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import shakespeare_char
-from lmjax import evaluation, train
+from lmjax import evaluation, tasks, train, workdir as workdir_lib
 from lmjax.data import pipeline
 from lmjax.errors import UserError
 
@@ -56,7 +56,7 @@ def test_a_mixture_run_reports_each_task_and_evaluate_scores_each_by_name(tmp_pa
   config.train.update(num_steps=4, eval_every=4, checkpoint_every=4, sample_tokens=0)
   config.opt.warmup_steps = 1
   train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
-  with open(os.path.join(workdir, train.RESULT_FILE)) as f:
+  with open(os.path.join(workdir, workdir_lib.RESULT_FILE)) as f:
     final = json.load(f)['eval']
   for task in ('shakespeare', 'milton'):
     assert {f'{task}/loss', f'{task}/accuracy', f'{task}/bits_per_char'} <= set(final)
@@ -75,4 +75,4 @@ def test_a_bad_mixture_is_refused_naming_the_field(mixture):
   config = shakespeare_char.get_config('tiny')
   config.data.mixture = mixture
   with pytest.raises(UserError, match='data.mixture'):
-    train.mixture_tasks(config)
+    tasks.mixture_weights(config)

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from configs import shakespeare_char
-from lmjax import evaluation, train
+from lmjax import evaluation, generation, train, workdir as workdir_lib
 from lmjax.data import pipeline
 from lmjax.errors import UserError
 from lmjax.models import transformer
@@ -89,7 +89,7 @@ def test_a_masked_lm_trains_and_evaluate_reproduces_its_last_evaluation(tmp_path
   assert again['accuracy'] == pytest.approx(logged['accuracy'], rel=1e-6)
   # About 15% of the validation split's characters are scored.
   assert 0.14 < again['num_tokens'] / 245000 < 0.16
-  config, tokenizer, params, _ = train.load_trained(workdir)
+  config, tokenizer, params, _ = workdir_lib.load_trained(workdir)
   assert params['token_embed']['embedding'].shape[0] == tokenizer.vocab_size + 1  # the mask
   with pytest.raises(UserError, match='encoder'):
-    train.generate_texts(config, params, tokenizer, ['To be'], max_new_tokens=4)
+    generation.generate_texts(config, params, tokenizer, ['To be'], max_new_tokens=4)

@@ -16,7 +16,7 @@ import pytest
 
 from configs import shakespeare_char
 from lmjax import checkpoint as ckpt_lib
-from lmjax import train
+from lmjax import train, workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = dict(num_steps=12, checkpoint_every=6, eval_every=12, log_every=3, sample_tokens=10)
@@ -64,7 +64,7 @@ def _finish(processes, timeout=300) -> list[str]:
 
 
 def _params(workdir, step):
-  return jax.device_get(train.restore_state(workdir, step)[2].params)
+  return jax.device_get(workdir_lib.restore_state(workdir, step)[2].params)
 
 
 def _assert_close(a, b):

@@ -1,5 +1,6 @@
 """Recurrent LMs through the same training loop, checkpoints and decoder as the Transformer:
 stateful truncated BPTT on the real Shakespeare corpus, with a tiny LSTM."""
+import functools
 import os
 import shutil
 import subprocess
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 
 from configs import rnn_shakespeare_char, shakespeare_char
-from lmjax import models, sharding, train
+from lmjax import generation, models, sharding, state as state_lib, steps, train
+from lmjax import workdir as workdir_lib
 from lmjax.data import pipeline, tokenizers
 from lmjax.models import rnn
 
@@ -33,7 +35,7 @@ def tiny_config(variant='tiny', **train_overrides):
 
 def _restore(workdir, step):
   """(params, carry) of a stateful checkpoint, on the host."""
-  _, _, state, _ = train.restore_state(workdir, step)
+  _, _, state, _ = workdir_lib.restore_state(workdir, step)
   return jax.device_get(state.params), jax.device_get(state.carry)
 
 
@@ -70,11 +72,11 @@ def test_carry_lowers_the_loss_on_contiguous_text(trained):
   with jax.set_mesh(mesh):
     stream = pipeline.stream_eval_set(tokens, seq_len=t.seq_len, batch_size=t.eval_batch_size,
                                       eos_id=tokenizer.eos_id)
-    carried = train.evaluate(jax.jit(lambda p, b, c: train.stateful_eval_step(p, b, c, model=model)),
+    carried = steps.evaluate(jax.jit(functools.partial(steps.stateful_eval_step, model=model)),
                              params, stream, batch_sharding, True,
-                             train.eval_carry(model, mesh, t.eval_batch_size))
+                             state_lib.eval_carry(model, mesh, t.eval_batch_size))
     windows = pipeline.eval_set(tokens, seq_len=t.seq_len, batch_size=t.eval_batch_size)
-    reset = train.evaluate(jax.jit(lambda p, b: train.eval_step(p, b, model=model)), params,
+    reset = steps.evaluate(jax.jit(lambda p, b: steps.eval_step(p, b, model=model)), params,
                            windows, batch_sharding, True)
   assert carried['loss'] == pytest.approx(metrics['loss'], abs=1e-4)  # what training reported
   assert carried['loss'] < reset['loss'] - 0.02, (carried, reset)
@@ -99,7 +101,7 @@ def test_independent_windows_mode_trains_without_a_carry(tmp_path):
   config.opt.warmup_steps = 1
   metrics = train.train_and_evaluate(config, str(tmp_path))
   assert np.isfinite(metrics['loss'])
-  _, _, params, _ = train.load_trained(str(tmp_path))
+  _, _, params, _ = workdir_lib.load_trained(str(tmp_path))
   assert 'recurrent_kernel' in params['layer_0']
 
 
@@ -136,9 +138,9 @@ def test_stream_too_short_for_the_batch_is_named(tmp_path):
 
 def test_greedy_decoding_of_the_checkpoint_equals_stepping_the_lstm_by_hand(trained):
   _, workdir, _ = trained
-  config, tokenizer, params, _ = train.load_trained(workdir)
+  config, tokenizer, params, _ = workdir_lib.load_trained(workdir)
   prompt = 'ROMEO:\n'
-  result, = train.generate_texts(config, params, tokenizer, [prompt], max_new_tokens=40,
+  result, = generation.generate_texts(config, params, tokenizer, [prompt], max_new_tokens=40,
                                  strategy='greedy')
   model = models.build_model(config.model, tokenizer.vocab_size)
   logits, carry = model.apply({'params': params}, jax.numpy.asarray([tokenizer.encode(prompt)]),

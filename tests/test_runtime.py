@@ -31,7 +31,7 @@ def test_an_existing_device_count_or_a_started_jax_is_left_alone(monkeypatch):
   # conftest's XLA_FLAGS sets 8 devices: that count stands, with a note saying so.
   assert 'already sets' in runtime.split_cpu(2)
   monkeypatch.setenv('XLA_FLAGS', '')
-  import jax  # noqa: PLC0415
+  import jax
   jax.devices()  # JAX has started in this process
   assert 'had already started' in runtime.split_cpu(2)
   assert os.environ['XLA_FLAGS'] == ''

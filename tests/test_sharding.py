@@ -5,14 +5,13 @@ import itertools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import rnn_shakespeare_char, shakespeare_char
-from lmjax import optim, sharding, train
+from lmjax import config as config_lib, microbatch, optim, sharding, state as state_lib, steps
 from lmjax.data import corpora, pipeline, tokenizers
 from lmjax.errors import UserError
 
@@ -43,13 +42,13 @@ def _train(config, shakespeare, devices=None, compiled_texts=None):
   tokenizer, tokens = shakespeare
   t = config.train
   mesh = sharding.make_mesh(config.mesh, devices)
-  train.validate_config(config, mesh)
+  config_lib.validate_config(config, mesh)
   rules = sharding.rules_as_tuples(config.mesh.rules)
-  model = train.build_model(config, tokenizer.vocab_size)
+  model = state_lib.build_model(config, tokenizer.vocab_size)
   tx = optim.make_optimizer(config.opt, t.num_steps)
-  state, shardings = train.create_train_state(model, tx, mesh, rules, t.seed, t.seq_len,
-                                              carry_rows=train.carry_rows(config))
-  step_fn, _ = train.jit_steps(model, tx, mesh, rules, shardings,
+  state, shardings = state_lib.create_train_state(model, tx, mesh, rules, t.seed, t.seq_len,
+                                              carry_rows=state_lib.carry_rows(config))
+  step_fn, _ = steps.jit_steps(model, tx, mesh, rules, shardings,
                                microbatches=t.microbatches)
   if t.get('stateful', False):
     data = pipeline.stream_dataset(tokens, seq_len=t.seq_len, global_batch=t.batch_size,
@@ -61,7 +60,7 @@ def _train(config, shakespeare, devices=None, compiled_texts=None):
   batches = [pipeline.to_global(batch, batch_sharding)
              for batch in itertools.islice(data.as_numpy_iterator(), NUM_STEPS)]
   # As the training loop does: compiled under the mesh and the logical axis rules.
-  step_fn = train.compile_train_step(step_fn, state, batches[0], jax.random.key(1), mesh,
+  step_fn = steps.compile_train_step(step_fn, state, batches[0], jax.random.key(1), mesh,
                                      rules)
   if compiled_texts is not None:
     compiled_texts.append(step_fn.as_text())
@@ -159,7 +158,7 @@ def test_one_all_reduce_a_step_trains_what_one_a_slice_trains(family, shakespear
   config.model.dropout = 0.3
   texts = []
   summed, summed_state = _train(config, shakespeare, compiled_texts=texts)
-  monkeypatch.setattr(train, '_reduces_once', lambda state: False)
+  monkeypatch.setattr(microbatch, 'reduces_once', lambda carry: False)
   per_slice, per_slice_state = _train(config, shakespeare, compiled_texts=texts)
   assert _loop_all_reduces(texts[0]) == 0
   assert _loop_all_reduces(texts[1]) > 0
@@ -172,19 +171,24 @@ def test_one_all_reduce_a_step_trains_what_one_a_slice_trains(family, shakespear
     np.testing.assert_allclose(a, b, atol=2e-5)
 
 
+def _mesh_config(**fields):
+  mesh = config_lib.base_config().mesh
+  mesh.update(fields)
+  return mesh
+
+
 def test_bad_mesh_and_microbatch_settings_are_named():
-  mesh = sharding.make_mesh(ml_collections.ConfigDict({'shape': (-1, 1, 1)}))
+  mesh = sharding.make_mesh(config_lib.base_config().mesh)
   config = _config(shakespeare_char, (-1, 1, 1), microbatches=3)
   with pytest.raises(ValueError, match=r'train.microbatches=3: the batch of 16 must split'):
-    train.validate_config(config, mesh)
+    config_lib.validate_config(config, mesh)
   for shape, message in [((3, -1, 1), r'8 devices do not divide by 3'),
                          ((2, 2, 1), r'needs 4 devices but 8 are available'),
                          ((-1, -1, 1), r'at most one may be -1')]:
     with pytest.raises(ValueError, match=message):
-      sharding.make_mesh(ml_collections.ConfigDict({'shape': shape}))
+      sharding.make_mesh(_mesh_config(shape=shape))
   with pytest.raises(ValueError, match=r'mesh.dcn_shape=\(2, 1, 1\) asks for 2 processes'):
-    sharding.make_mesh(ml_collections.ConfigDict({'shape': (-1, 1, 1),
-                                                  'dcn_shape': (2, 1, 1)}))
+    sharding.make_mesh(_mesh_config(dcn_shape=(2, 1, 1)))
 
 
 def test_a_step_that_cannot_fit_is_refused_before_it_runs():
@@ -193,15 +197,15 @@ def test_a_step_that_cannot_fit_is_refused_before_it_runs():
   config = _config(shakespeare_char, (-1, 1, 1))
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_as_tuples(config.mesh.rules)
-  model = train.build_model(config, 85)
+  model = state_lib.build_model(config, 85)
   tx = optim.make_optimizer(config.opt, config.train.num_steps)
-  state, shardings = train.create_train_state(model, tx, mesh, rules, 0, 32)
-  step_fn, _ = train.jit_steps(model, tx, mesh, rules, shardings)
+  state, shardings = state_lib.create_train_state(model, tx, mesh, rules, 0, 32)
+  step_fn, _ = steps.jit_steps(model, tx, mesh, rules, shardings)
   window = jax.ShapeDtypeStruct((2**22, 32), jnp.int32, sharding=sharding.batch_sharding(mesh))
   with pytest.raises(UserError, match=r'this config does not fit: the train step needs '
                      r'[\d,.]+ MiB on each cpu device and one has [\d,.]+ MiB\. Lower '
                      r'train.batch_size'):
-    train.compile_train_step(step_fn, state, {'inputs': window, 'targets': window},
+    steps.compile_train_step(step_fn, state, {'inputs': window, 'targets': window},
                              jax.random.key(0), mesh, rules)
 
 

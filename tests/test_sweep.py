@@ -185,8 +185,8 @@ def test_killed_sweep_resumes_skips_finished_points_and_summarizes(tmp_path, mon
   assert all(f'| {n} |' in markdown for n in names)
 
   # A real PNG, one curve per point: each point's colour is drawn in it.
-  from matplotlib import colors as mcolors  # noqa: PLC0415
-  from matplotlib import image  # noqa: PLC0415
+  from matplotlib import colors as mcolors
+  from matplotlib import image
   path = os.path.join(root, 'curves.png')
   with open(path, 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'

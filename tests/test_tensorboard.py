@@ -17,7 +17,7 @@ import jax
 import pytest
 
 from configs import shakespeare_char
-from lmjax import events, train
+from lmjax import events, train, workdir as workdir_lib
 
 RUN = 'tiny'  # the run's directory under the logdir, and so its name in TensorBoard
 NUM_STEPS = 20
@@ -108,9 +108,9 @@ class Server:
 
 @pytest.fixture(scope='module')
 def served(tmp_path_factory, request):
-  """A tiny run in LOGDIR/tiny, served by TensorBoard on LOGDIR, as `--logdir runs` in the
-  README (the HParams tab shows no metrics for a logdir that is the run itself; see below).
-  Returns (server, workdir, config, the sample the run printed)."""
+  """A tiny run in LOGDIR/tiny, served by TensorBoard on LOGDIR, as `--logdir runs` in
+  docs/guide/tensorboard.md (the HParams tab shows no metrics for a logdir that is the run
+  itself; see below). Returns (server, workdir, config, the sample the run printed)."""
   logdir = tmp_path_factory.mktemp('tensorboard')
   (logdir / 'runs').mkdir()
   # The server starts before training: its start-up (it imports TensorFlow) then overlaps
@@ -204,7 +204,7 @@ def test_hparams_tab_shows_the_config_and_final_metrics(served):
   assert hparams['train.batch_size'] == config.train.batch_size
   assert hparams['model.name'] == config.model.name
   assert hparams['data.tokenizer'] == config.data.tokenizer
-  with open(os.path.join(workdir, train.RESULT_FILE)) as f:
+  with open(os.path.join(workdir, workdir_lib.RESULT_FILE)) as f:
     assert hparams['num_params'] == json.load(f)['num_params']
   # The metric columns hold each scalar's last value. They stay empty when --logdir is the
   # workdir itself: the run is then named '.', and TensorBoard 2.21 looks for the session's

@@ -12,7 +12,7 @@ import pytest
 
 from configs import rnn_shakespeare_char, shakespeare_char
 from lmjax import checkpoint as ckpt_lib
-from lmjax import train
+from lmjax import train, workdir as workdir_lib
 from lmjax.events import read_scalars
 from lmjax.data import pipeline, tokenizers
 
@@ -28,7 +28,7 @@ def tiny_config(**train_overrides):
 
 
 def _restore_params(workdir, step):
-  _, _, params, _ = train.load_trained(workdir, step)
+  _, _, params, _ = workdir_lib.load_trained(workdir, step)
   return jax.device_get(params)
 
 
@@ -124,7 +124,7 @@ def test_eight_device_stateful_lstm_matches_one_device(tmp_path):
   for count in (8, 1):
     workdir = str(tmp_path / str(count))
     metrics = train.train_and_evaluate(config, workdir, devices=jax.devices()[:count])
-    _, _, state, _ = train.restore_state(workdir, 6)
+    _, _, state, _ = workdir_lib.restore_state(workdir, 6)
     results[count] = metrics, jax.device_get((state.params, state.carry))
   (metrics_8, state_8), (metrics_1, state_1) = results[8], results[1]
   assert metrics_8['loss'] == pytest.approx(metrics_1['loss'], abs=1e-5)

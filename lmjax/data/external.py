@@ -89,7 +89,7 @@ def builder(data_config) -> tfds.core.DatasetBuilder:
   """The prepared dataset `data_config.name` names, read from its files; UserError with the
   command that prepares it if it is not there."""
   check_name(data_config.name)
-  data_dir = data_config.get('data_dir') or None
+  data_dir = data_config.data_dir or None
   try:
     return read_only_builder.builder_from_files(_files_name(data_config.name),
                                                 data_dir=data_dir)
@@ -109,12 +109,12 @@ def _check_split_and_feature(builder_, data_config, split: str) -> int:
     num_documents = builder_.info.splits[split].num_examples
   except (KeyError, ValueError) as e:
     fields = [f'data.{field}' for field in ('train_split', 'eval_split')
-              if data_config.get(field) == split]
+              if data_config[field] == split]
     raise UserError(f'{" and ".join(fields) or "split"}={split!r} is not a split of '
                     f'{builder_.info.full_name}: {e} '
                     f'Its splits: {", ".join(builder_.info.splits)}; slices such as '
                     "'train[:-1000]' and 'train[-1000:]' cut one in two.") from None
-  feature_name = data_config.get('text_feature', 'text')
+  feature_name = data_config.text_feature
   features = builder_.info.features
   feature = features[feature_name] if feature_name in features else None
   if feature is None or feature.shape != () or feature.tf_dtype.name != 'string':
@@ -130,7 +130,7 @@ def documents(data_config, split: str) -> Iterator[list[str]]:
   """The split's texts in batches, in the order TFDS reads them (the same every time)."""
   builder_ = builder(data_config)
   _check_split_and_feature(builder_, data_config, split)
-  feature = data_config.get('text_feature', 'text')
+  feature = data_config.text_feature
   # Only the text is decoded; shuffle_files=False reads the shards in order.
   ds = builder_.as_dataset(split=split, shuffle_files=False,
                            decoders=tfds.decode.PartialDecoding({feature: True}))
@@ -166,7 +166,7 @@ def sample_texts(data_config, split: str, max_chars: int = TOKENIZER_SAMPLE_CHAR
 
 def cache_dir(data_config, workdir: str) -> str:
   """Where the token files go: data.cache_dir, or the workdir's tokens/."""
-  return data_config.get('cache_dir') or os.path.join(workdir, 'tokens')
+  return data_config.cache_dir or os.path.join(workdir, 'tokens')
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -180,9 +180,8 @@ def _describe(data_config, builder_, split: str, tokenizer) -> dict:
       'dataset': builder_.info.full_name,
       'split': split,
       'num_documents': builder_.info.splits[split].num_examples,
-      'text_feature': data_config.get('text_feature', 'text'),
-      'drop_unknown_chars': bool(tokenizer.kind == 'char' and
-                                 data_config.get('drop_unknown_chars', False)),
+      'text_feature': data_config.text_feature,
+      'drop_unknown_chars': bool(tokenizer.kind == 'char' and data_config.drop_unknown_chars),
       'tokenizer': tokenizer.kind,
       'vocab_size': tokenizer.vocab_size,
       'tokenizer_sha256': tokenizers.fingerprint(tokenizer),
@@ -195,7 +194,7 @@ def token_file(data_config, split: str, tokenizer, directory: str) -> tuple[str,
   _check_split_and_feature(builder_, data_config, split)
   description = _describe(data_config, builder_, split, tokenizer)
   key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
-  slug = lambda text: re.sub(r'[^A-Za-z0-9.]+', '_', text).strip('_')  # noqa: E731
+  slug = lambda text: re.sub(r'[^A-Za-z0-9.]+', '_', text).strip('_')
   stem = f'{slug(builder_.info.full_name)}-{slug(split)}-{key}'
   return os.path.join(directory, stem + '.bin'), description
 
@@ -236,7 +235,7 @@ def _locked(path: str):
   """Holds an exclusive lock on `path` (yields True), or yields False where the file
   system has no locks: then concurrent writers each write their own temporary file and
   the last rename wins, the same bytes."""
-  import fcntl  # noqa: PLC0415  (POSIX only)
+  import fcntl  # POSIX only
   with open(path, 'a') as f:
     try:
       fcntl.flock(f, fcntl.LOCK_EX)

@@ -36,14 +36,14 @@ def load_tokens(data_config, split: str, tokenizer, works=None,
   if external.is_external(data_config.name):
     if works is not None:
       raise ValueError('a tfds: dataset is read from its token file, not from works.')
-    directory = cache_dir or data_config.get('cache_dir')
+    directory = cache_dir or data_config.cache_dir
     if not directory:
       raise ValueError('a tfds: dataset needs cache_dir (or data.cache_dir): where its '
                        'token files go.')
     return external.load_tokens(data_config, split, tokenizer, directory)
   if works is None:
     works = corpora.load_split_texts(data_config.name, split, data_config.data_dir or None)
-  if data_config.get('drop_unknown_chars', False) and tokenizer.kind == 'char':
+  if data_config.drop_unknown_chars and tokenizer.kind == 'char':
     works = _drop_unknown_chars(works, tokenizer, split)
   pieces = []
   for _, text in works:
@@ -363,7 +363,7 @@ def load_examples(data_config, split: str, tokenizer, seq_len: int,
     passages = corpora.load_split_passages(data_config.name, split,
                                            data_config.data_dir or None)
   texts = [(title, text) for title, _, text, _ in passages]
-  if data_config.get('drop_unknown_chars', False) and tokenizer.kind == 'char':
+  if data_config.drop_unknown_chars and tokenizer.kind == 'char':
     texts = _drop_unknown_chars(texts, tokenizer, split)
   inputs = np.zeros((len(texts), seq_len), np.int32)
   mask = np.zeros((len(texts), seq_len), bool)

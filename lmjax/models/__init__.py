@@ -36,8 +36,7 @@ def build_model(model_config: Any, vocab_size: int, *, decode: bool = False,
         num_layers=model_config.num_layers,
         num_heads=model_config.num_heads,
         d_model=model_config.d_model,
-        # 0 or None: GPT-2's 4x expansion.
-        d_ff=model_config.get('d_ff') or 4 * model_config.d_model,
+        d_ff=model_config.d_ff or 4 * model_config.d_model,  # 0: GPT-2's 4x expansion
         max_len=model_config.max_len,
         dropout_rate=model_config.dropout,
         dtype=_dtype(model_config.dtype, 'model.dtype'),
@@ -45,12 +44,11 @@ def build_model(model_config: Any, vocab_size: int, *, decode: bool = False,
         decode=decode,
         lora=lora_spec(model_config),
         num_classes=num_classes,
-        causal=model_config.get('causal', True),
-        # Defaults for the fields a config.json saved before they existed lacks.
-        attention=model_config.get('attention', 'dot_product'),
-        attention_block=model_config.get('attention_block', 0),
-        remat=model_config.get('remat', 'none'),
-        scan_layers=model_config.get('scan_layers', False),
+        causal=model_config.causal,
+        attention=model_config.attention,
+        attention_block=model_config.attention_block,
+        remat=model_config.remat,
+        scan_layers=model_config.scan_layers,
     )
   if name in rnn.CELLS:
     return rnn.RecurrentLM(
@@ -74,7 +72,7 @@ def build_model(model_config: Any, vocab_size: int, *, decode: bool = False,
 
 def lora_spec(model_config: Any) -> transformer.LoraSpec | None:
   """The LoRA adapters `model_config` asks for (model.lora_rank > 0), else None."""
-  if not model_config.get('lora_rank', 0):
+  if not model_config.lora_rank:
     return None
   return transformer.LoraSpec(rank=model_config.lora_rank, alpha=model_config.lora_alpha,
                               targets=tuple(model_config.lora_targets))

@@ -458,8 +458,9 @@ class Transformer(nn.Module):
 
   Embeddings are tied: the output projection is the token embedding transposed.
   With `causal=False` it is a bidirectional encoder (BERT's masked-LM objective): the
-  logits at each position are for the token that stands there. With `decode=True` each call consumes T new tokens and extends the 'cache'
-  collection (see the module docstring); apply with `mutable=['cache']`.
+  logits at each position are for the token that stands there. With `decode=True` each
+  call consumes T new tokens and extends the 'cache' collection (see the module docstring);
+  apply with `mutable=['cache']`.
   """
 
   vocab_size: int
@@ -507,6 +508,25 @@ class Transformer(nn.Module):
                        f'{", ".join(REMAT_POLICIES)}.')
     super().__post_init__()
 
+  def _layer_fields(self) -> dict:
+    """The hyperparameters every DecoderLayer of this model takes."""
+    return dict(
+        num_heads=self.num_heads,
+        head_dim=self.d_model // self.num_heads,
+        d_ff=self.d_ff,
+        max_len=self.max_len,
+        init_stddev=self.init_stddev,
+        out_init_stddev=self.init_stddev / math.sqrt(2 * self.num_layers),
+        dropout_rate=self.dropout_rate,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        decode=self.decode,
+        lora=self.lora,
+        causal=self.causal,
+        attention=self.attention,
+        attention_block=self.attention_block,
+    )
+
   @nn.compact
   def __call__(self, ids_BxT: Array, *, train: bool = False,
                mask_BxT: Array | None = None) -> Array:
@@ -545,22 +565,7 @@ class Transformer(nn.Module):
     x_BxTxE = dropout.Dropout(self.dropout_rate)(x_BxTxE, deterministic=not train)
     x_BxTxE = nn.with_logical_constraint(x_BxTxE, RESIDUAL_AXES)
 
-    layer_fields = dict(
-        num_heads=self.num_heads,
-        head_dim=self.d_model // self.num_heads,
-        d_ff=self.d_ff,
-        max_len=self.max_len,
-        init_stddev=self.init_stddev,
-        out_init_stddev=self.init_stddev / math.sqrt(2 * self.num_layers),
-        dropout_rate=self.dropout_rate,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        decode=self.decode,
-        lora=self.lora,
-        causal=self.causal,
-        attention=self.attention,
-        attention_block=self.attention_block,
-    )
+    layer_fields = self._layer_fields()
     block = DecoderLayer
     if REMAT_POLICIES[self.remat] is not None and not self.decode:
       # static_argnums counts self: 3 is `train`. Inside a scan the loop boundary already

@@ -13,7 +13,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import gpt2, shakespeare_char
-from lmjax import evaluation, models, sharding, train
+from lmjax import config as config_lib, evaluation, models, sharding, state as state_lib, train
+from lmjax import workdir as workdir_lib
 from lmjax.data import corpora, external, pipeline, tokenizers
 from lmjax.errors import UserError
 from tests.data.test_tokenizers import _write_gpt2_files
@@ -221,8 +222,8 @@ def test_a_run_on_a_tfds_dataset_trains_and_resumes_from_its_token_files(tmp_pat
   train.train_and_evaluate(config, resumed, devices=jax.devices()[:1])
   out = capsys.readouterr().out
   assert 'Resuming from step 4' in out and 'Tokenizing' not in out
-  _, _, expected, _ = train.load_trained(workdir, 8)
-  _, _, got, _ = train.load_trained(resumed, 8)
+  _, _, expected, _ = workdir_lib.load_trained(workdir, 8)
+  _, _, got, _ = workdir_lib.load_trained(resumed, 8)
   for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
     np.testing.assert_array_equal(a, b)
 
@@ -259,8 +260,8 @@ def test_gpt2_small_is_gpt2s_124m_and_its_openwebtext_run_is_valid():
   config.data.update(name='tfds:huggingface:skylion007__openwebtext',
                      train_split='train[:-1000]', eval_split='train[-1000:]',
                      tokenizer='gpt2_bpe', tokenizer_dir='hf/gpt2')
-  train.validate_config(config, sharding.make_mesh(config.mesh, jax.devices()))
-  model = train.build_model(config, 50257)  # GPT-2's vocabulary
+  config_lib.validate_config(config, sharding.make_mesh(config.mesh, jax.devices()))
+  model = state_lib.build_model(config, 50257)  # GPT-2's vocabulary
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
                                              jnp.zeros((1, config.train.seq_len), jnp.int32)))
   assert models.count_params(shapes['params']) == 124_439_808  # GPT-2 small's count

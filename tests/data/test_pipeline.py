@@ -159,7 +159,7 @@ def test_a_memmap_reads_as_the_same_array_in_memory(tmp_path):
 
 
 def test_a_memmap_is_read_window_by_window_not_loaded_whole(tmp_path):
-  import resource  # noqa: PLC0415
+  import resource
 
   # 2 GB of uint16 ids, sparse on disk; loaded whole as int32 it would take 4 GB.
   num_tokens = 1 << 30

@@ -70,7 +70,7 @@ def test_every_enumerated_solution_checks_and_is_distinct():
 
 def test_splits_share_no_puzzle_and_hold_a_few_percent():
   by_split = collections.defaultdict(set)
-  for split, puzzle, lines in puzzles.all_examples():
+  for split, puzzle, _ in puzzles.all_examples():
     by_split[split].add(puzzle)
     assert puzzle.target in puzzles.TARGETS
   assert not by_split['train'] & by_split['validation']

@@ -16,7 +16,7 @@ SHAPES = [(7,), (3, 5), (2, 3, 4, 5), (2, 6, 64, 64), (1, 1, 1)]
 def test_bits_equal_jax_random_bits(shape):
   for key in (jax.random.key(0), jax.random.fold_in(jax.random.key(123), 7),
               jax.random.PRNGKey(5)):
-    ours = jax.jit(lambda k: dropout.random_bits(k, shape))(key)  # noqa: B023
+    ours = jax.jit(lambda k: dropout.random_bits(k, shape))(key)
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(jax.random.bits(key, shape)))
 
 

@@ -16,7 +16,7 @@ def test_matmul_differentiates_as_the_plain_product(dtype, out_dtype, width_in, 
   rng = np.random.default_rng(7)
   x = jnp.asarray(rng.standard_normal((12, width_in)), dtype)
   w = jnp.asarray(rng.standard_normal((width_in, width_out)), dtype)
-  plain = lambda x, w: jnp.einsum('ni,ik->nk', x, w, preferred_element_type=out_dtype)  # noqa: E731
+  plain = lambda x, w: jnp.einsum('ni,ik->nk', x, w, preferred_element_type=out_dtype)
   out, vjp = jax.vjp(lambda x, w: layers.matmul(x, w, out_dtype), x, w)
   expected_out, expected_vjp = jax.vjp(plain, x, w)
   assert out.dtype == expected_out.dtype

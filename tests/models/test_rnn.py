@@ -47,7 +47,7 @@ def _numpy_forward(cell, params, ids, *, tied, num_layers):
     outputs = []
     for t in range(length):
       xt = x[:, t]
-      gate = lambda k: xt @ w_x[:, k] + b[k] + h @ w_h[:, k]  # noqa: E731
+      gate = lambda k: xt @ w_x[:, k] + b[k] + h @ w_h[:, k]
       if cell == 'rnn':
         h = np.tanh(gate(0))
       elif cell == 'lstm':
@@ -241,7 +241,7 @@ def test_hand_written_backward_matches_autodiff_of_the_scan(cell):
     return rnn.recurrence(cell, 1, x, x_bias, w, b, carry, resets)
 
   def plain(x, x_bias, w, b, carry):
-    h, final, _ = rnn._scan(cell, 1, x, x_bias, w, b, carry, resets, keep=False)  # noqa: SLF001
+    h, final, _ = rnn._scan(cell, 1, x, x_bias, w, b, carry, resets, keep=False)
     return h, final
 
   np.testing.assert_allclose(loss(custom, *args), loss(plain, *args), rtol=1e-6)
@@ -251,6 +251,6 @@ def test_hand_written_backward_matches_autodiff_of_the_scan(cell):
     np.testing.assert_allclose(g, e, atol=1e-5, rtol=1e-5)
   # The reset cuts the path back: what row 1 outputs from step 3 on does not depend on its
   # earlier inputs, while row 0's does.
-  later = lambda x: jnp.sum(custom(x, *args[1:])[0][3:] * weights[3:])  # noqa: E731
+  later = lambda x: jnp.sum(custom(x, *args[1:])[0][3:] * weights[3:])
   d_x = np.asarray(jax.grad(later)(args[0]))
   assert np.all(d_x[:3, 1] == 0) and np.abs(d_x[:3, 0]).max() > 0

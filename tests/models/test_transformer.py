@@ -11,6 +11,7 @@ import optax
 import pytest
 from jax.sharding import AxisType, PartitionSpec
 
+from lmjax import config as config_lib
 from lmjax import finetune, models
 from lmjax.errors import UserError
 from lmjax.models import transformer
@@ -230,7 +231,7 @@ def test_initialisation_follows_gpt2():
 def test_sharded_run_matches_unsharded(tiny_params):
   model = Transformer(**TINY)
   ids_BxL = _random_ids((4, 8), seed=5)
-  apply = lambda params, ids: model.apply({'params': params}, ids)  # noqa: E731
+  apply = lambda params, ids: model.apply({'params': params}, ids)
   expected = jax.jit(apply)(tiny_params, ids_BxL)
   assert 'sharding_constraint' not in str(jax.make_jaxpr(apply)(tiny_params, ids_BxL))
 
@@ -328,9 +329,9 @@ def test_gpt2_small_parameter_count():
 
 
 def _model_config(**overrides):
-  config = ml_collections.ConfigDict(dict(
-      name='transformer', num_layers=2, num_heads=4, d_model=32, d_ff=0, max_len=16,
-      dropout=0.1, dtype='bfloat16', param_dtype='float32'))
+  config = config_lib.base_config().model
+  config.update(name='transformer', num_layers=2, num_heads=4, d_model=32, d_ff=0, max_len=16,
+                dropout=0.1, dtype='bfloat16', param_dtype='float32')
   config.update(overrides)
   return config
 
@@ -362,7 +363,7 @@ def test_build_model_reads_the_efficiency_fields_and_defaults_them():
   model = models.build_model(_model_config(attention='einsum', remat='save_dots',
                                            scan_layers=True), vocab_size=11)
   assert (model.attention, model.remat, model.scan_layers) == ('einsum', 'save_dots', True)
-  # A config.json saved before these fields existed builds the default model.
+  # The schema's defaults, which a config.json saved before these fields existed takes.
   model = models.build_model(_model_config(), vocab_size=11)
   assert (model.attention, model.remat, model.scan_layers) == ('dot_product', 'none', False)
 
@@ -377,12 +378,12 @@ def test_build_model_reads_the_efficiency_fields_and_defaults_them():
 ])
 def test_training_config_validation_names_a_bad_efficiency_field(field, value, message):
   from configs import shakespeare_char
-  from lmjax import sharding, train
+  from lmjax import config as config_lib, sharding
   config = shakespeare_char.get_config('tiny')
   config.model[field] = value
   mesh = jax.make_mesh((8, 1, 1), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
   with pytest.raises(UserError, match=message):
-    train.validate_config(config, mesh)
+    config_lib.validate_config(config, mesh)
 
 
 # ----------------------------------------------------------------- efficiency options
@@ -591,8 +592,9 @@ def test_scanned_params_export_to_gpt2_like_plain_ones(tiny_params):
 
 
 def test_freezing_single_layers_of_scanned_ones_is_refused_naming_the_field():
-  config = ml_collections.ConfigDict(dict(model=dict(scan_layers=True, lora_rank=0),
-                                          train=dict(freeze=('layer_0/',))))
+  config = config_lib.base_config()
+  config.model.scan_layers = True
+  config.train.freeze = ('layer_0/',)
   names = finetune.param_names(transformer.stack_layers(
       {f'layer_{i}': {'mlp': {'kernel': np.zeros(2)}} for i in range(2)}))
   with pytest.raises(UserError, match=r"'layer_0/' matches no parameter.*"
