@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/shakespeare_char.py
 WORKDIR ?= runs/shakespeare_char
 
-.PHONY: venv data train test test-slow clean
+.PHONY: venv data train lint test test-slow clean
 
 venv: $(STAMP)
 
@@ -28,7 +28,11 @@ train: data
 # module's tests stay on one worker (--dist loadscope), so a module's fixtures (a trained
 # run, two hosts' processes) are built once, not once per worker: 8:17 against 8:55 for
 # the suite, 13.7 against 14.6 CPU-minutes.
-test: $(STAMP)
+# The house style (pyproject.toml's [tool.ruff]); `make test` runs it first.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadscope -m 'not slow'
 
 # pytest exits 5 when no test is marked slow; that is not a failure here.
