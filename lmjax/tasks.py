@@ -413,14 +413,14 @@ class Classification(Task):
   def split_eval_set(self, split: str, tokenizer, batch_size: int,
                      workdir: str) -> pipeline.EvalSet:
     del workdir
-    self.examples = pipeline.load_examples(self.data, split, tokenizer,
-                                           self.config.train.seq_len)
-    return pipeline.classification_eval_set(self.examples, batch_size=batch_size)
+    self.scored = pipeline.load_examples(self.data, split, tokenizer,
+                                         self.config.train.seq_len)
+    return pipeline.classification_eval_set(self.scored, batch_size=batch_size)
 
   def split_report(self, metrics: dict, evals: pipeline.EvalSet, tokenizer) -> dict:
     del evals, tokenizer
     return {**metrics, 'classes': list(self.class_names),
-            'num_examples': len(self.examples['labels'])}
+            'num_examples': len(self.scored['labels'])}
 
 
 def balanced_weights(labels, counts) -> np.ndarray:
