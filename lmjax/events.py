@@ -25,8 +25,8 @@ def read_scalars(workdir: str, tags=None) -> dict[str, dict[int, float]]:
 def _after_restarts(tensor_events) -> dict[int, float]:
   """{step: value} of a tag's events in the order written, where a step at or below one
   already seen starts a resumed run: the dead run's steps from there on are dropped.
-  (TensorBoard's reader purges them only on a session-start event, which clu's writer
-  does not write.)"""
+  (TensorBoard's reader purges them only on a SessionLog.START event, which clu's
+  writer does not write.)"""
   values = {}
   for e in tensor_events:
     if values and e.step <= max(values):

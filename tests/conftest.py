@@ -12,9 +12,9 @@ import tempfile
 os.environ['XLA_FLAGS'] = (
     os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
     ' --xla_cpu_collective_call_terminate_timeout_seconds=120').strip()
-# Many tests train the same tiny models: a compilation cache shared by the whole session
+# Many tests train the same tiny models: a compilation cache shared by the whole test run
 # (subprocesses included, through the environment) compiles each program once. It starts
-# empty every session, so no test depends on a previous one.
+# empty at every run, so no test depends on an earlier one.
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='lmjax-test-xla-')
   atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)

@@ -52,7 +52,7 @@ class Server:
     self.stderr_path = log_path
     with open(log_path, 'wb') as stderr:
       # Port 0: the OS picks a free port at bind time, so nothing can take it between
-      # choosing and binding; TensorBoard then names it on stderr. A new session puts
+      # choosing and binding; TensorBoard then names it on stderr. start_new_session puts
       # TensorBoard and its data server child in one process group, killed together.
       self.proc = subprocess.Popen(
           [sys.executable, '-m', 'tensorboard.main', f'--logdir={logdir}',
@@ -207,7 +207,7 @@ def test_hparams_tab_shows_the_config_and_final_metrics(served):
   with open(os.path.join(workdir, workdir_lib.RESULT_FILE)) as f:
     assert hparams['num_params'] == json.load(f)['num_params']
   # The metric columns hold each scalar's last value. They stay empty when --logdir is the
-  # workdir itself: the run is then named '.', and TensorBoard 2.21 looks for the session's
+  # workdir itself: the run is then named '.', and TensorBoard 2.21 looks for the HParams group's
   # metrics in run './.', which does not exist.
   last = {m['name']['tag']: (m['trainingStep'], m['value']) for m in group['metricValues']}
   written = events.read_scalars(workdir, ['eval/loss', 'train/loss'])
