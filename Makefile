@@ -23,17 +23,17 @@ data: $(STAMP)
 train: data
 	$(BIN)/python experiments/train.py --config=$(CONFIG) --workdir=$(WORKDIR)
 
-# Two pytest workers: most of the suite's time is single-threaded (imports, compiling,
-# starting processes), so two keep both cores busy (7.5 instead of 9.5 minutes). Each
-# module's tests stay on one worker (--dist loadscope), so a module's fixtures (a trained
-# run, two hosts' processes) are built once, not once per worker: 8:17 against 8:55 for
-# the suite, 13.7 against 14.6 CPU-minutes.
+# Three pytest workers on two cores: much of the suite's time is single-threaded (imports,
+# compiling, starting processes, waiting on them), so a third keeps both cores busy (13:13
+# against 15:04 for the suite on 2026-12-02). Each module's tests stay on one worker
+# (--dist loadscope), so a module's fixtures (a trained run, two hosts' processes) are built
+# once, not once per worker.
 # The house style (pyproject.toml's [tool.ruff]); `make test` runs it first.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: lint
-	$(BIN)/python -m pytest -q -n 2 --dist loadscope -m 'not slow'
+	$(BIN)/python -m pytest -q -n 3 --dist loadscope -m 'not slow'
 
 # pytest exits 5 when no test is marked slow; that is not a failure here.
 test-slow: $(STAMP)

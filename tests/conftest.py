@@ -32,8 +32,8 @@ jax.config.update('jax_platforms', 'cpu')
 
 
 def pytest_configure(config):
-  """With several workers (`pytest -n 2`, as `make test` runs), the datasets are built here,
-  once, before the workers start: two workers would race to download the archive and write
+  """With several workers (`pytest -n 3`, as `make test` runs), the datasets are built here,
+  once, before the workers start: the workers would race to download the archive and write
   the same TFDS directory on a fresh machine."""
   if hasattr(config, 'workerinput') or not config.getoption('numprocesses', default=None):
     return

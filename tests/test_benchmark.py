@@ -2,25 +2,36 @@
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import script_cases
+
+TINY = '--config=configs/shakespeare_char.py:tiny'
+CASES = {
+    'decode': [TINY, '--bench=decode', '--batch_sizes=2', '--strategies=greedy,beam2',
+               '--prompt_len=4', '--new_tokens=6', '--repeats=1', '--table'],
+    'too_long': [TINY, '--prompt_len=30', '--new_tokens=30'],
+    'train': [TINY, '--bench=train', '--bench=pipeline', '--bench=checkpoint', '--steps=2',
+              '--warmup=1', '--pipeline_batches=20', '--table'],
+    'recurrent': ['--config=configs/rnn_shakespeare_char.py:tiny', '--bench=train',
+                  '--bench=matmul', '--bench=decode', '--compare_torch', '--steps=2',
+                  '--warmup=1', '--batch_sizes=2', '--strategies=greedy', '--prompt_len=4',
+                  '--new_tokens=40', '--repeats=1'],
+    'torch_without_recurrent': [TINY, '--bench=train', '--compare_torch', '--steps=1'],
+    'matmul_of_a_transformer': [TINY, '--bench=matmul'],
+}
 
 
-def _benchmark(*flags):
-  env = dict(os.environ, XLA_FLAGS='')
-  return subprocess.run(
-      [sys.executable, os.path.join(REPO, 'experiments', 'benchmark.py'), *flags],
-      capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+@pytest.fixture(scope='module')
+def runs():
+  """Every case of CASES as `python experiments/benchmark.py ...` on one device."""
+  return script_cases.run({key: ('benchmark.py', flags) for key, flags in CASES.items()},
+                          env=dict(os.environ, XLA_FLAGS=''))
 
 
-def test_decode_benchmark_prints_one_json_object_per_case_and_a_table():
-  done = _benchmark('--config=configs/shakespeare_char.py:tiny', '--bench=decode',
-                    '--batch_sizes=2', '--strategies=greedy,beam2', '--prompt_len=4',
-                    '--new_tokens=6', '--repeats=1', '--table')
+def test_decode_benchmark_prints_one_json_object_per_case_and_a_table(runs):
+  done = runs['decode']
   assert done.returncode == 0, done.stderr
   lines = done.stdout.splitlines()
   rows = [json.loads(line) for line in lines if line.startswith('{')]
@@ -33,17 +44,14 @@ def test_decode_benchmark_prints_one_json_object_per_case_and_a_table():
   assert any(line.startswith('| lmjax | 2x64 | 2 | beam2 |') for line in lines)
 
 
-def test_decode_benchmark_rejects_lengths_beyond_the_context():
-  done = _benchmark('--config=configs/shakespeare_char.py:tiny', '--prompt_len=30',
-                    '--new_tokens=30')
-  assert done.returncode != 0
+def test_decode_benchmark_rejects_lengths_beyond_the_context(runs):
+  done = runs['too_long']
+  assert done.returncode == 1
   assert 'model.max_len=32' in done.stderr and 'Traceback' not in done.stderr
 
 
-def test_train_pipeline_and_checkpoint_benchmarks_report_their_figures():
-  done = _benchmark('--config=configs/shakespeare_char.py:tiny', '--bench=train',
-                    '--bench=pipeline', '--bench=checkpoint', '--steps=2', '--warmup=1',
-                    '--pipeline_batches=20', '--table')
+def test_train_pipeline_and_checkpoint_benchmarks_report_their_figures(runs):
+  done = runs['train']
   assert done.returncode == 0, done.stderr
   rows = {r['bench']: r for r in (json.loads(line) for line in done.stdout.splitlines()
                                   if line.startswith('{'))}
@@ -61,11 +69,8 @@ def test_train_pipeline_and_checkpoint_benchmarks_report_their_figures():
   assert 'checkpoint:' in done.stdout and 'pipeline:' in done.stdout
 
 
-def test_recurrent_train_benchmark_times_pytorch_beside_lmjax():
-  done = _benchmark('--config=configs/rnn_shakespeare_char.py:tiny', '--bench=train',
-                    '--bench=matmul', '--bench=decode', '--compare_torch', '--steps=2',
-                    '--warmup=1', '--batch_sizes=2', '--strategies=greedy', '--prompt_len=4',
-                    '--new_tokens=40', '--repeats=1')
+def test_recurrent_train_benchmark_times_pytorch_beside_lmjax(runs):
+  done = runs['recurrent']
   assert done.returncode == 0, done.stderr
   rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{')]
   matmuls = [r for r in rows if r['bench'] == 'matmul']
@@ -96,14 +101,13 @@ def test_recurrent_train_benchmark_times_pytorch_beside_lmjax():
     assert all(r['ms'] > 0 and r['gflop_per_s'] > 0 for r in products)
 
 
-def test_compare_torch_needs_a_recurrent_train_benchmark():
-  done = _benchmark('--config=configs/shakespeare_char.py:tiny', '--bench=train',
-                    '--compare_torch', '--steps=1')
-  assert done.returncode != 0
+def test_compare_torch_needs_a_recurrent_train_benchmark(runs):
+  done = runs['torch_without_recurrent']
+  assert done.returncode == 1
   assert '--compare_torch' in done.stderr and 'Traceback' not in done.stderr
 
 
-def test_matmul_benchmark_is_for_recurrent_configs():
-  done = _benchmark('--config=configs/shakespeare_char.py:tiny', '--bench=matmul')
-  assert done.returncode != 0
+def test_matmul_benchmark_is_for_recurrent_configs(runs):
+  done = runs['matmul_of_a_transformer']
+  assert done.returncode == 1
   assert '--bench=matmul' in done.stderr and 'Traceback' not in done.stderr

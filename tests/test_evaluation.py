@@ -3,8 +3,6 @@ devices, bits per byte of the split's text, and the script's JSON."""
 import json
 import math
 import os
-import subprocess
-import sys
 
 import jax
 import pytest
@@ -13,8 +11,8 @@ from configs import rnn_shakespeare_char, shakespeare_char
 from lmjax import evaluation, train, workdir as workdir_lib
 from lmjax.data import corpora
 from lmjax.errors import UserError
+from tests import script_cases
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = {'loss', 'perplexity', 'accuracy', 'bits_per_token', 'bits_per_byte', 'num_tokens',
         'num_bytes', 'dataset', 'workdir', 'step', 'split', 'tokenizer', 'num_params'}
 
@@ -101,22 +99,15 @@ def test_other_batch_sizes_score_the_same_windows(trained):
     evaluation.evaluate_workdir(workdir, split='dev')
 
 
-def _script(*flags):
-  # One device, as a plain process has.
-  return subprocess.Popen(
-      [sys.executable, os.path.join(REPO, 'experiments', 'evaluate.py'), *flags],
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env=dict(os.environ, XLA_FLAGS=''), cwd=REPO)
-
-
 def test_script_prints_one_json_object_and_names_a_bad_flag(trained):
   workdir, _, _ = trained
-  good = _script(f'--workdir={workdir}', '--split=test')  # both at once: start-up dominates
-  bad = _script(f'--workdir={workdir}', '--split=tset')
-  good_out, good_err = good.communicate(timeout=300)
-  bad_out, bad_err = bad.communicate(timeout=300)
-  assert good.returncode == 0, good_err
-  printed = json.loads(good_out)  # the whole of stdout: one object and nothing else
+  # One device, as a plain process has.
+  runs = script_cases.run({'good': ('evaluate.py', [f'--workdir={workdir}', '--split=test']),
+                           'bad': ('evaluate.py', [f'--workdir={workdir}', '--split=tset'])},
+                          env=dict(os.environ, XLA_FLAGS=''))
+  good, bad = runs['good'], runs['bad']
+  assert good.returncode == 0, good.stderr
+  printed = json.loads(good.stdout)  # the whole of stdout: one object and nothing else
   assert KEYS | {'bits_per_char'} == set(printed)
   assert (printed['split'], printed['step']) == ('test', 4)
   works = corpora.load_split_texts('shakespeare', 'test')
@@ -125,10 +116,10 @@ def test_script_prints_one_json_object_and_names_a_bad_flag(trained):
                                  len(works[0][1][0].encode('utf-8')))  # the unscored first
   assert printed['bits_per_byte'] == pytest.approx(
       printed['loss'] * printed['num_tokens'] / math.log(2) / printed['num_bytes'])
-  assert bad.returncode == 1 and bad_out == ''
-  errors = [line for line in bad_err.splitlines() if line.startswith('error:')]
-  assert len(errors) == 1 and '--split' in errors[0], bad_err
-  assert 'Traceback' not in bad_err
+  assert bad.returncode == 1 and bad.stdout == ''
+  errors = [line for line in bad.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and '--split' in errors[0], bad.stderr
+  assert 'Traceback' not in bad.stderr
 
 
 def test_stateful_lstm_carries_along_the_split_as_training_did(tmp_path):

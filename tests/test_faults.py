@@ -19,6 +19,7 @@ from lmjax import checkpoint as ckpt_lib
 from lmjax import events
 from lmjax import generation, train, workdir as workdir_lib
 from lmjax.errors import UserError
+from tests import script_cases
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # No end-of-run sample: its decoder would compile in every run and prove nothing here.
@@ -256,22 +257,36 @@ def test_loading_a_workdir_runs_no_code_from_it(reference, tmp_path):
   assert not [p for p in opened if p.endswith(('.py', '.pkl'))], opened
 
 
-@pytest.mark.parametrize('flags, message', [
-    (['--config.model.widht=64'], "--config.model.widht=64: the config has no such field"),
-    (['--config.train.num_steps=ten'], "--config.train.num_steps=ten: invalid literal"),
-    (['--config=configs/nope.py'], "--config: [Errno 2] No such file or directory"),
-    (['--config=configs/shakespeare_char.py:huge'], "unknown variant 'huge'"),
-    (['--config.train.batch_size=12'], 'train.batch_size=12 does not divide by the 8'),
-    (['--config.mesh.cpu_devices=-2'], 'mesh.cpu_devices=-2: give a whole number'),
-])
-def test_the_train_script_names_a_bad_flag_without_a_traceback(flags, message, tmp_path):
-  command = train_command(str(tmp_path / 'wd'), *flags)
-  if flags[0].startswith('--config='):  # in place of the tiny config and its overrides
-    command = [*command[:2], f'--workdir={tmp_path / "wd"}', *flags]
-  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+BAD_FLAGS = {
+    'field': (['--config.model.widht=64'], "--config.model.widht=64: the config has no such field"),
+    'value': (['--config.train.num_steps=ten'], "--config.train.num_steps=ten: invalid literal"),
+    'file': (['--config=configs/nope.py'], "--config: [Errno 2] No such file or directory"),
+    'variant': (['--config=configs/shakespeare_char.py:huge'], "unknown variant 'huge'"),
+    'batch': (['--config.train.batch_size=12'], 'train.batch_size=12 does not divide by the 8'),
+    'devices': (['--config.mesh.cpu_devices=-2'], 'mesh.cpu_devices=-2: give a whole number'),
+}
+
+
+@pytest.fixture(scope='module')
+def bad_flag_runs(tmp_path_factory):
+  """Every case of BAD_FLAGS as `python experiments/train.py ...`, each with its workdir."""
+  root = tmp_path_factory.mktemp('bad_flags')
+  cases = {}
+  for key, (flags, _) in BAD_FLAGS.items():
+    command = train_command(str(root / key), *flags)[2:]
+    if flags[0].startswith('--config='):  # in place of the tiny config and its overrides
+      command = [f'--workdir={root / key}', *flags]
+    cases[key] = ('train.py', command)
+  return root, script_cases.run(cases)
+
+
+@pytest.mark.parametrize('key', BAD_FLAGS)
+def test_the_train_script_names_a_bad_flag_without_a_traceback(bad_flag_runs, key):
+  root, runs = bad_flag_runs
+  done, message = runs[key], BAD_FLAGS[key][1]
   assert done.returncode == 1, done
   assert message in done.stderr and 'Traceback' not in done.stderr, done.stderr
-  assert not os.path.exists(tmp_path / 'wd' / 'checkpoints')
+  assert not os.path.exists(root / key / 'checkpoints')
 
 
 def test_an_unwritable_workdir_is_refused_before_training(tmp_path):

@@ -54,6 +54,15 @@ def test_the_context_is_the_position_table_or_unbounded_for_a_recurrent_model():
   assert generation.context_length(rnn_shakespeare_char.get_config('tiny')) is None
 
 
+def test_the_evaluation_sample_is_cut_to_fit_the_context_not_a_failure(tokenizer, params):
+  """An evaluation's sample of 200 tokens from a model of MAX_LEN positions: what fits."""
+  config = tiny_config()
+  config.train.update(sample_prompt='abc', sample_tokens=200)
+  sample = generation.sample_text(config, params, tokenizer)
+  assert sample.startswith('abc')
+  assert len('abc') < len(sample) <= MAX_LEN  # fewer if it sampled EOS
+
+
 def test_each_prompt_gets_its_continuation_with_tokens_score_and_finish(tokenizer, greedy):
   assert len(greedy) == 2
   for (row,) in greedy:

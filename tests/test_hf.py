@@ -2,8 +2,6 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,9 +13,8 @@ torch = pytest.importorskip('torch', reason=_NEEDS)
 
 from lmjax import hf, models, train, workdir as workdir_lib  # noqa: E402
 from lmjax.data import tokenizers  # noqa: E402
-from tests import hf_util  # noqa: E402
+from tests import hf_util, script_cases  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # What GPT-2's pre-tokenizer and byte table must get right.
 TEXTS = [
@@ -241,21 +238,17 @@ def test_export_refuses_to_overwrite(workdir, tmp_path):
     hf.export_gpt2(workdir, exported)
 
 
-def _script(name, *flags):
-  env = dict(os.environ, XLA_FLAGS='')
-  return subprocess.run([sys.executable, os.path.join(REPO, 'experiments', name), *flags],
-                        capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-
-
 def test_import_script_then_decode_script(hf_dir, tmp_path):
+  """One process runs both commands, in this order (one device, as a plain process has)."""
   workdir = str(tmp_path / 'workdir')
-  done = _script('import_hf.py', f'--hf_dir={hf_dir}', f'--workdir={workdir}')
-  assert done.returncode == 0, done.stderr
-  assert f'python experiments/decode.py --workdir={workdir}' in done.stdout
-  done = _script('decode.py', f'--workdir={workdir}', '--prompt=The king',
-                 '--strategy=greedy', '--max_new_tokens=5')
-  assert done.returncode == 0, done.stderr
-  assert 'The king' in done.stdout
+  runs = script_cases.run({
+      'import': ('import_hf.py', [f'--hf_dir={hf_dir}', f'--workdir={workdir}']),
+      'decode': ('decode.py', [f'--workdir={workdir}', '--prompt=The king', '--strategy=greedy',
+                               '--max_new_tokens=5'])}, env=dict(os.environ, XLA_FLAGS=''))
+  assert runs['import'].returncode == 0, runs['import'].stderr
+  assert f'python experiments/decode.py --workdir={workdir}' in runs['import'].stdout
+  assert runs['decode'].returncode == 0, runs['decode'].stderr
+  assert 'The king' in runs['decode'].stdout
 
 
 def test_lora_on_an_imported_gpt2_exports_merged(workdir, hf_model, random_ids, tmp_path):

@@ -1,16 +1,13 @@
 """experiments/tot.py end to end: a tiny model trained on Countdown, every strategy run."""
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import pytest
 
 from configs import countdown
 from lmjax import train
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import script_cases
 
 
 @pytest.fixture(scope='module')
@@ -21,24 +18,38 @@ def workdir(tmp_path_factory):
   return workdir
 
 
-def _tot(*flags):
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, os.path.join(REPO, 'experiments', 'tot.py'), *flags],
-                        capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+BAD_FLAGS = {
+    'strategy': (['--strategies=greedy,magic'], "unknown ['magic']"),
+    'scorer': (['--strategies=bfs_scorer'], '--scorer_workdir'),
+    'task_file': (['--task_file=/nonexistent/puzzles.txt'], 'cannot read'),
+    'task_line': (['--task_file={bad_task}'], 'make 24 from 1 2 3 4'),
+}
 
 
-def test_every_strategy_runs_and_reports(workdir, tmp_path):
-  task = tmp_path / 'puzzles.txt'
+@pytest.fixture(scope='module')
+def runs(workdir, tmp_path_factory):
+  """experiments/tot.py with every strategy on two puzzles, and each case of BAD_FLAGS."""
+  tmp = tmp_path_factory.mktemp('tot')
+  task, bad_task, out = tmp / 'puzzles.txt', tmp / 'bad.txt', tmp / 'tot.json'
   task.write_text('4 7 8 9 -> 34\n\n1 2 3 4 -> 24\n')  # one batch of 2; a blank line
-  out = tmp_path / 'tot.json'
-  done = _tot(f'--workdir={workdir}', f'--task_file={task}', '--strategies=' + ','.join([
+  bad_task.write_text('4 7 8 9 -> 34\nmake 24 from 1 2 3 4\n')
+  every = [f'--workdir={workdir}', f'--task_file={task}', '--strategies=' + ','.join([
       'greedy', 'sample', 'beam', 'beam_verified', 'sample_verified', 'bfs_model',
       'bfs_checker', 'bfs_lookahead', 'dfs_checker', 'dfs_lookahead', 'bfs_scorer']),
-              f'--scorer_workdir={workdir}', '--proposal=beam',
-              '--beam_size=2', '--samples=3', '--breadth=2', '--proposals=2',
-              '--max_expansions=4', '--batch=2', f'--output={out}')
+           f'--scorer_workdir={workdir}', '--proposal=beam', '--beam_size=2', '--samples=3',
+           '--breadth=2', '--proposals=2', '--max_expansions=4', '--batch=2', f'--output={out}']
+  cases = {'every': ('tot.py', every)}
+  for key, (flags, _) in BAD_FLAGS.items():
+    flags = [flag.format(bad_task=bad_task) for flag in flags]
+    cases[key] = ('tot.py', [f'--workdir={workdir}', *flags])
+  results = script_cases.run(cases, env=dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu'))
+  return results, json.loads(out.read_text()) if out.exists() else None
+
+
+def test_every_strategy_runs_and_reports(runs):
+  results, report = runs
+  done = results['every']
   assert done.returncode == 0, done.stderr
-  report = json.loads(out.read_text())
   rows = {r['strategy']: r for r in report['results']}
   assert len(rows) == 11
   for name, row in rows.items():
@@ -52,20 +63,8 @@ def test_every_strategy_runs_and_reports(workdir, tmp_path):
   assert '| bfs_lookahead |' in done.stdout
 
 
-@pytest.mark.parametrize('flags, message', [
-    (['--strategies=greedy,magic'], "unknown ['magic']"),
-    (['--strategies=bfs_scorer'], '--scorer_workdir'),
-    (['--task_file=/nonexistent/puzzles.txt'], 'cannot read'),
-])
-def test_bad_flags_are_named(workdir, flags, message):
-  bad = _tot(f'--workdir={workdir}', *flags)
-  assert bad.returncode != 0
+@pytest.mark.parametrize('key', BAD_FLAGS)
+def test_bad_flags_and_task_lines_are_named(runs, key):
+  bad, message = runs[0][key], BAD_FLAGS[key][1]
+  assert bad.returncode == 1
   assert message in bad.stderr and 'Traceback' not in bad.stderr, bad.stderr
-
-
-def test_a_bad_task_line_is_named(workdir, tmp_path):
-  task = tmp_path / 'puzzles.txt'
-  task.write_text('4 7 8 9 -> 34\nmake 24 from 1 2 3 4\n')
-  bad = _tot(f'--workdir={workdir}', f'--task_file={task}')
-  assert bad.returncode != 0
-  assert 'make 24 from 1 2 3 4' in bad.stderr and 'Traceback' not in bad.stderr

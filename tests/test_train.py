@@ -3,8 +3,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -15,6 +13,7 @@ from lmjax import checkpoint as ckpt_lib
 from lmjax import train, workdir as workdir_lib
 from lmjax.events import read_scalars
 from lmjax.data import pipeline, tokenizers
+from tests import script_cases
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,10 +111,13 @@ def test_resumed_run_ends_with_the_same_parameters(trained, tmp_path, capsys):
     np.testing.assert_array_equal(a, b)
 
 
+# Slow (two runs), and its parts are in `make test`: a stateful LSTM's train step on meshes
+# against one device (tests/test_sharding.py), its evaluation on 8 devices against 1
+# (tests/test_evaluation.py), the whole loop with its carry on 2 devices (tests/test_golden.py).
+@pytest.mark.slow
 def test_eight_device_stateful_lstm_matches_one_device(tmp_path):
   """The whole loop, stateful evaluation included, with the carry split over the devices.
-  (The Transformer's: tests/test_multihost.py; every mesh's train step:
-  tests/test_sharding.py.)"""
+  (The Transformer's: tests/test_multihost.py.)"""
   # Few steps: Adam amplifies reduction-order rounding as training goes on.
   config = rnn_shakespeare_char.get_config('tiny')
   config.train.update(num_steps=6, eval_every=6, checkpoint_every=6, sample_tokens=0)
@@ -158,38 +160,51 @@ def test_bad_config_is_named_before_anything_runs(overrides, message, tmp_path):
   assert not os.path.exists(os.path.join(tmp_path, 'checkpoints'))
 
 
-def _decode(*flags):
-  env = dict(os.environ, XLA_FLAGS='')
-  return subprocess.run([sys.executable, os.path.join(REPO, 'experiments', 'decode.py'), *flags],
-                        capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+# Every option's check is in tests/test_decode.py; here, that the script reports one
+# without a traceback.
+BAD_DECODE_FLAGS = {
+    'temperature': (['--strategy=sample', '--temperature=0'], 'temperature'),
+    'max_new_tokens': (['--max_new_tokens=5000'], 'model.max_len'),
+    'unknown_char': (['--prompt=ROMEO: \u00e9t\u00e9', '--max_new_tokens=5'], "'\u00e9'"),
+}
 
 
-def test_decode_script_continues_the_prompt_and_rejects_unknown_characters(trained):
+@pytest.fixture(scope='module')
+def decoded(trained, tmp_path_factory):
+  """experiments/decode.py on the trained run: a greedy continuation, a beam search over a
+  prompt file written as JSON lines, and every case of BAD_DECODE_FLAGS."""
   _, workdir, _ = trained
-  done = _decode(f'--workdir={workdir}', '--prompt=ROMEO:', '--max_new_tokens=20',
-                 '--strategy=greedy')
+  prompt_file = tmp_path_factory.mktemp('prompts') / 'prompts.txt'
+  prompt_file.write_text('KING:\\nWhat\nFirst Citizen:\n\nHAMLET:\n', encoding='utf-8')
+  cases = {
+      'greedy': [f'--workdir={workdir}', '--prompt=ROMEO:', '--max_new_tokens=20',
+                 '--strategy=greedy'],
+      'beam': [f'--workdir={workdir}', f'--prompt_file={prompt_file}', '--prompt=To be',
+               '--strategy=beam', '--beam_size=4', '--num_samples=2', '--max_new_tokens=12',
+               '--stop=\n\n', '--batch_size=2', '--output=-'],
+      **{key: [f'--workdir={workdir}', '--prompt=ROMEO:', *flags]
+         for key, (flags, _) in BAD_DECODE_FLAGS.items()},
+  }
+  return script_cases.run({key: ('decode.py', flags) for key, flags in cases.items()},
+                          env=dict(os.environ, XLA_FLAGS=''))
+
+
+def test_decode_script_continues_the_prompt(decoded):
+  done = decoded['greedy']
   assert done.returncode == 0, done.stderr
   lines = done.stdout.splitlines()
   assert lines[0].startswith('# ') and 'step 80' in lines[0]
   assert lines[1].startswith('ROMEO:')
   assert lines[-1].startswith('-- ') and ' tokens --' in lines[-1]
-  bad = _decode(f'--workdir={workdir}', '--prompt=ROMEO: \u00e9t\u00e9', '--max_new_tokens=5')
-  assert bad.returncode != 0
-  assert "'\u00e9'" in bad.stderr and 'Traceback' not in bad.stderr, bad.stderr
 
 
-def test_decode_script_beam_search_over_a_prompt_file_to_jsonl(trained, tmp_path):
-  _, workdir, _ = trained
-  prompt_file = tmp_path / 'prompts.txt'
-  prompt_file.write_text('KING:\\nWhat\nFirst Citizen:\n\nHAMLET:\n', encoding='utf-8')
-  done = _decode(f'--workdir={workdir}', f'--prompt_file={prompt_file}', '--prompt=To be',
-                 '--strategy=beam', '--beam_size=4', '--num_samples=2', '--max_new_tokens=12',
-                 '--stop=\n\n', '--batch_size=2', '--output=-')
+def test_decode_script_beam_search_over_a_prompt_file_to_jsonl(decoded):
+  done = decoded['beam']
   assert done.returncode == 0, done.stderr
   rows = [json.loads(line) for line in done.stdout.splitlines()]
   prompts = ['To be', 'KING:\nWhat', 'First Citizen:', 'HAMLET:']
   assert [r['prompt'] for r in rows] == [p for p in prompts for _ in range(2)]
-  for first, second in zip(rows[::2], rows[1::2]):
+  for first, second in zip(rows[::2], rows[1::2], strict=True):
     assert (first['sample'], second['sample']) == (0, 1)
     assert first['score'] >= second['score']
   for r in rows:
@@ -198,24 +213,8 @@ def test_decode_script_beam_search_over_a_prompt_file_to_jsonl(trained, tmp_path
     assert len(r['tokens']) <= 12
 
 
-# Every option's check is in tests/test_decode.py; here, that the script reports one
-# without a traceback.
-@pytest.mark.parametrize('flags, message', [
-    (['--strategy=sample', '--temperature=0'], 'temperature'),
-    (['--max_new_tokens=5000'], 'model.max_len'),
-])
-def test_decode_script_names_the_bad_flag(trained, flags, message):
-  _, workdir, _ = trained
-  bad = _decode(f'--workdir={workdir}', '--prompt=ROMEO:', *flags)
-  assert bad.returncode != 0
+@pytest.mark.parametrize('key', BAD_DECODE_FLAGS)
+def test_decode_script_names_the_bad_flag(decoded, key):
+  bad, message = decoded[key], BAD_DECODE_FLAGS[key][1]
+  assert bad.returncode == 1
   assert message in bad.stderr and 'Traceback' not in bad.stderr, bad.stderr
-
-
-def test_a_sample_longer_than_the_context_is_cut_to_fit_not_a_failure(tmp_path, capsys):
-  """The run below trains with model.max_len 32 and asks for a 200-character sample."""
-  config = tiny_config(num_steps=2, eval_every=2, checkpoint_every=2, sample_tokens=200)
-  config.opt.warmup_steps = 1
-  train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])  # compiles fast
-  sample = capsys.readouterr().out.split('--- sample ---\n')[1].split('\n-----')[0]
-  assert sample.startswith(config.train.sample_prompt)
-  assert len(config.train.sample_prompt) < len(sample) <= 32  # fewer if it sampled EOS
