@@ -3,6 +3,7 @@
 Orbax writes each step into a temporary directory and renames it when complete, so
 a crash mid-write never leaves a checkpoint that `latest_step` would pick up.
 """
+import json
 import os
 import time
 
@@ -63,7 +64,7 @@ class Checkpointer:
     it went."""
     # Process 0's clock names the place, so that every process says the same.
     stamp = _agreed(time.strftime('%Y%m%d-%H%M%S'))
-    target = os.path.join(os.path.dirname(self.directory), 'unreadable_checkpoints',
+    target = os.path.join(os.path.dirname(self.directory), UNREADABLE_DIR,
                           f'{step}-{stamp}')
     if jax.process_index() == 0:  # one process moves it; the others wait, then look again
       os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -189,26 +190,29 @@ def restore_checkpoint(checkpointer, abstract, step: int | None = None, *,
   none. `abstract` (ShapeDtypeStructs with shardings) says what the state should be.
 
   Parameters of other shapes than `abstract`'s are refused, naming the first that differs.
-  An unreadable checkpoint (damaged or missing files) is an error; with
-  `set_aside_unreadable` (resuming training) it is moved aside instead, with a message,
-  and the one before it is tried.
+  An unreadable checkpoint is an error. With `set_aside_unreadable` (resuming training) a
+  damaged one (files missing, cut short or garbled) is moved aside instead, with a message,
+  and the one before it is tried; any other failure (another train state structure, memory,
+  permissions, I/O) stops with its cause and leaves every checkpoint where it is. A workdir
+  whose checkpoints were all damaged is refused rather than trained again from step 0.
   """
   steps = checkpointer.all_steps()
   if step is not None and step not in steps:
     raise UserError(f'no checkpoint of step {step} in {checkpointer.directory}; it has '
                     f'{steps_text(steps)}.')
+  if set_aside_unreadable and not steps:
+    _refuse_if_all_set_aside(checkpointer.directory)
   expected = shapes_by_path(abstract.params)
   for candidate in reversed(steps if step is None else [step]):
-    reason = None
+    error = None
     try:
       stored = checkpointer.param_shapes(candidate)
       fits = stored == expected
       if fits:
         state, data_state = checkpointer.restore(candidate, abstract)
     except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds)
-      detail = (str(e).strip().splitlines() or [''])[0][:300]
-      reason = (f'checkpoint {candidate} in {checkpointer.directory} cannot be read '
-                f'({type(e).__name__}: {detail})')
+      error = e
+    reason = None if error is None else _unreadable(checkpointer.directory, candidate, error)
     if _failed_anywhere(reason is not None) and reason is None:
       # Each host reads its own shards: one that read them all must still go where the
       # others go.
@@ -219,13 +223,75 @@ def restore_checkpoint(checkpointer, abstract, step: int | None = None, *,
         others = [s for s in steps if s != candidate]
         raise UserError(f'{reason}. Other checkpoints: {steps_text(others)} (--step=N).'
                         ) from None
-      where = checkpointer.set_aside(candidate, reason)
-      print(f'{reason}; moved it to {where} and trying the one before it.', flush=True)
+      damage = _damage(checkpointer.directory, candidate, error)
+      # A process that read it leaves the verdict to those that could not.
+      if _failed_anywhere(error is not None and damage is None):
+        raise UserError(f'{reason}. {_advice(checkpointer.directory, candidate, error)} '
+                        'Every checkpoint was left where it is.') from None
+      where = checkpointer.set_aside(candidate, f'{reason}; {damage or "damaged elsewhere"}')
+      print(f'{reason}: {damage or "damaged on another process"}; moved it to {where} and '
+            'trying the one before it.', flush=True)
       continue
     if not fits:
       raise UserError(_shape_mismatch(candidate, checkpointer.directory, stored, expected))
     return candidate, state, data_state
+  if step is None and steps and set_aside_unreadable:
+    _refuse_if_all_set_aside(checkpointer.directory)
   return None
+
+
+UNREADABLE_DIR = 'unreadable_checkpoints'
+# tensorstore's status codes when an array's file is missing or shorter than its index says.
+_DAMAGE_CODES = ('NOT_FOUND', 'OUT_OF_RANGE', 'DATA_LOSS')
+
+
+def _unreadable(directory: str, step: int, error: Exception) -> str:
+  detail = (str(error).strip().splitlines() or [''])[0][:300]
+  return f'checkpoint {step} in {directory} cannot be read ({type(error).__name__}: {detail})'
+
+
+def _damage(directory: str, step: int, error: Exception | None) -> str | None:
+  """What shows checkpoint `step` to be damaged: a metadata file missing or not JSON, an
+  array file missing or cut short. None if `error` is not of that kind (or is None)."""
+  if error is None:
+    return None
+  step_dir = os.path.join(directory, str(step))
+  for name in ('_CHECKPOINT_METADATA', os.path.join('state', '_METADATA')):
+    if not os.path.isfile(os.path.join(step_dir, name)):
+      return f'{name} is missing'
+  if isinstance(error, json.JSONDecodeError):
+    return 'a metadata file is not valid JSON'
+  if isinstance(error, FileNotFoundError):
+    return f'a file is missing ({error.filename})'
+  if isinstance(error, ValueError) and str(error).startswith(_DAMAGE_CODES):
+    return 'an array file is missing or cut short'
+  return None
+
+
+def _advice(directory: str, step: int, error: Exception | None) -> str:
+  """What to do about a checkpoint that is unreadable for another reason than damage."""
+  workdir = os.path.dirname(directory)
+  if isinstance(error, ValueError) and 'tree structures do not match' in str(error):
+    return ('It holds a train state of another structure than this config makes (another '
+            'optimizer, or other frozen parameters): resume with the config it was saved '
+            f'under ({workdir}/config.json), or start a new --workdir from its parameters '
+            f'with --config.init_from.workdir={workdir}.')
+  if isinstance(error, MemoryError):
+    return 'Memory ran out while reading it: free some, or resume on more devices.'
+  if isinstance(error, OSError):
+    return f'Check that {directory} can be read (permissions, disk, mount), then run again.'
+  return (f'It is not recognisably damaged (no file missing or cut short). If it is, move '
+          f'{directory}/{step} out of the way and run again to resume from the one before.')
+
+
+def _refuse_if_all_set_aside(directory: str) -> None:
+  """A workdir with no checkpoint left, whose checkpoints were set aside as damaged, is not
+  trained again from step 0 unless the user moves them away."""
+  aside = os.path.join(os.path.dirname(directory), UNREADABLE_DIR)
+  if os.path.isdir(aside) and os.listdir(aside):
+    raise UserError(f'{directory} holds no readable checkpoint: every one was damaged and is '
+                    f'in {aside}. Nothing was trained over them. To start this run again from '
+                    f'step 0, move {aside} out of the workdir (or train in a new --workdir).')
 
 
 def _failed_anywhere(failed: bool) -> bool:

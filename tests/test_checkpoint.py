@@ -8,6 +8,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import shakespeare_char
@@ -26,10 +27,10 @@ def _config(d_model=16):
   return config
 
 
-def _init_fn(d_model=16, trainable=None):
+def _init_fn(d_model=16, trainable=None, tx=None):
   config = _config(d_model)
   model = state_lib.build_model(config, VOCAB)
-  tx = optim.make_optimizer(config.opt, config.train.num_steps)
+  tx = tx or optim.make_optimizer(config.opt, config.train.num_steps)
   return functools.partial(state_lib.init_state, model=model, tx=tx, seq_len=SEQ_LEN,
                            trainable=trainable)
 
@@ -202,6 +203,35 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_one_before_restored(init, sav
   checkpointer.wait()
   assert ckpt_lib.complete_steps(workdir) == [1, 2, 3]
   checkpointer.close()
+
+
+def test_another_train_state_structure_stops_and_moves_nothing(workdir):
+  """An optimizer of another structure (a config change accepted with
+  --allow_config_change) is not damage: every checkpoint stays, and the message says why."""
+  other = _abstract(_init_fn(tx=optax.sgd(0.1)))
+  checkpointer = ckpt_lib.Checkpointer(workdir)
+  with pytest.raises(UserError, match=r'checkpoint 3 in .* cannot be read .* another structure '
+                                      r'.*config.json.*Every checkpoint was left where it is'):
+    ckpt_lib.restore_checkpoint(checkpointer, other, set_aside_unreadable=True)
+  assert ckpt_lib.complete_steps(workdir) == [1, 2, 3]
+  assert not os.path.exists(os.path.join(workdir, ckpt_lib.UNREADABLE_DIR))
+  checkpointer.close()
+
+
+def test_a_workdir_whose_checkpoints_are_all_damaged_never_starts_again_at_step_0(init,
+                                                                                  workdir):
+  for step in (1, 2, 3):
+    _truncate_the_array_data(os.path.join(workdir, 'checkpoints', str(step)))
+  for _ in range(2):  # the first call sets them aside; the next finds none and still refuses
+    checkpointer = ckpt_lib.Checkpointer(workdir)
+    with pytest.raises(UserError, match=r'holds no readable checkpoint: every one was damaged '
+                                        r'.*move .*unreadable_checkpoints out of the workdir'):
+      ckpt_lib.restore_checkpoint(checkpointer, _abstract(init), set_aside_unreadable=True)
+    checkpointer.close()
+  assert len(os.listdir(os.path.join(workdir, ckpt_lib.UNREADABLE_DIR))) == 3
+  shutil.rmtree(os.path.join(workdir, ckpt_lib.UNREADABLE_DIR))  # the user's choice
+  assert ckpt_lib.restore_checkpoint(ckpt_lib.Checkpointer(workdir), _abstract(init),
+                                     set_aside_unreadable=True) is None
 
 
 def test_frozen_parameters_are_stored_once_beside_the_checkpoints(tmp_path):
