@@ -59,8 +59,8 @@ _PROMPT_LEN = flags.DEFINE_integer('prompt_len', 64, 'Prompt tokens.')
 _NEW_TOKENS = flags.DEFINE_integer('new_tokens', 128, 'Tokens generated per prompt.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs per measurement (median).')
 _VOCAB_SIZE = flags.DEFINE_integer(
-    'vocab_size', 0, 'Vocabulary; 0: GPT-2\'s 50257 for gpt2_bpe configs, 65 (Shakespeare\'s '
-    'characters) for char ones, data.vocab_size for sentencepiece.')
+    'vocab_size', 0, "Vocabulary; 0: GPT-2's 50257 for gpt2_bpe configs, the characters of the "
+    'training text (85 for Shakespeare) for char ones, data.vocab_size for sentencepiece.')
 _COMPARE_HF = flags.DEFINE_bool('compare_hf', False, 'Also time Hugging Face generate.')
 _COMPARE_TORCH = flags.DEFINE_bool(
     'compare_torch', False, 'train, matmul (recurrent configs): also time the same model, or '
@@ -79,9 +79,19 @@ def _median_seconds(fn, repeats: int) -> float:
 
 
 def _vocab_size(config) -> int:
+  """The vocabulary the config trains with: GPT-2's, data.vocab_size for SentencePiece, or
+  the characters of the config's own training text (as training builds it)."""
   if _VOCAB_SIZE.value:
     return _VOCAB_SIZE.value
-  return {'gpt2_bpe': 50257, 'char': 65}.get(config.data.tokenizer, config.data.vocab_size)
+  if config.data.tokenizer == 'gpt2_bpe':
+    return 50257
+  if config.data.tokenizer != 'char':
+    return config.data.vocab_size
+  from lmjax import tasks
+  from lmjax.data import tokenizers
+  task = tasks.task_class(config)(config)
+  task.read()
+  return tokenizers.CharTokenizer.train(task.tokenizer_texts()).vocab_size
 
 
 def _strategy(name: str) -> dict:
