@@ -44,6 +44,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from lmjax.errors import run_script
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Model config file.',
                                           lock_config=True)
 _BENCH = flags.DEFINE_multi_enum('bench', ['decode'],
@@ -664,4 +666,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run_script(main)

@@ -21,6 +21,8 @@ import sys
 
 from absl import app, flags, logging
 
+from lmjax.errors import run_script
+
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir to decode from.')
 _PROMPT = flags.DEFINE_multi_string('prompt', [], 'Text to continue; repeat for several.')
 _PROMPT_FILE = flags.DEFINE_string('prompt_file', None,
@@ -124,4 +126,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run_script(main)

@@ -27,6 +27,8 @@ import sys
 
 from absl import app, flags, logging
 
+from lmjax.errors import run_script
+
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir to evaluate.')
 _SPLIT = flags.DEFINE_string('split', 'validation', 'Split to score: train, validation or '
                              "test; for a tfds: dataset any of its splits, e.g. 'train[-1000:]'.")
@@ -67,4 +69,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run_script(main)

@@ -13,6 +13,8 @@ os.environ.setdefault('NO_GCE_CHECK', 'true')
 
 from absl import app, flags, logging
 
+from lmjax.errors import run_script
+
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir to export from.')
 _HF_DIR = flags.DEFINE_string('hf_dir', None, 'Directory to write the Hugging Face model to.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
@@ -37,4 +39,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run_script(main)

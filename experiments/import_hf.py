@@ -13,6 +13,8 @@ os.environ.setdefault('NO_GCE_CHECK', 'true')
 
 from absl import app, flags, logging
 
+from lmjax.errors import run_script
+
 _HF_DIR = flags.DEFINE_string('hf_dir', None, 'Hugging Face GPT-2 model directory to read.')
 _WORKDIR = flags.DEFINE_string('workdir', None,
                                'lmjax workdir to write; it must have no checkpoints yet.')
@@ -38,4 +40,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run_script(main)

@@ -19,6 +19,7 @@ from absl import app, flags, logging
 import tensorflow_datasets as tfds
 
 from lmjax.data import corpora
+from lmjax.errors import run_script
 
 _DATASETS = flags.DEFINE_list('datasets', list(corpora.DATASETS),
                               "lmjax's datasets to prepare (all of them unless --tfds is given).")
@@ -86,4 +87,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run_script(main)

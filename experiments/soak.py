@@ -31,6 +31,8 @@ import time
 
 from absl import app, flags, logging
 
+from lmjax.errors import run_script
+
 _CONFIG = flags.DEFINE_string('config', 'configs/shakespeare_char.py:tiny',
                               'Config file (and variant) to train, as for experiments/train.py.')
 _SET = flags.DEFINE_multi_string('set', [], 'A config override without the --config. prefix, '
@@ -176,4 +178,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run_script(main)

@@ -16,7 +16,7 @@ import sys
 from absl import app, flags, logging
 
 from lmjax import sweep
-from lmjax.errors import UserError
+from lmjax.errors import UserError, run_script
 
 _CONFIG = flags.DEFINE_string('config', None, 'Config file with get_sweep, and its argument: '
                               'configs/NAME.py[:ARG].')
@@ -62,4 +62,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run_script(main)

@@ -41,6 +41,8 @@ import time
 
 from absl import app, flags, logging
 
+from lmjax.errors import run_script
+
 STRATEGIES = ('greedy', 'sample', 'beam', 'beam_verified', 'sample_verified', 'bfs_model',
               'bfs_checker', 'bfs_lookahead', 'dfs_checker', 'dfs_lookahead', 'bfs_scorer')
 
@@ -256,4 +258,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run_script(main)

@@ -15,7 +15,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from absl import logging
 
-from lmjax.errors import UserError
+from lmjax.errors import UserError, run_script
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
                                           lock_config=True)
@@ -78,4 +78,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  run_script(main, flags_parser=_parse_flags)

@@ -10,6 +10,7 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from lmjax.errors import UserError
 
@@ -27,14 +28,23 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 3, asynchronous: bool = True,
                read_only: bool = False):
+    # Read-only: nothing kept or saved (said here, so that orbax need not warn that it
+    # changed them), and its warning that the directory is read-only, which a reader
+    # asked for, silenced.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=asynchronous, read_only=read_only,
-        create=not read_only)
+        max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
+        enable_async_checkpointing=asynchronous, read_only=read_only, create=not read_only)
     self.directory = checkpoint_dir(workdir)
-    self._manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={'state': ocp.StandardCheckpointHandler(),
-                       'data': ocp.JsonCheckpointHandler()})
+    verbosity = logging.get_verbosity()
+    if read_only:
+      logging.set_verbosity(logging.ERROR)
+    try:
+      self._manager = ocp.CheckpointManager(
+          self.directory, options=options,
+          item_handlers={'state': ocp.StandardCheckpointHandler(),
+                         'data': ocp.JsonCheckpointHandler()})
+    finally:
+      logging.set_verbosity(verbosity)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

@@ -125,3 +125,11 @@ def _main(cases_file: str, results_file: str) -> None:
 
 if __name__ == '__main__':
   _main(*sys.argv[1:])
+
+
+def error_line(result: Result) -> str:
+  """The one line a refused command prints, `error: ...`, with exit status 1; fails if
+  stderr holds anything else (absl's help text, a traceback)."""
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith('error: '), result
+  return lines[0]
