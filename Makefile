@@ -24,8 +24,8 @@ train: data
 	$(BIN)/python experiments/train.py --config=$(CONFIG) --workdir=$(WORKDIR)
 
 # Three pytest workers on two cores: much of the suite's time is single-threaded (imports,
-# compiling, starting processes, waiting on them), so a third keeps both cores busy (13:13
-# against 15:04 for the suite on 2026-12-02). Each module's tests stay on one worker
+# compiling, starting processes, waiting on them), so a third keeps both cores busy (about
+# 13 against 15 minutes for the suite on 2026-12-02). Each module's tests stay on one worker
 # (--dist loadscope), so a module's fixtures (a trained run, two hosts' processes) are built
 # once, not once per worker.
 # The house style (pyproject.toml's [tool.ruff]); `make test` runs it first.
