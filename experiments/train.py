@@ -44,7 +44,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     # An exception inside the config file arrives as a formatted traceback: its last line
     # is the message.
     message = lines[-1] if any(line.startswith('Traceback') for line in lines) else str(e)
-    sys.exit(f'error: {message}\nPass --helpfull to see the flags.')
+    sys.exit(f'error: {message} (--helpfull lists the flags)')
   except (KeyError, AttributeError) as e:  # an override names no field of the config
     name = str(e).strip('"\'')
     culprits = [a for a in argv if a.startswith('--config.') and name in a.split('=')[0]]
