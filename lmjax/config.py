@@ -98,7 +98,7 @@ def _opt() -> ml_collections.ConfigDict:
   c.b1 = 0.9  # AdamW first-moment decay
   c.b2 = 0.99  # AdamW second-moment decay
   c.eps = 1e-8  # AdamW epsilon
-  c.weight_decay = 0.1  # decoupled weight decay, on matrices only
+  c.weight_decay = 0.1  # decoupled weight decay, on embeddings and kernels (not biases, norms)
   c.grad_clip = 1.0  # clip gradients to this global norm; 0 disables
   return c
 
