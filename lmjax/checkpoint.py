@@ -269,7 +269,7 @@ def _damage(directory: str, step: int, error: Exception | None) -> str | None:
   for name in ('_CHECKPOINT_METADATA', os.path.join('state', '_METADATA')):
     if not os.path.isfile(os.path.join(step_dir, name)):
       return f'{name} is missing'
-  if isinstance(error, json.JSONDecodeError):
+  if isinstance(error, (json.JSONDecodeError, UnicodeDecodeError)):
     return 'a metadata file is not valid JSON'
   if isinstance(error, FileNotFoundError):
     return f'a file is missing ({error.filename})'

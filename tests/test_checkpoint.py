@@ -166,7 +166,15 @@ def _truncate_the_array_data(step_dir):
   assert truncated
 
 
-DAMAGES = [_delete_the_state_metadata, _truncate_the_array_data]
+def _garble_every_file(step_dir):
+  """Bytes that are neither UTF-8 nor JSON in place of every file."""
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      with open(os.path.join(root, name), 'wb') as f:
+        f.write(b'\x98 not a checkpoint')
+
+
+DAMAGES = [_delete_the_state_metadata, _truncate_the_array_data, _garble_every_file]
 
 
 @pytest.mark.parametrize('damage', DAMAGES)
