@@ -78,7 +78,6 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads
   from lmjax import generation, workdir as workdir_lib
-  from lmjax.errors import UserError
 
   prompts = _read_prompts()
   if _BATCH_SIZE.value < 1:
@@ -91,10 +90,8 @@ def main(argv):
   if strategy == 'beam':
     options.update(beam_size=_BEAM_SIZE.value, length_penalty=_LENGTH_PENALTY.value,
                    beam_compat=_BEAM_COMPAT.value, early_stopping=_EARLY_STOPPING.value)
-  try:
-    config, tokenizer, params, step = workdir_lib.load_trained(_WORKDIR.value, _STEP.value)
-  except (UserError, FileNotFoundError) as e:  # not a workdir, no such step, a damaged one
-    raise app.UsageError(str(e)) from None
+  # Not a workdir, no such step, a damaged one: run_script prints the one line.
+  config, tokenizer, params, step = workdir_lib.load_trained(_WORKDIR.value, _STEP.value)
 
   out = None
   if _OUTPUT.value == '-':

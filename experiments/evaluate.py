@@ -51,20 +51,18 @@ def main(argv):
   from lmjax import evaluation
   from lmjax.errors import UserError
 
-  try:
-    devices = None  # all of them
-    if _DEVICES.value is not None:
-      local = jax.local_devices()
-      if not 1 <= _DEVICES.value <= len(local):
-        raise UserError(f'--devices={_DEVICES.value}; this machine has {len(local)} '
-                        f'device(s), use 1 to {len(local)}.')
-      devices = local[:_DEVICES.value]
-    # stdout carries only the result: anything the library prints goes to stderr.
-    with contextlib.redirect_stdout(sys.stderr):
-      result = evaluation.evaluate_workdir(_WORKDIR.value, _SPLIT.value, _STEP.value,
-                                           _BATCH_SIZE.value, devices, _DATASET.value)
-  except (UserError, FileNotFoundError) as e:  # not a workdir, no such step, a bad flag
-    sys.exit(f'error: {e}')
+  devices = None  # all of them
+  if _DEVICES.value is not None:
+    local = jax.local_devices()
+    if not 1 <= _DEVICES.value <= len(local):
+      raise UserError(f'--devices={_DEVICES.value}; this machine has {len(local)} '
+                      f'device(s), use 1 to {len(local)}.')
+    devices = local[:_DEVICES.value]
+  # stdout carries only the result: anything the library prints goes to stderr. A bad
+  # workdir, step or flag raises UserError, which run_script prints as one line.
+  with contextlib.redirect_stdout(sys.stderr):
+    result = evaluation.evaluate_workdir(_WORKDIR.value, _SPLIT.value, _STEP.value,
+                                         _BATCH_SIZE.value, devices, _DATASET.value)
   print(json.dumps(result), flush=True)
 
 

@@ -41,8 +41,6 @@ def main(argv):
       if _DRY_RUN.value:
         return
     rows = sweep.summarize(_WORKDIR.value)
-  except (UserError, FileNotFoundError) as e:
-    sys.exit(f'error: {e}')
   except KeyboardInterrupt:  # the trainers got Ctrl-C too and wrote their checkpoints
     print('\nInterrupted; run the same command to resume the unfinished points.')
     sys.exit(130)

@@ -15,7 +15,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from absl import logging
 
-from lmjax.errors import UserError, run_script
+from lmjax.errors import run_script
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
                                           lock_config=True)
@@ -68,13 +68,10 @@ def main(argv):
 
   runtime.stop_with_parent()  # a no-op unless a sweep started this run
 
-  try:
-    if _DISTRIBUTED.value or _COORDINATOR.value:
-      runtime.start_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    train.train_and_evaluate(config, _WORKDIR.value,
-                             allow_config_change=_ALLOW_CONFIG_CHANGE.value)
-  except (UserError, FileNotFoundError) as e:
-    sys.exit(f'error: {e}')
+  # A UserError or a missing file: run_script prints it as one line.
+  if _DISTRIBUTED.value or _COORDINATOR.value:
+    runtime.start_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  train.train_and_evaluate(config, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
 
 
 if __name__ == '__main__':
