@@ -438,6 +438,12 @@ def _recurrent_matmuls(config, vocab_size: int) -> list[tuple[str, int, int, int
   return out
 
 
+def _significant(value: float, digits: int = 3) -> float:
+  """`value` to `digits` significant figures: a fast product's time (or a slow one's rate)
+  is never rounded to 0."""
+  return float(f'{value:.{digits}g}')
+
+
 def _time_products(run, seconds: float = 0.1) -> float:
   """Seconds per call of `run(calls)` (which makes that many products and waits for the
   last): the median of --repeats rounds, each long enough to time."""
@@ -493,8 +499,8 @@ def bench_matmul(config, vocab_size: int) -> list[dict]:
       step_flops += per_step * 2 * m * k * n
       results.append({'bench': 'matmul', 'impl': impl, 'device': device, 'product': name,
                       'shape': f'{m}x{k}x{n}', 'dtype': dtype.name, 'per_step': per_step,
-                      'ms': round(1e3 * seconds, 3),
-                      'gflop_per_s': round(2 * m * k * n / seconds / 1e9, 1),
+                      'ms': _significant(1e3 * seconds),
+                      'gflop_per_s': _significant(2 * m * k * n / seconds / 1e9),
                       'step_ms': round(1e3 * per_step * seconds, 1)})
       print(json.dumps(results[-1]), flush=True)
     results.append({'bench': 'matmul', 'impl': impl, 'device': device,
