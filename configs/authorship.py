@@ -23,6 +23,7 @@ Variants (the text after ':'):
 import ml_collections
 
 from lmjax import config
+from lmjax.errors import UserError
 
 
 def get_config(variant: str = '') -> ml_collections.ConfigDict:
@@ -46,6 +47,6 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
     c.train.update(num_steps=30, batch_size=16, seq_len=32, eval_batch_size=64,
                    eval_every=15, checkpoint_every=15, log_every=15)
   else:
-    raise ValueError(f'unknown variant {variant!r} of configs/authorship.py; use '
-                     "'', 'lstm' or 'tiny'")
+    raise UserError(f'unknown variant {variant!r} of configs/authorship.py; use '
+                    "'', 'lstm' or 'tiny'")
   return c

@@ -16,6 +16,7 @@ Variants (the text after ':'):
 import ml_collections
 
 from lmjax import config
+from lmjax.errors import UserError
 
 
 def get_config(variant: str = '') -> ml_collections.ConfigDict:
@@ -38,5 +39,5 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
     c.train.update(num_steps=60, batch_size=16, eval_batch_size=64, eval_every=60,
                    checkpoint_every=60, log_every=20)
   else:
-    raise ValueError(f"unknown variant {variant!r} of configs/countdown.py; use '' or 'tiny'")
+    raise UserError(f"unknown variant {variant!r} of configs/countdown.py; use '' or 'tiny'")
   return c

@@ -49,6 +49,7 @@ data.cache_dir), read as a memory map from then on; OpenWebText has one split, s
 import ml_collections
 
 from lmjax import config
+from lmjax.errors import UserError
 
 
 def get_config(variant: str = '') -> ml_collections.ConfigDict:
@@ -77,9 +78,9 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
     c.model.update(num_layers=36, num_heads=20, d_model=1280)
     _pretraining(c, lr=2.5e-4, microbatches=60)
   elif variant:
-    raise ValueError(f'unknown variant {variant!r} of configs/gpt2.py; use one of '
-                     "'', 'medium', 'large', 'xl' (fine-tuning an import) or 'small', "
-                     "'pretrain_medium', 'pretrain_large' (pretraining)")
+    raise UserError(f'unknown variant {variant!r} of configs/gpt2.py; use one of '
+                    "'', 'medium', 'large', 'xl' (fine-tuning an import) or 'small', "
+                    "'pretrain_medium', 'pretrain_large' (pretraining)")
   return c
 
 

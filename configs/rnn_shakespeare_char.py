@@ -22,6 +22,7 @@ Transformer does.
 import ml_collections
 
 from lmjax import config
+from lmjax.errors import UserError
 
 
 def get_config(variant: str = 'lstm') -> ml_collections.ConfigDict:
@@ -52,6 +53,6 @@ def get_config(variant: str = 'lstm') -> ml_collections.ConfigDict:
     c.train.update(num_steps=60, batch_size=16, seq_len=32, eval_batch_size=8,
                    eval_every=30, checkpoint_every=30, log_every=10, sample_tokens=20)
   else:
-    raise ValueError(f'unknown variant {variant!r} of configs/rnn_shakespeare_char.py; use '
-                     "'lstm', 'gru', 'rnn', 'lstm_spm', 'awd' or 'tiny'")
+    raise UserError(f'unknown variant {variant!r} of configs/rnn_shakespeare_char.py; use '
+                    "'lstm', 'gru', 'rnn', 'lstm_spm', 'awd' or 'tiny'")
   return c

@@ -24,6 +24,7 @@ A point's overrides apply to `get_config(ARG)`, the same ARG.
 import ml_collections
 
 from lmjax import config, sweep
+from lmjax.errors import UserError
 
 
 def get_config(variant: str = '') -> ml_collections.ConfigDict:
@@ -66,8 +67,8 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
     # Seconds-long runs on one device: the tests start several at once (sweeps, hosts).
     c.mesh.cpu_devices = 0
   else:
-    raise ValueError(f'unknown variant {variant!r} of configs/shakespeare_char.py; '
-                     "use '', 'full', 'cpu', 'mlm' or 'tiny'")
+    raise UserError(f'unknown variant {variant!r} of configs/shakespeare_char.py; '
+                    "use '', 'full', 'cpu', 'mlm' or 'tiny'")
   return c
 
 
@@ -78,5 +79,5 @@ def get_sweep(variant: str = '') -> list[dict]:
                        'train.eval_every': [500]})
   if variant == 'tiny':
     return sweep.grid({'opt.lr': [3e-3, 1e-2]})
-  raise ValueError(f'no sweep for variant {variant!r} of configs/shakespeare_char.py; '
-                   "use 'cpu' or 'tiny'")
+  raise UserError(f'no sweep for variant {variant!r} of configs/shakespeare_char.py; '
+                  "use 'cpu' or 'tiny'")

@@ -73,6 +73,21 @@ def _read_prompts() -> list[str]:
   return prompts
 
 
+def _open_output():
+  """Where --output sends the JSON lines: stdout, a file opened for writing, or None (the
+  text goes to stdout)."""
+  from lmjax.errors import UserError
+  if _OUTPUT.value == '-':
+    return sys.stdout
+  if not _OUTPUT.value:
+    return None
+  try:
+    return open(_OUTPUT.value, 'w', encoding='utf-8')
+  except OSError as e:
+    raise UserError(f'--output={_OUTPUT.value} cannot be written ({e.strerror or e}); name '
+                    'a file in a directory you can write to, or - for stdout.') from None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -90,15 +105,13 @@ def main(argv):
   if strategy == 'beam':
     options.update(beam_size=_BEAM_SIZE.value, length_penalty=_LENGTH_PENALTY.value,
                    beam_compat=_BEAM_COMPAT.value, early_stopping=_EARLY_STOPPING.value)
-  # Not a workdir, no such step, a damaged one: run_script prints the one line.
+  # Not a workdir, no such step, a damaged one, a run that writes no text: run_script
+  # prints the one line.
+  generation.check_decodable(workdir_lib.load_config(_WORKDIR.value))
   config, tokenizer, params, step = workdir_lib.load_trained(_WORKDIR.value, _STEP.value)
 
-  out = None
-  if _OUTPUT.value == '-':
-    out = sys.stdout
-  elif _OUTPUT.value:
-    out = open(_OUTPUT.value, 'w', encoding='utf-8')
-  else:
+  out = _open_output()
+  if out is None:
     print(f'# {_WORKDIR.value}, step {step}, {strategy}')
   batch = _BATCH_SIZE.value
   for start in range(0, len(prompts), batch):

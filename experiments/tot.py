@@ -80,9 +80,9 @@ flags.mark_flag_as_required('workdir')
 def _read_puzzles(puzzles_lib, corpora):
   if _TASK_FILE.value:
     try:
-      with open(_TASK_FILE.value) as f:
+      with open(_TASK_FILE.value, encoding='utf-8') as f:
         lines = [line.strip() for line in f if line.strip()]
-    except OSError as e:
+    except (OSError, UnicodeDecodeError) as e:
       raise app.UsageError(f'--task_file: cannot read {_TASK_FILE.value}: {e}') from None
     try:
       puzzles = [puzzles_lib.parse_puzzle(line) for line in lines]
@@ -98,8 +98,20 @@ def _read_puzzles(puzzles_lib, corpora):
   return puzzles[:_NUM_PUZZLES.value]
 
 
+def _open_output():
+  """The --output file, opened for writing before any puzzle is solved; None without one."""
+  if not _OUTPUT.value:
+    return None
+  try:
+    return open(_OUTPUT.value, 'w')
+  except OSError as e:
+    raise app.UsageError(f'--output={_OUTPUT.value} cannot be written ({e.strerror or e}); '
+                         'name a file in a directory you can write to.') from None
+
+
 def _load(workdir, step):
   from lmjax import generation, workdir as workdir_lib
+  generation.check_decodable(workdir_lib.load_config(workdir))
   config, tokenizer, params, _ = workdir_lib.load_trained(workdir, step)
   return (tokenizer, generation.decoder_fns(config, params, tokenizer.vocab_size),
           config.model.max_len)
@@ -128,6 +140,7 @@ def main(argv):
   from lmjax.data import puzzles as puzzles_lib
 
   puzzles = _read_puzzles(puzzles_lib, corpora)
+  output = _open_output()
   try:
     tokenizer, decoder_fns, max_len = _load(_WORKDIR.value, _STEP.value)
   except (FileNotFoundError, ValueError) as e:
@@ -219,7 +232,10 @@ def main(argv):
                         'value: lookahead checker'),
   }
   if 'bfs_scorer' in _STRATEGIES.value:
-    _, scorer_fns, scorer_len = _load(_SCORER_WORKDIR.value, None)
+    try:
+      _, scorer_fns, scorer_len = _load(_SCORER_WORKDIR.value, None)
+    except (FileNotFoundError, ValueError) as e:
+      raise app.UsageError(f'--scorer_workdir={_SCORER_WORKDIR.value}: {e}') from None
     scorer = search.scorer_value(scorer_fns, eos_id=eos, max_len=scorer_len)
     runners['bfs_scorer'] = (tree(scorer, 'bfs'),
                              f'breadth {b}, {m} proposals, depth {d}, value: second model')
@@ -247,13 +263,13 @@ def main(argv):
   for r in rows:
     print(f'| {r["strategy"]} | {r["what"]} | {r["solved"]}/{r["puzzles"]} '
           f'({r["accuracy"]:.1%}) | {r["tokens_per_puzzle"]:.0f} | {r["seconds"]:.1f} |')
-  if _OUTPUT.value:
+  if output is not None:
     settings = {name: flags.FLAGS[name].value for name in (
         'workdir', 'step', 'task_file', 'split', 'num_puzzles', 'temperature', 'beam_size',
         'samples', 'breadth', 'proposals', 'proposal', 'max_depth', 'max_expansions',
         'max_new_tokens', 'max_thought_tokens', 'seed')}
-    with open(_OUTPUT.value, 'w') as f:
-      json.dump({'settings': settings, 'results': rows}, f, indent=2)
+    with output:
+      json.dump({'settings': settings, 'results': rows}, output, indent=2)
   sys.stdout.flush()
 
 

@@ -35,23 +35,6 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0 to num_p
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with config mistakes reported in one line instead of a traceback."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:  # a bad value, a missing flag, or an error in get_config
-    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-    # An exception inside the config file arrives as a formatted traceback: its last line
-    # is the message.
-    message = lines[-1] if any(line.startswith('Traceback') for line in lines) else str(e)
-    sys.exit(f'error: {message} (--helpfull lists the flags)')
-  except (KeyError, AttributeError) as e:  # an override names no field of the config
-    name = str(e).strip('"\'')
-    culprits = [a for a in argv if a.startswith('--config.') and name in a.split('=')[0]]
-    sys.exit(f'error: {culprits[0] if culprits else name}: the config has no such field '
-             f'({e}); every field is listed, with a comment, in the --config file.')
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -75,4 +58,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  run_script(main, flags_parser=_parse_flags)
+  run_script(main)

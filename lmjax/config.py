@@ -153,8 +153,24 @@ def read_saved(workdir: str) -> ml_collections.ConfigDict | None:
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return with_defaults(json.load(f))[0]
+  return with_defaults(read_saved_dict(path))[0]
+
+
+def read_saved_dict(path: str) -> dict:
+  """A workdir's config.json as the dict training wrote; UserError if it is damaged (not
+  UTF-8 JSON, or not a JSON object of config sections)."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      saved = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    problem = f'it is not valid JSON ({e})'
+  else:
+    if isinstance(saved, dict) and all(isinstance(v, dict) for v in saved.values()):
+      return saved
+    problem = 'it is not a JSON object of config sections'
+  raise UserError(f'{path} is damaged: {problem}. Restore it from a copy of the workdir, or '
+                  'delete it and rerun experiments/train.py on this --workdir with the '
+                  '--config it was trained with, which writes it again.')
 
 
 def with_defaults(saved: dict) -> tuple[ml_collections.ConfigDict, list[str]]:
@@ -258,13 +274,21 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
 def _check_model(m, t) -> None:
   if m.name not in models.MODEL_NAMES:
     raise UserError(f'model.name={m.name!r}; known models: {", ".join(models.MODEL_NAMES)}.')
+  for field in ('num_layers', 'd_model'):
+    if m[field] < 1:
+      raise UserError(f'model.{field}={m[field]}; it must be at least 1.')
+  for field in ('dtype', 'param_dtype'):
+    if m[field] not in models.DTYPES:
+      raise UserError(f'model.{field}={m[field]!r}; use one of {", ".join(models.DTYPES)}.')
+  if not 0.0 <= m.dropout < 1.0:
+    raise UserError(f'model.dropout={m.dropout} must be in [0, 1).')
   if m.name == 'transformer':
     _check_transformer(m, t)
     return
   if m.hidden_size < 0:
     raise UserError(f'model.hidden_size={m.hidden_size}; use 0 (same as model.d_model) '
                     'or a positive width.')
-  for field in ('dropout', 'embed_dropout', 'weight_dropout'):
+  for field in ('embed_dropout', 'weight_dropout'):
     if not 0.0 <= m[field] < 1.0:
       raise UserError(f'model.{field}={m[field]} must be in [0, 1).')
   if m.scan_unroll < 1:
@@ -272,6 +296,11 @@ def _check_model(m, t) -> None:
 
 
 def _check_transformer(m, t) -> None:
+  for field in ('num_heads', 'max_len'):
+    if m[field] < 1:
+      raise UserError(f'model.{field}={m[field]}; it must be at least 1.')
+  if m.d_ff < 0:
+    raise UserError(f'model.d_ff={m.d_ff}; use 0 (4 * model.d_model) or a positive width.')
   if m.d_model % m.num_heads:
     raise UserError(f'model.d_model={m.d_model} does not divide by model.num_heads='
                     f'{m.num_heads}; pick a width that is a multiple of the head count.')
@@ -339,12 +368,17 @@ def _check_schedule(t, o) -> None:
     raise UserError(f'train.nonfinite={t.nonfinite!r}; use one of {", ".join(NONFINITE_MODES)}.')
   if t.num_steps < 1:
     raise UserError(f'train.num_steps={t.num_steps}; it must be at least 1.')
+  if t.seq_len < 1:
+    raise UserError(f'train.seq_len={t.seq_len}; it must be at least 1.')
   if not 0 <= o.warmup_steps < t.num_steps:
     raise UserError(f'opt.warmup_steps={o.warmup_steps} must be below train.num_steps='
                     f'{t.num_steps}.')
   for field in ('eval_every', 'checkpoint_every', 'log_every'):
     if t[field] < 1:
       raise UserError(f'train.{field}={t[field]}; it must be at least 1.')
+  if t.keep_checkpoints < 1:
+    raise UserError(f'train.keep_checkpoints={t.keep_checkpoints}; keep at least 1, the '
+                    'checkpoint a stopped run resumes from.')
   profile = tuple(t.profile_steps)
   if profile and not (len(profile) == 2 and 1 <= profile[0] <= profile[1] <= t.num_steps):
     raise UserError(f'train.profile_steps={profile}; give the first and last step to trace, '
@@ -358,6 +392,9 @@ def _check_data(d) -> None:
   if d.tokenizer == 'sentencepiece' and d.vocab_size <= 0:
     raise UserError('data.tokenizer=sentencepiece needs data.vocab_size > 0 '
                     '(e.g. --config.data.vocab_size=2000).')
+  if d.tokenizer == 'sentencepiece' and d.spm_model_type not in tokenizers.SPM_MODEL_TYPES:
+    raise UserError(f'data.spm_model_type={d.spm_model_type!r}; use one of '
+                    f'{", ".join(tokenizers.SPM_MODEL_TYPES)}.')
   if external.is_external(d.name):  # its splits and feature are checked when it is opened
     external.check_name(d.name)
   elif d.name not in corpora.DATASETS:

@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from lmjax.errors import UserError
+
 STRATEGIES = ('greedy', 'sample', 'beam')
 BEAM_COMPAT = ('lmjax', 'hf')
 # Scores of impossible candidates. Finite (not -inf) so that sums and differences of
@@ -471,11 +473,11 @@ def _stop_array(stop_sequences: Sequence[Sequence[int]]):
   stops = [list(map(int, s)) for s in stop_sequences]
   for s in stops:
     if not s:
-      raise ValueError('a stop sequence is empty; every stop string must encode to at '
-                       'least one token.')
+      raise UserError('a stop sequence is empty; every stop string must encode to at '
+                      'least one token.')
     if len(s) > MAX_STOP_TOKENS:
-      raise ValueError(f'a stop sequence is {len(s)} tokens long; at most '
-                       f'{MAX_STOP_TOKENS} are supported.')
+      raise UserError(f'a stop sequence is {len(s)} tokens long; at most '
+                      f'{MAX_STOP_TOKENS} are supported.')
   width = max((len(s) for s in stops), default=1)
   array = np.full((len(stops), width), -1, np.int32)
   for i, s in enumerate(stops):
@@ -488,39 +490,39 @@ def _check_options(prompts, *, max_new_tokens, strategy, num_samples, temperatur
                    max_len) -> None:
   """Rejects `generate`'s impossible arguments with a message naming the argument."""
   if strategy not in STRATEGIES:
-    raise ValueError(f'strategy={strategy!r}; use one of {", ".join(STRATEGIES)}.')
+    raise UserError(f'strategy={strategy!r}; use one of {", ".join(STRATEGIES)}.')
   if not prompts:
-    raise ValueError('no prompts given.')
+    raise UserError('no prompts given.')
   if any(len(p) == 0 for p in prompts):
-    raise ValueError('a prompt is empty; give at least one token (--prompt).')
+    raise UserError('a prompt is empty; give at least one token (--prompt).')
   if max_new_tokens < 1:
-    raise ValueError(f'max_new_tokens={max_new_tokens}; it must be at least 1.')
+    raise UserError(f'max_new_tokens={max_new_tokens}; it must be at least 1.')
   if num_samples < 1:
-    raise ValueError(f'num_samples={num_samples}; it must be at least 1.')
+    raise UserError(f'num_samples={num_samples}; it must be at least 1.')
   if repetition_penalty <= 0:
-    raise ValueError(f'repetition_penalty={repetition_penalty}; it must be positive '
-                     '(1 means no penalty).')
+    raise UserError(f'repetition_penalty={repetition_penalty}; it must be positive '
+                    '(1 means no penalty).')
   if strategy == 'sample':
     if temperature <= 0:
-      raise ValueError(f'temperature={temperature}; sampling needs a positive temperature '
-                       "(use strategy='greedy' for argmax decoding).")
+      raise UserError(f'temperature={temperature}; sampling needs a positive temperature '
+                      "(use strategy='greedy' for argmax decoding).")
     if top_k < 0:
-      raise ValueError(f'top_k={top_k}; use 0 for no limit or a positive count.')
+      raise UserError(f'top_k={top_k}; use 0 for no limit or a positive count.')
     if not 0.0 < top_p <= 1.0:
-      raise ValueError(f'top_p={top_p}; it must be in (0, 1] (1 keeps every token).')
+      raise UserError(f'top_p={top_p}; it must be in (0, 1] (1 keeps every token).')
   if strategy == 'beam':
     if beam_size < 1:
-      raise ValueError(f'beam_size={beam_size}; it must be at least 1.')
+      raise UserError(f'beam_size={beam_size}; it must be at least 1.')
     if num_samples > beam_size:
-      raise ValueError(f'num_samples={num_samples} beams asked for but beam_size='
-                       f'{beam_size}; raise beam_size or lower num_samples.')
+      raise UserError(f'num_samples={num_samples} beams asked for but beam_size='
+                      f'{beam_size}; raise beam_size or lower num_samples.')
     if beam_compat not in BEAM_COMPAT:
-      raise ValueError(f'beam_compat={beam_compat!r}; use one of {", ".join(BEAM_COMPAT)}.')
+      raise UserError(f'beam_compat={beam_compat!r}; use one of {", ".join(BEAM_COMPAT)}.')
     if length_penalty < 0:
-      raise ValueError(f'length_penalty={length_penalty}; it must be >= 0 (0: none).')
+      raise UserError(f'length_penalty={length_penalty}; it must be >= 0 (0: none).')
   longest = max(len(p) for p in prompts)
   if max_len is not None and longest + max_new_tokens > max_len:
-    raise ValueError(
+    raise UserError(
         f'prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the '
         f"model's context of {max_len} tokens (model.max_len); shorten the prompt or ask "
         'for fewer tokens.')

@@ -148,7 +148,23 @@ def base_workdir(config, workdir: str) -> str | None:
           f'data.{field}={config.data[field]!r}, but the run in init_from.workdir='
           f'{init_from.workdir!r} used {base_data[field]!r}; a fine-tuned model keeps '
           f'its base\'s tokenizer, so set data.{field}={base_data[field]!r}.')
+  base_step(config, base)
   return base
+
+
+def base_step(config, base: str) -> int:
+  """The base run's checkpoint that init_from.step names (0: its latest); UserError if the
+  base has no such checkpoint."""
+  steps = ckpt_lib.complete_steps(base)
+  if not steps:
+    raise UserError(f'init_from.workdir={config.init_from.workdir!r} has no checkpoint; '
+                    'fine-tuning starts from a trained run.')
+  wanted = config.init_from.step or steps[-1]
+  if wanted not in steps:
+    raise UserError(f'init_from.workdir={config.init_from.workdir!r} has no checkpoint of '
+                    f'step {wanted}; it has {", ".join(map(str, steps))} '
+                    '(init_from.step=0 takes the latest).')
+  return wanted
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
@@ -177,12 +193,7 @@ def load_base_params(config, base: str, abstract_params, replicated):
   `abstract_params`: the new model's params, ShapeDtypeStructs with shardings.
   `replicated`: a sharding for the base's own adapters, which the new model lacks.
   """
-  steps = ckpt_lib.complete_steps(base)
-  wanted = config.init_from.step or (steps[-1] if steps else None)
-  if wanted not in steps:
-    raise UserError(f'init_from.workdir={config.init_from.workdir!r} has no checkpoint of '
-                    f'step {wanted}; it has {", ".join(map(str, steps)) or "none"} '
-                    '(init_from.step=0 takes the latest).')
+  wanted = base_step(config, base)
   in_checkpoint, in_frozen = _stored_shapes(base, wanted)
   stored = {**in_checkpoint, **in_frozen}
   base_model = _base_config(base).model

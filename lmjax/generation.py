@@ -13,6 +13,14 @@ def decoder_fns(config, params, vocab_size: int):
   """`decoder_fns(batch_size=, cache_len=) -> (tokens_to_logits, state)` for the decoder and
   the tree search: the KV-cached Transformer or the recurrent model (its carry is the
   state) of `config`, with `params` on the host's device."""
+  check_decodable(config)
+  decode_model = build_model(config, vocab_size, decode=True)
+  return functools.partial(models.decode_fns, decode_model, host_copy(params))
+
+
+def check_decodable(config) -> None:
+  """Refuses a run that generates no text (a classifier, a bidirectional encoder), naming
+  what to use instead; the scripts call it before reading any checkpoint."""
   if corpora.class_names(config.data.name):
     raise UserError(f'this run is a classifier (data.name={config.data.name!r}): it scores '
                     'passages and generates no text; evaluate it with '
@@ -21,8 +29,6 @@ def decoder_fns(config, params, vocab_size: int):
     raise UserError('this run is a bidirectional encoder (model.causal=False), trained to '
                     'fill in masked tokens: it cannot continue a prompt. Evaluate it with '
                     'experiments/evaluate.py, or fine-tune it into a classifier.')
-  decode_model = build_model(config, vocab_size, decode=True)
-  return functools.partial(models.decode_fns, decode_model, host_copy(params))
 
 
 def host_copy(tree):
@@ -44,17 +50,17 @@ def generate_texts(config, params, tokenizer, prompts: list[str], *, max_new_tok
   Returns, per prompt, one dict per continuation: 'text' (the new text only), 'tokens',
   'score' and 'finish' ('eos', 'stop' or 'length'). A continuation ends at the
   tokenizer's EOS and at any of `stop_strings`; its text is cut before the stop string.
-  Raises ValueError with a readable message for bad prompts or options.
+  Raises UserError with a readable message for bad prompts or options.
   """
   encoded = []
   for i, prompt in enumerate(prompts):
     if not prompt:
-      raise ValueError(f'prompt {i + 1} is empty; give some text to continue.')
+      raise UserError(f'prompt {i + 1} is empty; give some text to continue.')
     encoded.append(tokenizer.encode(prompt))
   stops = []
   for stop in stop_strings:
     if not stop:
-      raise ValueError('a stop string is empty; drop it or give some text.')
+      raise UserError('a stop string is empty; drop it or give some text.')
     stops.append(tokenizer.encode(stop))
   needed = max(len(e) for e in encoded) + max_new_tokens
   tokens_to_logits, state = decoder_fns(config, params, tokenizer.vocab_size)(

@@ -32,6 +32,7 @@ import safetensors.numpy
 from lmjax import checkpoint as ckpt_lib
 from lmjax import models, optim, state as state_lib, workdir as workdir_lib
 from lmjax.data import tokenizers
+from lmjax.errors import UserError
 from lmjax.models import transformer
 
 HF_CONFIG_FILE = 'config.json'
@@ -72,8 +73,8 @@ def _read_json(path: str) -> dict:
   try:
     with open(path, encoding='utf-8') as f:
       return json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f'{path} is not valid JSON ({e}); the directory is damaged.') from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UserError(f'{path} is not valid JSON ({e}); the directory is damaged.') from None
 
 
 def read_hf_config(hf_dir: str) -> dict:
@@ -85,8 +86,8 @@ def read_hf_config(hf_dir: str) -> dict:
   config = _read_json(path)
   model_type = config.get('model_type')
   if model_type != 'gpt2':
-    raise ValueError(f'{path}: model_type={model_type!r}; only GPT-2 checkpoints '
-                     "(model_type 'gpt2') can be imported.")
+    raise UserError(f'{path}: model_type={model_type!r}; only GPT-2 checkpoints '
+                    "(model_type 'gpt2') can be imported.")
   problems = []
   activation = config.get('activation_function', 'gelu_new')
   if activation not in SUPPORTED_ACTIVATIONS:
@@ -113,8 +114,8 @@ def read_hf_config(hf_dir: str) -> dict:
   if n_inner is not None and (not isinstance(n_inner, int) or n_inner < 1):
     problems.append(f'n_inner={n_inner!r} (must be null or a positive integer)')
   if problems:
-    raise ValueError(f'{path} describes a GPT-2 that lmjax\'s Transformer cannot represent: '
-                     + '; '.join(problems) + '.')
+    raise UserError(f'{path} describes a GPT-2 that lmjax\'s Transformer cannot represent: '
+                    + '; '.join(problems) + '.')
   return config
 
 
@@ -123,8 +124,8 @@ def read_hf_tokenizer(hf_dir: str) -> tokenizers.Gpt2BpeTokenizer:
   tokenizer_config_path = os.path.join(hf_dir, HF_TOKENIZER_CONFIG_FILE)
   if os.path.exists(tokenizer_config_path):
     if _read_json(tokenizer_config_path).get('add_prefix_space'):
-      raise ValueError(f'{tokenizer_config_path} sets add_prefix_space, which GPT-2 does not '
-                       'use and lmjax\'s GPT-2 tokenizer does not support.')
+      raise UserError(f'{tokenizer_config_path} sets add_prefix_space, which GPT-2 does not '
+                      'use and lmjax\'s GPT-2 tokenizer does not support.')
   vocab_path = os.path.join(hf_dir, tokenizers.GPT2_VOCAB_FILE)
   merges_path = os.path.join(hf_dir, tokenizers.GPT2_MERGES_FILE)
   if os.path.exists(vocab_path) and os.path.exists(merges_path):
@@ -157,8 +158,8 @@ def _tokenizer_from_hf_json(spec: dict, path: str) -> tokenizers.Gpt2BpeTokenize
     if model.get(field):
       problems.append(f'{field}={model[field]!r}')
   if problems:
-    raise ValueError(f'{path} is not a GPT-2 byte-level BPE tokenizer: '
-                     + '; '.join(problems) + '.')
+    raise UserError(f'{path} is not a GPT-2 byte-level BPE tokenizer: '
+                    + '; '.join(problems) + '.')
   vocab = dict(model.get('vocab') or {})
   # Special tokens may be listed only among the added tokens.
   for added in spec.get('added_tokens') or []:
@@ -179,7 +180,7 @@ def read_hf_weights(hf_dir: str) -> dict[str, np.ndarray]:
     files = sorted({os.path.join(hf_dir, name)
                     for name in _read_json(index).get('weight_map', {}).values()})
   elif os.path.exists(os.path.join(hf_dir, PICKLED_WEIGHTS_FILE)):
-    raise ValueError(
+    raise UserError(
         f'{hf_dir} has only {PICKLED_WEIGHTS_FILE}, a pickle, and loading a pickle can run '
         'arbitrary code; lmjax reads safetensors only. Convert it once, somewhere you trust '
         'the file: python -c "import transformers as t; t.GPT2LMHeadModel.from_pretrained('
@@ -196,9 +197,9 @@ def read_hf_weights(hf_dir: str) -> dict[str, np.ndarray]:
       dtypes = {f.get_slice(name).get_dtype() for name in f.keys()}
     unreadable = dtypes - {'F32', 'F16', 'F64'}
     if unreadable:
-      raise ValueError(f'{path} holds tensors of type {sorted(unreadable)}; lmjax imports '
-                       'float32 or float16 weights. Save the model in float32 first '
-                       '(model.float().save_pretrained(...)).')
+      raise UserError(f'{path} holds tensors of type {sorted(unreadable)}; lmjax imports '
+                      'float32 or float16 weights. Save the model in float32 first '
+                      '(model.float().save_pretrained(...)).')
     for name, array in safetensors.numpy.load_file(path).items():
       weights[name] = array.astype(np.float32)
   return weights
@@ -230,13 +231,13 @@ def _canonical_weights(weights: dict[str, np.ndarray], num_layers: int,
     named[name if name.startswith(('transformer.', 'lm_head.')) else 'transformer.' + name] = array
   lm_head = named.pop('lm_head.weight', None)
   if lm_head is not None and not np.array_equal(lm_head, named.get('transformer.wte.weight')):
-    raise ValueError(f'{source}: lm_head.weight differs from the token embedding (wte); '
-                     'lmjax ties the two, so untied GPT-2 variants cannot be imported.')
+    raise UserError(f'{source}: lm_head.weight differs from the token embedding (wte); '
+                    'lmjax ties the two, so untied GPT-2 variants cannot be imported.')
   expected = _gpt2_names(num_layers)
   missing = [n for n in expected if n not in named]
   unexpected = sorted(set(named) - set(expected))
   if missing or unexpected:
-    raise ValueError(
+    raise UserError(
         f'{source} does not hold the tensors of a {num_layers}-layer GPT-2 (as config.json '
         f'says): missing {missing[:6]}{" ..." if len(missing) > 6 else ""}, unexpected '
         f'{unexpected[:6]}{" ..." if len(unexpected) > 6 else ""}.')
@@ -321,8 +322,8 @@ def _check_shapes(params, abstract, source: str) -> None:
   wrong = [f'{name} is {found.get(name)}, not {shape}' for name, shape in expected.items()
            if found.get(name) != shape]
   if wrong:
-    raise ValueError(f'{source}: tensor shapes do not match its config.json: '
-                     + '; '.join(wrong[:6]) + '.')
+    raise UserError(f'{source}: tensor shapes do not match its config.json: '
+                    + '; '.join(wrong[:6]) + '.')
 
 
 # ------------------------------------------------------------------------------ configs
@@ -390,16 +391,17 @@ def import_gpt2(hf_dir: str, workdir: str,
     raise FileNotFoundError(f'{hf_dir} is not a directory; give the Hugging Face model '
                             'directory (with config.json and model.safetensors).')
   if os.path.realpath(hf_dir) == os.path.realpath(workdir):
-    raise ValueError(f'{workdir} is the Hugging Face directory itself; both have a '
-                     'config.json and a tokenizer.json, so use a separate workdir.')
+    raise UserError(f'{workdir} is the Hugging Face directory itself; both have a '
+                    'config.json and a tokenizer.json, so use a separate workdir.')
   if _has_checkpoints(workdir):
-    raise ValueError(f'{workdir} already has checkpoints ({ckpt_lib.checkpoint_dir(workdir)}); '
-                     'importing would mix two models. Use a new workdir, or delete that one.')
+    raise UserError(f'{workdir} already has checkpoints ({ckpt_lib.checkpoint_dir(workdir)}); '
+                    'importing would mix two models. Use a new workdir, or delete that one.')
+  workdir_lib.prepare(workdir)  # writable, before a large checkpoint is read
 
   hf_config = read_hf_config(hf_dir)
   tokenizer = read_hf_tokenizer(hf_dir)
   if tokenizer.vocab_size != hf_config['vocab_size']:
-    raise ValueError(
+    raise UserError(
         f'{hf_dir}: config.json has vocab_size={hf_config["vocab_size"]}, but the tokenizer '
         f'has {tokenizer.vocab_size} pieces; lmjax sizes the embedding by the tokenizer, so '
         'the two must agree (a padded embedding cannot be imported).')
@@ -425,7 +427,6 @@ def import_gpt2(hf_dir: str, workdir: str,
   state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=tx.init(params))
 
-  os.makedirs(workdir, exist_ok=True)
   tokenizer.save(workdir)
   workdir_lib.save_config(config, workdir)
   checkpointer = ckpt_lib.Checkpointer(workdir)
@@ -438,38 +439,44 @@ def import_gpt2(hf_dir: str, workdir: str,
 # ------------------------------------------------------------------------------ export
 
 
+def _check_exportable(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses a model GPT-2 cannot represent, from its config alone."""
+  m = config.model
+  if m.name != 'transformer':
+    raise UserError(f'{workdir}: model.name={m.name!r}; only the Transformer has a GPT-2 '
+                    'counterpart.')
+  if not m.causal:
+    raise UserError(f'{workdir}: model.causal=False, a bidirectional encoder; GPT-2 is a '
+                    'left-to-right decoder.')
+  unknown = sorted(set(m.keys()) - set(_EXPORTABLE_MODEL_FIELDS))
+  if unknown:
+    raise UserError(
+        f'{workdir}: model config fields {unknown} are unknown to the GPT-2 exporter, which '
+        'cannot tell whether GPT-2 represents them; teach lmjax/hf.py about them first.')
+
+
 def _exportable_weights(config: ml_collections.ConfigDict, params: Any,
                         workdir: str) -> dict[str, np.ndarray]:
   """GPT-2 tensors of `params`, after checking GPT-2 can represent the model."""
+  _check_exportable(config, workdir)
   m = config.model
-  if m.name != 'transformer':
-    raise ValueError(f'{workdir}: model.name={m.name!r}; only the Transformer has a GPT-2 '
-                     'counterpart.')
   if m.lora_rank:
-    raise ValueError(f'{workdir}: model.lora_rank={m.lora_rank}; merge the adapters first '
-                     '(workdir_lib.load_trained does).')
-  if not m.causal:
-    raise ValueError(f'{workdir}: model.causal=False, a bidirectional encoder; GPT-2 is a '
-                     'left-to-right decoder.')
-  unknown = sorted(set(m.keys()) - set(_EXPORTABLE_MODEL_FIELDS))
-  if unknown:
-    raise ValueError(
-        f'{workdir}: model config fields {unknown} are unknown to the GPT-2 exporter, which '
-        'cannot tell whether GPT-2 represents them; teach lmjax/hf.py about them first.')
+    raise UserError(f'{workdir}: model.lora_rank={m.lora_rank}; merge the adapters first '
+                    '(workdir_lib.load_trained does).')
   if m.scan_layers:
     params = transformer.unstack_layers(params)
   try:
     weights = _params_to_hf(params, m.num_layers)
   except KeyError as e:
-    raise ValueError(f'{workdir}: the checkpoint lacks the parameter {e}, which GPT-2 '
-                     'needs.') from None
+    raise UserError(f'{workdir}: the checkpoint lacks the parameter {e}, which GPT-2 '
+                    'needs.') from None
   # Converting back must give every parameter: one that GPT-2 has no place for would
   # otherwise be dropped without a word.
   extra = set(_shapes_by_path(params)) - set(
       _shapes_by_path(_hf_to_params(weights, m.num_layers, m.num_heads)))
   if extra:
-    raise ValueError(f'{workdir}: the checkpoint has parameters GPT-2 has no place for: '
-                     f'{sorted(extra)[:6]}.')
+    raise UserError(f'{workdir}: the checkpoint has parameters GPT-2 has no place for: '
+                    f'{sorted(extra)[:6]}.')
   return weights
 
 
@@ -504,6 +511,19 @@ def _hf_config_for(config: ml_collections.ConfigDict, tokenizer) -> dict:
   }
 
 
+def _prepare_output(hf_dir: str) -> None:
+  """Creates `hf_dir`; UserError naming --hf_dir if it cannot be written."""
+  try:
+    os.makedirs(hf_dir, exist_ok=True)
+    probe = os.path.join(hf_dir, f'.write-test-{os.getpid()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f'--hf_dir={hf_dir} cannot be written ({e.strerror or e}: '
+                    f'{e.filename or hf_dir}); choose a directory you can write to.') from None
+
+
 def export_gpt2(workdir: str, hf_dir: str, step: int | None = None) -> int:
   """Writes a workdir's checkpoint (the latest, or `step`) to `hf_dir` as a Hugging Face GPT-2.
 
@@ -513,15 +533,17 @@ def export_gpt2(workdir: str, hf_dir: str, step: int | None = None) -> int:
   """
   hf_dir, workdir = os.path.abspath(hf_dir), os.path.abspath(workdir)
   if os.path.realpath(hf_dir) == os.path.realpath(workdir):
-    raise ValueError(f'{hf_dir} is the workdir itself; both have a config.json, so export '
-                     'to a separate directory.')
+    raise UserError(f'{hf_dir} is the workdir itself; both have a config.json, so export '
+                    'to a separate directory.')
   if os.path.exists(os.path.join(hf_dir, HF_WEIGHTS_FILE)):
-    raise ValueError(f'{hf_dir} already holds {HF_WEIGHTS_FILE}; export to a new directory '
-                     'or delete that one.')
+    raise UserError(f'{hf_dir} already holds {HF_WEIGHTS_FILE}; export to a new directory '
+                    'or delete that one.')
+  # A model GPT-2 cannot represent, or a directory that cannot be written, is refused
+  # before the weights are read.
+  _check_exportable(workdir_lib.load_config(workdir), workdir)
+  _prepare_output(hf_dir)
   config, tokenizer, params, step = workdir_lib.load_trained(workdir, step)
   weights = _exportable_weights(config, jax.device_get(params), workdir)
-
-  os.makedirs(hf_dir, exist_ok=True)
   # transformers refuses safetensors files whose metadata does not name a framework.
   safetensors.numpy.save_file(weights, os.path.join(hf_dir, HF_WEIGHTS_FILE),
                               metadata={'format': 'pt'})

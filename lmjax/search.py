@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmjax import decode
+from lmjax.errors import UserError
 
 DecoderFns = Callable[..., tuple[decode.TokensToLogits, Any]]
 PROPOSAL_METHODS = ('sample', 'beam')
@@ -114,8 +115,8 @@ def scorer_value(decoder_fns: DecoderFns, *, eos_id: int | None,
       rows.append((len(prompt), list(prompt) + node.tokens + end))
     longest = max(len(r) for _, r in rows)
     if max_len is not None and longest > max_len:
-      raise ValueError(f'a node of {longest} tokens does not fit the scoring model '
-                       f'(max_len={max_len}).')
+      raise UserError(f'a node of {longest} tokens does not fit the scoring model '
+                      f'(max_len={max_len}).')
     length = decode.buffer_length(longest, max_len)
     num_rows = _bucket_up(len(rows))
     ids = np.zeros((num_rows, length), np.int32)
@@ -178,7 +179,7 @@ class Proposer:
 
   def __post_init__(self):
     if self.method not in PROPOSAL_METHODS:
-      raise ValueError(f'method={self.method!r}; use one of {", ".join(PROPOSAL_METHODS)}.')
+      raise UserError(f'method={self.method!r}; use one of {", ".join(PROPOSAL_METHODS)}.')
 
   def __call__(self, rows: list[list[int]], proposals: int, seed: int):
     """Per row: the proposed thoughts, each (tokens, logprob, generated count, ended with
@@ -192,8 +193,8 @@ class Proposer:
     if self.max_len is not None:
       room = min(room, self.max_len - longest)
       if room < 1:
-        raise ValueError(f'a state of {longest} tokens fills the context (max_len='
-                         f'{self.max_len}); lower max_depth or max_thought_tokens.')
+        raise UserError(f'a state of {longest} tokens fills the context (max_len='
+                        f'{self.max_len}); lower max_depth or max_thought_tokens.')
     # Padding the batch to a power of two keeps the number of compiled shapes small.
     padded = rows + [rows[0]] * (_bucket_up(len(rows)) - len(rows))
     cache_len = decode.buffer_length(longest + room, self.max_len)
@@ -238,8 +239,8 @@ def _level_seed(seed: int, step: int) -> int:
 def _valued(value_fn: ValueFn, prompts, nodes) -> list[Node]:
   values = value_fn(prompts, nodes) if nodes else []
   if len(values) != len(nodes):
-    raise ValueError(f'the value function returned {len(values)} values for {len(nodes)} '
-                     'nodes; it must return one per node.')
+    raise UserError(f'the value function returned {len(values)} values for {len(nodes)} '
+                    'nodes; it must return one per node.')
   return [dataclasses.replace(n, value=float(v)) for n, v in zip(nodes, values)]
 
 
@@ -254,11 +255,11 @@ def bfs(propose: Proposer, prompts: Sequence[Sequence[int]], value_fn: ValueFn, 
         breadth: int, proposals: int, max_depth: int, seed: int = 0) -> list[SearchResult]:
   """Breadth-first tree-of-thought search for every prompt at once; one result each."""
   if breadth < 1 or proposals < 1 or max_depth < 1:
-    raise ValueError(f'breadth={breadth}, proposals={proposals} and max_depth={max_depth} '
-                     'must all be at least 1.')
+    raise UserError(f'breadth={breadth}, proposals={proposals} and max_depth={max_depth} '
+                    'must all be at least 1.')
   prompts = [list(map(int, p)) for p in prompts]
   if not prompts or any(not p for p in prompts):
-    raise ValueError('bfs needs at least one prompt, and no empty prompt.')
+    raise UserError('bfs needs at least one prompt, and no empty prompt.')
   frontiers = [[Node()] for _ in prompts]
   finished = [[] for _ in prompts]
   tokens = [0] * len(prompts)
@@ -303,11 +304,11 @@ def dfs(propose: Proposer, prompt: Sequence[int], value_fn: ValueFn, *, proposal
         seed: int = 0) -> SearchResult:
   """Depth-first tree-of-thought search with backtracking, for one prompt."""
   if proposals < 1 or max_depth < 1 or max_expansions < 1:
-    raise ValueError(f'proposals={proposals}, max_depth={max_depth} and max_expansions='
-                     f'{max_expansions} must all be at least 1.')
+    raise UserError(f'proposals={proposals}, max_depth={max_depth} and max_expansions='
+                    f'{max_expansions} must all be at least 1.')
   prompt = list(map(int, prompt))
   if not prompt:
-    raise ValueError('dfs needs a non-empty prompt.')
+    raise UserError('dfs needs a non-empty prompt.')
   counts = {'tokens': 0, 'expansions': 0, 'pruned': 0}
 
   def visit(node: Node, depth: int) -> Node | None:

@@ -41,15 +41,24 @@ RULES = (
 )
 
 
+def _whole_numbers(value, field: str) -> tuple[int, ...]:
+  """A config field's tuple of integers; UserError naming `field` if it holds anything else."""
+  try:
+    return tuple(int(s) for s in value)
+  except (TypeError, ValueError):
+    raise UserError(f'{field}={value!r}: give {len(MESH_AXES)} whole numbers, one per mesh '
+                    f'axis {MESH_AXES}, e.g. (-1, 1, 1).') from None
+
+
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
   """Fills in the one -1 entry of `mesh.shape` and checks the product."""
-  shape = tuple(int(s) for s in shape)
+  shape = _whole_numbers(shape, 'mesh.shape')
   if len(shape) != len(MESH_AXES):
     raise UserError(f'mesh.shape={shape} must have {len(MESH_AXES)} entries, one per '
-                     f'mesh axis {MESH_AXES}.')
+                    f'mesh axis {MESH_AXES}.')
   if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
     raise UserError(f'mesh.shape={shape}: entries must be positive, and at most one '
-                     'may be -1 (meaning "the remaining devices").')
+                    'may be -1 (meaning "the remaining devices").')
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if num_devices % known:
@@ -57,7 +66,7 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
     shape = tuple(num_devices // known if s == -1 else s for s in shape)
   if math.prod(shape) != num_devices:
     raise UserError(f'mesh.shape={shape} needs {math.prod(shape)} devices but '
-                     f'{num_devices} are available; set --config.mesh.shape.')
+                    f'{num_devices} are available; set --config.mesh.shape.')
   return shape
 
 
@@ -65,7 +74,7 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
   """The device mesh of `mesh.shape` (within a slice or host) times `mesh.dcn_shape`
   (across them), axes MESH_AXES."""
   devices = jax.devices() if devices is None else list(devices)
-  dcn = tuple(int(s) for s in mesh_config.dcn_shape)
+  dcn = _whole_numbers(mesh_config.dcn_shape, 'mesh.dcn_shape')
   if len(dcn) != len(MESH_AXES) or any(s < 1 for s in dcn):
     raise UserError(f'mesh.dcn_shape={dcn} must have {len(MESH_AXES)} positive entries, '
                     f'one per mesh axis {MESH_AXES}; (1, 1, 1) for a single slice or host.')

@@ -24,7 +24,7 @@ import numpy as np
 
 from lmjax import checkpoint as ckpt_lib
 from lmjax import events, runtime
-from lmjax.errors import UserError
+from lmjax.errors import UserError, one_line
 
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             'experiments', 'train.py')
@@ -41,7 +41,7 @@ def grid(axes: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
   field varies fastest."""
   for field, values in axes.items():
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
-      raise ValueError(f'grid: {field} needs a non-empty list of values, got {values!r}.')
+      raise UserError(f'grid: {field} needs a non-empty list of values, got {values!r}.')
   fields = list(axes)
   return [dict(zip(fields, combo)) for combo in itertools.product(*axes.values())]
 
@@ -66,7 +66,7 @@ def uniform(low: float, high: float) -> Uniform:
 
 def log_uniform(low: float, high: float) -> Uniform:
   if not 0 < low < high:
-    raise ValueError(f'log_uniform({low}, {high}) needs 0 < low < high.')
+    raise UserError(f'log_uniform({low}, {high}) needs 0 < low < high.')
   return Uniform(low, high, log=True)
 
 
@@ -83,8 +83,8 @@ def random_search(space: dict[str, Any], num_points: int, seed: int = 0) -> list
       elif isinstance(choice, Sequence) and not isinstance(choice, str) and choice:
         point[field] = choice[int(rng.integers(len(choice)))]
       else:
-        raise ValueError(f'random_search: {field} needs uniform(...), log_uniform(...) or '
-                         f'a non-empty list, got {choice!r}.')
+        raise UserError(f'random_search: {field} needs uniform(...), log_uniform(...) or '
+                        f'a non-empty list, got {choice!r}.')
     points.append(point)
   return points
 
@@ -127,8 +127,15 @@ def _load_config_module(path: str):
                     '--config=configs/shakespeare_char.py:cpu')
   spec = importlib.util.spec_from_file_location(
       '_lmjax_sweep_config_' + re.sub(r'\W', '_', os.path.abspath(path)), path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    if spec is None:  # a name without .py
+      raise ImportError('not a Python file')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  except Exception as e:  # noqa: BLE001  (whatever the file raises: it is not lmjax's)
+    raise UserError(f'--config: {path} could not be loaded ({type(e).__name__}: '
+                    f'{one_line(e)}); name a config in configs/, e.g. '
+                    '--config=configs/shakespeare_char.py:cpu') from None
   return module
 
 
@@ -153,9 +160,9 @@ def load_points(config_spec: str) -> list[Point]:
   `get_config(ARG)`: every field exists and takes the value's type."""
   path, _, arg = config_spec.partition(':')
   module = _load_config_module(path)
-  if not hasattr(module, 'get_sweep'):
-    raise UserError(f'{path} has no get_sweep(arg); a sweep lives in the config file as '
-                    'get_sweep(arg) returning a list of override dicts (see '
+  if not hasattr(module, 'get_sweep') or not hasattr(module, 'get_config'):
+    raise UserError(f'{path} has no get_sweep(arg) or no get_config(arg); a sweep lives in '
+                    'a config file as get_sweep(arg) returning a list of override dicts (see '
                     'configs/shakespeare_char.py).')
   overrides = _call(module.get_sweep, arg, path)
   if not overrides or not all(isinstance(o, dict) for o in overrides):
@@ -216,8 +223,7 @@ def _record_sweep(root: str, config_spec: str, points: list[Point]) -> None:
   path = os.path.join(root, SWEEP_FILE)
   record = {'config': config_spec, 'points': [dataclasses.asdict(p) for p in points]}
   if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
+    previous = _read_record(path)
     if json.loads(json.dumps(record)) != previous:
       old = {p['name']: p for p in previous['points']}
       new = {p.name: dataclasses.asdict(p) for p in points}
@@ -231,10 +237,32 @@ def _record_sweep(root: str, config_spec: str, points: list[Point]) -> None:
       raise UserError(f'{root} holds a sweep {what}. Use a new --workdir, or delete {path} '
                       'to mix them.')
     return
-  os.makedirs(root, exist_ok=True)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(record, f, indent=2)
-  os.replace(path + '.tmp', path)
+  try:
+    os.makedirs(root, exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+      json.dump(record, f, indent=2)
+    os.replace(path + '.tmp', path)
+  except OSError as e:
+    raise UserError(f'--workdir={root} cannot be written ({e.strerror or e}: '
+                    f'{e.filename or root}); choose a directory you can write to.') from None
+
+
+def _read_record(path: str) -> dict:
+  """A sweep root's sweep.json; UserError if it is damaged."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      record = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    record, problem = None, f'it is not valid JSON ({e})'
+  else:
+    problem = 'it lacks the config and the points'
+  if isinstance(record, dict) and isinstance(record.get('config'), str) and all(
+      isinstance(p, dict) and {'name', 'overrides'} <= set(p)
+      for p in record.get('points', [None])):
+    return record
+  raise UserError(f'{path} is damaged: {problem}. Restore it from a copy, or delete it and '
+                  'rerun experiments/sweep.py with the --config of the sweep, which writes it '
+                  'again (finished points are skipped).')
 
 
 def load_sweep(root: str) -> tuple[str, list[Point]]:
@@ -242,8 +270,7 @@ def load_sweep(root: str) -> tuple[str, list[Point]]:
   if not os.path.exists(path):
     raise UserError(f'no {SWEEP_FILE} in {root}: is it a sweep root '
                     '(experiments/sweep.py --config=... --workdir=ROOT)?')
-  with open(path) as f:
-    record = json.load(f)
+  record = _read_record(path)
   return record['config'], [Point(p['name'], p['overrides']) for p in record['points']]
 
 

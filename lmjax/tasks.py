@@ -49,8 +49,8 @@ def scoring_task(config, dataset: str | None = None):
   if kind is Classification:
     raise UserError(f'--dataset={dataset!r}: this run is a classifier of '
                     f"{config.data.name!r}; it scores that dataset's passages only.")
-  if external.is_external(dataset):
-    external.check_name(dataset)
+  if external.is_external(dataset):  # prepared, or the command that prepares it is named
+    external.builder(on_dataset(config, dataset).data)
   elif dataset not in corpora.DATASETS or corpora.class_names(dataset):
     raise UserError(f'--dataset={dataset!r}; score a language model on one of '
                     f"{', '.join(lm_datasets())}, or a prepared TFDS text dataset as "
@@ -92,6 +92,11 @@ class Task:
       if not 0 < config.train.mask_rate < 1:
         raise UserError(f'train.mask_rate={config.train.mask_rate}; the share of tokens a '
                         'masked LM predicts must be between 0 and 1 (BERT: 0.15).')
+
+  def check_sample_prompt(self, tokenizer) -> None:
+    """Refuses a train.sample_prompt this kind cannot sample from (only kinds that write
+    samples check it)."""
+    del tokenizer
 
   def scored(self):
     """This task as it scores a finished run's splits."""
@@ -145,6 +150,22 @@ class LanguageModel(Task):
 
   def describe(self) -> str:
     return f'{len(self.tokens):,} training tokens'
+
+  def check_sample_prompt(self, tokenizer) -> None:
+    """The samples written at each evaluation continue train.sample_prompt: it must be
+    text the tokenizer can encode (train.sample_tokens=0 writes none)."""
+    t = self.config.train
+    if t.sample_tokens <= 0:
+      return
+    if not t.sample_prompt:
+      raise UserError('train.sample_prompt is empty; give the text the samples continue, or '
+                      'set train.sample_tokens=0 for no samples.')
+    unknown = (sorted(set(t.sample_prompt) - set(tokenizer.chars))
+               if tokenizer.kind == 'char' else [])
+    if unknown:
+      raise UserError(f'train.sample_prompt={t.sample_prompt!r} has characters outside the '
+                      f'character vocabulary: {", ".join(map(repr, unknown[:10]))}; change '
+                      'the prompt, or set train.sample_tokens=0 for no samples.')
 
   def train_dataset(self, start_example: int):
     t = self.config.train
@@ -211,6 +232,9 @@ class MaskedLM(LanguageModel):
   @property
   def bits_per_char(self) -> bool:
     return False  # a masked LM's would not compare with a left-to-right model's
+
+  def check_sample_prompt(self, tokenizer) -> None:
+    del tokenizer  # it writes no samples
 
   def train_dataset(self, start_example: int):
     t = self.config.train
@@ -368,6 +392,7 @@ class Classification(Task):
   def read(self) -> None:
     self.passages = corpora.load_split_passages(self.data.name, self.data.train_split,
                                                 self.data.data_dir or None)
+    pipeline.check_one_batch(len(self.passages), self.config.train.batch_size)
 
   def tokenizer_texts(self) -> list[str]:
     return [text for _, _, text, _ in self.passages]

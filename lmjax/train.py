@@ -38,6 +38,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   task = tasks.task_class(config)(config)
   task.read()
   tokenizer = workdir_lib.prepare_tokenizer(config, workdir, base, task.tokenizer_texts)
+  task.check_sample_prompt(tokenizer)
   task.load(tokenizer, workdir)
   model = state_lib.build_model(config, tokenizer.vocab_size)
   tx = optim.make_optimizer(config.opt, config.train.num_steps)
@@ -78,15 +79,17 @@ def _set_up(config, workdir: str, devices, allow_config_change: bool):
 
 def _create_state(config, workdir: str, model, tx, mesh):
   """(state, shardings): a fresh state initialised in place, its trainable parameters
-  checked; refused if the disk cannot hold its checkpoints."""
+  checked first on the shapes alone (nothing compiled); refused if the disk cannot hold
+  its checkpoints."""
   trainable = finetune.trainable_filter(config)
+  if trainable is not None:
+    shapes = jax.eval_shape(lambda rng: state_lib.init_state(
+        rng, model=model, tx=tx, seq_len=config.train.seq_len), jax.random.key(0))
+    finetune.check_trainable(config, finetune.param_names(shapes.params))
   state, shardings = state_lib.create_train_state(
       model, tx, mesh, sharding.rules_as_tuples(config.mesh.rules), config.train.seed,
       config.train.seq_len,
       carry_rows=state_lib.carry_rows(config), trainable=trainable)
-  if trainable is not None:
-    finetune.check_trainable(config, finetune.param_names(
-        finetune.join(state.params, state.frozen)))
   workdir_lib.check_disk_space(workdir, state)
   return state, shardings
 

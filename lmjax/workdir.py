@@ -26,8 +26,7 @@ def check_config_change(config, workdir: str, allow_change: bool = False) -> Non
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     return
-  with open(path) as f:
-    saved = json.load(f)
+  saved = config_lib.read_saved_dict(path)
   current = json.loads(config.to_json())
   _, versioned = _config_changes(saved, current)
   previous, _ = config_lib.with_defaults(saved)
@@ -46,11 +45,11 @@ def check_config_change(config, workdir: str, allow_change: bool = False) -> Non
     return
   has_checkpoints = bool(ckpt_lib.complete_steps(workdir))
   if has_checkpoints and not allow_change:
-    shown = '\n'.join(f'  {change}' for change in changes[:12])
-    more = f'\n  ... and {len(changes) - 12} more' if len(changes) > 12 else ''
+    shown = '; '.join(changes[:12])
+    more = f'; ... and {len(changes) - 12} more' if len(changes) > 12 else ''
     raise UserError(
         f'{workdir} holds checkpoints of a run with another config; this one differs '
-        f'in:\n{shown}{more}\nUse a new --workdir for a new run, or pass '
+        f'in: {shown}{more}. Use a new --workdir for a new run, or pass '
         '--allow_config_change to resume these checkpoints under the new config.')
   print(f'note: the config differs from {path} in {", ".join(changes[:4])}'
         f'{" ..." if len(changes) > 4 else ""}; the new one replaces it.')

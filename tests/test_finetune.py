@@ -12,6 +12,7 @@ from configs import rnn_shakespeare_char, shakespeare_char
 from lmjax import checkpoint as ckpt_lib
 from lmjax import evaluation, finetune, models, train, workdir as workdir_lib
 from lmjax.data import pipeline, tokenizers
+from lmjax.errors import UserError
 from lmjax.models import transformer
 
 
@@ -161,15 +162,15 @@ def test_bad_fine_tuning_configs_are_named(base, tmp_path, sections, message):
   config = _milton(base)
   for section, fields in sections.items():
     config[section].update(fields)
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(UserError, match=message):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not ckpt_lib.complete_steps(str(tmp_path / 'run'))
 
 
 def test_init_from_must_name_another_existing_run(base, tmp_path):
-  with pytest.raises(ValueError, match='does not exist'):
+  with pytest.raises(UserError, match='does not exist'):
     train.train_and_evaluate(_milton(str(tmp_path / 'nothing')), str(tmp_path / 'a'))
-  with pytest.raises(ValueError, match="init_from.workdir is the run's own --workdir"):
+  with pytest.raises(UserError, match="init_from.workdir is the run's own --workdir"):
     train.train_and_evaluate(_milton(base), base)
 
 
@@ -177,8 +178,8 @@ def test_lora_needs_a_transformer(tmp_path):
   config = rnn_shakespeare_char.get_config('tiny')
   config.unlock()
   config.model.lora_rank = 4
-  with pytest.raises(ValueError, match=r"model.lora_rank=4: LoRA adapters attach to the "
-                                       r"Transformer's projections, and model.name='lstm'"):
+  with pytest.raises(UserError, match=r"model.lora_rank=4: LoRA adapters attach to the "
+                                      r"Transformer's projections, and model.name='lstm'"):
     train.train_and_evaluate(config, str(tmp_path))
 
 
@@ -186,7 +187,7 @@ def test_unknown_characters_fail_clearly_or_are_dropped_on_request():
   tokenizer = tokenizers.CharTokenizer(list('abc \n'))
   works = [('one', 'a b £c'), ('two', 'cab|\n')]
   data = _config().data
-  with pytest.raises(ValueError, match=r"'£'.*drop_unknown_chars=True"):
+  with pytest.raises(UserError, match=r"'£'.*drop_unknown_chars=True"):
     pipeline.load_tokens(data, 'train', tokenizer, works)
   data.drop_unknown_chars = True
   tokens = pipeline.load_tokens(data, 'train', tokenizer, works)

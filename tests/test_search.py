@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from lmjax import decode, search
+from lmjax.errors import UserError
 from tests.test_decode import _trigram_model, _trigram_table
 
 # Tokens of the fake: EOS, the thought delimiter, the prompt, and one-letter thoughts.
@@ -94,7 +95,7 @@ def test_beam_proposals_are_the_most_likely_distinct_thoughts():
                        proposals=2, max_depth=3)
   assert _text(result.best.tokens) == 'B\nF'
   assert result.tokens_generated == 2 * 2 + 2 * (2 * 2)  # the root, then A and B
-  with pytest.raises(ValueError, match="method='best'"):
+  with pytest.raises(UserError, match="method='best'"):
     _proposer(method='best')
 
 
@@ -204,14 +205,18 @@ def test_search_is_a_function_of_the_seed():
 
 
 def test_bad_arguments_are_named():
-  with pytest.raises(ValueError, match='breadth=0'):
+  with pytest.raises(UserError, match='breadth=0'):
     search.bfs(_proposer(), [[P]], search.model_value, breadth=0, proposals=2, max_depth=2)
-  with pytest.raises(ValueError, match='empty prompt'):
+  with pytest.raises(UserError, match='empty prompt'):
     search.bfs(_proposer(), [[]], search.model_value, breadth=1, proposals=2, max_depth=2)
-  with pytest.raises(ValueError, match='one per node'):
+  with pytest.raises(UserError, match='one per node'):
     search.bfs(_proposer(), [[P]], lambda prompts, nodes: [], breadth=1, proposals=2,
                max_depth=2)
   context = search.Proposer(functools.partial(_decoder_fns, _table()), delimiters=[[NL]],
                             eos_id=EOS, max_thought_tokens=4, max_len=1)
-  with pytest.raises(ValueError, match='fills the context'):
+  with pytest.raises(UserError, match='fills the context'):
     search.dfs(context, [P], search.model_value, proposals=2, max_depth=2)
+  short_scorer = search.scorer_value(functools.partial(_decoder_fns, _table()), eos_id=EOS,
+                                     max_len=2)
+  with pytest.raises(UserError, match='does not fit the scoring model'):
+    search.bfs(_proposer(), [[P]], short_scorer, breadth=1, proposals=2, max_depth=2)

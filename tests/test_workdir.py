@@ -74,7 +74,7 @@ def test_a_changed_config_is_refused_over_checkpoints_naming_the_field(checkpoin
   config.opt.lr = 0.5
   config.mesh.shape = (2, 1, 1)
   with pytest.raises(UserError, match=r'holds checkpoints of a run with another config; this '
-                                      r'one differs in:\n  opt.lr: 0.003 -> 0.5\nUse a new '
+                                      r'one differs in: opt.lr: 0.003 -> 0.5\. Use a new '
                                       r'--workdir .*--allow_config_change') as raised:
     workdir_lib.check_config_change(config, checkpointed)
   assert 'mesh' not in str(raised.value)  # where arrays live is no change of the run
@@ -106,6 +106,20 @@ def test_another_mesh_resumes_with_a_note(checkpointed, capsys):
 def test_the_same_config_resumes_silently(checkpointed, capsys):
   workdir_lib.check_config_change(tiny_config(), checkpointed)
   assert capsys.readouterr().out == ''
+
+
+@pytest.mark.parametrize('text, problem', [
+    ('{"model": ', 'it is not valid JSON'),
+    ('[1, 2]', 'it is not a JSON object of config sections'),
+    ('{"model": 3}', 'it is not a JSON object of config sections'),
+])
+def test_a_damaged_config_json_is_named_with_the_way_back(tmp_path, text, problem):
+  (tmp_path / 'config.json').write_text(text)
+  message = f'config.json is damaged: {problem}.*delete it and rerun experiments/train.py'
+  with pytest.raises(UserError, match=message):
+    workdir_lib.load_config(str(tmp_path))
+  with pytest.raises(UserError, match=message):
+    workdir_lib.check_config_change(tiny_config(), str(tmp_path))
 
 
 def test_prepare_creates_the_workdir_and_leaves_nothing_in_it(tmp_path):

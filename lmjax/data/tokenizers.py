@@ -27,6 +27,8 @@ import numpy as np
 import regex
 import sentencepiece as spm
 
+from lmjax.errors import UserError
+
 # The kinds a config may name in data.tokenizer.
 KINDS = ('char', 'sentencepiece', 'gpt2_bpe')
 SPM_MODEL_TYPES = ('bpe', 'unigram')
@@ -92,7 +94,8 @@ class CharTokenizer:
     for text in texts:
       chars.update(text)
     if not chars:
-      raise ValueError('CharTokenizer.train got no text; the training split is empty.')
+      raise UserError('The training split has no text to learn a character vocabulary from; '
+                      'check data.name and data.train_split.')
     return cls(sorted(chars))
 
   def encode(self, text: str) -> np.ndarray:
@@ -104,7 +107,7 @@ class CharTokenizer:
       unknown = sorted({chr(c) for c in codes[ids < 0].tolist()})
       shown = ', '.join(repr(c) for c in unknown[:10])
       more = f' and {len(unknown) - 10} more' if len(unknown) > 10 else ''
-      raise ValueError(
+      raise UserError(
           f'Text has characters outside the character vocabulary: {shown}{more}. '
           'The vocabulary is the set of characters in the training split; remove '
           'or replace these characters (training and evaluation drop them with '
@@ -138,18 +141,18 @@ def _spm_training_lines(texts: Iterable[str]) -> Iterable[str]:
         yield line
 
 
-def _spm_size_error(error: RuntimeError, vocab_size: int) -> ValueError | None:
+def _spm_size_error(error: RuntimeError, vocab_size: int) -> UserError | None:
   message = str(error)
   too_high = re.search(r'Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)',
                        message)
   if too_high:
-    return ValueError(
+    return UserError(
         f'data.vocab_size={vocab_size} is too large for the training text: SentencePiece '
         f'can make at most {too_high.group(2)} pieces from it. Set data.vocab_size to '
         f'{too_high.group(2)} or less.')
   too_low = re.search(r'Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)', message)
   if too_low:
-    return ValueError(
+    return UserError(
         f'data.vocab_size={vocab_size} is too small: the training text needs '
         f'{too_low.group(2)} pieces for its characters, the 256 fallback bytes and the '
         f'special symbols alone. Set data.vocab_size above {too_low.group(2)}.')
@@ -178,7 +181,8 @@ class SentencePieceTokenizer:
             directory: str | None = None) -> SentencePieceTokenizer:
     """Trains on `texts` (deterministically); saves to `directory` if given."""
     if model_type not in SPM_MODEL_TYPES:
-      raise ValueError(f'data.spm_model_type={model_type!r}; use one of {SPM_MODEL_TYPES}.')
+      raise UserError(f'data.spm_model_type={model_type!r}; use one of '
+                      f'{", ".join(SPM_MODEL_TYPES)}.')
     model = io.BytesIO()
     # The trainer samples sentences only when input_sentence_size > 0 (it is 0,
     # all sentences); the seed pins any other randomness it has.
@@ -304,8 +308,8 @@ def read_gpt2_merges(lines: Iterable[str], source: str) -> list[tuple[str, str]]
       continue
     pair = line.split(' ')
     if len(pair) != 2 or not all(pair):
-      raise ValueError(f'{source}, line {number}: expected two pieces separated by one space, '
-                       f'got {line!r}; the merges file is damaged.')
+      raise UserError(f'{source}, line {number}: expected two pieces separated by one space, '
+                      f'got {line!r}; the merges file is damaged.')
     merges.append((pair[0], pair[1]))
   return merges
 
@@ -325,24 +329,24 @@ class Gpt2BpeTokenizer:
                eos_token: str = GPT2_EOS_TOKEN):
     ids = sorted(vocab.values())
     if ids != list(range(len(ids))):
-      raise ValueError(f'GPT-2 vocabulary ids must be 0..{len(ids) - 1}, each once; the '
-                       'vocabulary has gaps or repeats. Is vocab.json damaged?')
+      raise UserError(f'GPT-2 vocabulary ids must be 0..{len(ids) - 1}, each once; the '
+                      'vocabulary has gaps or repeats. Is vocab.json damaged?')
     if eos_token not in vocab:
-      raise ValueError(f'The GPT-2 vocabulary has no {eos_token!r} token, which lmjax uses '
-                       'as eos; add it to vocab.json.')
+      raise UserError(f'The GPT-2 vocabulary has no {eos_token!r} token, which lmjax uses '
+                      'as eos; add it to vocab.json.')
     byte_chars = _gpt2_byte_chars()
     missing = [c for c in byte_chars if c not in vocab]
     if missing:
-      raise ValueError(f'The vocabulary lacks {len(missing)} of the 256 byte pieces (e.g. '
-                       f'{missing[:5]}), so some text could not be encoded; this is not a '
-                       'byte-level BPE vocabulary.')
+      raise UserError(f'The vocabulary lacks {len(missing)} of the 256 byte pieces (e.g. '
+                      f'{missing[:5]}), so some text could not be encoded; this is not a '
+                      'byte-level BPE vocabulary.')
     self.vocab = dict(vocab)
     self.merges = [tuple(pair) for pair in merges]
     bad = [a + b for a, b in self.merges if a + b not in vocab or a not in vocab
            or b not in vocab]
     if bad:
-      raise ValueError(f'{len(bad)} merges make or use pieces that are not in the vocabulary '
-                       f'(e.g. {bad[:5]}); vocab.json and merges.txt do not belong together.')
+      raise UserError(f'{len(bad)} merges make or use pieces that are not in the vocabulary '
+                      f'(e.g. {bad[:5]}); vocab.json and merges.txt do not belong together.')
     self.eos_token = eos_token
     self.eos_id = vocab[eos_token]
     self.vocab_size = len(vocab)
@@ -369,10 +373,14 @@ class Gpt2BpeTokenizer:
       if not os.path.exists(path):
         raise FileNotFoundError(f'{path} is missing; a GPT-2 tokenizer needs both '
                                 f'{GPT2_VOCAB_FILE} and {GPT2_MERGES_FILE}.')
-    with open(vocab_path, encoding='utf-8') as f:
-      vocab = json.load(f)
-    with open(merges_path, encoding='utf-8') as f:
-      merges = read_gpt2_merges(f, merges_path)
+    vocab = _read_json(vocab_path)
+    if not isinstance(vocab, dict):
+      raise UserError(f'{vocab_path} is damaged: it is not a JSON object of pieces and ids.')
+    try:
+      with open(merges_path, encoding='utf-8') as f:
+        merges = read_gpt2_merges(f, merges_path)
+    except UnicodeDecodeError as e:
+      raise UserError(f'{merges_path} is damaged: it is not UTF-8 text ({e}).') from None
     return cls(vocab, merges, eos_token)
 
   def _merge_word(self, word: str) -> tuple[int, ...]:
@@ -402,7 +410,7 @@ class Gpt2BpeTokenizer:
     try:
       text.encode('utf-8')
     except UnicodeEncodeError as e:
-      raise ValueError(
+      raise UserError(
           f'Text has a character that UTF-8 cannot write ({text[e.start]!r} at position '
           f'{e.start}, a lone surrogate); remove it or decode the source with '
           "errors='replace'.") from None
@@ -448,15 +456,43 @@ class Gpt2BpeTokenizer:
 Tokenizer = CharTokenizer | SentencePieceTokenizer | Gpt2BpeTokenizer
 
 
+def _read_json(path: str):
+  """The JSON in `path`; UserError naming the file if it is not UTF-8 JSON."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UserError(f'{path} is damaged: it is not valid JSON ({e}). Restore it from a copy '
+                    'of the directory it came from.') from None
+
+
 def load_tokenizer(directory: str) -> Tokenizer:
-  """Reads the tokenizer that `save` wrote to `directory`."""
+  """Reads the tokenizer that `save` wrote to `directory`; UserError naming the file if
+  what is there is damaged."""
   path = os.path.join(directory, CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(
         f'No tokenizer in {directory} ({CONFIG_FILE} is missing); train first '
         '(experiments/train.py writes one into its workdir).')
-  with open(path) as f:
-    config = json.load(f)
+  config = _read_json(path)
+  if not isinstance(config, dict):
+    raise UserError(f'{path} is damaged: it is not the JSON object lmjax writes. Restore it '
+                    'from a copy of the directory it came from.')
+  try:
+    tokenizer = _tokenizer_of_kind(config, directory, path)
+  except UserError:
+    raise
+  except (KeyError, TypeError, ValueError, RuntimeError) as e:
+    raise UserError(f'{path} is damaged ({type(e).__name__}: {e}). Restore it from a copy '
+                    'of the directory it came from.') from None
+  if tokenizer.vocab_size != config.get('vocab_size'):
+    raise UserError(f'{path} says vocab_size={config.get("vocab_size")}, but the saved '
+                    f'tokenizer has {tokenizer.vocab_size}; the directory is damaged.')
+  return tokenizer
+
+
+def _tokenizer_of_kind(config: dict, directory: str, path: str) -> Tokenizer:
+  """The tokenizer a tokenizer.json (`config`, read from `path`) describes."""
   kind = config.get('kind')
   if kind == 'char':
     tokenizer = CharTokenizer(config['chars'])
@@ -473,10 +509,8 @@ def load_tokenizer(directory: str) -> Tokenizer:
         os.path.join(directory, config.get('merges_file', GPT2_MERGES_FILE)),
         config.get('eos_token', GPT2_EOS_TOKEN))
   else:
-    raise ValueError(f'{path}: unknown tokenizer kind {kind!r}; expected one of {KINDS}.')
-  if tokenizer.vocab_size != config.get('vocab_size'):
-    raise ValueError(f'{path} says vocab_size={config.get("vocab_size")}, but the saved '
-                     f'tokenizer has {tokenizer.vocab_size}; the directory is damaged.')
+    raise UserError(f'{path}: unknown tokenizer kind {kind!r}; expected one of '
+                    f'{", ".join(KINDS)}. The file is damaged or from another program.')
   return tokenizer
 
 
@@ -490,7 +524,7 @@ def read_tokenizer_dir(directory: str) -> Tokenizer:
     with open(config_path) as f:
       try:
         is_lmjax = 'kind' in json.load(f)
-      except json.JSONDecodeError:
+      except (json.JSONDecodeError, UnicodeDecodeError):
         is_lmjax = False
     if is_lmjax:
       return load_tokenizer(directory)
@@ -528,16 +562,16 @@ def build_tokenizer(kind: str, directory: str, train_texts: Callable[[], Iterabl
   Reusing the saved one is what keeps a resumed run's ids the same.
   """
   if kind not in KINDS:
-    raise ValueError(f'data.tokenizer={kind!r}; use one of {KINDS}.')
+    raise UserError(f'data.tokenizer={kind!r}; use one of {KINDS}.')
   if os.path.exists(os.path.join(directory, CONFIG_FILE)):
     tokenizer = load_tokenizer(directory)
     if tokenizer.kind != kind:
-      raise ValueError(
+      raise UserError(
           f'data.tokenizer={kind!r}, but {directory} already holds a {tokenizer.kind!r} '
           f'tokenizer (from an earlier run). Use data.tokenizer={tokenizer.kind!r} to '
           'resume that run, or a new workdir.')
     if kind == 'sentencepiece' and vocab_size and tokenizer.vocab_size != vocab_size:
-      raise ValueError(
+      raise UserError(
           f'data.vocab_size={vocab_size}, but {directory} already holds a SentencePiece '
           f'tokenizer of {tokenizer.vocab_size} pieces (from an earlier run). Use '
           f'data.vocab_size={tokenizer.vocab_size} to resume that run, or a new workdir.')
@@ -545,7 +579,7 @@ def build_tokenizer(kind: str, directory: str, train_texts: Callable[[], Iterabl
   if kind == 'char':
     tokenizer = CharTokenizer.train(train_texts())
   elif kind == 'gpt2_bpe':
-    raise ValueError(
+    raise UserError(
         f'data.tokenizer=gpt2_bpe, but {directory} holds no tokenizer, and lmjax does not '
         'train GPT-2 tokenizers: they come with a pretrained model. To pretrain with '
         "GPT-2's, set data.tokenizer_dir to a directory with its vocab.json and merges.txt "
@@ -555,8 +589,8 @@ def build_tokenizer(kind: str, directory: str, train_texts: Callable[[], Iterabl
         'tokenizer and the weights into WORKDIR, then train or decode in that workdir.')
   else:
     if not vocab_size:
-      raise ValueError('data.tokenizer=sentencepiece needs data.vocab_size > 0 '
-                       '(e.g. --config.data.vocab_size=2000).')
+      raise UserError('data.tokenizer=sentencepiece needs data.vocab_size > 0 '
+                      '(e.g. --config.data.vocab_size=2000).')
     tokenizer = SentencePieceTokenizer.train(train_texts(), vocab_size, model_type)
   tokenizer.save(directory)
   return tokenizer

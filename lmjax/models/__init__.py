@@ -9,15 +9,17 @@ import jax
 import jax.numpy as jnp
 
 from lmjax import flops
+from lmjax.errors import UserError
 from lmjax.models import rnn, transformer
 
 MODEL_NAMES = ('transformer',) + rnn.CELLS
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+DTYPES = tuple(_DTYPES)  # what model.dtype and model.param_dtype may name
 
 
 def _dtype(name: str, field: str):
   if name not in _DTYPES:
-    raise ValueError(f'{field}={name!r} is not one of {sorted(_DTYPES)}.')
+    raise UserError(f'{field}={name!r}; use one of {", ".join(DTYPES)}.')
   return _DTYPES[name]
 
 
@@ -67,7 +69,8 @@ def build_model(model_config: Any, vocab_size: int, *, decode: bool = False,
         param_dtype=_dtype(model_config.param_dtype, 'model.param_dtype'),
         num_classes=num_classes,
     )  # the carry is its decode state: decode=True changes nothing
-  raise ValueError(f'model.name={name!r} is not a known model; known: {list(MODEL_NAMES)}.')
+  raise UserError(f'model.name={name!r} is not a known model; use one of '
+                  f'{", ".join(MODEL_NAMES)}.')
 
 
 def lora_spec(model_config: Any) -> transformer.LoraSpec | None:

@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lmjax.errors import UserError
 from lmjax.models import dropout, heads, layers
 
 Array = jax.Array
@@ -288,7 +289,8 @@ class RecurrentLM(nn.Module):
 
   def __post_init__(self):
     if self.cell not in CELLS:
-      raise ValueError(f'model.name={self.cell!r} is not a recurrent cell; use one of {CELLS}.')
+      raise UserError(f'model.name={self.cell!r} is not a recurrent cell; use one of '
+                      f'{", ".join(CELLS)}.')
     super().__post_init__()
 
   def _dropout(self, rate: float, x_BxTxF: Array, train: bool) -> Array:

@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lmjax.errors import UserError
 from lmjax.models import dropout, heads, layers
 
 Array = jax.Array
@@ -494,18 +495,19 @@ class Transformer(nn.Module):
 
   def __post_init__(self):
     # Checked here so a bad config fails when the model is built, not at trace time.
-    if self.d_model % self.num_heads != 0:
-      raise ValueError(f'model.d_model={self.d_model} must be divisible by '
-                       f'model.num_heads={self.num_heads}.')
+    if self.num_heads < 1 or self.d_model % self.num_heads != 0:
+      raise UserError(f'model.d_model={self.d_model} must be divisible by '
+                      f'model.num_heads={self.num_heads}; pick a width that is a multiple '
+                      'of the head count.')
     if self.decode and not self.causal:
-      raise ValueError('a bidirectional encoder (model.causal=False) cannot decode: every '
-                       'position reads the ones after it.')
+      raise UserError('a bidirectional encoder (model.causal=False) cannot decode: every '
+                      'position reads the ones after it.')
     if self.attention not in ATTENTION_KINDS:
-      raise ValueError(f'model.attention={self.attention!r} is not one of '
-                       f'{", ".join(ATTENTION_KINDS)}.')
+      raise UserError(f'model.attention={self.attention!r} is not one of '
+                      f'{", ".join(ATTENTION_KINDS)}.')
     if self.remat not in REMAT_POLICIES:
-      raise ValueError(f'model.remat={self.remat!r} is not one of '
-                       f'{", ".join(REMAT_POLICIES)}.')
+      raise UserError(f'model.remat={self.remat!r} is not one of '
+                      f'{", ".join(REMAT_POLICIES)}.')
     super().__post_init__()
 
   def _layer_fields(self) -> dict:
@@ -534,8 +536,8 @@ class Transformer(nn.Module):
     `mask_BxT` marking the real positions of right-padded rows (None: all are real)."""
     num_new = ids_BxT.shape[1]
     if num_new > self.max_len:
-      raise ValueError(f'Input length {num_new} exceeds model.max_len={self.max_len}; '
-                       f'set train.seq_len <= model.max_len.')
+      raise UserError(f'Input length {num_new} exceeds model.max_len={self.max_len}; '
+                      f'set train.seq_len <= model.max_len.')
 
     if self.decode:
       cache_exists = self.has_variable('cache', 'index')

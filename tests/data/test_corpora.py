@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 
 import lmjax.data  # noqa: F401  (registers the builders with TFDS)
 from lmjax.data import corpora
+from lmjax.errors import UserError
 
 
 def _splits(name):
@@ -113,9 +114,9 @@ def test_missing_listed_work_is_a_clear_error(download_dir, tmp_path):
 
 
 def test_load_split_texts_rejects_unknown_names():
-  with pytest.raises(ValueError, match=r"'tiny'.*shakespeare, milton"):
+  with pytest.raises(UserError, match=r"'tiny'.*shakespeare, milton"):
     corpora.load_split_texts('tiny', 'train')
-  with pytest.raises(ValueError, match=r"'dev'.*validation"):
+  with pytest.raises(UserError, match=r"'dev'.*validation"):
     corpora.load_split_texts('shakespeare', 'dev')
 
 
@@ -133,7 +134,7 @@ def test_fetch_archive_rejects_a_bad_archive(tmp_path):
   path = tmp_path / corpora.ARCHIVE_NAME
   path.write_bytes(b'not the corpus archive')
   actual = hashlib.sha256(b'not the corpus archive').hexdigest()
-  with pytest.raises(RuntimeError) as error:
+  with pytest.raises(UserError) as error:
     corpora.fetch_archive(tmp_path)
   message = str(error.value)
   for expected in (str(path), corpora.ARCHIVE_SHA256, actual, 'Delete', 'make data',
@@ -196,8 +197,10 @@ def test_authorship_splits_are_by_work_and_hold_out_the_corpora_held_out_works(a
                      for line in text.split('\n')), (title, text)
   assert corpora.class_names('authorship') == ('shakespeare', 'milton')
   assert corpora.class_names('shakespeare') == ()
-  with pytest.raises(ValueError, match='classification dataset'):
+  with pytest.raises(UserError, match='classification dataset'):
     corpora.load_split_texts('authorship', 'train')
+  with pytest.raises(UserError, match='language-modelling corpus, not a classification'):
+    corpora.load_split_passages('shakespeare', 'train')
 
 
 def test_the_data_step_reports_every_dataset_make_data_builds():

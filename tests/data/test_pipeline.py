@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from lmjax.data import pipeline
+from lmjax.errors import UserError
 
 
 def _take(ds, n):
@@ -29,9 +30,9 @@ def test_same_seed_same_batches_and_other_seed_differs():
   a = _take(pipeline.train_dataset(tokens, seq_len=16, global_batch=4, seed=3), 20)
   b = _take(pipeline.train_dataset(tokens, seq_len=16, global_batch=4, seed=3), 20)
   c = _take(pipeline.train_dataset(tokens, seq_len=16, global_batch=4, seed=4), 20)
-  for x, y in zip(a, b):
+  for x, y in zip(a, b, strict=True):
     np.testing.assert_array_equal(x['inputs'], y['inputs'])
-  assert any(not np.array_equal(x['inputs'], z['inputs']) for x, z in zip(a, c))
+  assert any(not np.array_equal(x['inputs'], z['inputs']) for x, z in zip(a, c, strict=True))
 
 
 def test_starting_mid_stream_continues_the_same_stream():
@@ -40,7 +41,7 @@ def test_starting_mid_stream_continues_the_same_stream():
   full = _take(pipeline.train_dataset(tokens, seq_len=16, global_batch=4, seed=1), 80)
   resumed = _take(pipeline.train_dataset(tokens, seq_len=16, global_batch=4, seed=1,
                                          start_example=4 * 37), 43)
-  for x, y in zip(full[37:], resumed):
+  for x, y in zip(full[37:], resumed, strict=True):
     np.testing.assert_array_equal(x['inputs'], y['inputs'])
 
 
@@ -65,14 +66,14 @@ def test_eval_set_scores_every_token_once_in_fixed_windows():
   assert weights.sum() == len(tokens) - 1
   np.testing.assert_array_equal(targets[weights > 0], tokens[1:])
   again = list(pipeline.eval_set(tokens, seq_len=16, batch_size=8).batches())
-  for x, y in zip(batches, again):
+  for x, y in zip(batches, again, strict=True):
     np.testing.assert_array_equal(x['inputs'], y['inputs'])
 
 
 def test_split_too_short_for_one_window_is_a_clear_error():
-  with pytest.raises(ValueError, match='train.seq_len'):
+  with pytest.raises(UserError, match='train.seq_len'):
     pipeline.train_dataset(_stream(10), seq_len=16, global_batch=2, seed=0)
-  with pytest.raises(ValueError, match='evaluation split'):
+  with pytest.raises(UserError, match='evaluation split'):
     pipeline.eval_set(_stream(10), seq_len=16, batch_size=2)
 
 
@@ -110,7 +111,7 @@ def test_stream_resumes_at_the_batch_it_stopped():
                40)
   resumed = _take(pipeline.stream_dataset(tokens, seq_len=16, global_batch=4, seed=1,
                                           eos_id=EOS, start_example=4 * 25), 15)
-  for x, y in zip(full[25:], resumed):
+  for x, y in zip(full[25:], resumed, strict=True):
     for key in ('inputs', 'targets', 'resets'):
       np.testing.assert_array_equal(x[key], y[key])
 
@@ -131,7 +132,7 @@ def test_stream_eval_set_reads_every_token_once_as_contiguous_rows():
 
 
 def test_stream_too_short_for_the_batch_is_a_clear_error():
-  with pytest.raises(ValueError, match='train.batch_size=64 contiguous streams'):
+  with pytest.raises(UserError, match='train.batch_size=64 contiguous streams'):
     pipeline.stream_dataset(_stream(1000), seq_len=16, global_batch=64, seed=0, eos_id=EOS)
 
 
@@ -143,6 +144,25 @@ def _memmap(path, tokens, dtype=np.uint16):
   return np.memmap(path, dtype=dtype, mode='r', shape=(len(tokens),))
 
 
+def test_a_stateful_stream_resumes_only_at_whole_batches():
+  with pytest.raises(UserError, match='resumes at whole batches; 6 rows were read'):
+    pipeline.stream_dataset(_stream(1000), seq_len=16, global_batch=4, seed=0, eos_id=EOS,
+                            start_example=6)
+
+
+def test_a_mixture_split_too_short_for_one_window_is_a_clear_error():
+  with pytest.raises(UserError, match='a training split of the mixture has 10 tokens'):
+    pipeline.mixture_schedule([1000, 10], [1.0, 1.0], seq_len=16, num_examples=4, seed=0)
+
+
+def test_a_classification_split_smaller_than_a_batch_is_a_clear_error():
+  examples = {'inputs': np.zeros((3, 4), np.int32), 'mask': np.ones((3, 4), bool),
+              'labels': np.zeros(3, np.int32)}
+  with pytest.raises(UserError, match='has 3 examples, fewer than one batch of '
+                                      'train.batch_size=8'):
+    pipeline.classification_train_dataset(examples, global_batch=8, seed=0)
+
+
 def test_a_memmap_reads_as_the_same_array_in_memory(tmp_path):
   tokens = _stream()
   on_disk = _memmap(tmp_path / 'tokens.bin', tokens)
@@ -151,7 +171,7 @@ def test_a_memmap_reads_as_the_same_array_in_memory(tmp_path):
       lambda t: pipeline.train_dataset(t, seq_len=16, global_batch=4, seed=3, start_example=8),
       lambda t: pipeline.train_dataset(t, seq_len=16, global_batch=4, seed=3, masking=masking),
       lambda t: pipeline.stream_dataset(t, seq_len=16, global_batch=4, seed=3, eos_id=EOS)):
-    for x, y in zip(_take(make(tokens), 5), _take(make(on_disk), 5)):
+    for x, y in zip(_take(make(tokens), 5), _take(make(on_disk), 5), strict=True):
       assert x.keys() == y.keys()
       for key in x:
         assert x[key].dtype == y[key].dtype

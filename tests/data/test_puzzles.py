@@ -4,6 +4,7 @@ import collections
 import pytest
 
 from lmjax.data import corpora, puzzles
+from lmjax.errors import UserError
 
 PUZZLE = puzzles.Puzzle((4, 7, 8, 9), 34)
 
@@ -53,7 +54,7 @@ def test_lookahead_prunes_states_that_can_no_longer_make_the_target():
 
 def test_parse_puzzle_reads_the_prompt_and_names_bad_lines():
   assert puzzles.parse_puzzle('9 8 7 4 -> 34\n9-7=2') == PUZZLE
-  with pytest.raises(ValueError, match='not a puzzle line'):
+  with pytest.raises(UserError, match='not a puzzle line'):
     puzzles.parse_puzzle('4 7 8 9 = 34')
 
 

@@ -1,11 +1,13 @@
 """Tokenizers on the real corpus: exact round trips, clear errors, save/load."""
 import json
+import re
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lmjax.data import corpora, tokenizers
+from lmjax.errors import UserError
 
 # Small enough to train in about a second, large enough for byte fallback (256
 # pieces) plus the corpus's characters plus merges.
@@ -67,7 +69,7 @@ def test_char_decode_accepts_lists_and_arrays_and_skips_eos(char_tokenizer):
 
 
 def test_char_unknown_characters_are_named(char_tokenizer):
-  with pytest.raises(ValueError) as error:
+  with pytest.raises(UserError) as error:
     char_tokenizer.encode('O Romeo, \u2603 Romeo! caf\u00e9')
   message = str(error.value)
   assert "'\u2603'" in message and "'\u00e9'" in message
@@ -94,6 +96,26 @@ def test_char_save_load(char_tokenizer, validation, tmp_path):
   text = validation['twelfth_night']
   np.testing.assert_array_equal(loaded.encode(text), char_tokenizer.encode(text))
   assert loaded.vocab_size == char_tokenizer.vocab_size
+
+
+def test_char_training_on_no_text_is_refused():
+  with pytest.raises(UserError, match='no text'):
+    tokenizers.CharTokenizer.train(['', ''])
+
+
+@pytest.mark.parametrize('content, message', [
+    (b'{"kind": "char", ', 'is damaged: it is not valid JSON'),
+    (b'{"kind": "\xff"}', 'is damaged: it is not valid JSON'),
+    (b'[1, 2]', 'is damaged: it is not the JSON object lmjax writes'),
+    (b'{"kind": "words", "vocab_size": 3}', "unknown tokenizer kind 'words'"),
+    (b'{"kind": "char", "vocab_size": 3}', r"is damaged \(KeyError: 'chars'\)"),
+    (b'{"kind": "char", "vocab_size": 2, "chars": ["ab"]}', r'is damaged \(ValueError: '),
+    (b'{"kind": "char", "vocab_size": 9, "chars": ["a", "b"]}', 'says vocab_size=9'),
+])
+def test_a_damaged_tokenizer_file_is_named(tmp_path, content, message):
+  (tmp_path / 'tokenizer.json').write_bytes(content)
+  with pytest.raises(UserError, match=message):
+    tokenizers.load_tokenizer(str(tmp_path))
 
 
 def test_load_without_tokenizer_says_so(tmp_path):
@@ -155,10 +177,15 @@ def test_spm_training_is_deterministic(train_texts, model_type):
   assert first.model_proto == second.model_proto
 
 
+def test_spm_unknown_model_type_names_the_config_field():
+  with pytest.raises(UserError, match="data.spm_model_type='word'; use one of bpe, unigram"):
+    tokenizers.SentencePieceTokenizer.train(['some text'], 300, 'word')
+
+
 def test_spm_vocab_too_large_names_the_config_field(validation):
-  with pytest.raises(ValueError, match=r'data\.vocab_size=50000 is too large.*at most \d+'):
+  with pytest.raises(UserError, match=r'data\.vocab_size=50000 is too large.*at most \d+'):
     tokenizers.SentencePieceTokenizer.train([validation['lovers_complaint']], 50000)
-  with pytest.raises(ValueError, match=r'data\.vocab_size=100 is too small'):
+  with pytest.raises(UserError, match=r'data\.vocab_size=100 is too small'):
     tokenizers.SentencePieceTokenizer.train([validation['lovers_complaint']], 100)
 
 
@@ -179,9 +206,9 @@ def test_build_tokenizer_trains_once_then_reuses(validation, tmp_path):
                                      vocab_size=400)
   assert again.model_proto == first.model_proto
 
-  with pytest.raises(ValueError, match=r"data\.tokenizer='char'.*" + str(tmp_path)):
+  with pytest.raises(UserError, match=r"data\.tokenizer='char'.*" + str(tmp_path)):
     tokenizers.build_tokenizer('char', str(tmp_path), must_not_train)
-  with pytest.raises(ValueError, match=r'data\.vocab_size=800'):
+  with pytest.raises(UserError, match=r'data\.vocab_size=800'):
     tokenizers.build_tokenizer('sentencepiece', str(tmp_path), must_not_train, vocab_size=800)
 
 
@@ -189,7 +216,7 @@ def test_build_tokenizer_char_and_unknown_kind(validation, tmp_path):
   tokenizer = tokenizers.build_tokenizer('char', str(tmp_path),
                                          lambda: [validation['julius_caesar']])
   assert tokenizers.load_tokenizer(tmp_path).vocab_size == tokenizer.vocab_size
-  with pytest.raises(ValueError, match=r"data\.tokenizer='bytes'.*'char', 'sentencepiece'"):
+  with pytest.raises(UserError, match=r"data\.tokenizer='bytes'.*'char', 'sentencepiece'"):
     tokenizers.build_tokenizer('bytes', str(tmp_path / 'other'), lambda: [])
 
 
@@ -262,7 +289,7 @@ def test_gpt2_bpe_decode_drops_eos_and_marks_cut_characters(gpt2_tokenizer):
 def test_gpt2_bpe_bad_text_is_named(gpt2_tokenizer):
   with pytest.raises(ValueError, match='takes a str; got bytes'):
     gpt2_tokenizer.encode(b'low')
-  with pytest.raises(ValueError, match='lone surrogate'):
+  with pytest.raises(UserError, match='lone surrogate'):
     gpt2_tokenizer.encode('low \ud800')
 
 
@@ -283,19 +310,38 @@ def test_gpt2_bpe_files_that_do_not_belong_together_are_refused(tmp_path):
   vocab = _write_gpt2_files(tmp_path)
   del vocab['\u0120new']
   vocab = {piece: i for i, piece in enumerate(vocab)}
-  with pytest.raises(ValueError, match='do not belong together'):
+  with pytest.raises(UserError, match='do not belong together'):
     tokenizers.Gpt2BpeTokenizer(vocab, GPT2_MERGES)
   (tmp_path / 'merges.txt').write_text('#version: 0.2\nl o\nlo w x\n', encoding='utf-8')
-  with pytest.raises(ValueError, match='merges.txt, line 3'):
+  with pytest.raises(UserError, match='merges.txt, line 3'):
     tokenizers.Gpt2BpeTokenizer.from_files(str(tmp_path / 'vocab.json'),
                                            str(tmp_path / 'merges.txt'))
+
+
+def test_gpt2_bpe_damaged_vocabulary_or_merges_are_refused(tmp_path):
+  vocab = _write_gpt2_files(tmp_path)
+  with pytest.raises(UserError, match='gaps or repeats'):
+    tokenizers.Gpt2BpeTokenizer({**vocab, 'extra': len(vocab) + 5}, GPT2_MERGES)
+  without_eos = {p: i for i, p in enumerate(p for p in vocab if p != '<|endoftext|>')}
+  with pytest.raises(UserError, match=re.escape("has no '<|endoftext|>' token")):
+    tokenizers.Gpt2BpeTokenizer(without_eos, GPT2_MERGES)
+  paths = str(tmp_path / 'vocab.json'), str(tmp_path / 'merges.txt')
+  (tmp_path / 'merges.txt').write_bytes(b'#version: 0.2\nl \xff\n')
+  with pytest.raises(UserError, match='merges.txt is damaged: it is not UTF-8'):
+    tokenizers.Gpt2BpeTokenizer.from_files(*paths)
+  (tmp_path / 'vocab.json').write_text('[1]')
+  with pytest.raises(UserError, match='vocab.json is damaged: it is not a JSON object'):
+    tokenizers.Gpt2BpeTokenizer.from_files(*paths)
+  (tmp_path / 'vocab.json').write_text('{"a": ')
+  with pytest.raises(UserError, match='vocab.json is damaged: it is not valid JSON'):
+    tokenizers.Gpt2BpeTokenizer.from_files(*paths)
 
 
 def test_build_tokenizer_reuses_a_gpt2_bpe_but_cannot_train_one(gpt2_tokenizer, tmp_path):
   def must_not_train():
     raise AssertionError('build_tokenizer tried to train a GPT-2 tokenizer')
 
-  with pytest.raises(ValueError, match=r'data\.tokenizer=gpt2_bpe.*experiments/import_hf\.py'):
+  with pytest.raises(UserError, match=r'data\.tokenizer=gpt2_bpe.*experiments/import_hf\.py'):
     tokenizers.build_tokenizer('gpt2_bpe', str(tmp_path / 'empty'), must_not_train)
   gpt2_tokenizer.save(str(tmp_path / 'imported'))
   reused = tokenizers.build_tokenizer('gpt2_bpe', str(tmp_path / 'imported'), must_not_train)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from lmjax import decode, sharding
+from lmjax.errors import UserError
 from lmjax.models import rnn
 
 VOCAB = 11
@@ -209,12 +210,12 @@ def test_beam_search_runs_on_the_carry_and_finds_a_likelier_sequence():
   greedy = decode.generate(tokens_to_logits, state, prompts, max_new_tokens=6)
   beams = decode.generate(tokens_to_logits, state, prompts, max_new_tokens=6,
                           strategy='beam', beam_size=4, length_penalty=0.0)
-  for g, b in zip(greedy, beams):
+  for g, b in zip(greedy, beams, strict=True):
     assert b[0].score >= g[0].score - 1e-5
 
 
 def test_unknown_cell_is_named():
-  with pytest.raises(ValueError, match="model.name='lru'"):
+  with pytest.raises(UserError, match="model.name='lru'"):
     rnn.RecurrentLM(vocab_size=5, cell='lru', num_layers=1, d_model=4, hidden_size=4)
 
 
@@ -247,7 +248,7 @@ def test_hand_written_backward_matches_autodiff_of_the_scan(cell):
   np.testing.assert_allclose(loss(custom, *args), loss(plain, *args), rtol=1e-6)
   got = jax.grad(functools.partial(loss, custom), argnums=(0, 1, 2, 3, 4))(*args)
   expected = jax.grad(functools.partial(loss, plain), argnums=(0, 1, 2, 3, 4))(*args)
-  for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+  for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
     np.testing.assert_allclose(g, e, atol=1e-5, rtol=1e-5)
   # The reset cuts the path back: what row 1 outputs from step 3 on does not depend on its
   # earlier inputs, while row 0's does.

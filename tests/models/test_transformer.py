@@ -114,7 +114,7 @@ def test_kv_cache_prefill_in_two_chunks_matches_one(tiny_params):
 
   np.testing.assert_allclose(np.concatenate([first_logits, second_logits], axis=1),
                              one_logits, atol=1e-5, rtol=1e-5)
-  for one, two in zip(jax.tree.leaves(one_cache), jax.tree.leaves(two_cache)):
+  for one, two in zip(jax.tree.leaves(one_cache), jax.tree.leaves(two_cache), strict=True):
     np.testing.assert_allclose(one, two, atol=1e-5, rtol=1e-5)
 
 
@@ -244,14 +244,14 @@ def test_sharded_run_matches_unsharded(tiny_params):
 
 
 def test_bad_head_count_raises_clear_error():
-  with pytest.raises(ValueError, match=r'model\.d_model=30.*model\.num_heads=4'):
+  with pytest.raises(UserError, match=r'model\.d_model=30.*model\.num_heads=4'):
     Transformer(**{**TINY, 'd_model': 30})
 
 
 @pytest.mark.parametrize('decode', [False, True])
 def test_input_longer_than_max_len_raises_clear_error(decode):
   model = Transformer(**TINY, decode=decode)
-  with pytest.raises(ValueError, match=r'train\.seq_len.*model\.max_len'):
+  with pytest.raises(UserError, match=r'train\.seq_len.*model\.max_len'):
     jax.eval_shape(model.init, _key(0), jnp.zeros((1, 17), jnp.int32))
 
 
@@ -289,7 +289,8 @@ def _loss_and_grads(model, params, ids_BxL, *, jaxpr_out=None, **apply_kwargs):
 
 def _assert_trees_close(actual, expected, tol=1e-5):
   assert jax.tree.structure(actual) == jax.tree.structure(expected)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected)):
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected),
+                          strict=True):
     np.testing.assert_allclose(a, b, atol=tol, rtol=tol, err_msg=jax.tree_util.keystr(path))
 
 
@@ -314,11 +315,70 @@ def test_bfloat16_compute_keeps_float32_params_grads_and_loss(tiny_params, plain
   loss, logits, grads = _loss_and_grads(model, tiny_params, _train_ids())
   assert loss.dtype == logits.dtype == jnp.float32
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(grads))
-  # (The float32 reference is dot_product's; einsum's equals it, as tested below.)
+  # Close to the float32 model (whose reference is dot_product's; einsum's equals it, as
+  # tested below): bfloat16's rounding stays small. The checks after this say where.
   reference_loss, reference_logits, _ = plain_step
   np.testing.assert_allclose(logits, reference_logits, atol=0.2)
-  # Scores, softmax, logits and loss in float32 keep bfloat16's error to its matmuls.
   assert abs(loss - reference_loss) <= 2e-2 * reference_loss, (loss, reference_loss)
+
+  ids_BxL = _train_ids()
+  equations = list(_equations(
+      jax.make_jaxpr(lambda p: model.apply({'params': p}, ids_BxL))(tiny_params).jaxpr))
+  # The projections multiply bfloat16 operands ...
+  assert any(v.aval.dtype == jnp.bfloat16 for e in equations
+             if e.primitive.name == 'dot_general' for v in e.invars)
+  # ... while every exponential, here those of each layer's attention softmax, runs in
+  # float32.
+  exps = [e.invars[0].aval.dtype for e in equations if e.primitive.name == 'exp']
+  assert len(exps) >= TINY['num_layers'] and all(d == jnp.float32 for d in exps), exps
+  # The logits are the bfloat16 final state times the bfloat16 embedding summed in
+  # float32: equal to that product in float64 to float32's precision (bfloat16 logits
+  # would be off by about 2^-9 of their size).
+  logits, captured = jax.jit(lambda p: model.apply(
+      {'params': p}, ids_BxL, capture_intermediates=True, mutable=['intermediates']))(
+          tiny_params)
+  final_BxLxE, = captured['intermediates']['final_norm']['__call__']
+  assert final_BxLxE.dtype == jnp.bfloat16 and logits.dtype == jnp.float32
+  embedding_VxE = tiny_params['token_embed']['embedding'].astype(jnp.bfloat16)
+  expected = np.einsum('ble,ve->blv', np.asarray(final_BxLxE, np.float64),
+                       np.asarray(embedding_VxE, np.float64))
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
+
+
+def _equations(jaxpr):
+  """Every equation of `jaxpr` and of the jaxprs nested in it (jit, custom_jvp, scan)."""
+  for equation in jaxpr.eqns:
+    yield equation
+    for param in equation.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else [param]:
+        sub = getattr(sub, 'jaxpr', sub)  # a ClosedJaxpr's Jaxpr
+        if hasattr(sub, 'eqns'):
+          yield from _equations(sub)
+
+
+def test_bfloat16_attention_scores_and_softmax_are_float32():
+  """bfloat16 queries and keys give the softmax, taken in float64, of their exact dot
+  products, rounded once to bfloat16. The scores here are about 40 in size, where
+  bfloat16's spacing is 0.25: scores or a softmax in bfloat16 would move the
+  probabilities by up to about 12%."""
+  attention = transformer.CausalSelfAttention(
+      num_heads=2, head_dim=4, max_len=8, init_stddev=0.02, out_init_stddev=0.02,
+      dtype=jnp.bfloat16)
+  rng = np.random.default_rng(0)
+  query_BxTxHxD, key_BxSxHxD = (
+      jnp.asarray(rng.normal(scale=5.0, size=(2, 8, 2, 4)), jnp.bfloat16) for _ in range(2))
+  probs_BxHxTxS = attention.apply({}, query_BxTxHxD, key_BxSxHxD, jnp.arange(8), None,
+                                  method='_attention_probs')
+  assert probs_BxHxTxS.dtype == jnp.bfloat16
+  scores = np.einsum('bthd,bshd->bhts', np.asarray(query_BxTxHxD, np.float64),
+                     np.asarray(key_BxSxHxD, np.float64)) / 2.0  # sqrt(head_dim)
+  assert np.abs(scores).max() > 30
+  scores = np.where(np.tril(np.ones((8, 8), bool)), scores, -np.inf)
+  expected = np.exp(scores - scores.max(-1, keepdims=True))
+  expected /= expected.sum(-1, keepdims=True)
+  # One rounding to bfloat16 (8 significant bits) apart at most.
+  np.testing.assert_allclose(np.asarray(probs_BxHxTxS, np.float64), expected,
+                             rtol=2.0 ** -8, atol=1e-30)
 
 
 def test_gpt2_small_parameter_count():
@@ -355,7 +415,7 @@ def test_build_model_from_config():
     (dict(remat='all'), r"model\.remat='all'.*none, full, save_dots"),
 ])
 def test_build_model_rejects_bad_config(overrides, message):
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(UserError, match=message):
     models.build_model(_model_config(**overrides), vocab_size=11)
 
 
