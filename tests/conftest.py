@@ -8,9 +8,11 @@ import tempfile
 # 40 s after the others. On a loaded 2-core machine (8 fake devices, tf.data threads,
 # another job beside the tests) a thread can be that late without being stuck: 120 s lets
 # such runs pass, and still keeps a real hang (a thread that never arrives) from stalling
-# the suite for long.
+# the suite for long. The compile level is tests/xla.py's.
+from tests import xla  # imports nothing of JAX
+
 os.environ['XLA_FLAGS'] = (
-    os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+    os.environ.get('XLA_FLAGS', '') + f' {xla.flags(devices=8)}'
     ' --xla_cpu_collective_call_terminate_timeout_seconds=120').strip()
 # Many tests train the same tiny models: a compilation cache shared by the whole test run
 # (subprocesses included, through the environment) compiles each program once. It starts

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tests import script_cases
+from tests import script_cases, xla
 
 TINY = '--config=configs/shakespeare_char.py:tiny'
 CASES = {
@@ -27,7 +27,7 @@ CASES = {
 def runs():
   """Every case of CASES as `python experiments/benchmark.py ...` on one device."""
   return script_cases.run({key: ('benchmark.py', flags) for key, flags in CASES.items()},
-                          env=dict(os.environ, XLA_FLAGS=''))
+                          env=dict(os.environ, XLA_FLAGS=xla.flags()))
 
 
 def test_decode_benchmark_prints_one_json_object_per_case_and_a_table(runs):

@@ -11,7 +11,7 @@ from configs import rnn_shakespeare_char, shakespeare_char
 from lmjax import evaluation, train, workdir as workdir_lib
 from lmjax.data import corpora
 from lmjax.errors import UserError
-from tests import script_cases
+from tests import script_cases, xla
 
 KEYS = {'loss', 'perplexity', 'accuracy', 'bits_per_token', 'bits_per_byte', 'num_tokens',
         'num_bytes', 'dataset', 'workdir', 'step', 'split', 'tokenizer', 'num_params'}
@@ -104,7 +104,7 @@ def test_script_prints_one_json_object_and_names_a_bad_flag(trained):
   # One device, as a plain process has.
   runs = script_cases.run({'good': ('evaluate.py', [f'--workdir={workdir}', '--split=test']),
                            'bad': ('evaluate.py', [f'--workdir={workdir}', '--split=tset'])},
-                          env=dict(os.environ, XLA_FLAGS=''))
+                          env=dict(os.environ, XLA_FLAGS=xla.flags()))
   good, bad = runs['good'], runs['bad']
   assert good.returncode == 0, good.stderr
   printed = json.loads(good.stdout)  # the whole of stdout: one object and nothing else

@@ -1,6 +1,7 @@
 """Several hosts: real processes (2 x 4 CPU devices, gloo collectives, jax.distributed) train,
-are preempted, checkpoint collectively, resume, and match one process of 8 devices; the
-checkpoint then resumes on another number of processes and devices."""
+are preempted, checkpoint collectively, set a damaged checkpoint aside together, resume, and
+match one process of 8 devices; the checkpoint then resumes on another number of processes
+and devices."""
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ import pytest
 from configs import shakespeare_char
 from lmjax import checkpoint as ckpt_lib
 from lmjax import train, workdir as workdir_lib
+from tests import xla
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = dict(num_steps=12, checkpoint_every=6, eval_every=12, log_every=3, sample_tokens=10)
@@ -41,7 +43,7 @@ def _free_port() -> int:
 def _start_processes(workdir):
   """The same train.py command on 2 processes of 4 devices each, as on 2 hosts."""
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+  env = dict(os.environ, XLA_FLAGS=xla.flags(devices=4),
              JAX_PLATFORMS='cpu')
   flags = ([f'--config.train.{k}={v}' for k, v in TRAIN.items()] +
            [f'--config.mesh.{k}={v}' for k, v in MESH.items()] +
@@ -83,7 +85,9 @@ def reference(tmp_path_factory):
 @pytest.fixture(scope='module')
 def preempted_and_resumed(tmp_path_factory):
   """Two processes; process 1 gets SIGTERM as training starts, both stop at the same step
-  with its checkpoint written; the same command on both resumes to the end."""
+  with its checkpoint written. A damaged checkpoint is then put after it (a copy with every
+  file garbled, as a disk fault would leave one), and the same command on both resumes to the
+  end: one process sets the damaged one aside, both resume from the preemption's."""
   workdir = str(tmp_path_factory.mktemp('two_hosts'))
   processes = _start_processes(workdir)
   # Before the first step (it compiles for seconds): the notice is in long before step 12.
@@ -97,17 +101,36 @@ def preempted_and_resumed(tmp_path_factory):
   steps = [int(re.search(r'Stopped by preemption notice at step (\d+)', out).group(1))
            for out in stopped]
   saved = ckpt_lib.complete_steps(workdir)
+  damaged = _damaged_copy(workdir, saved[-1])
   resumed = _finish(_start_processes(workdir))
-  return workdir, steps, saved, resumed
+  return workdir, steps, saved, damaged, resumed
+
+
+def _damaged_copy(workdir, step) -> int:
+  """Copies checkpoint `step` to the next step and garbles every file of the copy."""
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  damaged = step + 1
+  shutil.copytree(os.path.join(checkpoints, str(step)), os.path.join(checkpoints, str(damaged)))
+  for root, _, files in os.walk(os.path.join(checkpoints, str(damaged))):
+    for name in files:
+      with open(os.path.join(root, name), 'wb') as f:
+        f.write(b'\x98 not a checkpoint')
+  assert ckpt_lib.complete_steps(workdir)[-1] == damaged
+  return damaged
 
 
 def test_two_hosts_preempted_and_resumed_match_one_host(preempted_and_resumed, reference):
-  workdir, steps, saved, resumed = preempted_and_resumed
+  workdir, steps, saved, damaged, resumed = preempted_and_resumed
   # JAX's preemption sync point: both processes stopped after the same step, and wrote
   # its checkpoint together.
-  assert steps[0] == steps[1] < TRAIN['num_steps'], steps
+  assert steps[0] == steps[1] < TRAIN['num_steps'] - 1, steps
   assert saved[-1] == steps[0], saved
+  # The damaged checkpoint after it was moved aside once (both processes raced on the same
+  # rename), and both resumed from the preemption's checkpoint.
+  aside = os.listdir(os.path.join(workdir, 'unreadable_checkpoints'))
+  assert len(aside) == 1 and aside[0].startswith(f'{damaged}-'), aside
   for out in resumed:
+    assert f'moved it to {workdir}/unreadable_checkpoints/{aside[0]}' in out
     assert f'Resuming from step {steps[0]} of 12' in out
   reference_dir, reference_metrics = reference
   _assert_close(_params(workdir, 12), _params(reference_dir, 12))
@@ -129,26 +152,4 @@ def test_a_two_host_checkpoint_resumes_on_one_host_of_two_devices(
   out = capsys.readouterr().out
   assert f'Resuming from step {start} of 12' in out
   assert 'note: resuming on another mesh' in out
-  _assert_close(_params(workdir, 12), _params(reference[0], 12))
-
-
-# Slow (a minute of two more processes): `make test-slow`. A damaged checkpoint on one host
-# is tested in tests/test_faults.py, in `make test`.
-@pytest.mark.slow
-def test_two_hosts_set_a_damaged_checkpoint_aside_together(preempted_and_resumed, reference,
-                                                           tmp_path):
-  """One process moves it (two raced on the same rename), both resume from the one before."""
-  workdir = str(tmp_path / 'damaged')
-  shutil.copytree(preempted_and_resumed[0], workdir)
-  for root, _, files in os.walk(os.path.join(workdir, 'checkpoints', '12')):
-    for name in files:
-      with open(os.path.join(root, name), 'wb') as f:
-        f.write(b'\x98 not a checkpoint')
-  before = max(s for s in ckpt_lib.complete_steps(workdir) if s < 12)
-  outputs = _finish(_start_processes(workdir))
-  aside = os.listdir(os.path.join(workdir, 'unreadable_checkpoints'))
-  assert len(aside) == 1 and aside[0].startswith('12-'), aside
-  for out in outputs:
-    assert f'moved it to {workdir}/unreadable_checkpoints/{aside[0]}' in out
-    assert f'Resuming from step {before} of 12' in out
   _assert_close(_params(workdir, 12), _params(reference[0], 12))

@@ -17,20 +17,21 @@ from ml_collections import config_flags
 from lmjax import checkpoint as ckpt_lib
 from lmjax import events, sweep
 from lmjax.errors import UserError
+from tests import xla
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = [sys.executable, os.path.join(REPO, 'experiments', 'sweep.py'),
          '--config=configs/shakespeare_char.py:tiny']
 # The sweep's processes (and so its trainers) on one CPU device: this is about the sweep,
 # and one device compiles and steps fastest on 2 cores.
-ONE_DEVICE = dict(os.environ, XLA_FLAGS='')
+ONE_DEVICE = dict(os.environ, XLA_FLAGS=xla.flags())
 
 
 def test_grid_is_every_combination_last_field_fastest():
   points = sweep.grid({'opt.lr': [1e-3, 3e-3], 'model.d_model': [32, 64, 128]})
   assert points == [{'opt.lr': lr, 'model.d_model': d} for lr in (1e-3, 3e-3)
                     for d in (32, 64, 128)]
-  with pytest.raises(ValueError, match='opt.lr needs a non-empty list'):
+  with pytest.raises(UserError, match='opt.lr needs a non-empty list'):
     sweep.grid({'opt.lr': 1e-3})
 
 
@@ -115,9 +116,6 @@ def _wait_for(predicate, what: str, timeout: float = 180.0):
     time.sleep(0.2)
 
 
-# Slow (two sweeps of two trainers each): `make test-slow`. Resuming a killed single run is
-# tested in tests/test_faults.py, in `make test`.
-@pytest.mark.slow
 def test_killed_sweep_resumes_skips_finished_points_and_summarizes(tmp_path, monkeypatch):
   monkeypatch.chdir(REPO)  # the config is named relative to the repository, as in the README
   root = str(tmp_path / 'sweep')

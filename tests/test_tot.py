@@ -7,7 +7,7 @@ import pytest
 
 from configs import countdown
 from lmjax import train
-from tests import script_cases
+from tests import script_cases, xla
 
 
 @pytest.fixture(scope='module')
@@ -23,6 +23,13 @@ BAD_FLAGS = {
     'scorer': (['--strategies=bfs_scorer'], '--scorer_workdir'),
     'task_file': (['--task_file=/nonexistent/puzzles.txt'], 'cannot read'),
     'task_line': (['--task_file={bad_task}'], 'make 24 from 1 2 3 4'),
+    # Found once the model is read (the checks before that: tests/test_bad_inputs.py).
+    'scorer_workdir': (['--task_file={task}', '--strategies=bfs_scorer',
+                        '--scorer_workdir={tmp}/nothing'], '--scorer_workdir='),
+    # A puzzle of 63 tokens with its end-of-text id: the first thought has room for one
+    # token, the second for none.
+    'context': (['--task_file={long_task}', '--strategies=bfs_model', '--breadth=1',
+                 '--proposals=1', '--max_depth=2'], 'fills the context (max_len=64)'),
 }
 
 
@@ -33,6 +40,8 @@ def runs(workdir, tmp_path_factory):
   task, bad_task, out = tmp / 'puzzles.txt', tmp / 'bad.txt', tmp / 'tot.json'
   task.write_text('4 7 8 9 -> 34\n\n1 2 3 4 -> 24\n')  # one batch of 2; a blank line
   bad_task.write_text('4 7 8 9 -> 34\nmake 24 from 1 2 3 4\n')
+  long_task = tmp / 'long.txt'
+  long_task.write_text(' '.join(['1'] * 28) + ' -> 34\n')
   every = [f'--workdir={workdir}', f'--task_file={task}', '--strategies=' + ','.join([
       'greedy', 'sample', 'beam', 'beam_verified', 'sample_verified', 'bfs_model',
       'bfs_checker', 'bfs_lookahead', 'dfs_checker', 'dfs_lookahead', 'bfs_scorer']),
@@ -40,9 +49,11 @@ def runs(workdir, tmp_path_factory):
            '--breadth=2', '--proposals=2', '--max_expansions=4', '--batch=2', f'--output={out}']
   cases = {'every': ('tot.py', every)}
   for key, (flags, _) in BAD_FLAGS.items():
-    flags = [flag.format(bad_task=bad_task) for flag in flags]
+    flags = [flag.format(bad_task=bad_task, task=task, long_task=long_task, tmp=tmp)
+             for flag in flags]
     cases[key] = ('tot.py', [f'--workdir={workdir}', *flags])
-  results = script_cases.run(cases, env=dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu'))
+  results = script_cases.run(cases, env=dict(os.environ, XLA_FLAGS=xla.flags(),
+                                             JAX_PLATFORMS='cpu'))
   return results, json.loads(out.read_text()) if out.exists() else None
 
 
