@@ -48,7 +48,8 @@ def run_script(main, **kwargs) -> None:
   """absl's `app.run(main, **kwargs)` for the scripts in experiments/: a mistake the user
   can fix (a UserError, a missing file, a flag refused by `app.UsageError` or by absl's
   parsing) ends the process with one line, `error: ...`, and exit status 1, instead of a
-  traceback or absl's whole help text before the message."""
+  traceback or absl's whole help text before the message. Ctrl-C that reaches it prints
+  `interrupted (Ctrl-C)` and exits with status 130, the shell's code for it."""
   import sys
 
   from absl import app
@@ -58,6 +59,9 @@ def run_script(main, **kwargs) -> None:
       return main(argv)
     except (app.UsageError, UserError, FileNotFoundError) as e:
       sys.exit(f'error: {e}')
+    except KeyboardInterrupt:  # Ctrl-C outside training's stop handling, or a second one
+      print('\ninterrupted (Ctrl-C)', file=sys.stderr, flush=True)
+      sys.exit(130)
 
   kwargs.setdefault('flags_parser', parse_flags)
   app.run(checked_main, **kwargs)

@@ -1,7 +1,9 @@
-"""Faults a long run meets: preemption, kill -9, NaN, damaged checkpoints, a changed config,
-bad flags, and a workdir that holds code. Real processes, real signals, real files."""
+"""Faults a long run meets: preemption, Ctrl-C, kill -9, NaN, damaged checkpoints, a changed
+config, bad flags, and a workdir that holds code. Real processes, real signals, real files."""
+import glob
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -71,10 +73,60 @@ def _sigterm_when(path: str) -> threading.Thread:
   return thread
 
 
-def _start_script(workdir):
-  """experiments/train.py on the test config; output (stderr too) read line by line."""
-  return subprocess.Popen(train_command(workdir), cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+# experiments/train.py with every checkpoint written once a stop signal has come held open
+# at the moment orbax would complete it (renaming its temporary directory to the step's
+# number), so that signals can be aimed at a save in flight. It prints `test: holding
+# checkpoint STEP`, then `test: exiting with checkpoint STEP unfinished` if the interpreter
+# begins to exit meanwhile; it keeps the write open until killed (or for a minute).
+HELD_SAVE = r"""
+import os, runpy, signal, sys, threading, time
+
+rename = os.rename
+
+def stopping():
+  handler = signal.getsignal(signal.SIGINT)  # lmjax.runtime.StopSignals' while training
+  return getattr(getattr(handler, '__self__', None), 'received', None) is not None
+
+def held_rename(src, dst, *args, **kwargs):
+  parent, name = os.path.split(os.fspath(dst))
+  if os.path.basename(parent) == 'checkpoints' and name.isdigit() and stopping():
+    print(f'test: holding checkpoint {name}', flush=True)
+    deadline = time.monotonic() + 60
+    # threading._SHUTTING_DOWN turns True as the interpreter begins to exit.
+    while not threading._SHUTTING_DOWN and time.monotonic() < deadline:
+      time.sleep(0.01)
+    if threading._SHUTTING_DOWN:
+      print(f'test: exiting with checkpoint {name} unfinished', flush=True)
+    while threading._SHUTTING_DOWN and time.monotonic() < deadline:
+      time.sleep(0.01)
+  return rename(src, dst, *args, **kwargs)
+
+os.rename = held_rename
+sys.argv = sys.argv[1:]
+sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def _start_script(workdir, hold_saves: bool = False):
+  """experiments/train.py on the test config; output (stderr too) read line by line. With
+  `hold_saves`, run under HELD_SAVE."""
+  command = train_command(workdir)
+  if hold_saves:
+    command = [sys.executable, '-c', HELD_SAVE, *command[1:]]
+  return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+
+
+def _unfinished(workdir, step: int) -> list[str]:
+  """Orbax's temporary directories of `step`: a write begun and not completed."""
+  return glob.glob(os.path.join(workdir, 'checkpoints', f'{step}.orbax-checkpoint-tmp*'))
+
+
+def _raised(output: str) -> list[str]:
+  """The last line of every traceback (`KeyError: ...`) and every ignored exception."""
+  return [line for line in output.splitlines()
+          if re.match(r'[\w.]*(Error|Exception|Interrupt|Exit)\b', line)]
 
 
 def _read_until(proc, prefix: str) -> list[str]:
@@ -86,9 +138,10 @@ def _read_until(proc, prefix: str) -> list[str]:
   raise AssertionError(f'the run ended before a line starting {prefix!r}:\n{"".join(lines)}')
 
 
-def test_sigterm_full_disk_and_kill_9_lose_nothing_and_resume_exactly(reference, tmp_path,
-                                                                      capfd):
+def test_signals_full_disk_and_kill_9_lose_nothing_and_resume_exactly(reference, tmp_path,
+                                                                     capfd):
   workdir = str(tmp_path / 'run')
+  checkpoints = ckpt_lib.checkpoint_dir(workdir)
   # 1. SIGTERM (preemption) once the first checkpoint is complete: the step finishes, its
   # checkpoint is written, and the run returns. Should the signal miss the training loop,
   # the handler below keeps it from ending the test process.
@@ -117,19 +170,50 @@ def test_sigterm_full_disk_and_kill_9_lose_nothing_and_resume_exactly(reference,
   assert errors and 'failed' in errors[0] and 'File too large' in errors[0], rest[-3000:]
   assert f'The last complete checkpoint is step {stopped} in' in errors[0], errors
 
-  # 3. kill -9 of the script a moment after its first progress line.
+  # 3. Ctrl-C (SIGINT) to the script once it trains: it says so at once, finishes the step
+  # it is in, writes that step's checkpoint and waits for it, names it, and exits with
+  # status 0, no traceback.
   proc = _start_script(workdir)
+  _read_until(proc, f'Resuming from step {stopped} of 40')
   _read_until(proc, 'step ')
-  time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  rest, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0 and not _raised(rest) and 'Traceback' not in rest, rest[-3000:]
+  assert 'SIGINT received: stopping after this step' in rest, rest[-3000:]
+  stopped = int(rest.split('Stopped by SIGINT at step ')[1].split()[0])
+  assert f'of 40; checkpoint {checkpoints}/{stopped} is complete.' in rest
+  assert ckpt_lib.complete_steps(workdir)[-1] == stopped < 40
+
+  # 4. Ctrl-C, then a second Ctrl-C while the stop's checkpoint is being written (held open
+  # before orbax completes it). The second ends the wait: no stop is claimed, a line says
+  # so, and the exiting interpreter waits for the write under way instead
+  # of dropping it.
+  proc = _start_script(workdir, hold_saves=True)
+  _read_until(proc, f'Resuming from step {stopped} of 40')
+  _read_until(proc, 'step ')
+  proc.send_signal(signal.SIGINT)
+  lines = _read_until(proc, 'test: holding checkpoint ')
+  assert any(line.startswith('SIGINT received: stopping') for line in lines), lines
+  held = int(lines[-1].split()[-1])
+  assert _unfinished(workdir, held) and held not in ckpt_lib.complete_steps(workdir)
+  proc.send_signal(signal.SIGINT)
+  lines = _read_until(proc, f'test: exiting with checkpoint {held} unfinished')
+  assert not [line for line in lines if 'Stopped by' in line], lines
+  assert 'interrupted (Ctrl-C)\n' in lines, lines
+  # orbax logs the interrupted wait, with its stack; nothing else is raised.
+  assert set(_raised(''.join(lines))) <= {'KeyboardInterrupt'}, ''.join(lines)[-3000:]
+
+  # 5. kill -9 while that asynchronous write is still in flight: its temporary directory
+  # stays behind, and it is not counted as a checkpoint.
   proc.kill()
   proc.wait(timeout=60)
-  complete = ckpt_lib.complete_steps(workdir)
-  assert complete[-1] < 40, 'the run finished before the kill'
+  assert _unfinished(workdir, held)
+  assert ckpt_lib.complete_steps(workdir)[-1] == stopped < held
 
-  # 4. The last complete checkpoint is the one resumed; the result is the uninterrupted
+  # 6. The last complete checkpoint is the one resumed; the result is the uninterrupted
   # run's, bit for bit, and so are the logged metrics.
   train.train_and_evaluate(tiny_config(), workdir)
-  assert f'Resuming from step {complete[-1]} of 40' in capfd.readouterr().out
+  assert f'Resuming from step {stopped} of 40' in capfd.readouterr().out
   (step, params), (ref_step, ref_params) = final_params(workdir), final_params(reference)
   assert step == ref_step == 40
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params), strict=True):
@@ -170,7 +254,7 @@ def test_a_changed_config_is_refused_and_a_changed_shape_names_the_parameter(ref
   shutil.copytree(reference, workdir)
   config = tiny_config()
   config.opt.lr = 0.5
-  with pytest.raises(UserError, match=r'differs in:\n  opt.lr: 0.003 -> 0.5\n.*'
+  with pytest.raises(UserError, match=r'differs in: opt.lr: 0.003 -> 0.5\. .*'
                                       '--allow_config_change'):
     train.train_and_evaluate(config, workdir)
   wider = tiny_config()
@@ -220,9 +304,10 @@ def test_an_unreadable_latest_checkpoint_is_named_and_training_resumes_before_it
     np.testing.assert_array_equal(a, b)
 
 
-def test_loading_a_workdir_runs_no_code_from_it(reference, tmp_path):
+def test_loading_a_workdir_runs_no_code_from_it(reference, tmp_path, capsys):
   """Checkpoints, config and tokenizer are data: decoding a workdir that also holds Python
-  files and a pickle imports, executes and unpickles nothing."""
+  files and pickles, and resuming training in it, imports, executes and unpickles
+  nothing."""
   workdir = str(tmp_path / 'copy')
   shutil.copytree(reference, workdir)
   marker = tmp_path / 'ran'
@@ -230,8 +315,11 @@ def test_loading_a_workdir_runs_no_code_from_it(reference, tmp_path):
   for name in ('config.py', 'sitecustomize.py', 'tokenizer.py', '__init__.py'):
     with open(os.path.join(workdir, name), 'w') as f:
       f.write(payload)
-  with open(os.path.join(workdir, 'state.pkl'), 'wb') as f:
-    f.write(b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
+  pickled = b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."
+  # Beside the state, and inside the checkpoint training resumes from.
+  for name in ('state.pkl', 'checkpoints/40/state.pkl', 'checkpoints/40/data.pkl'):
+    with open(os.path.join(workdir, name), 'wb') as f:
+      f.write(pickled)
   opened, ran = [], []
 
   def audit(event, args):
@@ -250,11 +338,46 @@ def test_loading_a_workdir_runs_no_code_from_it(reference, tmp_path):
     config, tokenizer, params, _ = workdir_lib.load_trained(workdir)
     generation.generate_texts(config, params, tokenizer, ['ROMEO:'], max_new_tokens=4,
                          strategy='greedy')
+    decoding = list(opened)
+    # Training resumes: it reads what decoding reads, then evaluates the finished run.
+    opened.clear()
+    capsys.readouterr()
+    train.train_and_evaluate(tiny_config(), workdir)
   finally:
     active[0] = False  # an audit hook cannot be removed, only silenced
+  assert 'Resuming from step 40 of 40' in capsys.readouterr().out
   assert not marker.exists() and not ran, ran
-  assert 'config.json' in opened and 'tokenizer.json' in opened  # the hook saw the loading
-  assert not [p for p in opened if p.endswith(('.py', '.pkl'))], opened
+  # The hook saw the loading: the config and tokenizer each time, and checkpoint 40's
+  # metadata when training resumed from it.
+  assert 'config.json' in decoding and 'tokenizer.json' in decoding, decoding
+  assert 'config.json' in opened and 'tokenizer.json' in opened, opened
+  assert any(p.startswith(os.path.join('checkpoints', '40', '')) for p in opened), opened
+  assert not [p for p in decoding + opened if p.endswith(('.py', '.pkl'))], opened
+
+
+# `reference` has compiled the train step into the compilation cache the test run shares:
+# soak.py times its kill by its own reference run's compile, and a cold compile there would
+# put the kill after the round's end.
+@pytest.mark.usefixtures('reference')
+def test_the_soak_script_kills_resumes_and_finds_the_run_exact(tmp_path):
+  """experiments/soak.py at its smallest: a reference run, one round killed by SIGKILL (seed
+  2 picks a moment early in training; a checkpoint every 5 steps leaves one before it), the
+  resume to the end, and the comparison, on the test config."""
+  root = tmp_path / 'soak'
+  overrides = [f'train.{k}={v}' for k, v in {**TRAIN, 'checkpoint_every': 5}.items()]
+  done = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'experiments', 'soak.py'), f'--workdir={root}',
+       '--kills=1', '--sigterm_fraction=0', '--seed=2', *[f'--set={o}' for o in overrides]],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{')]
+  assert len(lines) == 2, done.stdout  # one round, then the summary
+  round_0, summary = lines
+  assert round_0['round'] == 0 and round_0['exit'] in (0, -signal.SIGKILL), round_0
+  assert summary['rounds'] == 1 and summary['overrides'] == overrides, summary
+  assert summary['params_identical'] and summary['scalars_identical'], summary
+  assert summary['final_step'] == summary['reference_step'] == 40, summary
+  assert sorted(os.listdir(root / 'logs')) == ['final.txt', 'reference.txt', 'round_000.txt']
 
 
 BAD_FLAGS = {
