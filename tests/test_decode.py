@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from lmjax import decode
+from lmjax.errors import UserError
 from lmjax.models import transformer
 from lmjax.models.transformer import Transformer
 from tests.models.test_transformer import TINY, _random_params
@@ -113,7 +114,7 @@ def test_a_carry_state_model_decodes_as_stepping_it_by_hand():
   table = _trigram_table(6)
   prompts = [[1], [2, 3, 0, 1, 2], [3, 3, 3]]
   out = decode.generate(_trigram_model, _trigram_state(table, 3), prompts, max_new_tokens=7)
-  for prompt, candidates in zip(prompts, out):
+  for prompt, candidates in zip(prompts, out, strict=True):
     state = _trigram_state(table, 1)
     logits, state = _trigram_model(jnp.asarray([prompt]), state)
     by_hand = []
@@ -169,7 +170,7 @@ def test_top_p_keeps_the_smallest_set_with_that_mass(top_p):
   logits = jax.random.normal(jax.random.key(3), (64, 11)) * 2.0
   kept = np.isfinite(np.asarray(decode.top_p_mask(logits, top_p)))
   probs = np.asarray(jax.nn.softmax(logits, axis=-1), np.float64)
-  for row_probs, row_kept in zip(probs, kept):
+  for row_probs, row_kept in zip(probs, kept, strict=True):
     order = np.argsort(-row_probs)
     size = int(np.searchsorted(np.cumsum(row_probs[order]), top_p - 1e-7) + 1)
     expected = np.zeros_like(row_kept)
@@ -226,7 +227,7 @@ def test_wide_beam_finds_the_exhaustive_optimum(seed, alpha):
   beams = decode.generate(_trigram_model, _trigram_state(table, 1), [prompt],
                           max_new_tokens=max_new, strategy='beam', beam_size=64,
                           num_samples=3, length_penalty=alpha, eos_id=eos)[0]
-  for beam, (score, seq) in zip(beams, expected):
+  for beam, (score, seq) in zip(beams, expected[:3], strict=True):
     # The EOS is not returned with the tokens.
     assert beam.tokens.tolist() == [t for t in seq if t != eos]
     assert beam.score == pytest.approx(score, abs=1e-4)
@@ -265,14 +266,51 @@ def test_beam_beats_greedy_where_greedy_is_short_sighted():
   assert beam.score == pytest.approx(np.log(0.4), abs=1e-4)
 
 
-def test_early_stopping_returns_the_first_beam_size_finished():
-  table = _trigram_table(4)
-  common = dict(max_new_tokens=6, strategy='beam', beam_size=2, eos_id=3, num_samples=2)
-  patient = decode.generate(_trigram_model, _trigram_state(table, 1), [[1]], **common)[0]
-  hasty = decode.generate(_trigram_model, _trigram_state(table, 1), [[1]],
-                          early_stopping=True, **common)[0]
+def _early_stopping_table():
+  """A trigram table (EOS = 3) where, with 2 beams after prompt [1], EOS ends [3] at the
+  first new token (p 0.25) and [2, 3] at the second (0.7 * 0.4 = 0.28), while the likeliest
+  continuation, [2, 2, 3] (0.7 * 0.55 * 0.9 = 0.3465), ends only at the third."""
+  table = np.full((4, 4, 4), np.log(0.25), np.float32)
+  table[0, 1] = np.log([0.03, 0.02, 0.7, 0.25])  # after the prompt
+  table[1, 2] = np.log([0.03, 0.02, 0.55, 0.4])  # after [2]
+  table[2, 2] = np.log([0.04, 0.03, 0.03, 0.9])  # after [2, 2]
+  return jnp.asarray(table)
+
+
+def _steps_taken(early_stopping: bool):
+  """(beams, new tokens the search stepped through) for prompt [1] of the table above.
+  The fake model reports each call's rows: the prompt's prefill has 1, every step of the
+  search 2 (one per beam)."""
+  rows = []
+
+  def counted_model(ids_BxT, state):
+    jax.debug.callback(lambda ids: rows.append(ids.shape[0]), ids_BxT)
+    return _trigram_model(ids_BxT, state)
+
+  beams = decode.generate(counted_model, _trigram_state(_early_stopping_table(), 1), [[1]],
+                          max_new_tokens=6, strategy='beam', beam_size=2, num_samples=2,
+                          eos_id=3, length_penalty=0.0, early_stopping=early_stopping)[0]
+  jax.effects_barrier()
+  assert rows[0] == 1 and set(rows[1:]) == {2}, rows
+  return beams, len(rows) - 1
+
+
+def test_early_stopping_ends_a_prompt_at_its_beam_size_th_finished_beam():
+  hasty, hasty_steps = _steps_taken(early_stopping=True)
+  patient, patient_steps = _steps_taken(early_stopping=False)
+  # With it: the search ends at the second new token, when [3] and [2, 3] have finished,
+  # and returns those two (EOS is not returned with the tokens).
+  assert hasty_steps == 2
+  assert [c.tokens.tolist() for c in hasty] == [[2], []]
+  assert [c.score for c in hasty] == pytest.approx([np.log(0.28), np.log(0.25)], abs=1e-5)
   assert all(c.finish == 'eos' for c in hasty)
-  assert hasty[0].score <= patient[0].score + 1e-6
+  # Without it: the live [2, 2] (0.385) can still beat the worse finished beam (0.25), so
+  # the search goes on to the third token, finds [2, 2, 3], and stops there, no live beam
+  # (at most 0.0154) being able to beat 0.28: well before max_new_tokens.
+  assert patient_steps == 3
+  assert [c.tokens.tolist() for c in patient] == [[2, 2], [2]]
+  assert [c.score for c in patient] == pytest.approx([np.log(0.3465), np.log(0.28)],
+                                                     abs=1e-5)
 
 
 def test_merging_finished_beams_keeps_each_field_with_its_score():
@@ -323,7 +361,7 @@ def test_cached_greedy_equals_recomputing_the_whole_prefix(tiny_decoder):
   tokens_to_logits, state = transformer.decode_fns(model, params, batch_size=2)
   out = decode.generate(tokens_to_logits, state, prompts, max_new_tokens=6,
                         max_len=TINY['max_len'])
-  for prompt, candidates in zip(prompts, out):
+  for prompt, candidates in zip(prompts, out, strict=True):
     assert candidates[0].tokens.tolist() == _greedy_by_recomputing(params, prompt, 6)
 
 
@@ -338,7 +376,7 @@ def test_a_padded_batch_gives_what_one_prompt_at_a_time_gives(tiny_decoder, opti
   tokens_to_logits, state = transformer.decode_fns(model, params, batch_size=3)
   batched = decode.generate(tokens_to_logits, state, prompts, max_new_tokens=7,
                             max_len=TINY['max_len'], **options)
-  for prompt, together in zip(prompts, batched):
+  for prompt, together in zip(prompts, batched, strict=True):
     tokens_to_logits, state = transformer.decode_fns(model, params, batch_size=1)
     alone, = decode.generate(tokens_to_logits, state, [prompt], max_new_tokens=7,
                              max_len=TINY['max_len'], **options)
@@ -372,5 +410,5 @@ def test_a_padded_batch_gives_what_one_prompt_at_a_time_gives(tiny_decoder, opti
 def test_bad_arguments_are_named(kwargs, field):
   args = dict(prompts=[[1, 2]], max_new_tokens=3)
   args.update(kwargs)
-  with pytest.raises(ValueError, match=field):
+  with pytest.raises(UserError, match=field):
     decode.generate(_counting_model, _counting_state(1), args.pop('prompts'), **args)

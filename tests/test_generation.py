@@ -79,7 +79,7 @@ def test_each_prompt_gets_its_continuation_with_tokens_score_and_finish(tokenize
 def test_fewer_new_tokens_give_the_start_of_the_same_greedy_text(tokenizer, params, greedy):
   shorter = generation.generate_texts(tiny_config(), params, tokenizer, ['abc', 'h'],
                                       max_new_tokens=NEW - 2, strategy='greedy')
-  for (row,), (whole,) in zip(shorter, greedy):
+  for (row,), (whole,) in zip(shorter, greedy, strict=True):
     assert row['tokens'] == whole['tokens'][:NEW - 2] and row['finish'] == 'length'
 
 
@@ -112,16 +112,16 @@ def test_samples_are_as_many_as_asked_and_repeat_under_a_seed(tokenizer, params)
 
 
 def test_an_empty_prompt_or_stop_string_is_refused_naming_it(tokenizer, params):
-  with pytest.raises(ValueError, match='prompt 2 is empty; give some text to continue'):
+  with pytest.raises(UserError, match='prompt 2 is empty; give some text to continue'):
     generation.generate_texts(tiny_config(), params, tokenizer, ['abc', ''], max_new_tokens=4)
-  with pytest.raises(ValueError, match='a stop string is empty'):
+  with pytest.raises(UserError, match='a stop string is empty'):
     generation.generate_texts(tiny_config(), params, tokenizer, ['abc'], max_new_tokens=4,
                               stop_strings=('a', ''))
 
 
 def test_a_continuation_past_the_position_table_is_refused(tokenizer, params):
-  with pytest.raises(ValueError, match=r"prompt \(3 tokens\) \+ max_new_tokens \(22\) exceeds "
-                                       r"the model's context of 24 tokens \(model.max_len\)"):
+  with pytest.raises(UserError, match=r"prompt \(3 tokens\) \+ max_new_tokens \(22\) exceeds "
+                                      r"the model's context of 24 tokens \(model.max_len\)"):
     generation.generate_texts(tiny_config(), params, tokenizer, ['abc'], max_new_tokens=22)
 
 

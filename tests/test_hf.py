@@ -13,7 +13,8 @@ torch = pytest.importorskip('torch', reason=_NEEDS)
 
 from lmjax import hf, models, train, workdir as workdir_lib  # noqa: E402
 from lmjax.data import tokenizers  # noqa: E402
-from tests import hf_util, script_cases  # noqa: E402
+from lmjax.errors import UserError  # noqa: E402
+from tests import hf_util, script_cases, xla  # noqa: E402
 
 
 # What GPT-2's pre-tokenizer and byte table must get right.
@@ -179,7 +180,7 @@ def _copy(hf_dir, tmp_path, **config_changes):
 def test_unrepresentable_checkpoints_are_refused_by_name(hf_dir, tmp_path, changes, message):
   copy = _copy(hf_dir, tmp_path, **changes)
   workdir = str(tmp_path / 'workdir')
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(UserError, match=message):
     hf.import_gpt2(copy, workdir)
   assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
 
@@ -209,7 +210,7 @@ def test_unprefixed_names_buffers_and_a_tied_head_import(hf_dir, hf_model, rando
 
 
 def test_an_untied_head_is_refused(hf_dir, tmp_path):
-  with pytest.raises(ValueError, match='lm_head.weight differs from the token embedding'):
+  with pytest.raises(UserError, match='lm_head.weight differs from the token embedding'):
     hf.import_gpt2(_rewrite_weights(hf_dir, tmp_path, lm_head_offset=1.0),
                    str(tmp_path / 'workdir'))
 
@@ -220,21 +221,21 @@ def test_pickled_weights_are_refused_unread(hf_dir, tmp_path):
   # Not a real pickle: the importer must refuse before opening it.
   with open(os.path.join(copy, 'pytorch_model.bin'), 'wb') as f:
     f.write(b'not to be unpickled')
-  with pytest.raises(ValueError, match=r'only pytorch_model\.bin.*safetensors'):
+  with pytest.raises(UserError, match=r'only pytorch_model\.bin.*safetensors'):
     hf.import_gpt2(copy, str(tmp_path / 'workdir'))
 
 
 def test_import_refuses_a_workdir_with_checkpoints(hf_dir, workdir):
-  with pytest.raises(ValueError, match='already has checkpoints'):
+  with pytest.raises(UserError, match='already has checkpoints'):
     hf.import_gpt2(hf_dir, workdir)
-  with pytest.raises(ValueError, match='separate workdir'):
+  with pytest.raises(UserError, match='separate workdir'):
     hf.import_gpt2(hf_dir, hf_dir)
 
 
 def test_export_refuses_to_overwrite(workdir, tmp_path):
   exported = str(tmp_path / 'exported')
   hf.export_gpt2(workdir, exported)
-  with pytest.raises(ValueError, match='already holds model.safetensors'):
+  with pytest.raises(UserError, match='already holds model.safetensors'):
     hf.export_gpt2(workdir, exported)
 
 
@@ -244,7 +245,7 @@ def test_import_script_then_decode_script(hf_dir, tmp_path):
   runs = script_cases.run({
       'import': ('import_hf.py', [f'--hf_dir={hf_dir}', f'--workdir={workdir}']),
       'decode': ('decode.py', [f'--workdir={workdir}', '--prompt=The king', '--strategy=greedy',
-                               '--max_new_tokens=5'])}, env=dict(os.environ, XLA_FLAGS=''))
+                               '--max_new_tokens=5'])}, env=dict(os.environ, XLA_FLAGS=xla.flags()))
   assert runs['import'].returncode == 0, runs['import'].stderr
   assert f'python experiments/decode.py --workdir={workdir}' in runs['import'].stdout
   assert runs['decode'].returncode == 0, runs['decode'].stderr

@@ -112,5 +112,5 @@ def test_lmjax_beam_rules_never_return_a_worse_best_beam_than_hf_rules(models):
                              length_penalty=0.0, beam_compat='hf')
   ours = _lmjax_generate(config, params, prompts, eos, strategy='beam', beam_size=4,
                          length_penalty=0.0)
-  for mine, theirs in zip(ours, hf_style):
+  for mine, theirs in zip(ours, hf_style, strict=True):
     assert mine[0].score >= theirs[0].score - 1e-5

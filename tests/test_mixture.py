@@ -44,7 +44,7 @@ def test_a_mixture_resumes_where_it_stopped():
   resumed = list(pipeline.mixture_dataset(tokens, starts, seq_len=10, global_batch=8,
                                           start_example=48).as_numpy_iterator())
   assert len(whole) == 10 and len(resumed) == 4
-  for a, b in zip(whole[6:], resumed):
+  for a, b in zip(whole[6:], resumed, strict=True):
     np.testing.assert_array_equal(a['inputs'], b['inputs'])
   np.testing.assert_array_equal(whole[0]['targets'][:, :-1], whole[0]['inputs'][:, 1:])
 

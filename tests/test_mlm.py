@@ -46,7 +46,7 @@ def test_masked_batches_resume_exactly_and_keep_the_true_tokens_as_targets():
 
   whole = batches(0, 6)
   resumed = batches(3 * 8, 3)
-  for a, b in zip(whole[3:], resumed):
+  for a, b in zip(whole[3:], resumed, strict=True):
     for k in ('inputs', 'targets', 'weights'):
       np.testing.assert_array_equal(a[k], b[k])
   unmasked = batches(0, 1)[0]['targets']
@@ -71,7 +71,7 @@ def test_the_encoder_sees_both_ways_and_ignores_padding():
   padded = apply({'params': params}, ids, mask_BxT=mask)
   repadded = apply({'params': params}, jnp.where(mask, ids, 7), mask_BxT=mask)
   np.testing.assert_allclose(padded[0, :5], repadded[0, :5], rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match='cannot decode'):
+  with pytest.raises(UserError, match='cannot decode'):
     transformer.Transformer(vocab_size=30, num_layers=1, num_heads=2, d_model=16, d_ff=32,
                             max_len=8, causal=False, decode=True)
 

@@ -88,7 +88,7 @@ def test_clipping_scales_the_whole_gradient_to_the_global_norm_before_adam():
   by_hand = _updates(unclipped, [jax.tree.map(lambda g: g / 50.0, big), small,
                                  jax.tree.map(lambda g: g / 50.0, big), small, small])
   raw = _updates(unclipped, sequence)
-  for got, want in zip(clipped, by_hand):
+  for got, want in zip(clipped, by_hand, strict=True):
     for name in got:
       np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-9)
   # Without clipping the large gradients dominate the moments: the last update differs.

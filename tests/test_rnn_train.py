@@ -2,6 +2,7 @@
 stateful truncated BPTT on the real Shakespeare corpus, with a tiny LSTM."""
 import functools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,9 @@ from configs import rnn_shakespeare_char, shakespeare_char
 from lmjax import generation, models, sharding, state as state_lib, steps, train
 from lmjax import workdir as workdir_lib
 from lmjax.data import pipeline, tokenizers
+from lmjax.errors import UserError
 from lmjax.models import rnn
+from tests import xla
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,22 +94,41 @@ def test_stateful_resume_is_exact_params_and_carry(trained, tmp_path, capsys):
   train.train_and_evaluate(config, resumed)
   assert 'Resuming from step 20' in capsys.readouterr().out
   (params_a, carry_a), (params_b, carry_b) = _restore(workdir, 60), _restore(resumed, 60)
-  for a, b in zip(jax.tree.leaves((params_a, carry_a)), jax.tree.leaves((params_b, carry_b))):
+  for a, b in zip(jax.tree.leaves((params_a, carry_a)), jax.tree.leaves((params_b, carry_b)),
+                  strict=True):
     np.testing.assert_array_equal(a, b)
   assert np.abs(carry_a['layer_0']['h']).max() > 0.1  # a real carry was saved
 
 
 def test_independent_windows_mode_trains_without_a_carry(tmp_path):
-  config = tiny_config('rnn', num_steps=4, eval_every=4, checkpoint_every=4, stateful=False)
+  # No end-of-run sample: its decoder would compile and prove nothing here.
+  config = tiny_config('rnn', num_steps=4, eval_every=4, checkpoint_every=4, stateful=False,
+                       sample_tokens=0)
   config.opt.warmup_steps = 1
   metrics = train.train_and_evaluate(config, str(tmp_path))
   assert np.isfinite(metrics['loss'])
-  _, _, params, _ = workdir_lib.load_trained(str(tmp_path))
-  assert 'recurrent_kernel' in params['layer_0']
+  _, _, state, _ = workdir_lib.restore_state(str(tmp_path), 4)
+  assert 'recurrent_kernel' in state.params['layer_0']
+  # No carry passes from batch to batch: the saved state holds none ...
+  assert state.carry is None
+  # ... and the evaluation started every validation window from a zero carry: the loss
+  # the run reported is that of the windows scored each on its own, not that of the split
+  # read as contiguous streams with the carry passed along.
+  tokenizer = tokenizers.load_tokenizer(str(tmp_path))
+  model = models.build_model(config.model, tokenizer.vocab_size)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  t = config.train
+  tokens = pipeline.load_tokens(config.data, 'validation', tokenizer)
+  with jax.set_mesh(mesh):
+    windows = pipeline.eval_set(tokens, seq_len=t.seq_len, batch_size=t.eval_batch_size)
+    alone = steps.evaluate(jax.jit(lambda p, b: steps.eval_step(p, b, model=model)),
+                           jax.device_get(state.params), windows,
+                           sharding.batch_sharding(mesh), True)
+  assert metrics['loss'] == pytest.approx(alone['loss'], abs=1e-5), (metrics, alone)
 
 
 def _decode(*flags):
-  env = dict(os.environ, XLA_FLAGS='')
+  env = dict(os.environ, XLA_FLAGS=xla.flags())
   return subprocess.run([sys.executable, os.path.join(REPO, 'experiments', 'decode.py'), *flags],
                         capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
 
@@ -118,13 +140,16 @@ def test_decode_script_beam_searches_an_lstm_checkpoint_past_its_training_window
                  '--strategy=beam', '--beam_size=3', '--num_samples=2')
   assert done.returncode == 0, done.stderr
   assert 'step 60' in done.stdout and done.stdout.count('ROMEO:') == 2
+  # Each beam holds the 60 characters asked for, nearly twice the window: none ended early.
+  ends = re.findall(r'^-- (\w+), score \S+, (\d+) tokens --$', done.stdout, re.MULTILINE)
+  assert ends == [('length', '60')] * 2, done.stdout
 
 
 def test_stateful_needs_a_recurrent_model(tmp_path):
   config = shakespeare_char.get_config('tiny')
   config.unlock()
   config.train.stateful = True
-  with pytest.raises(ValueError, match="train.stateful=True .* model.name='transformer'"):
+  with pytest.raises(UserError, match="train.stateful=True .* model.name='transformer'"):
     train.train_and_evaluate(config, str(tmp_path))
 
 
@@ -132,7 +157,7 @@ def test_stream_too_short_for_the_batch_is_named(tmp_path):
   config = tiny_config()
   config.train.batch_size = 1 << 18
   config.train.eval_batch_size = 8
-  with pytest.raises(ValueError, match='train.batch_size=262144 contiguous streams'):
+  with pytest.raises(UserError, match='train.batch_size=262144 contiguous streams'):
     train.train_and_evaluate(config, str(tmp_path))
 
 

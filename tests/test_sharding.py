@@ -183,15 +183,17 @@ def _mesh_config(**fields):
 def test_bad_mesh_and_microbatch_settings_are_named():
   mesh = sharding.make_mesh(config_lib.base_config().mesh)
   config = _config(shakespeare_char, (-1, 1, 1), microbatches=3)
-  with pytest.raises(ValueError, match=r'train.microbatches=3: the batch of 16 must split'):
+  with pytest.raises(UserError, match=r'train.microbatches=3: the batch of 16 must split'):
     config_lib.validate_config(config, mesh)
   for shape, message in [((3, -1, 1), r'8 devices do not divide by 3'),
                          ((2, 2, 1), r'needs 4 devices but 8 are available'),
                          ((-1, -1, 1), r'at most one may be -1')]:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
       sharding.make_mesh(_mesh_config(shape=shape))
-  with pytest.raises(ValueError, match=r'mesh.dcn_shape=\(2, 1, 1\) asks for 2 processes'):
+  with pytest.raises(UserError, match=r'mesh.dcn_shape=\(2, 1, 1\) asks for 2 processes'):
     sharding.make_mesh(_mesh_config(dcn_shape=(2, 1, 1)))
+  with pytest.raises(UserError, match=r"mesh.shape=\('a', 'b', 'c'\): give 3 whole numbers"):
+    sharding.make_mesh(_mesh_config(shape=('a', 'b', 'c')))
 
 
 def test_a_step_that_cannot_fit_is_refused_before_it_runs():

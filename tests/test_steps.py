@@ -143,7 +143,8 @@ def test_a_classifier_step_scores_one_label_per_passage_and_lowers_its_loss():
   other = {**other, 'inputs': other['inputs'].at[3].set(5)}
   other_state, other_first = train_step(state, other, jax.random.key(1))
   assert float(other_first['loss']) == pytest.approx(float(first['loss']), rel=1e-6)
-  for x, y in zip(jax.tree.leaves(first_state.params), jax.tree.leaves(other_state.params)):
+  for x, y in zip(jax.tree.leaves(first_state.params), jax.tree.leaves(other_state.params),
+                  strict=True):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
   _, second = train_step(first_state, batch, jax.random.key(1))
   assert float(second['loss']) < float(first['loss'])

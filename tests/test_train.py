@@ -13,7 +13,8 @@ from lmjax import checkpoint as ckpt_lib
 from lmjax import train, workdir as workdir_lib
 from lmjax.events import read_scalars
 from lmjax.data import pipeline, tokenizers
-from tests import script_cases
+from lmjax.errors import UserError
+from tests import script_cases, xla
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,7 +108,7 @@ def test_resumed_run_ends_with_the_same_parameters(trained, tmp_path, capsys):
   train.train_and_evaluate(config, resumed)
   assert 'Resuming from step 40' in capsys.readouterr().out
   expected, got = _restore_params(workdir, 80), _restore_params(resumed, 80)
-  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got), strict=True):
     np.testing.assert_array_equal(a, b)
 
 
@@ -130,7 +131,7 @@ def test_eight_device_stateful_lstm_matches_one_device(tmp_path):
     results[count] = metrics, jax.device_get((state.params, state.carry))
   (metrics_8, state_8), (metrics_1, state_1) = results[8], results[1]
   assert metrics_8['loss'] == pytest.approx(metrics_1['loss'], abs=1e-5)
-  for a, b in zip(jax.tree.leaves(state_8), jax.tree.leaves(state_1)):
+  for a, b in zip(jax.tree.leaves(state_8), jax.tree.leaves(state_1), strict=True):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
@@ -150,31 +151,49 @@ def test_rerunning_a_finished_run_resumes_and_does_not_retrain(trained, capsys):
     (dict(data=dict(name='wikitext')), "data.name='wikitext'; known datasets: shakespeare"),
     (dict(train=dict(nonfinite='ignore')), "train.nonfinite='ignore'; use one of stop, skip"),
     (dict(train=dict(profile_steps=(5, 90))), r'train.profile_steps=\(5, 90\); give the first'),
+    (dict(model=dict(num_heads=0)), r'model.num_heads=0; it must be at least 1'),
+    (dict(model=dict(dtype='float16')), r"model.dtype='float16'; use one of float32, bfloat16"),
+    (dict(train=dict(keep_checkpoints=0)), r'train.keep_checkpoints=0; keep at least 1'),
 ])
 def test_bad_config_is_named_before_anything_runs(overrides, message, tmp_path):
   config = shakespeare_char.get_config('tiny')
   for section, fields in overrides.items():
     config[section].update(fields)
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(UserError, match=message):
     train.train_and_evaluate(config, str(tmp_path))
   assert not os.path.exists(os.path.join(tmp_path, 'checkpoints'))
 
 
-# Every option's check is in tests/test_decode.py; here, that the script reports one
-# without a traceback.
+# Every option's check is in tests/test_decode.py; here, that the script reports each
+# without a traceback, once the checkpoint is read. (Mistakes found before that are in
+# tests/test_bad_inputs.py.)
 BAD_DECODE_FLAGS = {
     'temperature': (['--strategy=sample', '--temperature=0'], 'temperature'),
     'max_new_tokens': (['--max_new_tokens=5000'], 'model.max_len'),
+    'no_new_tokens': (['--max_new_tokens=0'], 'max_new_tokens=0'),
     'unknown_char': (['--prompt=ROMEO: \u00e9t\u00e9', '--max_new_tokens=5'], "'\u00e9'"),
+    'unknown_stop_char': (['--stop=\u00e9', '--max_new_tokens=5'], "'\u00e9'"),
+    'empty_stop': (['--stop=', '--max_new_tokens=5'], 'a stop string is empty'),
+    'top_k': (['--top_k=-1'], 'top_k=-1'),
+    'top_p': (['--top_p=1.5'], 'top_p=1.5'),
+    'repetition_penalty': (['--repetition_penalty=0'], 'repetition_penalty=0.0'),
+    'num_samples': (['--num_samples=0'], 'num_samples=0'),
+    'beam_size': (['--strategy=beam', '--beam_size=0'], 'beam_size=0'),
+    'beams_returned': (['--strategy=beam', '--beam_size=2', '--num_samples=3'],
+                       'num_samples=3 beams asked for but beam_size=2'),
+    'length_penalty': (['--strategy=beam', '--length_penalty=-1'], 'length_penalty=-1.0'),
+    'output': (['--output={unwritable}'], 'cannot be written'),
 }
 
 
 @pytest.fixture(scope='module')
 def decoded(trained, tmp_path_factory):
   """experiments/decode.py on the trained run: a greedy continuation, a beam search over a
-  prompt file written as JSON lines, and every case of BAD_DECODE_FLAGS."""
+  prompt file written as JSON lines, and every case of BAD_DECODE_FLAGS; and
+  experiments/tot.py on it ('tot')."""
   _, workdir, _ = trained
-  prompt_file = tmp_path_factory.mktemp('prompts') / 'prompts.txt'
+  prompts = tmp_path_factory.mktemp('prompts')
+  prompt_file = prompts / 'prompts.txt'
   prompt_file.write_text('KING:\\nWhat\nFirst Citizen:\n\nHAMLET:\n', encoding='utf-8')
   cases = {
       'greedy': [f'--workdir={workdir}', '--prompt=ROMEO:', '--max_new_tokens=20',
@@ -182,11 +201,16 @@ def decoded(trained, tmp_path_factory):
       'beam': [f'--workdir={workdir}', f'--prompt_file={prompt_file}', '--prompt=To be',
                '--strategy=beam', '--beam_size=4', '--num_samples=2', '--max_new_tokens=12',
                '--stop=\n\n', '--batch_size=2', '--output=-'],
-      **{key: [f'--workdir={workdir}', '--prompt=ROMEO:', *flags]
+      **{key: [f'--workdir={workdir}', '--prompt=ROMEO:',
+               *[flag.format(unwritable=prompts) for flag in flags]]
          for key, (flags, _) in BAD_DECODE_FLAGS.items()},
   }
-  return script_cases.run({key: ('decode.py', flags) for key, flags in cases.items()},
-                          env=dict(os.environ, XLA_FLAGS=''))
+  runs = {key: ('decode.py', flags) for key, flags in cases.items()}
+  # Tree search on a model that never saw a puzzle: its vocabulary lacks '>'.
+  task_file = prompts / 'puzzles.txt'
+  task_file.write_text('4 7 8 9 -> 34\n')
+  runs['tot'] = ('tot.py', [f'--workdir={workdir}', f'--task_file={task_file}'])
+  return script_cases.run(runs, env=dict(os.environ, XLA_FLAGS=xla.flags()))
 
 
 def test_decode_script_continues_the_prompt(decoded):
@@ -217,3 +241,8 @@ def test_decode_script_beam_search_over_a_prompt_file_to_jsonl(decoded):
 def test_decode_script_names_the_bad_flag(decoded, key):
   bad, message = decoded[key], BAD_DECODE_FLAGS[key][1]
   assert message in script_cases.error_line(bad)
+
+
+def test_tree_search_names_the_symbols_a_model_never_saw(decoded):
+  line = script_cases.error_line(decoded['tot'])
+  assert 'a puzzle has symbols the model never saw' in line and "'>'" in line

@@ -224,7 +224,7 @@ def test_a_run_on_a_tfds_dataset_trains_and_resumes_from_its_token_files(tmp_pat
   assert 'Resuming from step 4' in out and 'Tokenizing' not in out
   _, _, expected, _ = workdir_lib.load_trained(workdir, 8)
   _, _, got, _ = workdir_lib.load_trained(resumed, 8)
-  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got), strict=True):
     np.testing.assert_array_equal(a, b)
 
   # experiments/evaluate.py reads the same token file and gets the run's numbers.
