@@ -23,6 +23,11 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     'allow_config_change', False, 'Resume the checkpoints in --workdir even though they were '
     'trained under a config that differs from this one.')
+_RESTART = flags.DEFINE_bool(
+    'restart_if_all_damaged', False, 'When every checkpoint in --workdir was damaged and set '
+    'aside (in unreadable_checkpoints/), train again from step 0 instead of stopping; the '
+    'damaged ones stay where they were put. A workdir with a readable checkpoint resumes '
+    'from it as always.')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Join a multi-process run (jax.distributed): on a TPU pod slice or '
     'under SLURM JAX finds the other processes itself; elsewhere give --coordinator_address, '
@@ -54,7 +59,8 @@ def main(argv):
   # A UserError or a missing file: run_script prints it as one line.
   if _DISTRIBUTED.value or _COORDINATOR.value:
     runtime.start_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  train.train_and_evaluate(config, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  train.train_and_evaluate(config, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+                           restart_if_all_damaged=_RESTART.value)
 
 
 if __name__ == '__main__':

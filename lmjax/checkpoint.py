@@ -195,7 +195,8 @@ def restore_frozen(workdir: str, abstract_frozen):
 
 
 def restore_checkpoint(checkpointer, abstract, step: int | None = None, *,
-                       set_aside_unreadable: bool = False):
+                       set_aside_unreadable: bool = False,
+                       restart_if_all_damaged: bool = False):
   """(step, state, data state) of checkpoint `step`, or of the latest one; None if there is
   none. `abstract` (ShapeDtypeStructs with shardings) says what the state should be.
 
@@ -204,13 +205,14 @@ def restore_checkpoint(checkpointer, abstract, step: int | None = None, *,
   damaged one (files missing, cut short or garbled) is moved aside instead, with a message,
   and the one before it is tried; any other failure (another train state structure, memory,
   permissions, I/O) stops with its cause and leaves every checkpoint where it is. A workdir
-  whose checkpoints were all damaged is refused rather than trained again from step 0.
+  whose checkpoints were all damaged is refused rather than trained again from step 0,
+  unless `restart_if_all_damaged` (then None: start afresh).
   """
   steps = checkpointer.all_steps()
   if step is not None and step not in steps:
     raise UserError(f'no checkpoint of step {step} in {checkpointer.directory}; it has '
                     f'{steps_text(steps)}.')
-  if set_aside_unreadable and not steps:
+  if set_aside_unreadable and not steps and not restart_if_all_damaged:
     _refuse_if_all_set_aside(checkpointer.directory)
   expected = shapes_by_path(abstract.params)
   for candidate in reversed(steps if step is None else [step]):
@@ -245,7 +247,7 @@ def restore_checkpoint(checkpointer, abstract, step: int | None = None, *,
     if not fits:
       raise UserError(_shape_mismatch(candidate, checkpointer.directory, stored, expected))
     return candidate, state, data_state
-  if step is None and steps and set_aside_unreadable:
+  if step is None and steps and set_aside_unreadable and not restart_if_all_damaged:
     _refuse_if_all_set_aside(checkpointer.directory)
   return None
 
@@ -296,12 +298,13 @@ def _advice(directory: str, step: int, error: Exception | None) -> str:
 
 def _refuse_if_all_set_aside(directory: str) -> None:
   """A workdir with no checkpoint left, whose checkpoints were set aside as damaged, is not
-  trained again from step 0 unless the user moves them away."""
+  trained again from step 0 unless the user asks for it."""
   aside = os.path.join(os.path.dirname(directory), UNREADABLE_DIR)
   if os.path.isdir(aside) and os.listdir(aside):
     raise UserError(f'{directory} holds no readable checkpoint: every one was damaged and is '
-                    f'in {aside}. Nothing was trained over them. To start this run again from '
-                    f'step 0, move {aside} out of the workdir (or train in a new --workdir).')
+                    f'in {aside}. Nothing was trained over them. To train this run again from '
+                    'step 0, rerun with --restart_if_all_damaged (they stay where they are), or '
+                    'train in a new --workdir.')
 
 
 def _failed_anywhere(failed: bool) -> bool:

@@ -25,12 +25,15 @@ from lmjax.errors import UserError
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None, *,
-                       allow_config_change: bool = False) -> dict:
+                       allow_config_change: bool = False,
+                       restart_if_all_damaged: bool = False) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the final
   evaluation (empty if a signal stopped the run first).
 
   `devices` defaults to all of them; a subset is for comparisons (tests, benchmarks).
   `allow_config_change` resumes checkpoints that were written under another config.
+  `restart_if_all_damaged` trains from step 0 a workdir whose checkpoints were all set
+  aside as damaged (without it, such a workdir is refused).
   """
   started = time.perf_counter()  # start-up counts in the run's train_seconds
   workdir = os.path.abspath(workdir)
@@ -44,7 +47,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   tx = optim.make_optimizer(config.opt, config.train.num_steps)
   state, shardings = _create_state(config, workdir, model, tx, mesh)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  state, progress = _restore_or_start(config, workdir, checkpointer, state, shardings)
+  state, progress = _restore_or_start(config, workdir, checkpointer, state, shardings,
+                                      restart_if_all_damaged)
   if progress.step == 0:
     num_params, num_trained = _param_counts(state)
     trained = f' ({num_trained:,} trained)' if num_trained != num_params else ''
@@ -112,11 +116,13 @@ class Progress:
   seconds_before: float = 0.0
 
 
-def _restore_or_start(config, workdir: str, checkpointer, state, shardings):
+def _restore_or_start(config, workdir: str, checkpointer, state, shardings,
+                      restart_if_all_damaged: bool = False):
   """(state, progress) of the latest readable checkpoint, or the fresh ones at step 0. The
   config is saved only now: one whose model does not fit is not kept."""
   abstract = ckpt_lib.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
-  restored = ckpt_lib.restore_checkpoint(checkpointer, abstract, set_aside_unreadable=True)
+  restored = ckpt_lib.restore_checkpoint(checkpointer, abstract, set_aside_unreadable=True,
+                                         restart_if_all_damaged=restart_if_all_damaged)
   workdir_lib.save_config(config, workdir)
   if restored is None:
     return state, Progress()

@@ -213,7 +213,7 @@ TRAIN = {
     'workdir_other_config': (_train('--workdir={checkpointed}', '--config.opt.lr=0.5'),
                              ['differs in: opt.lr: 0.003 -> 0.5', '--allow_config_change']),
     'workdir_all_damaged': (_train('--workdir={all_damaged}'),
-                            ['holds no readable checkpoint']),
+                            ['holds no readable checkpoint', '--restart_if_all_damaged']),
 }
 
 DECODE = {

@@ -233,13 +233,15 @@ def test_a_workdir_whose_checkpoints_are_all_damaged_never_starts_again_at_step_
   for _ in range(2):  # the first call sets them aside; the next finds none and still refuses
     checkpointer = ckpt_lib.Checkpointer(workdir)
     with pytest.raises(UserError, match=r'holds no readable checkpoint: every one was damaged '
-                                        r'.*move .*unreadable_checkpoints out of the workdir'):
+                                        r'.*unreadable_checkpoints.*--restart_if_all_damaged'):
       ckpt_lib.restore_checkpoint(checkpointer, _abstract(init), set_aside_unreadable=True)
     checkpointer.close()
   assert len(os.listdir(os.path.join(workdir, ckpt_lib.UNREADABLE_DIR))) == 3
-  shutil.rmtree(os.path.join(workdir, ckpt_lib.UNREADABLE_DIR))  # the user's choice
+  # The user asks for a new start: nothing to restore, and the damaged ones stay aside.
   assert ckpt_lib.restore_checkpoint(ckpt_lib.Checkpointer(workdir), _abstract(init),
-                                     set_aside_unreadable=True) is None
+                                     set_aside_unreadable=True,
+                                     restart_if_all_damaged=True) is None
+  assert len(os.listdir(os.path.join(workdir, ckpt_lib.UNREADABLE_DIR))) == 3
 
 
 def test_frozen_parameters_are_stored_once_beside_the_checkpoints(tmp_path):
