@@ -511,19 +511,6 @@ def _hf_config_for(config: ml_collections.ConfigDict, tokenizer) -> dict:
   }
 
 
-def _prepare_output(hf_dir: str) -> None:
-  """Creates `hf_dir`; UserError naming --hf_dir if it cannot be written."""
-  try:
-    os.makedirs(hf_dir, exist_ok=True)
-    probe = os.path.join(hf_dir, f'.write-test-{os.getpid()}')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise UserError(f'--hf_dir={hf_dir} cannot be written ({e.strerror or e}: '
-                    f'{e.filename or hf_dir}); choose a directory you can write to.') from None
-
-
 def export_gpt2(workdir: str, hf_dir: str, step: int | None = None) -> int:
   """Writes a workdir's checkpoint (the latest, or `step`) to `hf_dir` as a Hugging Face GPT-2.
 
@@ -541,7 +528,7 @@ def export_gpt2(workdir: str, hf_dir: str, step: int | None = None) -> int:
   # A model GPT-2 cannot represent, or a directory that cannot be written, is refused
   # before the weights are read.
   _check_exportable(workdir_lib.load_config(workdir), workdir)
-  _prepare_output(hf_dir)
+  workdir_lib.prepare(hf_dir, flag='--hf_dir')
   config, tokenizer, params, step = workdir_lib.load_trained(workdir, step)
   weights = _exportable_weights(config, jax.device_get(params), workdir)
   # transformers refuses safetensors files whose metadata does not name a framework.

@@ -98,8 +98,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   return config
 
 
-def prepare(workdir: str) -> None:
-  """Creates the workdir and proves it writable before anything is computed."""
+def prepare(workdir: str, flag: str = '--workdir') -> None:
+  """Creates the workdir (or another output directory, given on the command line as
+  `flag`) and proves it writable before anything is computed."""
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f'.write-test-{os.getpid()}')
@@ -107,7 +108,7 @@ def prepare(workdir: str) -> None:
       f.write('ok')
     os.remove(probe)
   except OSError as e:
-    raise UserError(f'--workdir={workdir} cannot be written ({e.strerror or e}: '
+    raise UserError(f'{flag}={workdir} cannot be written ({e.strerror or e}: '
                     f'{e.filename or workdir}); choose a directory you can write to.') from None
 
 
