@@ -37,6 +37,9 @@ _COORDINATOR = flags.DEFINE_string(
     '--distributed).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0 to num_processes - 1.')
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    'distributed_timeout', 300, 'Seconds a process waits for all of the run\'s processes to '
+    'join before it stops with a message.', lower_bound=1)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -58,7 +61,8 @@ def main(argv):
 
   # A UserError or a missing file: run_script prints it as one line.
   if _DISTRIBUTED.value or _COORDINATOR.value:
-    runtime.start_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    runtime.start_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                              timeout=_DISTRIBUTED_TIMEOUT.value)
   train.train_and_evaluate(config, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value,
                            restart_if_all_damaged=_RESTART.value)
 

@@ -3,8 +3,10 @@ trainers that stop with their sweep; joining a multi-process run."""
 import ctypes
 import os
 import signal
+import socket
 import sys
 import threading
+import time
 
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -93,7 +95,7 @@ def stop_with_parent() -> None:
 
 
 def start_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                      process_id: int | None = None) -> None:
+                      process_id: int | None = None, timeout: int = 300) -> None:
   """Joins this process to a multi-process run (`jax.distributed.initialize`), before JAX
   touches a device.
 
@@ -101,7 +103,8 @@ def start_distributed(coordinator_address: str | None = None, num_processes: int
   and Kubernetes set what it reads. Otherwise name the coordinator (process 0's
   host:port), the process count and this process's index; every process runs the same
   command. On CPU the collectives go through gloo, so several processes on one machine
-  (the tests) or on several make one run.
+  (the tests) or on several make one run. A process stops with a message when the others
+  have not all joined within `timeout` seconds.
   """
   import jax  # callers set flags and the environment first
 
@@ -113,14 +116,81 @@ def start_distributed(coordinator_address: str | None = None, num_processes: int
   if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
     raise UserError(f'--process_id={process_id} must be in [0, --num_processes='
                     f'{num_processes}).')
+  if coordinator_address:
+    _meet(coordinator_address, num_processes, process_id, timeout)
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU devices only
   try:
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               initialization_timeout=timeout)
   except (ValueError, RuntimeError) as e:
     raise UserError(f'joining the multi-process run failed ({type(e).__name__}: '
                     f'{str(e).strip().splitlines()[0][:300]}). Check that every process was '
                     'given the same --coordinator_address and --num_processes, and that '
                     'process 0 is reachable there.') from None
+
+
+def _meet(address: str, num_processes: int, process_id: int, timeout: float) -> None:
+  """Checks that every process of the run is there before JAX joins them.
+
+  JAX's own wait for a missing process ends by terminating the process from C++, with a
+  fatal log and a stack, so the processes first meet here, on the coordinator's port:
+  process 0 listens until each other process has connected and said its id; every other
+  process connects until process 0 answers. The port is then free for JAX's service.
+  """
+  from lmjax.errors import UserError
+
+  host, port = address.rsplit(':', 1)
+  host, port = host.strip('[]'), int(port)
+  deadline = time.monotonic() + timeout
+  flag = f'--coordinator_address={address}'
+  if process_id == 0:
+    try:
+      server = socket.create_server(('', port))
+    except OSError as e:
+      raise UserError(f'process 0 cannot listen on port {port} of {flag} ({e.strerror}): '
+                      'choose a free port.') from None
+    waiting = set(range(1, num_processes))
+    with server:
+      while waiting and (left := deadline - time.monotonic()) > 0:
+        server.settimeout(left)
+        try:
+          connection, _ = server.accept()
+        except TimeoutError:
+          break
+        with connection:
+          connection.settimeout(max(deadline - time.monotonic(), 1.0))
+          try:
+            words = connection.makefile().readline().split()
+            if len(words) == 2 and words[1] == str(num_processes):
+              waiting.discard(int(words[0]))
+            connection.sendall(f'{num_processes}\n'.encode())
+            connection.recv(1)  # the other side closes first (no TIME_WAIT on this port)
+          except (OSError, ValueError):
+            pass  # not one of ours, or gone: its process reports for itself
+    if waiting:
+      raise UserError(
+          f'process(es) {", ".join(map(str, sorted(waiting)))} of --num_processes='
+          f'{num_processes} did not reach process 0 at {flag} within --distributed_timeout='
+          f'{timeout:g} s. Start every process with the same --coordinator_address and '
+          '--num_processes and its own --process_id, and check that they can reach this host.')
+    return
+  while True:
+    try:
+      wait = max(deadline - time.monotonic(), 1.0)
+      with socket.create_connection((host, port), timeout=wait) as s:
+        s.sendall(f'{process_id} {num_processes}\n'.encode())
+        answer = s.makefile().readline().strip()
+      if answer != str(num_processes):
+        raise UserError(f'process 0 at {flag} was started with --num_processes={answer or "?"}, '
+                        f'this process with {num_processes}: give every process the same count.')
+      return
+    except OSError:
+      if time.monotonic() > deadline:
+        raise UserError(
+            f'process 0 could not be reached at {flag} within --distributed_timeout={timeout:g} '
+            's. Start process 0 there (the same command with --process_id=0), and check the '
+            'host and port.') from None
+      time.sleep(0.2)
 
 
 class StopSignals:

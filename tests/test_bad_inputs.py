@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import string
 
 import numpy as np
@@ -27,6 +28,15 @@ from tests import script_cases
 
 TINY = '--config=configs/shakespeare_char.py:tiny'
 RNN = '--config=configs/rnn_shakespeare_char.py:tiny'
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+_PORT = _free_port()  # nothing listens there
 
 
 def _train(*flags, config=TINY):
@@ -169,6 +179,10 @@ TRAIN = {
     'freeze_nothing': (_train("--config.train.freeze=('nomatch',)"),
                        ["train.freeze pattern 'nomatch' matches no parameter"]),
     'freeze_everything': (_train("--config.train.freeze=('.',)"), ['freezes every parameter']),
+    'disk_too_small': (_train('--config.model.d_model=65536'),  # a terabyte of checkpoint
+                       ['a checkpoint of this model takes', 'two must fit', '--workdir']),
+    'step_too_big': (_train('--config.train.batch_size=524288'),
+                     ['this config does not fit: the train step needs', 'train.microbatches']),
     # fine-tuning
     'init_from_missing': (_train('--config.init_from.workdir={run}/nothing'), ['does not exist']),
     'init_from_own': (_train('--workdir={lm}', '--config.init_from.workdir={lm}'),
@@ -183,6 +197,9 @@ TRAIN = {
     'init_from_step_missing': (_train('--config.init_from.workdir={checkpointed}',
                                       '--config.init_from.step=7'),
                                ['has no checkpoint of step 7; it has 10']),
+    'init_from_other_shapes': (_train('--config.init_from.workdir={checkpointed}'),
+                               ['does not fit this model: parameter',
+                                "Fine-tuning keeps the base's shapes"]),
     # mesh and processes
     'mesh_length': (_train('--config.mesh.shape=(2,2)'), ['mesh.shape=(2, 2)', '3 entries']),
     'mesh_two_rest': (_train('--config.mesh.shape=(-1,-1,1)'), ['at most one may be -1']),
@@ -195,6 +212,12 @@ TRAIN = {
     'process_id': (_train('--coordinator_address=localhost:1234', '--num_processes=2',
                           '--process_id=2'), ['--process_id=2 must be in [0, --num_processes=2)']),
     'distributed_nowhere': (_train('--distributed'), ['joining the multi-process run failed']),
+    'process_0_unreachable': (_train(f'--coordinator_address=127.0.0.1:{_PORT}', '--process_id=1',
+                                     '--num_processes=2', '--distributed_timeout=1'),
+                              ['process 0 could not be reached', '--distributed_timeout=1 s']),
+    'process_missing': (_train(f'--coordinator_address=127.0.0.1:{_PORT}', '--process_id=0',
+                               '--num_processes=3', '--distributed_timeout=1'),
+                        ['process(es) 1, 2 of --num_processes=3 did not reach process 0']),
     # the flags and the workdir
     'config_not_python': (_train(config='--config=README.md'),
                           ['README.md, line', 'a --config file is Python']),

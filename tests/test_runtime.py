@@ -1,7 +1,10 @@
-"""Process settings: the CPU presented as several devices (mesh.cpu_devices)."""
+"""Process settings: the CPU presented as several devices (mesh.cpu_devices); the processes
+of a multi-process run meeting before JAX joins them."""
 import os
+import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -42,3 +45,33 @@ def test_an_existing_device_count_or_a_started_jax_is_left_alone(monkeypatch):
 def test_a_bad_count_is_refused_naming_the_field(bad):
   with pytest.raises(UserError, match='mesh.cpu_devices'):
     runtime.split_cpu(bad)
+
+
+def test_processes_meet_on_the_coordinator_port_and_a_count_that_differs_is_named():
+  """Process 0 and process 1 meet (threads here, processes in test_multihost and
+  test_bad_inputs); then a process started with another --num_processes is told so."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    address = f'127.0.0.1:{s.getsockname()[1]}'
+  errors = []
+
+  def process_0(count, timeout):
+    try:
+      runtime._meet(address, count, 0, timeout=timeout)
+    except UserError as e:
+      errors.append(str(e))
+
+  host = threading.Thread(target=process_0, args=(2, 5))
+  host.start()
+  runtime._meet(address, 2, 1, timeout=5)
+  host.join()
+  assert errors == []
+
+  host = threading.Thread(target=process_0, args=(2, 1.5))
+  host.start()
+  with pytest.raises(UserError) as raised:
+    runtime._meet(address, 3, 1, timeout=1)
+  host.join()
+  assert type(raised.value) is UserError
+  assert 'was started with --num_processes=2, this process with 3' in str(raised.value)
+  assert errors and 'process(es) 1 of --num_processes=2 did not reach process 0' in errors[0]
