@@ -63,13 +63,16 @@ def init_state(rng, *, model, tx, seq_len: int, carry_rows: int = 0,
 
 
 def create_train_state(model, tx, mesh, rules, seed: int, seq_len: int, carry_rows: int = 0,
-                       trainable=None):
-  """Initialises the state directly into its shardings; no full host copy of the params."""
+                       trainable=None, check_shapes=None):
+  """Initialises the state directly into its shardings; no full host copy of the params.
+  `check_shapes`, if given, is called with the state's shapes before anything is allocated."""
   init = functools.partial(init_state, model=model, tx=tx, seq_len=seq_len,
                            carry_rows=carry_rows, trainable=trainable)
 
   rng = jax.random.key(seed)
   abstract_boxed = jax.eval_shape(functools.partial(init, unbox=False), rng)
+  if check_shapes is not None:
+    check_shapes(abstract_boxed)
   state_shardings = sharding.logical_shardings(abstract_boxed, mesh, rules)
   for note in sharding.unsplit_dims(abstract_boxed.params, mesh, rules):
     print(f'note: parameter {note}.', flush=True)

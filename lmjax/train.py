@@ -6,6 +6,7 @@ mixture, classification) is the task's (`lmjax.tasks`); the steps are `lmjax.ste
 state `lmjax.state`, the workdir's files `lmjax.workdir`.
 """
 import dataclasses
+import functools
 import itertools
 import os
 import time
@@ -83,8 +84,8 @@ def _set_up(config, workdir: str, devices, allow_config_change: bool):
 
 def _create_state(config, workdir: str, model, tx, mesh):
   """(state, shardings): a fresh state initialised in place, its trainable parameters
-  checked first on the shapes alone (nothing compiled); refused if the disk cannot hold
-  its checkpoints."""
+  checked first on the shapes alone (nothing compiled), and refused before anything is
+  allocated if the disk cannot hold its checkpoints."""
   trainable = finetune.trainable_filter(config)
   if trainable is not None:
     shapes = jax.eval_shape(lambda rng: state_lib.init_state(
@@ -93,8 +94,8 @@ def _create_state(config, workdir: str, model, tx, mesh):
   state, shardings = state_lib.create_train_state(
       model, tx, mesh, sharding.rules_as_tuples(config.mesh.rules), config.train.seed,
       config.train.seq_len,
-      carry_rows=state_lib.carry_rows(config), trainable=trainable)
-  workdir_lib.check_disk_space(workdir, state)
+      carry_rows=state_lib.carry_rows(config), trainable=trainable,
+      check_shapes=functools.partial(workdir_lib.check_disk_space, workdir))
   return state, shardings
 
 

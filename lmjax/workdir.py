@@ -3,11 +3,13 @@
 import contextlib
 import functools
 import json
+import math
 import os
 import shutil
 
 import jax
 import ml_collections
+import numpy as np
 
 from lmjax import checkpoint as ckpt_lib
 from lmjax import config as config_lib
@@ -114,8 +116,9 @@ def prepare(workdir: str, flag: str = '--workdir') -> None:
 
 def check_disk_space(workdir: str, state) -> None:
   """Refuses to start when the disk cannot hold two checkpoints (one complete while the
-  next is written)."""
-  checkpoint_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+  next is written). `state` may hold arrays or only their shapes."""
+  checkpoint_bytes = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+                         for x in jax.tree.leaves(state))
   free = shutil.disk_usage(workdir).free
   if free < 2 * checkpoint_bytes:
     raise UserError(f'the disk of {workdir} has {free / 2**20:,.1f} MiB free; a checkpoint of '
