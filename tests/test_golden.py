@@ -1,7 +1,9 @@
 """The same behaviour: five kinds of tiny run against the scalars, texts and final
 parameters recorded in tests/golden.json.
 
-Numbers are compared to a relative 1e-5, not bit for bit: XLA compiles for the processor it
+On the kind of machine the file was recorded on (the same jaxlib, the same vector
+extensions of the processor, the tests' compile level) every number must be equal bit for
+bit. Elsewhere numbers are compared to a relative 1e-5: XLA compiles for the processor it
 runs on, and the same run on a machine with AVX-512 and on one without differs in the last
 bits of a float32 (seen: 1e-7 relative in a loss after four steps). A change in what a run
 computes moves them far more than that.
@@ -16,11 +18,13 @@ import json
 import os
 
 import jax
+import jaxlib
 import numpy as np
 import pytest
 
 from configs import authorship, rnn_shakespeare_char, shakespeare_char
 from lmjax import events
+from tests import xla
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'golden.json')
 # Wall-clock figures differ from run to run; everything else must not.
@@ -87,12 +91,25 @@ def _texts(workdir: str) -> dict:
 
 
 RECORD = bool(os.environ.get('LMJAX_RECORD_GOLDEN'))
+# Instruction-set extensions that change the code XLA emits for a CPU.
+_VECTOR = ('sse4', 'avx', 'fma', 'f16c', 'amx')
+
+
+def machine() -> str:
+  """What the compiled numbers depend on besides lmjax: jaxlib's version, the processor's
+  vector extensions and the compile level of the tests."""
+  extensions = []
+  if os.path.exists('/proc/cpuinfo'):
+    with open('/proc/cpuinfo') as f:
+      line = next((line for line in f if line.startswith('flags')), '')
+    extensions = sorted(f for f in line.split()[2:] if f.startswith(_VECTOR))
+  return f'jaxlib {jaxlib.__version__}; {xla.COMPILE}; {" ".join(extensions)}'
 
 
 @pytest.fixture(scope='module')
 def golden():
   if RECORD:
-    recorded = {}
+    recorded = {'machine': machine()}
     yield recorded
     with open(GOLDEN, 'w') as f:
       json.dump(recorded, f, indent=1, sort_keys=True)
@@ -110,7 +127,10 @@ def test_a_tiny_run_computes_what_it_always_has(name, golden, tmp_path):
     golden[name] = observed
   expected = golden[name]
   assert observed['texts'] == expected['texts']
-  assert _numbers(observed) == pytest.approx(_numbers(expected), rel=1e-5, abs=1e-6)
+  if golden['machine'] == machine():
+    assert _numbers(observed) == _numbers(expected)  # bit for bit
+  else:
+    assert _numbers(observed) == pytest.approx(_numbers(expected), rel=1e-5, abs=1e-6)
   assert _strings(observed) == _strings(expected)
 
 
