@@ -274,7 +274,7 @@ def _write(path: str, description: dict, data_config, split: str, tokenizer,
                                                   data_config, split)
           dropped += dropped_here
         pieces = []
-        for ids in tokenizers.encode_many(tokenizer, texts):
+        for ids in tokenizer.encode_batch(texts):
           pieces += [ids.astype(dtype), eos]
         chunk = np.concatenate(pieces)
         f.write(chunk.tobytes())

@@ -47,8 +47,8 @@ def load_tokens(data_config, split: str, tokenizer, works=None,
   if data_config.drop_unknown_chars and tokenizer.kind == 'char':
     works = _drop_unknown_chars(works, tokenizer, split)
   pieces = []
-  for _, text in works:
-    pieces.append(tokenizer.encode(text))
+  for ids in tokenizer.encode_batch([text for _, text in works]):
+    pieces.append(ids)
     pieces.append(np.array([tokenizer.eos_id], np.int32))
   return np.concatenate(pieces).astype(np.int32)
 
@@ -370,8 +370,8 @@ def load_examples(data_config, split: str, tokenizer, seq_len: int,
     texts = _drop_unknown_chars(texts, tokenizer, split)
   inputs = np.zeros((len(texts), seq_len), np.int32)
   mask = np.zeros((len(texts), seq_len), bool)
-  for row, (_, text) in enumerate(texts):
-    ids = tokenizer.encode(text)[:seq_len]
+  for row, ids in enumerate(tokenizer.encode_batch([text for _, text in texts])):
+    ids = ids[:seq_len]
     inputs[row, :len(ids)] = ids
     mask[row, :len(ids)] = True
   labels = np.array([label for *_, label in passages], np.int32)

@@ -1,31 +1,33 @@
 """Character, SentencePiece and GPT-2 tokenizers: train, encode/decode, save and load.
 
 All have `vocab_size`, `eos_id` (the separator written after each document),
-`kind`, `encode(text) -> int32 array`, `decode(ids) -> str`, `byte_lengths()` (the UTF-8
-bytes of text each id stands for, for bits per byte) and `save(directory)`.
+`kind`, `encode(text) -> int32 array`, `encode_batch(texts) -> [int32 array]` (the same,
+for many texts at once, on all cores where the tokenizer can), `decode(ids) -> str`,
+`byte_lengths()` (the UTF-8 bytes of text each id stands for, for bits per byte) and
+`save(directory)`.
 `decode` turns eos into the empty string, so decoding a generation that ran past
 the end of a document drops the separators but keeps everything else.
 A directory holds `tokenizer.json` (and `tokenizer.model` for SentencePiece,
 `vocab.json` and `merges.txt` for GPT-2's byte-level BPE); `load_tokenizer(directory)`
 reads it back. GPT-2 tokenizers are never trained here: they come with a pretrained
 model (experiments/import_hf.py) or from GPT-2's own vocab.json + merges.txt
-(`read_tokenizer_dir`, which data.tokenizer_dir names).
+(`read_tokenizer_dir`, which data.tokenizer_dir names), and Hugging Face's `tokenizers`
+(Rust) runs them.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
-import math
 import os
 import re
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
-import regex
 import sentencepiece as spm
+# Hugging Face's library, not this module (lmjax.data.tokenizers).
+import tokenizers as hf_tokenizers
 
 from lmjax.errors import UserError
 
@@ -42,7 +44,10 @@ GPT2_EOS_TOKEN = '<|endoftext|>'
 # uses a fixed number: a model then depends on its input, not on the machine.
 _SPM_TRAIN_THREADS = 4
 # Long texts are encoded in chunks of about this many characters, in parallel.
-_SPM_CHUNK_CHARS = 1 << 15
+_CHUNK_CHARS = 1 << 15
+# GPT-2 texts are encoded this many characters at a time: the library's per-token records
+# (about 100 bytes a token) then stay near 100 MB however large a batch is.
+_GPT2_BATCH_CHARS = 1 << 22
 
 
 def _as_ids(ids, vocab_size: int) -> np.ndarray:
@@ -66,6 +71,37 @@ def _write_config(directory: str, config: dict) -> None:
   with open(path + '.tmp', 'w') as f:
     json.dump(config, f, indent=2)
   os.replace(path + '.tmp', path)
+
+
+def _cut(texts: Sequence[str], next_cut: Callable[[str, int], int]
+         ) -> tuple[list[str], list[int]]:
+  """`texts` cut into chunks of about `_CHUNK_CHARS` characters, and how many chunks each
+  text became. `next_cut(text, start)` is the end of the first place at or after `start`
+  where a cut leaves the ids unchanged, or -1 if there is none."""
+  chunks, counts = [], []
+  for text in texts:
+    start, count = 0, 0
+    while start < len(text):
+      end = next_cut(text, start + _CHUNK_CHARS) if len(text) - start > _CHUNK_CHARS else -1
+      end = len(text) if end < 0 else end
+      chunks.append(text[start:end])
+      start, count = end, count + 1
+    counts.append(count)
+  return chunks, counts
+
+
+def _join(pieces: Sequence[Sequence[int]], counts: Sequence[int]) -> list[np.ndarray]:
+  """Each text's ids as one int32 array, from its chunks' ids (`counts` chunks each, in
+  order, as `_cut` made them)."""
+  out, i = [], 0
+  for count in counts:
+    if count == 1:
+      out.append(np.asarray(pieces[i], np.int32))
+    else:
+      out.append(np.concatenate([np.asarray(p, np.int32) for p in pieces[i:i + count]])
+                 if count else np.zeros([0], np.int32))
+    i += count
+  return out
 
 
 class CharTokenizer:
@@ -114,6 +150,10 @@ class CharTokenizer:
           '--config.data.drop_unknown_chars=True).')
     return ids.astype(np.int32)
 
+  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    """`[encode(text) for text in texts]` (a table lookup: already as fast as memory)."""
+    return [self.encode(text) for text in texts]
+
   def decode(self, ids) -> str:
     ids = _as_ids(ids, self.vocab_size)
     ids = ids[ids != self.eos_id]
@@ -130,6 +170,12 @@ class CharTokenizer:
     os.makedirs(directory, exist_ok=True)
     _write_config(directory, {'kind': self.kind, 'vocab_size': self.vocab_size,
                               'eos_id': self.eos_id, 'chars': self.chars})
+
+
+def _after_newline(text: str, start: int) -> int:
+  """Just past the first '\\n' at or after `start`, or -1."""
+  end = text.find('\n', start)
+  return end if end < 0 else end + 1
 
 
 def _spm_training_lines(texts: Iterable[str]) -> Iterable[str]:
@@ -218,30 +264,17 @@ class SentencePieceTokenizer:
     return tokenizer
 
   def encode(self, text: str) -> np.ndarray:
-    return self.encode_many([text])[0]
+    return self.encode_batch([text])[0]
 
-  def encode_many(self, texts: Sequence[str]) -> list[np.ndarray]:
+  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
     """`[encode(text) for text in texts]`, in one call that keeps every thread busy (a
     corpus of many short documents would otherwise encode on one thread each)."""
-    # Chunks end at a '\n', which no piece crosses, so encoding them apart gives
+    # Chunks end after a '\n', which no piece crosses, so encoding them apart gives
     # the same pieces (up to ties between equally good unigram segmentations)
     # and lets SentencePiece use several threads.
-    chunks, counts = [], []
-    for text in texts:
-      start, count = 0, 0
-      while start < len(text):
-        end = text.find('\n', start + _SPM_CHUNK_CHARS)
-        end = len(text) if end < 0 else end + 1
-        chunks.append(text[start:end])
-        start, count = end, count + 1
-      counts.append(count)
+    chunks, counts = _cut(texts, _after_newline)
     pieces = self._sp.encode(chunks, num_threads=os.cpu_count() or 1) if chunks else []
-    out, i = [], 0
-    for count in counts:
-      out.append(np.concatenate([np.asarray(p, np.int32) for p in pieces[i:i + count]])
-                 if count else np.zeros([0], np.int32))
-      i += count
-    return out
+    return _join(pieces, counts)
 
   def decode(self, ids) -> str:
     return self._sp.decode(_as_ids(ids, self.vocab_size).tolist())
@@ -271,13 +304,18 @@ class SentencePieceTokenizer:
                               'eos_id': self.eos_id, 'model_file': SPM_MODEL_FILE})
 
 
-# GPT-2's pre-tokenisation: English contractions, then runs of letters, of digits or of
-# other symbols, each taking at most one space in front; whitespace before a word
-# leaves its last space to that word. BPE merges never cross these pieces.
-_GPT2_PIECES = regex.compile(
-    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
-# Words whose merges are remembered; prompts and corpora repeat most of theirs.
-_GPT2_CACHE_WORDS = 1 << 16
+# Where a long text may be cut for GPT-2 without changing its ids: just after a '\n' with a
+# printable ASCII character (never whitespace) on each side. GPT-2's pattern (see
+# Gpt2BpeTokenizer) ends a piece before such a '\n', makes the '\n' a piece of its own and
+# starts the next piece after it; no rule looks back before where a piece starts, and the
+# eos token has no '\n' in it.
+_GPT2_CUT = re.compile(r'[!-~]\n(?=[!-~])')
+
+
+def _gpt2_cut(text: str, start: int) -> int:
+  """Just past the first '\\n' at or after `start` where GPT-2's ids allow a cut, or -1."""
+  match = _GPT2_CUT.search(text, start)
+  return match.end() if match else -1
 
 
 def _gpt2_byte_chars() -> list[str]:
@@ -317,25 +355,28 @@ def read_gpt2_merges(lines: Iterable[str], source: str) -> list[tuple[str, str]]
 class Gpt2BpeTokenizer:
   """GPT-2's byte-level BPE: any text encodes, and decoding gives it back exactly.
 
-  Text is cut into pieces by GPT-2's pattern; each piece's UTF-8 bytes, written as
-  characters of the byte table, are merged pair by pair, always the best-ranked pair
-  first, and the resulting pieces are looked up in the vocabulary. The eos token,
-  '<|endoftext|>', is matched in the text as a whole before that, as GPT-2 does.
+  The eos token, '<|endoftext|>', is matched in the text as a whole first, as GPT-2 does.
+  The rest is cut into pieces by GPT-2's pattern: English contractions, then runs of
+  letters, of digits or of other symbols, each taking at most one space in front;
+  whitespace before a word leaves its last space to that word. Each piece's UTF-8 bytes,
+  written as characters of the byte table, are merged pair by pair, the best-ranked pair
+  first, and the resulting pieces are looked up in the vocabulary; merges never cross
+  pieces. Hugging Face's `tokenizers` does the work (in Rust, a batch on all cores), set up
+  as transformers' GPT2TokenizerFast is, so the ids are the ones transformers gives.
   """
 
   kind = 'gpt2_bpe'
 
   def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]],
                eos_token: str = GPT2_EOS_TOKEN):
-    ids = sorted(vocab.values())
-    if ids != list(range(len(ids))):
+    ids = list(vocab.values())
+    if not all(type(i) is int for i in ids) or sorted(ids) != list(range(len(ids))):
       raise UserError(f'GPT-2 vocabulary ids must be 0..{len(ids) - 1}, each once; the '
                       'vocabulary has gaps or repeats. Is vocab.json damaged?')
     if eos_token not in vocab:
       raise UserError(f'The GPT-2 vocabulary has no {eos_token!r} token, which lmjax uses '
                       'as eos; add it to vocab.json.')
-    byte_chars = _gpt2_byte_chars()
-    missing = [c for c in byte_chars if c not in vocab]
+    missing = [c for c in _gpt2_byte_chars() if c not in vocab]
     if missing:
       raise UserError(f'The vocabulary lacks {len(missing)} of the 256 byte pieces (e.g. '
                       f'{missing[:5]}), so some text could not be encoded; this is not a '
@@ -350,20 +391,18 @@ class Gpt2BpeTokenizer:
     self.eos_token = eos_token
     self.eos_id = vocab[eos_token]
     self.vocab_size = len(vocab)
-    # A pair listed twice keeps its first (best) rank.
-    self._rank = {}
-    for rank, pair in enumerate(self.merges):
-      self._rank.setdefault(pair, rank)
-    self._char_by_byte = byte_chars
-    byte_by_char = {c: b for b, c in enumerate(byte_chars)}
-    token_by_id = sorted(vocab, key=vocab.get)
-    # Characters outside the byte table (possible in added tokens) decode as their UTF-8.
-    self._bytes_by_id = [
-        b''.join(bytes([byte_by_char[c]]) if c in byte_by_char else c.encode('utf-8')
-                 for c in token) for token in token_by_id]
-    self._eos_pattern = regex.compile(regex.escape(eos_token))
-    # Per instance, so the cache goes away with the tokenizer.
-    self._word_ids = functools.lru_cache(maxsize=_GPT2_CACHE_WORDS)(self._merge_word)
+    # A pair listed twice keeps its first (best) rank; the library would keep its last.
+    # The library merges one pair at a time, the best rank first and the leftmost of equal
+    # ones: the same as merging every occurrence of the best pair at once whenever each
+    # merge's parts come from better-ranked merges, as in any trained merges.txt.
+    model = hf_tokenizers.models.BPE(self.vocab, list(dict.fromkeys(self.merges)))
+    self._hf = hf_tokenizers.Tokenizer(model)
+    self._hf.pre_tokenizer = hf_tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                     use_regex=True)
+    self._hf.decoder = hf_tokenizers.decoders.ByteLevel()
+    # Special: found in raw text before the pattern runs, and dropped by decode.
+    self._hf.add_special_tokens([hf_tokenizers.AddedToken(eos_token, special=True,
+                                                          normalized=False)])
 
   @classmethod
   def from_files(cls, vocab_path: str, merges_path: str,
@@ -383,57 +422,47 @@ class Gpt2BpeTokenizer:
       raise UserError(f'{merges_path} is damaged: it is not UTF-8 text ({e}).') from None
     return cls(vocab, merges, eos_token)
 
-  def _merge_word(self, word: str) -> tuple[int, ...]:
-    pieces = [self._char_by_byte[b] for b in word.encode('utf-8')]
-    rank = self._rank
-    while len(pieces) > 1:
-      best = min(zip(pieces, pieces[1:]), key=lambda pair: rank.get(pair, math.inf))
-      if best not in rank:
-        break
-      first, second = best
-      # Every occurrence of the best pair, left to right (in 'aaa', the first two).
-      merged, i = [], 0
-      while i < len(pieces):
-        if i + 1 < len(pieces) and pieces[i] == first and pieces[i + 1] == second:
-          merged.append(first + second)
-          i += 2
-        else:
-          merged.append(pieces[i])
-          i += 1
-      pieces = merged
-    return tuple(self.vocab[piece] for piece in pieces)
-
   def encode(self, text: str) -> np.ndarray:
-    if not isinstance(text, str):
-      raise ValueError(f'encode takes a str; got {type(text).__name__}. Decode bytes to '
-                       'text first.')
-    try:
-      text.encode('utf-8')
-    except UnicodeEncodeError as e:
-      raise UserError(
-          f'Text has a character that UTF-8 cannot write ({text[e.start]!r} at position '
-          f'{e.start}, a lone surrogate); remove it or decode the source with '
-          "errors='replace'.") from None
-    ids = []
-    # The eos token is found as a whole before the text is cut into words.
-    for i, part in enumerate(self._eos_pattern.split(text)):
-      if i:
-        ids.append(self.eos_id)
-      for word in _GPT2_PIECES.findall(part):
-        ids.extend(self._word_ids(word))
-    return np.asarray(ids, np.int32)
+    return self.encode_batch([text])[0]
+
+  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    """`[encode(text) for text in texts]`, on all cores: long texts are cut where GPT-2's
+    pattern starts a new piece anyway, and all chunks are encoded in parallel."""
+    for text in texts:
+      if not isinstance(text, str):
+        raise ValueError(f'encode takes a str; got {type(text).__name__}. Decode bytes to '
+                         'text first.')
+    chunks, counts = _cut(texts, _gpt2_cut)
+    ids, start = [], 0
+    while start < len(chunks):
+      stop, size = start + 1, len(chunks[start])
+      while stop < len(chunks) and size + len(chunks[stop]) <= _GPT2_BATCH_CHARS:
+        size, stop = size + len(chunks[stop]), stop + 1
+      try:
+        # The fast variant skips the character offsets, which nothing here reads.
+        encodings = self._hf.encode_batch_fast(chunks[start:stop], add_special_tokens=False)
+      except TypeError:
+        _refuse_lone_surrogates(texts)
+        raise
+      ids += [np.asarray(encoding.ids, np.int32) for encoding in encodings]
+      start = stop
+    return _join(ids, counts)
 
   def decode(self, ids) -> str:
     ids = _as_ids(ids, self.vocab_size)
-    pieces = self._bytes_by_id
-    data = b''.join(pieces[i] for i in ids.tolist() if i != self.eos_id)
-    # A generation can stop inside a character's bytes: mark it instead of failing.
-    return data.decode('utf-8', errors='replace')
+    # A generation can stop inside a character's bytes: the decoder marks them with U+FFFD
+    # instead of failing.
+    return self._hf.decode(ids.tolist(), skip_special_tokens=True)
 
   def byte_lengths(self) -> np.ndarray:
     """[vocab_size] bytes each id decodes to (byte-level, so exact); eos 0: it is the
     document separator here, not text."""
-    lengths = np.array([len(piece) for piece in self._bytes_by_id], np.int64)
+    table = set(_gpt2_byte_chars())
+    lengths = np.zeros(self.vocab_size, np.int64)
+    for piece, i in self.vocab.items():
+      # A piece with a character outside the byte table (possible in added tokens) decodes
+      # to its own UTF-8, as the decoder reads it.
+      lengths[i] = len(piece) if table.issuperset(piece) else len(piece.encode('utf-8'))
     lengths[self.eos_id] = 0
     return lengths
 
@@ -451,6 +480,18 @@ class Gpt2BpeTokenizer:
     _write_config(directory, {'kind': self.kind, 'vocab_size': self.vocab_size,
                               'eos_id': self.eos_id, 'eos_token': self.eos_token,
                               'vocab_file': GPT2_VOCAB_FILE, 'merges_file': GPT2_MERGES_FILE})
+
+
+def _refuse_lone_surrogates(texts: Iterable[str]) -> None:
+  """UserError naming the first character of `texts` that UTF-8 cannot write, if any."""
+  for text in texts:
+    try:
+      text.encode('utf-8')
+    except UnicodeEncodeError as e:
+      raise UserError(
+          f'Text has a character that UTF-8 cannot write ({text[e.start]!r} at position '
+          f'{e.start}, a lone surrogate); remove it or decode the source with '
+          "errors='replace'.") from None
 
 
 Tokenizer = CharTokenizer | SentencePieceTokenizer | Gpt2BpeTokenizer
@@ -546,13 +587,6 @@ def fingerprint(tokenizer: Tokenizer) -> str:
       with open(os.path.join(directory, name), 'rb') as f:
         digest.update(name.encode() + b'\0' + f.read() + b'\0')
   return digest.hexdigest()
-
-
-def encode_many(tokenizer: Tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
-  """`[tokenizer.encode(text) for text in texts]`, batched where the tokenizer can."""
-  if isinstance(tokenizer, SentencePieceTokenizer):
-    return tokenizer.encode_many(texts)
-  return [tokenizer.encode(text) for text in texts]
 
 
 def build_tokenizer(kind: str, directory: str, train_texts: Callable[[], Iterable[str]],

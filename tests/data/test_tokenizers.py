@@ -293,6 +293,110 @@ def test_gpt2_bpe_bad_text_is_named(gpt2_tokenizer):
     gpt2_tokenizer.encode('low \ud800')
 
 
+# GPT-2's pattern on awkward text: merges over the bytes of spaces, newlines, contractions,
+# digits, accents, emoji and eos, and merges that would cross the pattern's pieces (the last
+# five), which must never apply. The ids are those of lmjax's earlier pure-Python BPE.
+AWKWARD_MERGES = [
+    (b"'", b's'), (b' ', b' '), (b'  ', b' '), (b'\n', b'\n'), (b' ', b'\n'), (b'\n', b' '),
+    (b'\t', b' '), (b'\r', b'\n'), (b' ', b't'), (b' t', b'o'), (b'1', b'9'), (b'19', b'9'),
+    (b' ', b'1'), (b'<', b'|'), (b'|', b'>'), (b'\xc3', b'\xa9'), (b'f', b'\xc3\xa9'),
+    (b'\xc2', b'\xa0'), (b' ', b'\xc2\xa0'), (b'\xf0', b'\x9f'), (b'\xf0\x9f', b'\x98'),
+    (b'\xf0\x9f\x98', b'\x80'), (b' ', b'\xf0\x9f\x98\x80'),
+    (b's', b' '), (b'n', b"'"), (b'.', b' '), (b'e', b'\n'), (b'9', b','), (b'>', b's'),
+]
+# Ids below 256 are the bytes themselves; 256 + i is the piece AWKWARD_MERGES[i] makes.
+AWKWARD = {
+    "it's 1999, isn't it? I'll, we've, they're, she'd, I'm, DON'T, ''s": [
+        105, 116, 256, 32, 267, 57, 44, 32, 105, 115, 110, 39, 116, 32, 105, 116, 63, 32, 73,
+        39, 108, 108, 44, 32, 119, 101, 39, 118, 101, 44, 264, 104, 101, 121, 39, 114, 101,
+        44, 32, 115, 104, 101, 39, 100, 44, 32, 73, 39, 109, 44, 32, 68, 79, 78, 39, 84, 44,
+        32, 39, 39, 115],
+    'runs  of   spaces    and trailing   ': [
+        114, 117, 110, 115, 32, 32, 111, 102, 257, 32, 115, 112, 97, 99, 101, 115, 258, 32,
+        97, 110, 100, 264, 114, 97, 105, 108, 105, 110, 103, 258],
+    '\n\n  indented\n\tand tabbed\t \n\r\nwindows\r\n': [
+        259, 32, 32, 105, 110, 100, 101, 110, 116, 101, 100, 10, 9, 97, 110, 100, 264, 97, 98,
+        98, 101, 100, 9, 260, 13, 10, 119, 105, 110, 100, 111, 119, 115, 263],
+    'caf\u00e9 na\u00efve e\u0301 \u00a0no-break\u00a0 \u3000wide \u2028': [
+        99, 97, 272, 32, 110, 97, 195, 175, 118, 101, 32, 101, 204, 129, 32, 273, 110, 111,
+        45, 98, 114, 101, 97, 107, 273, 32, 227, 128, 128, 119, 105, 100, 101, 32, 226, 128,
+        168],
+    'emoji \U0001F600\U0001F600 \U0001F600 \U0001F468\u200d\U0001F469\u200d\U0001F467 \u2603': [
+        101, 109, 111, 106, 105, 278, 277, 278, 32, 275, 145, 168, 226, 128, 141, 275, 145,
+        169, 226, 128, 141, 275, 145, 167, 32, 226, 152, 131],
+    'end<|endoftext|>start <|endoftext|> <|endoftext|><|endoftext|>\n<|endoftext|s': [
+        101, 110, 100, 285, 115, 116, 97, 114, 116, 32, 285, 32, 285, 285, 10, 269, 101, 110,
+        100, 111, 102, 116, 101, 120, 116, 124, 115],
+    'numbers 1999 19999, \u0663\u0664 \u00bd \u00b2 3.14 to': [
+        110, 117, 109, 98, 101, 114, 115, 32, 267, 57, 32, 267, 57, 57, 44, 32, 217, 163, 217,
+        164, 32, 194, 189, 32, 194, 178, 32, 51, 46, 49, 52, 265],
+    '\u6771\u4eac\u306e\u6587\u7ae0 \ud55c\uad6d\uc5b4': [
+        230, 157, 177, 228, 186, 172, 227, 129, 174, 230, 150, 135, 231, 171, 160, 32, 237,
+        149, 156, 234, 181, 173, 236, 150, 180],
+    'control \x00\x1f\x0b\x0c\x85 and \u200b zero width \ufeff': [
+        99, 111, 110, 116, 114, 111, 108, 32, 0, 31, 11, 12, 194, 133, 32, 97, 110, 100, 32,
+        226, 128, 139, 32, 122, 101, 114, 111, 32, 119, 105, 100, 116, 104, 32, 239, 187, 191],
+    'end. Next\nline e\nx\n\n': [
+        101, 110, 100, 46, 32, 78, 101, 120, 116, 10, 108, 105, 110, 101, 32, 101, 10, 120,
+        259],
+    '': [], ' ': [32], '\n': [10], "'s": [256],
+}
+
+
+@pytest.fixture(scope='module')
+def awkward_gpt2():
+  chars = tokenizers._gpt2_byte_chars()
+  merges = [(''.join(chars[b] for b in first), ''.join(chars[b] for b in second))
+            for first, second in AWKWARD_MERGES]
+  pieces = [*chars, *(a + b for a, b in merges), '<|endoftext|>']
+  return tokenizers.Gpt2BpeTokenizer({p: i for i, p in enumerate(pieces)}, merges)
+
+
+# 1: cut every long text wherever a cut is allowed; cuts must not change the ids.
+@pytest.mark.parametrize('chunk_chars', [1 << 15, 1])
+def test_gpt2_bpe_awkward_text_keeps_its_ids(awkward_gpt2, monkeypatch, chunk_chars):
+  monkeypatch.setattr(tokenizers, '_CHUNK_CHARS', chunk_chars)
+  assert [ids.tolist() for ids in awkward_gpt2.encode_batch(list(AWKWARD))] == list(
+      AWKWARD.values())
+  for text, ids in AWKWARD.items():
+    assert awkward_gpt2.encode(text).tolist() == ids
+    assert awkward_gpt2.decode(ids) == text.replace('<|endoftext|>', '')
+
+
+def test_gpt2_bpe_awkward_text_as_transformers(awkward_gpt2, tmp_path):
+  transformers = pytest.importorskip('transformers', reason="pip install -e '.[hf]'")
+  awkward_gpt2.save_vocab_and_merges(str(tmp_path))
+  theirs = transformers.GPT2TokenizerFast.from_pretrained(str(tmp_path))
+  assert [theirs.encode(text) for text in AWKWARD] == list(AWKWARD.values())
+
+
+def test_gpt2_bpe_without_merges_encodes_bytes(tmp_path):
+  pieces = tokenizers._gpt2_byte_chars() + ['<|endoftext|>']
+  tokenizer = tokenizers.Gpt2BpeTokenizer({p: i for i, p in enumerate(pieces)}, [])
+  text = "caf\u00e9 it's\n<|endoftext|>\U0001F600"
+  ids = [*"caf\u00e9 it's\n".encode(), 256, *'\U0001F600'.encode()]
+  assert tokenizer.encode(text).tolist() == ids
+  assert tokenizer.decode(ids) == text.replace('<|endoftext|>', '')
+  tokenizer.save(str(tmp_path))
+  assert tokenizers.load_tokenizer(str(tmp_path)).encode(text).tolist() == ids
+
+
+def test_encode_batch_is_encode_of_each_text(char_tokenizer, spm_tokenizer, gpt2_tokenizer,
+                                             train_texts, monkeypatch):
+  # Long works (cut into chunks of about 100 characters), short texts, empty ones.
+  texts = [train_texts[0], '', 'To be, or not to be', '\n', train_texts[1][:20000]]
+  monkeypatch.setattr(tokenizers, '_CHUNK_CHARS', 1 << 40)
+  for tokenizer in (char_tokenizer, spm_tokenizer, gpt2_tokenizer):
+    uncut = [tokenizer.encode(text) for text in texts]
+    monkeypatch.setattr(tokenizers, '_CHUNK_CHARS', 100)
+    batch = tokenizer.encode_batch(texts)
+    monkeypatch.setattr(tokenizers, '_CHUNK_CHARS', 1 << 40)
+    assert len(batch) == len(texts) and tokenizer.encode_batch([]) == []
+    for expected, ids in zip(uncut, batch):
+      assert ids.dtype == np.int32
+      np.testing.assert_array_equal(ids, expected)
+
+
 def test_gpt2_bpe_save_load(gpt2_tokenizer, tmp_path):
   directory = tmp_path / 'saved'
   gpt2_tokenizer.save(str(directory))
