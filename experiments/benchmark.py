@@ -32,16 +32,16 @@ Benchmarks (--bench, repeatable):
 Times are medians over --repeats timed runs after one untimed run (compiling, for JAX;
 the compile time is reported on its own).
 """
-import os
+from lmjax import console
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-os.environ.setdefault('NO_GCE_CHECK', 'true')
+console.quiet_libraries()  # before TensorFlow or JAX is first imported
 
 import json
+import os
 import statistics
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from lmjax.errors import run_script
@@ -626,7 +626,6 @@ def _markdown(results: list[dict]) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   if _STEPS.value < 1 or _WARMUP.value < 0 or _PIPELINE_BATCHES.value < 1:
     raise app.UsageError('--steps and --pipeline_batches must be at least 1, --warmup at '

@@ -16,16 +16,15 @@ run logged at its last step. Any number of
 devices gives the same numbers. Logs go to stderr; a mistake in a flag or the workdir is
 one `error:` line there (exit status 1).
 """
-import os
+from lmjax import console
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-os.environ.setdefault('NO_GCE_CHECK', 'true')
+console.quiet_libraries()  # before TensorFlow or JAX is first imported
 
 import contextlib
 import json
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from lmjax.errors import run_script
 
@@ -45,7 +44,6 @@ flags.mark_flag_as_required('workdir')
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads
   import jax  # after absl has parsed flags: a typo is reported fast
 
   from lmjax import evaluation

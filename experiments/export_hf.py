@@ -6,12 +6,13 @@ transformers then loads it with GPT2LMHeadModel.from_pretrained('exports/gpt2') 
 a GPT-2 tokenizer, GPT2TokenizerFast.from_pretrained). Any lmjax Transformer exports;
 a character or SentencePiece tokenizer has no GPT-2 form and stays behind.
 """
+from lmjax import console
+
+console.quiet_libraries()  # before TensorFlow or JAX is first imported
+
 import os
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-os.environ.setdefault('NO_GCE_CHECK', 'true')
-
-from absl import app, flags, logging
+from absl import app, flags
 
 from lmjax.errors import run_script
 
@@ -24,7 +25,6 @@ flags.mark_flags_as_required(['workdir', 'hf_dir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads
   from lmjax import hf  # after absl has parsed flags
 
   try:

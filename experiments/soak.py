@@ -15,12 +15,12 @@ parameters (bit for bit) and logged metrics are compared with the reference. Pri
 JSON line per round and a summary; exit status 1 if anything differs. Each round's output
 is in WORKDIR/logs/.
 """
-import os
+from lmjax import console
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-os.environ.setdefault('NO_GCE_CHECK', 'true')
+console.quiet_libraries()  # before TensorFlow or JAX is first imported
 
 import json
+import os
 import random
 import re
 import signal
@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from lmjax.errors import run_script
 
@@ -95,7 +95,6 @@ def _run(command: list[str], log_path: str, *, kill_after: float | None = None,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.WARNING)
   root = os.path.abspath(_WORKDIR.value)
   if os.path.exists(root) and os.listdir(root):
     raise app.UsageError(f'--workdir={root} is not empty; give a new directory.')

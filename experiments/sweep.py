@@ -6,14 +6,14 @@ interrupted ones resume. At the end (or with --summarize alone) ROOT gets summar
 summary.csv and curves.png, read back from the points' event files. --dry_run prints one
 train command per point (for a cluster scheduler) and runs nothing.
 """
+from lmjax import console
+
+console.quiet_libraries()  # before TensorFlow or JAX is first imported
+
 import os
-
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-os.environ.setdefault('NO_GCE_CHECK', 'true')
-
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from lmjax import sweep
 from lmjax.errors import UserError, run_script
@@ -31,7 +31,6 @@ flags.mark_flag_as_required('workdir')
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.WARNING)  # JAX's start-up INFO lines are noise here
   try:
     if not _SUMMARIZE.value:
       if not _CONFIG.value:

@@ -28,10 +28,9 @@ A thought is one line. Tree search proposes --proposals lines per state (--propo
 sampled at --temperature, or the most likely distinct lines by a beam search within the
 line), keeps --breadth states per level (BFS) and goes --max_depth lines deep.
 """
-import os
+from lmjax import console
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-os.environ.setdefault('NO_GCE_CHECK', 'true')
+console.quiet_libraries()  # before TensorFlow or JAX is first imported
 
 import functools
 import json
@@ -39,7 +38,7 @@ import random
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from lmjax.errors import run_script
 
@@ -131,7 +130,6 @@ def main(argv):
       raise app.UsageError(f'--{name}={flags.FLAGS[name].value}; it must be at least 1.')
   if _TEMPERATURE.value <= 0:
     raise app.UsageError(f'--temperature={_TEMPERATURE.value}; it must be positive.')
-  logging.set_verbosity(logging.WARNING)
 
   import numpy as np
 

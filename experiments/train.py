@@ -4,16 +4,14 @@ Rerunning the same command resumes from the workdir's latest checkpoint. SIGTERM
 stops after the current step with its checkpoint written. A mistake in the config, the
 flags or the workdir is reported in one message, without a traceback (exit status 1).
 """
-import os
+from lmjax import console
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-os.environ.setdefault('NO_GCE_CHECK', 'true')
+console.quiet_libraries()  # before TensorFlow or JAX is first imported
 
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
-from absl import logging
 
 from lmjax.errors import run_script
 
@@ -46,8 +44,6 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  # Library INFO logs (TFDS, orbax, the metric writer's echo) would drown the progress lines.
-  logging.set_verbosity(logging.WARNING)
   try:
     config = _CONFIG.value
     config.model  # noqa: B018  (a config that failed to load raises here, on first use)

@@ -49,12 +49,16 @@ def run_script(main, **kwargs) -> None:
   can fix (a UserError, a missing file, a flag refused by `app.UsageError` or by absl's
   parsing) ends the process with one line, `error: ...`, and exit status 1, instead of a
   traceback or absl's whole help text before the message. Ctrl-C that reaches it prints
-  `interrupted (Ctrl-C)` and exits with status 130, the shell's code for it."""
+  `interrupted (Ctrl-C)` and exits with status 130, the shell's code for it. The libraries'
+  Python logs are held back below ERROR (`console.quiet_python_logs`)."""
   import sys
 
   from absl import app
 
+  from lmjax import console
+
   def checked_main(argv):
+    console.quiet_python_logs()
     try:
       return main(argv)
     except (app.UsageError, UserError, FileNotFoundError) as e:

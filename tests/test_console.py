@@ -1,0 +1,131 @@
+"""What a user sees on the console: lmjax's own lines and none of the libraries' logs.
+
+experiments/train.py (building its dataset on first use), then decode.py and evaluate.py on
+its workdir, run as a user runs them: real processes, without the variables that quiet the
+libraries already in the environment (the scripts must set them themselves).
+"""
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from lmjax import console
+from lmjax.data import corpora
+from tests import xla
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# What only other programs write: log lines in absl's, glog's and Python's formats, absl's
+# note before its C++ logging starts, TensorFlow's C++ sources, TFDS's and tqdm's progress,
+# Python warnings and tracebacks.
+FOREIGN = re.compile('|'.join([
+    r'^[IWEF]\d{4} ',
+    r'^WARNING: All log messages',
+    r'^(DEBUG|INFO|WARNING|ERROR|CRITICAL):',
+    r'tensorflow/',
+    r'oneDNN',
+    r'absl::',
+    r'^Traceback',
+    r'Downloading and preparing dataset',
+    r'\d+%\|',
+    r'\w+Warning: ',
+]))
+STEPS = 4
+# A short run; no end-of-run sample (its decoder compiles for seconds; decode.py runs the
+# same generation code below).
+TRAIN_FLAGS = ['--config.opt.warmup_steps=2', f'--config.train.num_steps={STEPS}',
+               '--config.train.log_every=2', f'--config.train.eval_every={STEPS}',
+               f'--config.train.checkpoint_every={STEPS}', '--config.train.sample_tokens=0']
+
+
+def _environment(data_dir: str) -> dict:
+  """The test run's environment less what console.quiet_libraries sets; one CPU device;
+  TFDS reading and building in `data_dir`."""
+  env = {k: v for k, v in os.environ.items() if k not in console.ENVIRONMENT}
+  return dict(env, XLA_FLAGS=xla.flags(), JAX_PLATFORMS='cpu', TFDS_DATA_DIR=data_dir)
+
+
+def _script(name: str, *flags: str) -> list[str]:
+  return [sys.executable, os.path.join(REPO, 'experiments', name), *flags]
+
+
+def _foreign_lines(done) -> list[str]:
+  return [line for line in (done.stdout + done.stderr).splitlines() if FOREIGN.search(line)]
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """{script: CompletedProcess}: train.py on a TFDS directory holding only the corpus
+  archive (so it builds the dataset first), then decode.py and evaluate.py side by side."""
+  tmp = tmp_path_factory.mktemp('console')
+  downloads = tmp / 'tfds' / 'downloads'
+  downloads.mkdir(parents=True)
+  # The archive the test run's datasets were built from (tests/conftest.py).
+  built = pathlib.Path(corpora.get_builder('shakespeare').data_dir).parents[1] / 'downloads'
+  shutil.copy(corpora.fetch_archive(built), downloads)
+  env, workdir = _environment(str(tmp / 'tfds')), str(tmp / 'run')
+  train = subprocess.run(
+      _script('train.py', '--config=configs/shakespeare_char.py:tiny', f'--workdir={workdir}',
+              *TRAIN_FLAGS),
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  # Both at once: each spends seconds importing and compiling on one core.
+  started = {
+      'decode.py': subprocess.Popen(
+          _script('decode.py', f'--workdir={workdir}', '--prompt=ROMEO:',
+                  '--max_new_tokens=8'),
+          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+      'evaluate.py': subprocess.Popen(
+          _script('evaluate.py', f'--workdir={workdir}'),
+          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+  }
+  results = {'train.py': train}
+  try:
+    for name, process in started.items():
+      stdout, stderr = process.communicate(timeout=300)
+      results[name] = subprocess.CompletedProcess(process.args, process.returncode, stdout,
+                                                  stderr)
+  finally:
+    for process in started.values():
+      process.kill()  # nothing to do for one that has finished
+  return results, workdir
+
+
+@pytest.mark.parametrize('script', ['train.py', 'decode.py', 'evaluate.py'])
+def test_a_normal_run_prints_no_library_log_lines(runs, script):
+  results, _ = runs
+  done = results[script]
+  assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+  assert not _foreign_lines(done), '\n'.join(_foreign_lines(done))
+  assert not done.stderr.strip(), done.stderr
+
+
+def test_the_scripts_say_what_they_do_in_their_own_words(runs):
+  results, workdir = runs
+  train = results['train.py'].stdout
+  lines = train.splitlines()
+  # The dataset build, which TFDS would have shown with its own lines and progress bars.
+  assert lines[0].startswith('Building the shakespeare dataset in '), train
+  assert lines[1].startswith(f'Starting a new run in {workdir}: '), train
+  assert f'step {STEPS:>6}/{STEPS}' in train and '\nDone: ' in train, train
+  assert results['decode.py'].stdout.startswith(f'# {workdir}, step {STEPS}, sample\nROMEO:')
+  assert f'"step": {STEPS}' in results['evaluate.py'].stdout
+
+
+def test_the_patterns_catch_what_the_libraries_print():
+  """Lines TensorFlow, absl, TFDS and Python print when left alone."""
+  seen = [
+      'WARNING: All log messages before absl::InitializeLog() is called are written to STDERR',
+      'I0000 00:00:1796213355.990365   13980 port.cc:153] oneDNN custom operations are on.',
+      'W1202 12:24:13.515091 140431654247296 file_utils.py:394] Variant folder /tmp/x has no '
+      'dataset_info.json',
+      'WARNING:absl:Variant folder /tmp/x has no dataset_info.json',
+      'Downloading and preparing dataset Unknown size (download: Unknown size, ...',
+      'Generating splits...:  33%|###3      | 1/3 [00:00<00:01,  1.52 splits/s]',
+      '/x/y.py:3: UserWarning: something',
+  ]
+  assert all(FOREIGN.search(line) for line in seen)
+  assert not FOREIGN.search('step      4/4  loss 4.1207  lr 3.00e-04  61,125 tokens/s')
