@@ -9,17 +9,18 @@
 
 Prompts come from --prompt (repeatable) and --prompt_file (one per line; write a newline
 inside a prompt as \\n). Continuations print as text; --output writes JSON lines with
-the prompt, text, tokens, score and why each one ended ('-' for stdout).
+the prompt, text, tokens, score and why each one ended ('-' for stdout). A Transformer
+writes past its context (model.max_len) by sliding a window over the text, re-reading it
+every --window_stride tokens; of a longer prompt it reads the last model.max_len tokens.
 """
-import os
+from lmjax import console
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-os.environ.setdefault('NO_GCE_CHECK', 'true')
+console.quiet_libraries()  # before TensorFlow or JAX is first imported
 
 import json
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from lmjax.errors import run_script
 
@@ -51,6 +52,10 @@ _STOP = flags.DEFINE_multi_string('stop', [], 'Stop a continuation at this text 
                                   'the text is cut before it.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'Prompts decoded together.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Write JSON lines here (- for stdout).')
+_WINDOW_STRIDE = flags.DEFINE_integer(
+    'window_stride', None, 'Text longer than the context (model.max_len): re-read the window '
+    'every this many tokens, in [1, model.max_len]; default max_len // 2. 1 always '
+    'conditions on the last max_len tokens, at the cost of a full re-read per token.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed for sampling.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
 flags.mark_flag_as_required('workdir')
@@ -88,10 +93,21 @@ def _open_output():
                     'a file in a directory you can write to, or - for stdout.') from None
 
 
+def _say_long_prompts(prompts: list[str], tokenizer, max_len: int | None) -> None:
+  """One line on stderr per prompt longer than the model's context: the decoder reads
+  only its last max_len tokens."""
+  if max_len is None:
+    return
+  for i, prompt in enumerate(prompts):
+    length = len(tokenizer.encode(prompt))
+    if length > max_len:
+      print(f'note: prompt {i + 1} is {length} tokens; the model reads only its last '
+            f'{max_len} (model.max_len).', file=sys.stderr)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads
   from lmjax import generation, workdir as workdir_lib
 
   prompts = _read_prompts()
@@ -99,7 +115,8 @@ def main(argv):
     raise app.UsageError(f'--batch_size={_BATCH_SIZE.value}; it must be at least 1.')
   strategy = _STRATEGY.value
   options = dict(strategy=strategy, num_samples=_NUM_SAMPLES.value, seed=_SEED.value,
-                 repetition_penalty=_REPETITION_PENALTY.value)
+                 repetition_penalty=_REPETITION_PENALTY.value,
+                 window_stride=_WINDOW_STRIDE.value)
   if strategy == 'sample':
     options.update(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
   if strategy == 'beam':
@@ -110,6 +127,7 @@ def main(argv):
   generation.check_decodable(workdir_lib.load_config(_WORKDIR.value))
   config, tokenizer, params, step = workdir_lib.load_trained(_WORKDIR.value, _STEP.value)
 
+  _say_long_prompts(prompts, tokenizer, generation.context_length(config))
   out = _open_output()
   if out is None:
     print(f'# {_WORKDIR.value}, step {step}, {strategy}')

@@ -23,6 +23,16 @@ How a call runs:
     can beat the finished ones. It compiles once per (rows, prefill bucket, buffer
     length) and set of static switches; temperature, top-p, penalties, lengths and
     the EOS id are traced values.
+  * Text longer than the model's context (`max_len`, W below) slides through a window.
+    The model's cache holds at most W tokens. When it is full and a token must be fed,
+    the cache restarts from the state the caller gave, and the last `keep` = W - stride + 1
+    tokens of the text (the new one included) go in at once, at positions 0..keep-1; one
+    such re-read every `stride` tokens. Precisely: with the text's tokens numbered from 0,
+    prompt included, the token after token n is predicted from the last n + 1 tokens while
+    n < W, and from the last keep + (n - W) % stride tokens from then on, a length that
+    cycles keep, keep + 1, ..., W. stride 1 re-reads the whole window at every token (the
+    model always sees the last W tokens); the default W // 2 re-reads about half of it
+    every W // 2 tokens. A prompt longer than W keeps only its last W tokens.
 
 Strategies: 'greedy'; 'sample' (temperature, top-k, top-p, repetition penalty);
 'beam' (length penalty, EOS handling, early stopping, n best). See `generate`.
@@ -122,6 +132,36 @@ def _repeat_rows(state, times: int):
   return _map_rows(lambda x: jnp.repeat(x, times, axis=0), state)
 
 
+def _feed(tokens_to_logits, model_state, token_N, tokens_NxL, pos, start, *, initial_cache,
+          copies: int, window):
+  """Feeds every row its token at `pos` (`token_N`, already written in `tokens_NxL`);
+  returns the logits for the token at pos + 1, (N, V) float32, the model's state, and the
+  buffer position of the first token the model's cache holds (`start` before the call).
+
+  Without a `window` this is one step of the model. With one, (size, keep), a cache that
+  already holds `size` tokens restarts from `initial_cache` (row n from row n // copies,
+  the row of its prompt) and takes the last `keep` tokens up to `pos` in one call (see
+  the module docstring).
+  """
+  def step():
+    logits_Nx1xV, new_state = tokens_to_logits(token_N[:, None], model_state)
+    return logits_Nx1xV[:, -1].astype(jnp.float32), new_state, start
+
+  if window is None:
+    return step()
+  size, keep = window
+  # Sliced outside the branch, so that the branch takes these few tokens, not the buffer.
+  kept_NxT = jax.lax.dynamic_slice_in_dim(tokens_NxL, pos + 1 - keep, keep, axis=1)
+
+  def slide():
+    prompt_N = jnp.arange(tokens_NxL.shape[0]) // copies
+    cache = jax.tree.map(lambda x: x[prompt_N] if x.ndim >= 1 else x, initial_cache)
+    logits_NxTxV, new_state = tokens_to_logits(kept_NxT, {**model_state, 'cache': cache})
+    return logits_NxTxV[:, -1].astype(jnp.float32), new_state, pos + 1 - keep
+
+  return jax.lax.cond(pos - start >= size, slide, step)
+
+
 def _stop_hits(tokens_BxL, pos, stops_SxW, stop_lens_S, prompt_lens_B):
   """True where the tokens up to `pos` end with a stop sequence that lies wholly after
   the prompt. `stops_SxW` is right-aligned, -1 where shorter than the window W."""
@@ -155,6 +195,7 @@ class SampleState:
   """What the greedy and sampling loop carries from one step to the next: N = B*copies rows,
   sample j of prompt b in row b*copies + j."""
   pos: jax.Array  # () int32: the buffer position this step writes
+  start: jax.Array  # () int32: buffer position of the first token the model's cache holds
   tokens_NxL: jax.Array  # int32: prompt, then new tokens; 0 after a row is done
   logits_NxV: jax.Array  # float32: the model's logits for the token at `pos`
   model_state: Any  # the model's state (see the module docstring), one cache row per row
@@ -167,10 +208,12 @@ class SampleState:
 
 @functools.partial(jax.jit, static_argnames=(
     'tokens_to_logits', 'prefill_len', 'copies', 'greedy', 'top_k', 'use_top_p',
-    'use_penalty'))
+    'use_penalty', 'window'))
 def _sample_loop(state, tokens_BxL, prompt_lens_B, rng, max_new_tokens, temperature, top_p,
                  penalty, eos_id, stops_SxW, stop_lens_S, *, tokens_to_logits, prefill_len,
-                 copies, greedy, top_k, use_top_p, use_penalty):
+                 copies, greedy, top_k, use_top_p, use_penalty, window):
+  feed = functools.partial(_feed, tokens_to_logits, initial_cache=state['cache'],
+                           copies=copies, window=window)
   logits_BxPxV, state = tokens_to_logits(tokens_BxL[:, :prefill_len], state)
   # Every prompt is repeated `copies` times (samples), after the shared prefill.
   state = _repeat_rows(state, copies)
@@ -214,15 +257,16 @@ def _sample_loop(state, tokens_BxL, prompt_lens_B, rng, max_new_tokens, temperat
     finish_N = jnp.where(eos_N, 1, jnp.where(stop_N, 2, samples.finish_N))
     done_N = done_N | eos_N | stop_N | full_N
     # The token goes in even when this was the last step: one spare forward pass per
-    # call buys a loop body with no branches.
-    logits_Nx1xV, model_state = tokens_to_logits(token_N[:, None], samples.model_state)
-    return SampleState(pos=pos + 1, tokens_NxL=tokens_NxL,
-                       logits_NxV=logits_Nx1xV[:, -1].astype(jnp.float32),
+    # call spares the loop body a test for it.
+    logits_NxV, model_state, start = feed(samples.model_state, token_N, tokens_NxL, pos,
+                                          samples.start)
+    return SampleState(pos=pos + 1, start=start, tokens_NxL=tokens_NxL, logits_NxV=logits_NxV,
                        model_state=model_state, done_N=done_N, finish_N=finish_N,
                        length_N=length_N, score_N=score_N, seen_NxV=seen_NxV)
 
   samples = jax.lax.while_loop(cond, body, SampleState(
-      pos=jnp.asarray(prefill_len, jnp.int32), tokens_NxL=tokens_NxL, logits_NxV=logits_NxV,
+      pos=jnp.asarray(prefill_len, jnp.int32), start=jnp.zeros((), jnp.int32),
+      tokens_NxL=tokens_NxL, logits_NxV=logits_NxV,
       model_state=state, done_N=jnp.zeros(num_rows, bool),
       finish_N=jnp.zeros(num_rows, jnp.int32), length_N=jnp.zeros(num_rows, jnp.int32),
       score_N=jnp.zeros(num_rows, jnp.float32), seen_NxV=seen_NxV))
@@ -256,6 +300,7 @@ class BeamState:
   """What the beam loop carries from one step to the next: B prompts with K beams each,
   N = B*K rows of the model's state, beam k of prompt b in row b*K + k."""
   pos: jax.Array  # () int32: the buffer position this step writes
+  start: jax.Array  # () int32: buffer position of the first token the model's cache holds
   logits_NxV: jax.Array  # float32: the model's logits for the token at `pos`, per live beam
   model_state: Any  # the model's state (see the module docstring), one cache row per beam
   seen_NxV: Any  # bool: tokens in each live beam, for the repetition penalty; None when off
@@ -280,7 +325,7 @@ def _beam_init(logits_BxV, state, tokens_BxL, prompt_lens_B, prefill_len: int, k
     seen_NxV = jnp.repeat(seen_BxV, k, axis=0)
   live_tokens_BxKxL = jnp.repeat(tokens_BxL[:, None], k, axis=1)
   return BeamState(
-      pos=jnp.asarray(prefill_len, jnp.int32),
+      pos=jnp.asarray(prefill_len, jnp.int32), start=jnp.zeros((), jnp.int32),
       logits_NxV=jnp.repeat(logits_BxV, k, axis=0).astype(jnp.float32),
       model_state=_repeat_rows(state, k), seen_NxV=seen_NxV,
       live_scores_BxK=jnp.full((num_prompts, k), NEG).at[:, 0].set(0.0),
@@ -355,10 +400,10 @@ def _follow_parents(beams: BeamState, parent_BxK, next_token_N, use_penalty: boo
 
 @functools.partial(jax.jit, static_argnames=(
     'tokens_to_logits', 'prefill_len', 'beam_size', 'compat', 'early_stopping',
-    'use_penalty'))
+    'use_penalty', 'window'))
 def _beam_loop(state, tokens_BxL, prompt_lens_B, max_new_tokens, alpha, penalty, eos_id,
                stops_SxW, stop_lens_S, *, tokens_to_logits, prefill_len, beam_size, compat,
-               early_stopping, use_penalty):
+               early_stopping, use_penalty, window):
   """Beam search over B prompts with K beams each; returns the K best finished beams.
 
   Each step takes the 2K best (beam, token) extensions by summed log-probability. The
@@ -369,6 +414,8 @@ def _beam_loop(state, tokens_BxL, prompt_lens_B, max_new_tokens, alpha, penalty,
   """
   num_prompts, buffer_len = tokens_BxL.shape
   k = beam_size
+  feed = functools.partial(_feed, tokens_to_logits, initial_cache=state['cache'], copies=k,
+                           window=window)
   logits_BxPxV, state = tokens_to_logits(tokens_BxL[:, :prefill_len], state)
   end_B = prompt_lens_B + max_new_tokens
 
@@ -424,11 +471,13 @@ def _beam_loop(state, tokens_BxL, prompt_lens_B, max_new_tokens, alpha, penalty,
       still_B = still_B & ~full_B
 
     model_state, seen_NxV = _follow_parents(beams, parent_BxK, next_token_N, use_penalty)
-    logits_Nx1xV, model_state = tokens_to_logits(next_token_N[:, None], model_state)
+    live_tokens_BxKxL = _gather_beams(tokens_Bx2KxL, pick_BxK)
+    logits_NxV, model_state, start = feed(model_state, next_token_N,
+                                          live_tokens_BxKxL.reshape(k * num_prompts, -1), pos,
+                                          beams.start)
     return beams.replace(
-        pos=pos + 1, logits_NxV=logits_Nx1xV[:, -1].astype(jnp.float32),
-        model_state=model_state, seen_NxV=seen_NxV, live_scores_BxK=live_scores_BxK,
-        live_tokens_BxKxL=_gather_beams(tokens_Bx2KxL, pick_BxK),
+        pos=pos + 1, start=start, logits_NxV=logits_NxV, model_state=model_state,
+        seen_NxV=seen_NxV, live_scores_BxK=live_scores_BxK, live_tokens_BxKxL=live_tokens_BxKxL,
         searching_B=beams.searching_B & (forced_B | still_B))
 
   beams = jax.lax.while_loop(cond, body, _beam_init(
@@ -487,7 +536,7 @@ def _stop_array(stop_sequences: Sequence[Sequence[int]]):
 
 def _check_options(prompts, *, max_new_tokens, strategy, num_samples, temperature, top_k,
                    top_p, repetition_penalty, beam_size, length_penalty, beam_compat,
-                   max_len) -> None:
+                   max_len, window_stride) -> None:
   """Rejects `generate`'s impossible arguments with a message naming the argument."""
   if strategy not in STRATEGIES:
     raise UserError(f'strategy={strategy!r}; use one of {", ".join(STRATEGIES)}.')
@@ -520,12 +569,20 @@ def _check_options(prompts, *, max_new_tokens, strategy, num_samples, temperatur
       raise UserError(f'beam_compat={beam_compat!r}; use one of {", ".join(BEAM_COMPAT)}.')
     if length_penalty < 0:
       raise UserError(f'length_penalty={length_penalty}; it must be >= 0 (0: none).')
-  longest = max(len(p) for p in prompts)
-  if max_len is not None and longest + max_new_tokens > max_len:
-    raise UserError(
-        f'prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the '
-        f"model's context of {max_len} tokens (model.max_len); shorten the prompt or ask "
-        'for fewer tokens.')
+  if max_len is not None and window_stride is not None and not 1 <= window_stride <= max_len:
+    raise UserError(f'window_stride={window_stride}; it must be in [1, {max_len}] '
+                    "(model.max_len, the model's context); unset, it is half of that.")
+
+
+def _sliding_window(max_len: int | None, needed: int, window_stride: int | None = None):
+  """(size, keep) of the window a decode that needs `needed` positions (prompt + new
+  tokens) slides through, or None when they fit `max_len` (None: unbounded). The window
+  is the model's context; `keep` = size - stride + 1 tokens are re-read every `stride`
+  (default max_len // 2) tokens; see the module docstring."""
+  if max_len is None or needed <= max_len:
+    return None
+  stride = max(max_len // 2, 1) if window_stride is None else window_stride
+  return max_len, max_len - stride + 1
 
 
 
@@ -536,7 +593,8 @@ def generate(tokens_to_logits: TokensToLogits, state, prompts: Sequence[Sequence
              length_penalty: float = 0.6, beam_compat: str = 'lmjax',
              early_stopping: bool = False, eos_id: int | None = None,
              stop_sequences: Sequence[Sequence[int]] = (), seed: int = 0,
-             max_len: int | None = None) -> list[list[Candidate]]:
+             max_len: int | None = None,
+             window_stride: int | None = None) -> list[list[Candidate]]:
   """Continues each prompt; returns, per prompt, a list of `Candidate`s.
 
   Args:
@@ -559,15 +617,25 @@ def generate(tokens_to_logits: TokensToLogits, state, prompts: Sequence[Sequence
     eos_id: the token that ends a continuation (not returned); None: never ends early.
     stop_sequences: token sequences that end a continuation (kept in its tokens).
     seed: sampling is a pure function of it.
-    max_len: the model's context (prompt + new tokens must fit), if bounded.
+    max_len: the model's context, if bounded. A prompt longer than it keeps its last
+      max_len tokens (the repetition penalty sees only those), and text longer than it
+      slides through a window (see the module docstring). `state`'s cache must hold
+      `buffer_length(longest prompt + max_new_tokens, max_len)` positions.
+    window_stride: tokens between two re-reads of the window, in [1, max_len]; None:
+      max_len // 2. Only text longer than max_len uses it.
   """
   prompts = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
   _check_options(prompts, max_new_tokens=max_new_tokens, strategy=strategy,
                  num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=top_p,
                  repetition_penalty=repetition_penalty, beam_size=beam_size,
-                 length_penalty=length_penalty, beam_compat=beam_compat, max_len=max_len)
+                 length_penalty=length_penalty, beam_compat=beam_compat, max_len=max_len,
+                 window_stride=window_stride)
+  if max_len is not None:
+    prompts = [p[-max_len:] for p in prompts]
   longest = max(len(p) for p in prompts)
-  buffer_len = buffer_length(longest + max_new_tokens, max_len)
+  window = _sliding_window(max_len, longest + max_new_tokens, window_stride)
+  # The cache holds at most max_len positions; the token buffer holds the whole text.
+  buffer_len = buffer_length(longest + max_new_tokens, None if window else max_len)
   tokens_BxL = np.zeros((len(prompts), buffer_len), np.int32)
   for row, p in enumerate(prompts):
     tokens_BxL[row, :len(p)] = p
@@ -585,7 +653,8 @@ def generate(tokens_to_logits: TokensToLogits, state, prompts: Sequence[Sequence
         state, jnp.asarray(tokens_BxL), prompt_lens_B, max_new,
         jnp.asarray(length_penalty, jnp.float32), penalty, eos, stops_SxW, stop_lens_S,
         tokens_to_logits=tokens_to_logits, prefill_len=prefill_len, beam_size=beam_size,
-        compat=beam_compat, early_stopping=bool(early_stopping), use_penalty=use_penalty)
+        compat=beam_compat, early_stopping=bool(early_stopping), use_penalty=use_penalty,
+        window=window)
   else:
     slots = _sample_loop(
         state, jnp.asarray(tokens_BxL), prompt_lens_B, jax.random.key(seed), max_new,
@@ -593,7 +662,8 @@ def generate(tokens_to_logits: TokensToLogits, state, prompts: Sequence[Sequence
         jnp.asarray(top_p, jnp.float32), penalty, eos, stops_SxW, stop_lens_S,
         tokens_to_logits=tokens_to_logits, prefill_len=prefill_len, copies=num_samples,
         greedy=strategy == 'greedy', top_k=int(top_k) if strategy == 'sample' else 0,
-        use_top_p=strategy == 'sample' and top_p < 1.0, use_penalty=use_penalty)
+        use_top_p=strategy == 'sample' and top_p < 1.0, use_penalty=use_penalty,
+        window=window)
   return _candidates(prompts, slots, num_samples)
 
 

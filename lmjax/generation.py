@@ -45,7 +45,9 @@ def generate_texts(config, params, tokenizer, prompts: list[str], *, max_new_tok
                    stop_strings: tuple[str, ...] = (), **options) -> list[list[dict]]:
   """Continues each prompt with the KV-cached model; `options` go to `decode.generate`
   (strategy, num_samples, temperature, top_k, top_p, repetition_penalty, beam_size,
-  length_penalty, beam_compat, early_stopping, seed).
+  length_penalty, beam_compat, early_stopping, seed, window_stride). A Transformer writes
+  past its context through a sliding window, and reads only the last model.max_len tokens
+  of a longer prompt (see `lmjax.decode`).
 
   Returns, per prompt, one dict per continuation: 'text' (the new text only), 'tokens',
   'score' and 'finish' ('eos', 'stop' or 'length'). A continuation ends at the
@@ -85,8 +87,8 @@ def generate_texts(config, params, tokenizer, prompts: list[str], *, max_new_tok
 
 
 def context_length(config) -> int | None:
-  """The most tokens the model can read and write in one decode: the Transformer's
-  position table; None (no bound) for a recurrent model."""
+  """The most tokens the model reads at once: the Transformer's position table; None (no
+  bound) for a recurrent model. Longer text is decoded through a sliding window."""
   return None if models.is_recurrent(config.model) else config.model.max_len
 
 
@@ -99,16 +101,13 @@ def continue_prompt(config, params, tokenizer, prompt: str, num_tokens: int, *,
 
 
 def sample_text(config, params, tokenizer) -> str:
-  """A sampled continuation of train.sample_prompt, prompt included (what an evaluation
-  writes), cut to what the model's context holds (a short model.max_len must not fail a
-  run); the same seed at every call, so samples of successive evaluations differ only by
-  what the model learned. `params` is the whole tree (frozen parts joined)."""
+  """A sampled continuation of train.sample_prompt, train.sample_tokens long (fewer if it
+  samples EOS) whatever the model's context, prompt included (what an evaluation writes);
+  the same seed at every call, so samples of successive evaluations differ only by what
+  the model learned. `params` is the whole tree (frozen parts joined)."""
   t = config.train
-  num_tokens = t.sample_tokens
-  if context_length(config) is not None:
-    num_tokens = min(num_tokens, context_length(config) - len(tokenizer.encode(t.sample_prompt)))
-  if num_tokens <= 0:
+  if t.sample_tokens <= 0:
     return t.sample_prompt
   decode_config, params = finetune.for_decoding(config, params)
-  return continue_prompt(decode_config, params, tokenizer, t.sample_prompt, num_tokens,
+  return continue_prompt(decode_config, params, tokenizer, t.sample_prompt, t.sample_tokens,
                          seed=t.seed)

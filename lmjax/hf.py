@@ -361,9 +361,6 @@ def lmjax_config_from_hf(hf_config: dict,
       dropout=float(hf_config.get('resid_pdrop', 0.1)))
   config.data.tokenizer = 'gpt2_bpe'
   config.train.seq_len = min(config.train.seq_len, config.model.max_len)
-  # The sample printed after fine-tuning must fit in the context with its prompt.
-  if config.train.sample_tokens + 8 > config.model.max_len:
-    config.train.sample_tokens = config.model.max_len // 2
   config.lock()
   return config
 

@@ -1,16 +1,24 @@
 """The model-agnostic decoder: hand-written tokens_to_logits fakes, brute force on tiny
-vocabularies, and the real Transformer's KV cache against recomputing the prefix."""
+vocabularies, the real Transformer's KV cache against recomputing the prefix (and, past the
+context, each window), and experiments/decode.py writing 1,000 tokens past a context of 16."""
+import functools
 import itertools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax import decode
+from configs import shakespeare_char
+from lmjax import checkpoint as ckpt_lib
+from lmjax import decode, optim, state as state_lib, workdir as workdir_lib
+from lmjax.data import tokenizers
 from lmjax.errors import UserError
 from lmjax.models import transformer
 from lmjax.models.transformer import Transformer
+from tests import script_cases, xla
 from tests.models.test_transformer import TINY, _random_params
 
 VOCAB = 7
@@ -385,6 +393,189 @@ def test_a_padded_batch_gives_what_one_prompt_at_a_time_gives(tiny_decoder, opti
                                atol=1e-4)
 
 
+# ------------------------------------------------------ text longer than the context
+
+
+def _window_length(n, max_len, stride):
+  """How many of the last tokens the token after token n (0-based, prompt included) is
+  predicted from: the rule lmjax/decode.py's docstring states, written out again."""
+  if n < max_len:
+    return n + 1
+  return max_len - stride + 1 + (n - max_len) % stride
+
+
+WINDOW_VOCAB = 32
+
+
+def _window_model(ids_BxT, state):
+  """Prefers, after each token, the number of tokens its cache then holds: what it writes
+  spells out the length of the window at every step."""
+  held_B = state['cache']['held']
+  held_BxT = held_B[:, None] + 1 + jnp.arange(ids_BxT.shape[1])[None]
+  logits_BxTxV = 5.0 * jax.nn.one_hot(held_BxT % WINDOW_VOCAB, WINDOW_VOCAB)
+  return logits_BxTxV, {'cache': {'held': held_B + ids_BxT.shape[1]}}
+
+
+@pytest.mark.parametrize('strategy, stride', [
+    ('greedy', 8), ('sample', 3), ('beam', 1), ('greedy', 'unbounded')])
+def test_past_the_context_each_token_sees_the_window_the_rule_gives(strategy, stride):
+  # Prompts of 2 and 5 tokens, and one of 11 that keeps its last 8, decoded together.
+  prompts = [[1, 1], [2] * 5, [3] * 11]
+  max_len = None if stride == 'unbounded' else 8
+  out = decode.generate(
+      _window_model, {'cache': {'held': jnp.zeros((3,), jnp.int32)}}, prompts,
+      max_new_tokens=20, strategy=strategy, temperature=0.1, beam_size=2, max_len=max_len,
+      window_stride=None if max_len is None else stride)
+  for prompt, (best, *_) in zip(prompts, out, strict=True):
+    if max_len is None:  # a recurrent model: nothing restarts, ever
+      expected = [len(prompt) + i for i in range(20)]
+    else:
+      start = min(len(prompt), max_len)
+      expected = [_window_length(start - 1 + i, max_len, stride) for i in range(20)]
+    assert best.tokens.tolist() == expected and best.finish == 'length'
+
+
+@functools.cache
+def _full_forward():
+  return jax.jit(Transformer(**TINY).apply)
+
+
+def _recompute_windows(params, prompt, stride, steps, follow=None):
+  """Greedy decoding (or the tokens `follow`) by a full forward pass over exactly the
+  tokens the window holds at each step: (new tokens, their summed log-probability)."""
+  max_len = TINY['max_len']
+  ids, total = list(prompt)[-max_len:], 0.0
+  for i in range(steps):
+    length = _window_length(len(ids) - 1, max_len, stride)
+    window = ids[len(ids) - length:]
+    # Padding after the window changes nothing before it: the model is causal.
+    logits = _full_forward()({'params': params},
+                             jnp.asarray([window + [0] * (max_len - length)], jnp.int32))
+    log_probs = np.asarray(jax.nn.log_softmax(logits[0, length - 1]))
+    token = int(np.argmax(log_probs)) if follow is None else int(follow[i])
+    ids.append(token)
+    total += float(log_probs[token])
+  return ids[-steps:], total
+
+
+# Decoded past the context of 16 (40 new tokens: the window slides often), and within it.
+PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]
+ROOM = TINY['max_len'] - 7  # new tokens that fit the context whole
+SLIDING = {
+    'greedy': dict(strategy='greedy'),
+    'sample': dict(strategy='sample', num_samples=2, temperature=1.5, window_stride=5, seed=3),
+    'beam': dict(strategy='beam', beam_size=3, num_samples=3, length_penalty=0.0,
+                 window_stride=5),
+}
+
+
+@pytest.fixture(scope='module')
+def sliding(tiny_decoder):
+  """strategy -> its candidates for PROMPTS with 40 new tokens (each run once)."""
+  model, params = tiny_decoder
+
+  @functools.cache
+  def run(strategy):
+    tokens_to_logits, state = transformer.decode_fns(model, params, batch_size=2)
+    return decode.generate(tokens_to_logits, state, PROMPTS, max_new_tokens=40,
+                           max_len=TINY['max_len'], **SLIDING[strategy])
+  return run
+
+
+@pytest.mark.parametrize('strategy', SLIDING)
+def test_past_the_context_the_cache_equals_recomputing_each_window(tiny_decoder, sliding,
+                                                                   strategy):
+  _, params = tiny_decoder
+  options = SLIDING[strategy]
+  stride = options.get('window_stride', TINY['max_len'] // 2)
+  for prompt, candidates in zip(PROMPTS, sliding(strategy), strict=True):
+    assert len(candidates) == options.get('num_samples', 1)
+    if strategy == 'greedy':
+      assert candidates[0].tokens.tolist() == _recompute_windows(params, prompt, stride, 40)[0]
+    for c in candidates:  # every score is the log-probability of its tokens, window by window
+      assert len(c.tokens) == 40 and c.finish == 'length'
+      assert c.score == pytest.approx(
+          _recompute_windows(params, prompt, stride, 40, c.tokens)[1], abs=2e-3)
+
+
+@pytest.mark.parametrize('strategy', ['greedy', 'sample'])
+def test_the_window_changes_nothing_until_it_is_full(tiny_decoder, sliding, strategy):
+  model, params = tiny_decoder
+  tokens_to_logits, state = transformer.decode_fns(model, params, batch_size=2)
+  within = decode.generate(tokens_to_logits, state, PROMPTS, max_new_tokens=ROOM,
+                           max_len=TINY['max_len'], **SLIDING[strategy])
+  assert [[t[:ROOM] for t in row] for row in _tokens(sliding(strategy))] == _tokens(within)
+
+
+# ------------------------------------------------ experiments/decode.py past the context
+
+SCRIPT_MAX_LEN = 16
+SCRIPT_CHARS = 'ROMEO: abcdefgh'
+
+
+def _never_ending_params(abstract_params):
+  """Random weights of a tiny Transformer whose logits put EOS (id 0) about 40 below every
+  character, so each continuation runs its full length: the final norm's feature 0 is a
+  constant 10, and the tied embedding has +2 there for characters, -2 for EOS."""
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda x: (0.5 * rng.normal(size=x.shape)).astype(x.dtype),
+                        abstract_params)
+  params['final_norm']['scale'][0], params['final_norm']['bias'][0] = 0.0, 10.0
+  embedding = params['token_embed']['embedding']
+  embedding[0, 0], embedding[1:, 0] = -2.0, 2.0
+  return params
+
+
+@pytest.fixture(scope='module')
+def short_context_workdir(tmp_path_factory):
+  """A checkpointed workdir of an untrained character model with a context of 16."""
+  workdir = str(tmp_path_factory.mktemp('short_context'))
+  config = shakespeare_char.get_config('tiny')
+  config.model.update(num_layers=1, num_heads=2, d_model=16, d_ff=32, max_len=SCRIPT_MAX_LEN)
+  config.train.update(seq_len=SCRIPT_MAX_LEN)
+  tokenizer = tokenizers.CharTokenizer(sorted(set(SCRIPT_CHARS)))
+  workdir_lib.save_config(config, workdir)
+  tokenizer.save(workdir)
+  abstract = jax.eval_shape(functools.partial(
+      state_lib.init_state, model=state_lib.build_model(config, tokenizer.vocab_size),
+      tx=optim.make_optimizer(config.opt, config.train.num_steps), seq_len=SCRIPT_MAX_LEN),
+      jax.random.key(0))
+  zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract)
+  state = zeros.replace(step=np.int32(1), params=_never_ending_params(abstract.params))
+  checkpointer = ckpt_lib.Checkpointer(workdir)
+  checkpointer.save(1, state, {'next_example': 0})
+  checkpointer.wait()
+  checkpointer.close()
+  return workdir
+
+
+def test_decode_script_writes_1000_characters_past_a_context_of_16(short_context_workdir):
+  flags = [f'--workdir={short_context_workdir}', '--prompt=ROMEO:', '--max_new_tokens=1000',
+           '--output=-']
+  long_prompt = 'ROMEO: ' + 'abcdefgh ' * 3  # 34 characters, decoded beside ROMEO:
+  cases = {
+      'greedy': [*flags, '--strategy=greedy', f'--prompt={long_prompt}', '--batch_size=2'],
+      'sample': [*flags, '--strategy=sample', '--top_k=5', '--num_samples=2'],
+      'beam': [*flags, '--strategy=beam', '--beam_size=2', '--window_stride=3'],
+      'window_stride': [*flags, '--window_stride=17'],
+  }
+  runs = script_cases.run({key: ('decode.py', argv) for key, argv in cases.items()},
+                          env=dict(os.environ, XLA_FLAGS=xla.flags()))
+  assert script_cases.error_line(runs.pop('window_stride')) == (
+      'error: window_stride=17; it must be in [1, 16] (model.max_len, the model\'s context); '
+      'unset, it is half of that.')
+  prompts = {'greedy': ['ROMEO:', long_prompt], 'sample': ['ROMEO:'] * 2, 'beam': ['ROMEO:']}
+  for strategy, done in runs.items():
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [row['prompt'] for row in rows] == prompts[strategy]
+    for row in rows:
+      assert row['finish'] == 'length'
+      assert len(row['tokens']) == 1000 and len(row['text']) == 1000
+  assert ('note: prompt 2 is 34 tokens; the model reads only its last 16 (model.max_len).'
+          in runs['greedy'].stderr.splitlines())
+
+
 # ------------------------------------------------------------------------- bad input
 
 
@@ -405,7 +596,8 @@ def test_a_padded_batch_gives_what_one_prompt_at_a_time_gives(tiny_decoder, opti
     (dict(repetition_penalty=0.0), 'repetition_penalty'),
     (dict(num_samples=0), 'num_samples'),
     (dict(stop_sequences=[[]]), 'stop sequence is empty'),
-    (dict(max_len=4), 'model.max_len'),
+    (dict(max_len=4, window_stride=5), r'window_stride=5; it must be in \[1, 4\]'),
+    (dict(max_len=4, window_stride=0), 'window_stride=0'),
 ])
 def test_bad_arguments_are_named(kwargs, field):
   args = dict(prompts=[[1, 2]], max_new_tokens=3)

@@ -169,7 +169,6 @@ def test_bad_config_is_named_before_anything_runs(overrides, message, tmp_path):
 # tests/test_bad_inputs.py.)
 BAD_DECODE_FLAGS = {
     'temperature': (['--strategy=sample', '--temperature=0'], 'temperature'),
-    'max_new_tokens': (['--max_new_tokens=5000'], 'model.max_len'),
     'no_new_tokens': (['--max_new_tokens=0'], 'max_new_tokens=0'),
     'unknown_char': (['--prompt=ROMEO: \u00e9t\u00e9', '--max_new_tokens=5'], "'\u00e9'"),
     'unknown_stop_char': (['--stop=\u00e9', '--max_new_tokens=5'], "'\u00e9'"),
