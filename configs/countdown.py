@@ -12,6 +12,10 @@ Variants (the text after ':'):
   (none)  4 layers x 192 wide, context 64, batch 64, 2500 steps: about 25 minutes on 2 CPU
           cores.
   tiny    2 layers x 64 wide, 60 steps: seconds; what the tests train.
+  completion       prompt -> completion: the puzzle line is the prompt, its solution the
+                   completion, and only the solution (and its end) is scored; examples
+                   packed in rows of 128, 32 rows a step (the default's tokens per step).
+  completion_tiny  the same with tiny's model, 30 steps: what the tests train.
 """
 import ml_collections
 
@@ -38,6 +42,18 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
     c.opt.update(lr=3e-3, min_lr=3e-4, warmup_steps=10)
     c.train.update(num_steps=60, batch_size=16, eval_batch_size=64, eval_every=60,
                    checkpoint_every=60, log_every=20)
+  elif variant in ('completion', 'completion_tiny'):
+    c.data.format = 'completion'
+    # About three puzzles to a row; greedy completions of 16 validation puzzles at each
+    # evaluation give eval/solve_rate.
+    c.model.max_len = 128
+    c.train.update(seq_len=128, batch_size=32, sample_tokens=32, eval_completions=16)
+    if variant == 'completion_tiny':
+      c.model.update(num_layers=2, d_model=64)
+      c.opt.update(lr=3e-3, min_lr=3e-4, warmup_steps=5)
+      c.train.update(num_steps=30, batch_size=16, eval_batch_size=64, eval_every=30,
+                     checkpoint_every=30, log_every=10, eval_completions=4)
   else:
-    raise UserError(f"unknown variant {variant!r} of configs/countdown.py; use '' or 'tiny'")
+    raise UserError(f'unknown variant {variant!r} of configs/countdown.py; use one of '
+                    "'', 'tiny', 'completion', 'completion_tiny'")
   return c

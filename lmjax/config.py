@@ -17,7 +17,7 @@ import jax
 import ml_collections
 
 from lmjax import models, sharding, tasks
-from lmjax.data import corpora, external, tokenizers
+from lmjax.data import completions, corpora, external, tokenizers
 from lmjax.errors import UserError
 from lmjax.models import transformer
 
@@ -73,6 +73,8 @@ def _data() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # shakespeare | milton | countdown | authorship (lmjax's), or 'tfds:NAME', e.g. 'tfds:lm1b'
   c.name = 'shakespeare'
+  # text: documents, every token a target | completion: prompt -> completion, the completion scored
+  c.format = 'text'
   c.data_dir = ''  # TFDS data directory; '' means TFDS's default (~/tensorflow_datasets)
   c.tokenizer = 'char'  # char | sentencepiece | gpt2_bpe (GPT-2's byte-level BPE)
   c.vocab_size = 0  # sentencepiece only: vocabulary size to train
@@ -86,6 +88,14 @@ def _data() -> ml_collections.ConfigDict:
   c.drop_unknown_chars = False  # char tokenizer: drop characters it has no id for
   # several corpora at once, 'DATASET:WEIGHT' each: ('shakespeare:0.7', 'milton:0.3'); () none
   c.mixture = ()
+  c.pack = True  # completion: several examples to a row of train.seq_len; False: one, padded
+  c.prompt_feature = 'prompt'  # completion: the prompt's feature (tfds:) or key (JSONL)
+  c.completion_feature = 'completion'  # completion: the completion's feature or key
+  # completion: JSONL file (or glob) of prompt/completion objects to train on, not data.name
+  c.train_file = ''
+  # completion, JSONL: the validation file (or glob); '' holds out data.holdout of train_file
+  c.eval_file = ''
+  c.holdout = 0.05  # JSONL without data.eval_file: share of examples held out, by their hash
   return c
 
 
@@ -122,8 +132,10 @@ def _train() -> ml_collections.ConfigDict:
   c.freeze = ()  # regexes over parameter names ('layer_0/attention/query/kernel') not trained
   c.mask_rate = 0.15  # masked LM only: share of tokens selected for prediction
   c.sample_prompt = 'ROMEO:\n'  # prompt of the samples logged at each evaluation
-  c.sample_tokens = 240  # length of that sample (prompt + sample <= model.max_len)
+  c.sample_tokens = 240  # length of that sample (past model.max_len the window slides)
   c.balance_classes = False  # classifier: weigh a passage's loss by 1 / its class's share
+  # completion: validation prompts completed greedily (sample_tokens at most) at each evaluation
+  c.eval_completions = 8
   return c
 
 
@@ -387,6 +399,8 @@ def _check_schedule(t, o) -> None:
 
 
 def _check_data(d) -> None:
+  if d.format not in completions.FORMATS:
+    raise UserError(f'data.format={d.format!r}; use one of {", ".join(completions.FORMATS)}.')
   if d.tokenizer not in tokenizers.KINDS:
     raise UserError(f'data.tokenizer={d.tokenizer!r}; use one of {tokenizers.KINDS}.')
   if d.tokenizer == 'sentencepiece' and d.vocab_size <= 0:
@@ -395,6 +409,13 @@ def _check_data(d) -> None:
   if d.tokenizer == 'sentencepiece' and d.spm_model_type not in tokenizers.SPM_MODEL_TYPES:
     raise UserError(f'data.spm_model_type={d.spm_model_type!r}; use one of '
                     f'{", ".join(tokenizers.SPM_MODEL_TYPES)}.')
+  if d.train_file or d.eval_file:
+    _check_jsonl(d)
+  else:
+    _check_name_and_splits(d)
+
+
+def _check_name_and_splits(d) -> None:
   if external.is_external(d.name):  # its splits and feature are checked when it is opened
     external.check_name(d.name)
   elif d.name not in corpora.DATASETS:
@@ -405,6 +426,24 @@ def _check_data(d) -> None:
       if d[field] not in corpora.SPLITS:
         raise UserError(f'data.{field}={d[field]!r}; {d.name} has the splits '
                         f'{", ".join(corpora.SPLITS)}.')
+
+
+def _check_jsonl(d) -> None:
+  """JSONL files of prompts and completions: the format, the splits and the hold-out."""
+  if not d.train_file:
+    raise UserError(f'data.eval_file={d.eval_file!r} holds the validation examples of the '
+                    "JSONL files data.train_file names, and data.train_file is ''; name the "
+                    "training file, or set data.eval_file=''.")
+  if d.format != 'completion':
+    raise UserError(f'data.train_file={d.train_file!r} holds prompt -> completion examples; '
+                    "set data.format='completion'.")
+  for field in ('train_split', 'eval_split'):
+    if d[field] not in completions.JSONL_SPLITS:
+      raise UserError(f'data.{field}={d[field]!r}; JSONL examples have the splits '
+                      f'{" and ".join(completions.JSONL_SPLITS)}.')
+  if not d.eval_file and not 0 < d.holdout < 1:
+    raise UserError(f'data.holdout={d.holdout}; the share of examples held out for '
+                    'validation must be between 0 and 1, or give data.eval_file.')
 
 
 if __name__ == '__main__':

@@ -13,16 +13,31 @@ import optax
 from lmjax import finetune, losses, microbatch, sharding
 from lmjax.data import pipeline
 from lmjax.errors import UserError
+from lmjax.models import rnn
 from lmjax.state import TrainState
 
 def _loss_sums(model, params, batch: dict, weights, **kwargs):
   """Loss sums of a batch: of every next token ('targets'), or of one class label per row
-  ('labels', with the 'mask' of real tokens)."""
+  ('labels', with the 'mask' of real tokens). Packed rows ('segment_ids', 'positions')
+  keep their examples apart (`packed_kwargs`)."""
   if 'labels' in batch:
     logits = model.apply({'params': params}, batch['inputs'], mask_BxT=batch['mask'], **kwargs)
     return losses.classification_sums(logits, batch['labels'], weights)
-  logits = model.apply({'params': params}, batch['inputs'], **kwargs)
+  logits = model.apply({'params': params}, batch['inputs'], **packed_kwargs(model, batch),
+                       **kwargs)
   return losses.token_cross_entropy(logits, batch['targets'], weights)
+
+
+def packed_kwargs(model, batch: dict) -> dict:
+  """What `model` needs to read a batch of packed rows, several examples in a row, as if
+  each were alone: the Transformer masks attention between examples and reads each
+  token's position in its example; a recurrent model starts from a zero carry at each
+  example's first token. {} for a batch that is not packed."""
+  if 'segment_ids' not in batch:
+    return {}
+  if isinstance(model, rnn.RecurrentLM):
+    return {'resets_BxT': batch['positions'] == 0}
+  return {'segment_ids_BxT': batch['segment_ids'], 'positions_BxT': batch['positions']}
 
 
 def train_step(state: TrainState, batch: dict, rng, *, model, tx, microbatches: int = 1,

@@ -13,6 +13,7 @@ scored (`split_eval_set`, `split_report`). Each kind checks the fields it depend
   Stream          a recurrent model carrying its state from batch to batch (train.stateful)
   Mixture         a language model on a weighted mixture of corpora (data.mixture)
   Classification  one label per passage (a dataset with classes, e.g. authorship)
+  Completion      prompt -> completion pairs, the completion scored (data.format='completion')
 
 A new kind is one class here and one line in `task_class`.
 """
@@ -21,14 +22,16 @@ import math
 import ml_collections
 import numpy as np
 
-from lmjax import generation, losses, models, state as state_lib, steps
-from lmjax.data import corpora, external, pipeline
+from lmjax import finetune, generation, losses, models, state as state_lib, steps
+from lmjax.data import completions, corpora, external, pipeline, puzzles
 from lmjax.errors import UserError
 from lmjax.models import rnn
 
 
 def task_class(config) -> type:
   """The kind of training `config` describes."""
+  if config.data.format == 'completion':
+    return Completion
   if corpora.class_names(config.data.name):
     return Classification
   if config.data.mixture:
@@ -46,6 +49,9 @@ def scoring_task(config, dataset: str | None = None):
   kind = task_class(config)
   if dataset is None:
     return kind(config).scored()
+  if kind is Completion:
+    raise UserError(f'--dataset={dataset!r}: this run learned to complete the prompts of '
+                    f"{completions.source(config.data)!r}; it scores those completions only.")
   if kind is Classification:
     raise UserError(f'--dataset={dataset!r}: this run is a classifier of '
                     f"{config.data.name!r}; it scores that dataset's passages only.")
@@ -455,3 +461,129 @@ def balanced_weights(labels, counts) -> np.ndarray:
   per_class = np.zeros(len(counts))
   per_class[present] = len(labels) / (present.sum() * counts[present])
   return per_class[labels].astype(np.float32)
+
+
+class Completion(LanguageModel):
+  """Prompt -> completion pairs (supervised fine-tuning), trained as a language model whose
+  loss and metrics count the completion's tokens and its eos only, several examples packed
+  in a row or one a row (`lmjax.data.completions`). An evaluation also completes a few
+  validation prompts greedily; on Countdown, the puzzle checker scores them
+  (eval/solve_rate)."""
+
+  @classmethod
+  def check_config(cls, config) -> None:
+    super().check_config(config)
+    d, t, m = config.data, config.train, config.model
+    refused = [(not m.causal, 'model.causal=False: a completion is written left to right'),
+               (t.stateful, 'train.stateful=True: examples are read independently'),
+               (bool(d.mixture), 'data.mixture: one dataset of prompts and completions'),
+               (not d.train_file and bool(corpora.class_names(d.name)),
+                f'data.name={d.name!r}: it has labels')]
+    for refuse, why in refused:
+      if refuse:
+        raise UserError(f"data.format='completion' cannot take {why}.")
+    if d.pack and m.name == 'transformer' and m.attention == 'cudnn':
+      raise UserError("data.pack=True keeps packed examples apart with a mask that "
+                      "model.attention='cudnn' does not take; use model.attention="
+                      "'dot_product', or data.pack=False (one example a row).")
+    if t.eval_completions < 0:
+      raise UserError(f'train.eval_completions={t.eval_completions}; use 0 (none) or the '
+                      'number of validation prompts to complete at each evaluation.')
+
+  def read(self) -> None:
+    """The training split's (prompt, completion) pairs."""
+    self.pairs = completions.read_examples(self.data, self.data.train_split)
+
+  def tokenizer_texts(self) -> list[str]:
+    return [text for pair in self.pairs for text in pair]
+
+  def _tokenized(self, pairs, split: str, tokenizer) -> completions.Examples:
+    return completions.tokenize(pairs, tokenizer, seq_len=self.config.train.seq_len,
+                                what=f'{completions.source(self.data)} {split}',
+                                drop_unknown_chars=self.data.drop_unknown_chars)
+
+  def load(self, tokenizer, workdir: str) -> None:
+    """Tokenizes both splits, and keeps the first validation pairs for the completions
+    written at each evaluation."""
+    del workdir
+    self.tokenizer, t = tokenizer, self.config.train
+    self.examples = self._tokenized(self.pairs, self.data.train_split, tokenizer)
+    eval_pairs = completions.read_examples(self.data, self.data.eval_split)
+    self.evals = completions.eval_set(
+        self._tokenized(eval_pairs, self.data.eval_split, tokenizer), seq_len=t.seq_len,
+        batch_size=t.eval_batch_size, packed=self.data.pack)
+    self.samples = eval_pairs[:t.eval_completions] if t.sample_tokens > 0 else []
+    self.generated = []
+
+  def describe(self) -> str:
+    t = self.config.train
+    _, bounds = completions.epoch_plan(self.examples, 0, seed=t.seed, seq_len=t.seq_len,
+                                       packed=self.data.pack)
+    num_rows, spans = len(bounds) - 1, self.examples.spans
+    scored = spans.sum() - self.examples.prompt_lengths.sum() + len(spans)
+    return (f'{len(spans):,} training examples (prompt -> completion) in {num_rows:,} rows '
+            f'of {t.seq_len} an epoch, {spans.sum() / (num_rows * t.seq_len):.0%} of their '
+            f'positions filled, {scored:,} scored tokens')
+
+  def check_sample_prompt(self, tokenizer) -> None:
+    del tokenizer  # the completions written continue validation prompts
+
+  def train_dataset(self, start_example: int):
+    t = self.config.train
+    return completions.train_dataset(self.examples, seq_len=t.seq_len,
+                                     global_batch=t.batch_size, seed=t.seed,
+                                     packed=self.data.pack, start_example=start_example)
+
+  def evaluate(self, eval_fn, params, batch_sharding, carry=None) -> dict:
+    """Loss, perplexity and accuracy over the validation completions; the greedy
+    completions of the first validation prompts, and on Countdown the share they solve."""
+    metrics = super().evaluate(eval_fn, params, batch_sharding, carry)
+    self.generated = self._complete(params)
+    if self.generated and completions.source(self.data) == 'countdown':
+      solved = [puzzles.solves(prompt, text)
+                for (prompt, _), text in zip(self.samples, self.generated)]
+      metrics['solve_rate'] = sum(solved) / len(solved)
+    return metrics
+
+  def _complete(self, params) -> list[str]:
+    """Greedy completions, train.sample_tokens at most, of the sampled validation prompts."""
+    if not self.samples:
+      return []
+    config, params = finetune.for_decoding(self.config, params)
+    results = generation.generate_texts(config, params, self.tokenizer,
+                                        [prompt for prompt, _ in self.samples],
+                                        max_new_tokens=self.config.train.sample_tokens,
+                                        strategy='greedy')
+    return [candidates[0]['text'] for candidates in results]
+
+  def texts(self, params, metrics: dict) -> dict[str, str]:
+    """TensorBoard text of an evaluation: each validation prompt, the model's completion and
+    the reference, as a code block."""
+    del params, metrics
+    if not self.generated:
+      return {}
+    blocks = []
+    for (prompt, reference), text in zip(self.samples, self.generated):
+      blocks.append(f'prompt:     {prompt!r}\ncompletion: {text!r}\nreference:  {reference!r}')
+    # Indented four spaces: TensorBoard's text tab shows it as a code block.
+    return {'completions': '    ' + '\n\n'.join(blocks).replace('\n', '\n    ')}
+
+  def closing(self, workdir: str, metrics: dict, texts: dict) -> str:
+    del metrics
+    prompt = self.samples[0][0].strip() if self.samples else 'PROMPT'
+    shown = ('\n\n--- greedy completions of validation prompts ---\n'
+             + texts['completions'] if texts.get('completions') else '')
+    return (f'Complete a prompt with: python experiments/decode.py --workdir={workdir} '
+            f"--prompt='{prompt}' --strategy=greedy{shown}")
+
+  def split_eval_set(self, split: str, tokenizer, batch_size: int,
+                     workdir: str) -> pipeline.EvalSet:
+    """Split `split`'s examples, laid out as training's evaluation lays them."""
+    del workdir
+    return completions.eval_set(
+        self._tokenized(completions.read_examples(self.data, split), split, tokenizer),
+        seq_len=self.config.train.seq_len, batch_size=batch_size, packed=self.data.pack)
+
+  def split_report(self, metrics: dict, evals: pipeline.EvalSet, tokenizer) -> dict:
+    return {**super().split_report(metrics, evals, tokenizer),
+            'dataset': completions.source(self.data)}

@@ -217,6 +217,18 @@ def answer_lines(text: str) -> list[str]:
   return [line for line in text.split('\n') if line.strip()]
 
 
+def prompt_and_solution(text: str) -> tuple[str, str]:
+  """A solved example as a prompt and its completion: the puzzle line with its newline, and
+  the solution lines (what a prompt -> completion run trains a model to write)."""
+  line, _, solution = text.partition('\n')
+  return line + '\n', solution
+
+
+def solves(prompt: str, answer: str) -> bool:
+  """Whether `answer`, a generated completion of the puzzle line `prompt`, solves it."""
+  return check(parse_puzzle(prompt), answer_lines(answer)).solved
+
+
 @functools.lru_cache(maxsize=1 << 16)
 def can_reach(numbers: tuple[int, ...], target: int) -> bool:
   """Whether the numbers (ascending) can still make the target under the rules, with

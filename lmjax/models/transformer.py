@@ -6,6 +6,11 @@ Parameters carry logical axis names ('vocab', 'position', 'embed', 'heads',
 weight matches GPT-2 up to a reshape (q, k and v are separate, heads are their
 own axis), so importing its checkpoints needs no arithmetic.
 
+Training and evaluation may give packed rows, several examples one after another in a row:
+`segment_ids_BxT` says which example each token belongs to (attention stays inside it, on
+the XLA kernel and the einsum path, blocked or not; cuDNN's is refused) and `positions_BxT`
+each token's position in its example (the row of the position table it reads).
+
 Decode mode (`decode=True`) keeps a 'cache' collection:
 
     {'index': int32[],                       # positions filled so far
@@ -225,11 +230,15 @@ class CausalSelfAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxE: Array, cache_index: Array | None, *, train: bool,
-               mask_BxT: Array | None = None) -> Array:
+               mask_BxT: Array | None = None, segment_ids_BxT: Array | None = None) -> Array:
     """`cache_index` is the position of x's first token (decode mode only); `mask_BxT`
     marks real tokens of right-padded rows: an encoder attends to those only (a causal
-    model needs no mask, as padding comes after every real token)."""
+    model needs no mask, as padding comes after every real token). `segment_ids_BxT`
+    (training and evaluation of packed rows) lets a token attend only to tokens of its own
+    segment: several examples share a row without reading one another."""
     batch_size, num_new, d_model = x_BxTxE.shape
+    if segment_ids_BxT is not None:
+      _check_segments_allowed(self.decode, self.attention)
     query_BxTxHxD = self._project('query', d_model)(x_BxTxE)
     key_BxTxHxD = self._project('key', d_model)(x_BxTxE)
     value_BxTxHxD = self._project('value', d_model)(x_BxTxE)
@@ -267,21 +276,13 @@ class CausalSelfAttention(nn.Module):
     # jax.nn.dot_product_attention has no dropout on the attention probabilities, so a
     # training step that drops them takes the einsum path: the model stays the same.
     if self.attention != 'einsum' and not (train and self.dropout_rate > 0):
-      if self.causal and from_start:
-        mask = None  # is_causal: a kernel like cuDNN's then skips the masked half
-      elif self.causal:
-        mask = _causal_mask_1x1xTxS(query_positions_T, key_BxSxHxD.shape[1])
-      else:
-        mask = None if mask_BxT is None else mask_BxT.astype(bool)[:, None, None, :]
-      # Scores and softmax run in float32 there too, whatever the input dtype.
-      flash = self.attention == 'cudnn' and self.causal and from_start
-      context_BxTxHxD = jax.nn.dot_product_attention(
-          query_BxTxHxD, key_BxSxHxD, value_BxSxHxD, mask=mask,
-          is_causal=self.causal and from_start, implementation='cudnn' if flash else None)
+      context_BxTxHxD = self._kernel_attention(
+          query_BxTxHxD, key_BxSxHxD, value_BxSxHxD, query_positions_T, mask_BxT,
+          from_start, segment_ids_BxT)
     else:
       context_BxTxHxD = self._einsum_attention(
           query_BxTxHxD, key_BxSxHxD, value_BxSxHxD, query_positions_T, mask_BxT, train,
-          blocked=self.causal and from_start)
+          blocked=self.causal and from_start, segment_ids_BxT=segment_ids_BxT)
 
     if self.decode and cache_exists:
       context_BxTxHxD = jnp.where(overrun, jnp.nan, context_BxTxHxD)
@@ -298,15 +299,38 @@ class CausalSelfAttention(nn.Module):
     )(context_BxTxHxD)
     return dropout.Dropout(self.dropout_rate)(out_BxTxE, deterministic=not train)
 
+  def _kernel_attention(self, query_BxTxHxD: Array, key_BxSxHxD: Array,
+                        value_BxSxHxD: Array, query_positions_T: Array,
+                        mask_BxT: Array | None, from_start: bool,
+                        segment_ids_BxT: Array | None) -> Array:
+    """Attention by jax.nn.dot_product_attention (XLA's kernel, or cuDNN's flash attention
+    for model.attention='cudnn'), which runs scores and softmax in float32 too, whatever
+    the input dtype."""
+    if self.causal and from_start:
+      mask = None  # is_causal: a kernel like cuDNN's then skips the masked half
+    elif self.causal:
+      mask = _causal_mask_1x1xTxS(query_positions_T, key_BxSxHxD.shape[1])
+    else:
+      mask = None if mask_BxT is None else mask_BxT.astype(bool)[:, None, None, :]
+    if segment_ids_BxT is not None:  # combined with is_causal by the kernel
+      same = _same_segment_Bx1xTxS(segment_ids_BxT, segment_ids_BxT)
+      mask = same if mask is None else mask & same
+    flash = self.attention == 'cudnn' and self.causal and from_start
+    return jax.nn.dot_product_attention(
+        query_BxTxHxD, key_BxSxHxD, value_BxSxHxD, mask=mask,
+        is_causal=self.causal and from_start, implementation='cudnn' if flash else None)
+
   def _einsum_attention(self, query_BxTxHxD: Array, key_BxSxHxD: Array,
                         value_BxSxHxD: Array, query_positions_T: Array,
-                        mask_BxT: Array | None, train: bool, blocked: bool = False) -> Array:
+                        mask_BxT: Array | None, train: bool, blocked: bool = False,
+                        segment_ids_BxT: Array | None = None) -> Array:
     """Attention written out. With `blocked` (causal, queries at 0..T-1 over the same keys)
     and `attention_block` = b, queries [i, i + b) attend to keys [0, i + b) only: the
     scores, softmax, dropout and matmuls of the masked upper blocks are never computed
     (at b = T/4, 10 of 16 blocks; fwd + bwd of one layer's attention 19% faster on a CPU
     core). Every block's dropout mask is its window of the whole [B, H, T, T] mask, so the
-    model is the same; only the float rounding of the sums differs."""
+    model is the same; only the float rounding of the sums differs. With `segment_ids_BxT`
+    each block's queries see the keys of their own segments only."""
     num_new = query_BxTxHxD.shape[1]
     block = self.attention_block
     drop = dropout.Dropout(self.dropout_rate)
@@ -317,9 +341,13 @@ class CausalSelfAttention(nn.Module):
     for start in range(0, num_new, block):
       stop = min(start + block, num_new)
       keys = stop if blocked else key_BxSxHxD.shape[1]
+      same_segment = None
+      if segment_ids_BxT is not None:
+        same_segment = _same_segment_Bx1xTxS(segment_ids_BxT[:, start:stop],
+                                             segment_ids_BxT[:, :keys])
       probs_BxHxTxS = self._attention_probs(
           query_BxTxHxD[:, start:stop], key_BxSxHxD[:, :keys], query_positions_T[start:stop],
-          mask_BxT)
+          mask_BxT, same_segment)
       if drop_key is not None:
         whole = (*probs_BxHxTxS.shape[:2], num_new, key_BxSxHxD.shape[1])
         probs_BxHxTxS = drop.apply_window(probs_BxHxTxS, drop_key, whole, (0, 0, start, 0),
@@ -328,7 +356,8 @@ class CausalSelfAttention(nn.Module):
     return context[0] if len(context) == 1 else jnp.concatenate(context, axis=1)
 
   def _attention_probs(self, query_BxTxHxD: Array, key_BxSxHxD: Array,
-                       query_positions_T: Array, mask_BxT: Array | None) -> Array:
+                       query_positions_T: Array, mask_BxT: Array | None,
+                       same_segment_Bx1xTxS: Array | None = None) -> Array:
     # Scores and softmax in float32: bfloat16 loses too much in the normaliser.
     scores_BxHxTxS = jnp.einsum('bthd,bshd->bhts', query_BxTxHxD, key_BxSxHxD,
                                 preferred_element_type=jnp.float32)
@@ -340,8 +369,27 @@ class CausalSelfAttention(nn.Module):
       allowed_BxHxTxS = jnp.ones((1, 1, num_new, num_keys), bool)
       if mask_BxT is not None:
         allowed_BxHxTxS = allowed_BxHxTxS & mask_BxT.astype(bool)[:, None, None, :]
+    if same_segment_Bx1xTxS is not None:
+      allowed_BxHxTxS = allowed_BxHxTxS & same_segment_Bx1xTxS
     scores_BxHxTxS = jnp.where(allowed_BxHxTxS, scores_BxHxTxS, jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(self.dtype)
+
+
+def _same_segment_Bx1xTxS(query_segments_BxT: Array, key_segments_BxS: Array) -> Array:
+  """True where a query and a key belong to the same segment (the same packed example)."""
+  return (query_segments_BxT[:, :, None] == key_segments_BxS[:, None, :])[:, None]
+
+
+def _check_segments_allowed(decode: bool, attention: str) -> None:
+  """Segment ids come with packed training and evaluation rows, on the paths that mask
+  by them."""
+  if decode:
+    raise ValueError('segment ids mark packed examples in training and evaluation rows; a '
+                     'decode call continues one sequence per row and takes none.')
+  if attention == 'cudnn':
+    raise UserError("model.attention='cudnn' masks causally only and cannot keep packed "
+                    "examples apart; use model.attention='dot_product' (or 'einsum'), or "
+                    'data.pack=False (one example per row).')
 
 
 def _causal_mask_1x1xTxS(query_positions_T: Array, num_keys: int) -> Array:
@@ -417,7 +465,8 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxE: Array, cache_index: Array | None, train: bool,
-               mask_BxT: Array | None = None) -> Array | tuple[Array, None]:
+               mask_BxT: Array | None = None,
+               segment_ids_BxT: Array | None = None) -> Array | tuple[Array, None]:
     attention = CausalSelfAttention(
         num_heads=self.num_heads,
         head_dim=self.head_dim,
@@ -435,7 +484,8 @@ class DecoderLayer(nn.Module):
         name='attention',
     )
     normed_BxTxE = _layer_norm(self.dtype, self.param_dtype, 'attention_norm')(x_BxTxE)
-    x_BxTxE = x_BxTxE + attention(normed_BxTxE, cache_index, train=train, mask_BxT=mask_BxT)
+    x_BxTxE = x_BxTxE + attention(normed_BxTxE, cache_index, train=train, mask_BxT=mask_BxT,
+                                  segment_ids_BxT=segment_ids_BxT)
     x_BxTxE = nn.with_logical_constraint(x_BxTxE, RESIDUAL_AXES)
 
     mlp = Mlp(
@@ -529,11 +579,65 @@ class Transformer(nn.Module):
         attention_block=self.attention_block,
     )
 
+  def _position_embed(self, num_new: int, start: Array | None,
+                      positions_BxT: Array | None) -> Array:
+    """The position embeddings to add to the token embeddings: [1, T, E] for positions
+    start + [0, T) (start None: 0), or [B, T, E] read at `positions_BxT`."""
+    position_table_PxE = self.param(
+        'position_embed', _normal_init(self.init_stddev, ('position', 'embed')),
+        (self.max_len, self.d_model), self.param_dtype)
+    if positions_BxT is not None:
+      if start is not None:
+        raise ValueError('positions are for training and evaluation rows; a decode call '
+                         'continues from the cache index.')
+      # Read whole along its width, as GatheredEmbed reads the token table.
+      table_PxE = nn.with_logical_constraint(position_table_PxE, ('position', None))
+      return jnp.take(table_PxE, positions_BxT, axis=0).astype(self.dtype)
+    if start is None:
+      position_embed_TxE = position_table_PxE[:num_new]
+    else:
+      position_embed_TxE = jax.lax.dynamic_slice_in_dim(position_table_PxE, start, num_new)
+    return position_embed_TxE.astype(self.dtype)[None]
+
+  def _blocks(self, x_BxTxE: Array, start: Array | None, train: bool,
+              mask_BxT: Array | None, segment_ids_BxT: Array | None) -> Array:
+    """The decoder blocks, one after another or as one nn.scan (scan_layers)."""
+    layer_fields = self._layer_fields()
+    block = DecoderLayer
+    if REMAT_POLICIES[self.remat] is not None and not self.decode:
+      # static_argnums counts self: 3 is `train`. Inside a scan the loop boundary already
+      # keeps XLA from merging the recomputation away, so prevent_cse is not needed.
+      block = nn.remat(block, policy=REMAT_POLICIES[self.remat],
+                       prevent_cse=not self.scan_layers, static_argnums=(3,))
+    if self.scan_layers:
+      block = nn.scan(
+          block,
+          variable_axes={'params': 0, 'cache': CACHE_LAYER_AXIS},
+          split_rngs={'params': True, 'dropout': True},
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+          length=self.num_layers,
+          metadata_params={nn.PARTITION_NAME: SCANNED_LAYERS},
+      )
+      x_BxTxE, _ = block(**layer_fields, scanned=True, name=SCANNED_LAYERS)(
+          x_BxTxE, start, train, mask_BxT, segment_ids_BxT)
+      return x_BxTxE
+    for layer in range(self.num_layers):
+      x_BxTxE = block(**layer_fields, name=f'layer_{layer}')(x_BxTxE, start, train,
+                                                            mask_BxT, segment_ids_BxT)
+    return x_BxTxE
+
+
   @nn.compact
-  def __call__(self, ids_BxT: Array, *, train: bool = False,
-               mask_BxT: Array | None = None) -> Array:
+  def __call__(self, ids_BxT: Array, *, train: bool = False, mask_BxT: Array | None = None,
+               segment_ids_BxT: Array | None = None,
+               positions_BxT: Array | None = None) -> Array:
     """Next-token logits [B, T, V]; for a classifier, class logits [B, C], with
-    `mask_BxT` marking the real positions of right-padded rows (None: all are real)."""
+    `mask_BxT` marking the real positions of right-padded rows (None: all are real).
+
+    Packed rows (training and evaluation only) give `segment_ids_BxT`, the example each
+    token belongs to (a token attends to its own example's tokens only), and
+    `positions_BxT`, each token's position in its example (the row of the position table
+    it reads; None: 0..T-1)."""
     num_new = ids_BxT.shape[1]
     if num_new > self.max_len:
       raise UserError(f'Input length {num_new} exceeds model.max_len={self.max_len}; '
@@ -555,40 +659,11 @@ class Transformer(nn.Module):
         param_dtype=self.param_dtype,
         name='token_embed',
     )
-    position_table_PxE = self.param(
-        'position_embed', _normal_init(self.init_stddev, ('position', 'embed')),
-        (self.max_len, self.d_model), self.param_dtype)
-    if start is None:
-      position_embed_TxE = position_table_PxE[:num_new]
-    else:
-      position_embed_TxE = jax.lax.dynamic_slice_in_dim(position_table_PxE, start, num_new)
-
-    x_BxTxE = token_embed(ids_BxT) + position_embed_TxE.astype(self.dtype)[None]
+    position_embed = self._position_embed(num_new, start, positions_BxT)
+    x_BxTxE = token_embed(ids_BxT) + position_embed
     x_BxTxE = dropout.Dropout(self.dropout_rate)(x_BxTxE, deterministic=not train)
     x_BxTxE = nn.with_logical_constraint(x_BxTxE, RESIDUAL_AXES)
-
-    layer_fields = self._layer_fields()
-    block = DecoderLayer
-    if REMAT_POLICIES[self.remat] is not None and not self.decode:
-      # static_argnums counts self: 3 is `train`. Inside a scan the loop boundary already
-      # keeps XLA from merging the recomputation away, so prevent_cse is not needed.
-      block = nn.remat(block, policy=REMAT_POLICIES[self.remat],
-                       prevent_cse=not self.scan_layers, static_argnums=(3,))
-    if self.scan_layers:
-      block = nn.scan(
-          block,
-          variable_axes={'params': 0, 'cache': CACHE_LAYER_AXIS},
-          split_rngs={'params': True, 'dropout': True},
-          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-          length=self.num_layers,
-          metadata_params={nn.PARTITION_NAME: SCANNED_LAYERS},
-      )
-      x_BxTxE, _ = block(**layer_fields, scanned=True, name=SCANNED_LAYERS)(
-          x_BxTxE, start, train, mask_BxT)
-    else:
-      for layer in range(self.num_layers):
-        x_BxTxE = block(**layer_fields, name=f'layer_{layer}')(x_BxTxE, start, train,
-                                                              mask_BxT)
+    x_BxTxE = self._blocks(x_BxTxE, start, train, mask_BxT, segment_ids_BxT)
     x_BxTxE = _layer_norm(self.dtype, self.param_dtype, 'final_norm')(x_BxTxE)
     if self.num_classes:
       pool = heads.last_position if self.causal else heads.mean_over_positions
