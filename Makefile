@@ -6,6 +6,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/shakespeare_char.py
 WORKDIR ?= runs/shakespeare_char
+# Extras installed on top of test and hf: `make train EXTRAS=cuda` on an NVIDIA GPU node,
+# `EXTRAS=tpu` on a TPU VM (setup.cfg lists them; `cuda,profile` takes two). Empty by
+# default, so a CPU machine installs what it always did.
+EXTRAS ?=
 
 .PHONY: venv data train lint test test-slow clean
 
@@ -15,6 +19,17 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -e '.[test,hf]'
 	touch $(STAMP)
+
+# With EXTRAS, every target that runs in .venv first installs them, once per set (a stamp
+# of their own, so an existing .venv gets them too).
+ifneq ($(strip $(EXTRAS)),)
+comma := ,
+EXTRAS_STAMP := $(VENV)/.installed-$(subst $(comma),-,$(strip $(EXTRAS)))
+venv data lint test-slow accelerator-check: $(EXTRAS_STAMP)
+$(EXTRAS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[$(strip $(EXTRAS))]'
+	touch $@
+endif
 
 # Downloads the corpus archive once (hash-checked) and builds the TFDS datasets.
 data: $(STAMP)
@@ -38,6 +53,12 @@ test: lint
 # pytest exits 5 when no test is marked slow; that is not a failure here.
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow || [ $$? -eq 5 ]
+
+# On an accelerator: train and decode speed, MFU and the Shakespeare recipe's projected run
+# time in one go (docs/guide/scaling.md), e.g. `make accelerator-check EXTRAS=cuda`.
+.PHONY: accelerator-check
+accelerator-check: $(STAMP)
+	$(BIN)/python experiments/accelerator_check.py --output=runs/accelerator_check.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info
