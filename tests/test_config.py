@@ -19,7 +19,7 @@ CONFIG_FILES = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(R
 # Every variant of every file (the text after ':').
 VARIANTS = {
     'configs/authorship.py': ('', 'lstm', 'tiny'),
-    'configs/countdown.py': ('', 'tiny'),
+    'configs/countdown.py': ('', 'tiny', 'completion', 'completion_tiny'),
     'configs/gpt2.py': ('', 'medium', 'large', 'xl', 'small', 'pretrain_medium',
                         'pretrain_large'),
     'configs/rnn_shakespeare_char.py': ('lstm', '', 'gru', 'rnn', 'lstm_spm', 'awd', 'tiny'),

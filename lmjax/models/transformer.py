@@ -56,8 +56,9 @@ LORA_TARGETS = ('query', 'key', 'value', 'out', 'dense_in', 'dense_out')
 
 # model.attention: 'dot_product' is jax.nn.dot_product_attention (the backend picks the
 # kernel; jax 0.10 picks XLA's everywhere); 'cudnn' asks it for cuDNN's flash attention
-# (NVIDIA GPUs, bfloat16) where the causal mask starts at position 0 (training,
-# evaluation, a prefill), XLA's for decode steps; 'einsum' is the formula written out,
+# (NVIDIA GPUs, bfloat16) where the causal mask starts at position 0 (training and
+# evaluation; a decoder's prefill writes into an existing cache, so decoding runs XLA's
+# throughout); 'einsum' is the formula written out,
 # the reference the others are tested against.
 ATTENTION_KINDS = ('dot_product', 'einsum', 'cudnn')
 # model.remat: what the backward pass of each decoder block keeps rather than recomputes.
