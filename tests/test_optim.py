@@ -179,12 +179,16 @@ def test_scanned_layers_and_plain_ones_take_the_same_five_adamw_steps():
                        _abstract_params(config))
   scanned = transformer.stack_layers(plain)
   plain_state, scanned_state = tx.init(plain), tx.init(scanned)
+
+  @jax.jit  # one program per tree structure, not one per operation and leaf shape
+  def step(params, grads, state):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
   for _ in range(5):
     grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), plain)
-    updates, plain_state = tx.update(grads, plain_state, plain)
-    plain = optax.apply_updates(plain, updates)
-    updates, scanned_state = tx.update(transformer.stack_layers(grads), scanned_state, scanned)
-    scanned = optax.apply_updates(scanned, updates)
+    plain, plain_state = step(plain, grads, plain_state)
+    scanned, scanned_state = step(scanned, transformer.stack_layers(grads), scanned_state)
   for a, b in zip(jax.tree.leaves(transformer.stack_layers(plain)), jax.tree.leaves(scanned),
                   strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
