@@ -9,6 +9,7 @@ import tempfile
 # another job beside the tests) a thread can be that late without being stuck: 120 s lets
 # such runs pass, and still keeps a real hang (a thread that never arrives) from stalling
 # the suite for long. The compile level is tests/xla.py's.
+from lmjax import console  # imports nothing of JAX or TensorFlow
 from tests import xla  # imports nothing of JAX
 
 os.environ['XLA_FLAGS'] = (
@@ -22,8 +23,7 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-os.environ.setdefault('NO_GCE_CHECK', 'true')
+console.quiet_libraries()  # as the scripts do: no TensorFlow lines in the test output
 
 import jax  # must come after XLA_FLAGS
 import tensorflow as tf
