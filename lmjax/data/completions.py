@@ -28,7 +28,6 @@ import hashlib
 import json
 from collections.abc import Iterator
 
-import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -141,17 +140,6 @@ def _jsonl_split(d, split: str) -> list[tuple[str, str]]:
   return pairs
 
 
-def _text_feature(builder_, name: str, field: str) -> None:
-  """UserError unless `name` is a text feature of the dataset."""
-  features = builder_.info.features
-  feature = features[name] if name in features else None
-  if feature is None or feature.shape != () or feature.tf_dtype.name != 'string':
-    texts = sorted(k for k, f in features.items()
-                   if f.shape == () and f.tf_dtype.name == 'string')
-    raise UserError(f'{field}={name!r} is not a text feature of {builder_.info.full_name}; '
-                    f'its text features: {", ".join(texts) or "none"}.')
-
-
 def _tfds_examples(d, split: str) -> list[tuple[str, str]]:
   """The (prompt, completion) features of a prepared TFDS dataset's split, in the order
   TFDS reads them."""
@@ -161,8 +149,8 @@ def _tfds_examples(d, split: str) -> list[tuple[str, str]]:
   except (KeyError, ValueError) as e:
     raise UserError(f'split {split!r} is not a split of {builder_.info.full_name}: '
                     f'{one_line(e)} Its splits: {", ".join(builder_.info.splits)}.') from None
-  _text_feature(builder_, d.prompt_feature, 'data.prompt_feature')
-  _text_feature(builder_, d.completion_feature, 'data.completion_feature')
+  external.check_text_feature(builder_, d.prompt_feature, 'data.prompt_feature')
+  external.check_text_feature(builder_, d.completion_feature, 'data.completion_feature')
   keys = (d.prompt_feature, d.completion_feature)
   ds = builder_.as_dataset(split=split, shuffle_files=False,
                            decoders=tfds.decode.PartialDecoding({k: True for k in keys}))
@@ -306,15 +294,6 @@ def rows(examples: Examples, order: np.ndarray, bounds: np.ndarray, row_ids, *,
   return out
 
 
-def _local_rows(global_batch: int) -> tuple[int, int]:
-  """The [start, stop) rows of each global batch that this process reads."""
-  count, index = jax.process_count(), jax.process_index()
-  if global_batch % count:
-    raise ValueError(f'batch size {global_batch} does not divide by the {count} processes.')
-  per_process = global_batch // count
-  return index * per_process, (index + 1) * per_process
-
-
 def row_stream(examples: Examples, *, seq_len: int, seed: int, packed: bool,
                start_row: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
   """(order, bounds, row) of every training row from `start_row` on, epoch after epoch."""
@@ -334,7 +313,7 @@ def train_dataset(examples: Examples, *, seq_len: int, global_batch: int, seed: 
   the training stream on (an example of the stream is a row, as the trainer counts them)."""
   if not len(examples):
     raise UserError('the training split has no examples.')
-  row_start, row_stop = _local_rows(global_batch)
+  row_start, row_stop = pipeline.local_rows(global_batch)
 
   def batches():
     pending = []

@@ -114,16 +114,20 @@ def _check_split_and_feature(builder_, data_config, split: str) -> int:
                     f'{builder_.info.full_name}: {one_line(e)} '
                     f'Its splits: {", ".join(builder_.info.splits)}; slices such as '
                     "'train[:-1000]' and 'train[-1000:]' cut one in two.") from None
-  feature_name = data_config.text_feature
+  check_text_feature(builder_, data_config.text_feature, 'data.text_feature')
+  return num_documents
+
+
+def check_text_feature(builder_, name: str, field: str) -> None:
+  """UserError, naming config field `field`, unless `name` is a text feature of the
+  dataset; the message lists the text features it has."""
   features = builder_.info.features
-  feature = features[feature_name] if feature_name in features else None
+  feature = features[name] if name in features else None
   if feature is None or feature.shape != () or feature.tf_dtype.name != 'string':
     texts = sorted(k for k, f in features.items()
                    if f.shape == () and f.tf_dtype.name == 'string')
-    raise UserError(f'data.text_feature={feature_name!r} is not a text feature of '
-                    f'{builder_.info.full_name}; its text features: '
-                    f'{", ".join(texts) or "none"}.')
-  return num_documents
+    raise UserError(f'{field}={name!r} is not a text feature of {builder_.info.full_name}; '
+                    f'its text features: {", ".join(texts) or "none"}.')
 
 
 def documents(data_config, split: str) -> Iterator[list[str]]:

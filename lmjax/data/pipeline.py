@@ -105,7 +105,7 @@ def windows_per_epoch(num_tokens: int, seq_len: int) -> int:
   return (num_tokens - seq_len) // seq_len
 
 
-def _local_rows(global_batch: int) -> tuple[int, int]:
+def local_rows(global_batch: int) -> tuple[int, int]:
   """The [start, stop) rows of each global batch that this process reads."""
   count, index = jax.process_count(), jax.process_index()
   if global_batch % count:
@@ -158,7 +158,7 @@ def train_dataset(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: 
         tf.random.experimental.stateless_shuffle(starts, epoch_seed))
 
   first_epoch, skip = divmod(start_example, n)
-  row_start, row_stop = _local_rows(global_batch)
+  row_start, row_stop = local_rows(global_batch)
 
   def to_batch(starts):
     windows = read_windows(starts[row_start:row_stop])
@@ -217,7 +217,7 @@ def mixture_dataset(tokens: np.ndarray, starts: np.ndarray, *, seq_len: int,
   """{'inputs', 'targets'} batches of this process's rows of the windows at `starts` (from
   `mixture_schedule`), from `start_example` on, until the schedule ends."""
   read_windows = _window_reader(tokens, seq_len + 1)
-  row_start, row_stop = _local_rows(global_batch)
+  row_start, row_stop = local_rows(global_batch)
   batches = starts[start_example:].reshape(-1, global_batch)[:, row_start:row_stop]
 
   def to_batch(batch_starts):
@@ -252,7 +252,7 @@ def stream_dataset(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed:
   """
   row_len, windows = stream_rows(len(tokens), seq_len=seq_len, global_batch=global_batch)
   read_windows = _window_reader(tokens, seq_len + 1)
-  row_start, row_stop = _local_rows(global_batch)
+  row_start, row_stop = local_rows(global_batch)
   rows = tf.range(row_start, row_stop, dtype=tf.int64)
   first_column = tf.range(seq_len) == 0
 
@@ -292,7 +292,7 @@ class EvalSet:
     return len(self.arrays['inputs']) // self.batch_size
 
   def batches(self) -> Iterator[dict]:
-    row_start, row_stop = _local_rows(self.batch_size)
+    row_start, row_stop = local_rows(self.batch_size)
     for b in range(self.num_batches):
       rows = slice(b * self.batch_size + row_start, b * self.batch_size + row_stop)
       yield {k: v[rows] for k, v in self.arrays.items()}
@@ -400,7 +400,7 @@ def classification_train_dataset(examples: dict[str, np.ndarray], *, global_batc
         tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), epoch_seed))
 
   first_epoch, skip = divmod(start_example, n)
-  row_start, row_stop = _local_rows(global_batch)
+  row_start, row_stop = local_rows(global_batch)
 
   def to_batch(indices):
     return {k: tf.gather(v, indices[row_start:row_stop]) for k, v in tensors.items()}
