@@ -48,7 +48,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: lint
-	$(BIN)/python -m pytest -q -n 3 --dist loadscope -m 'not slow'
+	$(BIN)/python -m pytest -q -n 3 --dist loadscope --no-loadscope-reorder -m 'not slow'
 
 # pytest exits 5 when no test is marked slow; that is not a failure here.
 test-slow: $(STAMP)
