@@ -68,4 +68,30 @@ def run_script(main, **kwargs) -> None:
       sys.exit(130)
 
   kwargs.setdefault('flags_parser', parse_flags)
-  app.run(checked_main, **kwargs)
+  try:
+    app.run(checked_main, **kwargs)
+  except SystemExit as e:
+    if e.code not in (None, 0):
+      raise
+    _exit_without_teardown()
+
+
+def _exit_without_teardown() -> None:
+  """Ends a script that finished well without Python's teardown of every module, which for
+  JAX, TensorFlow and orbax takes about 1.5 s of a CPU and does nothing the script needs:
+  first the rest of a normal exit is done (other threads finished, the atexit functions
+  run, jax.distributed's shutdown and logging's among them, stdout and stderr flushed),
+  then the process exits with status 0. The scripts close their own files, checkpointers
+  and TensorBoard writers before they return."""
+  import atexit
+  import os
+  import sys
+  import threading
+
+  for thread in threading.enumerate():
+    if thread is not threading.main_thread() and not thread.daemon:
+      thread.join()
+  atexit._run_exitfuncs()  # what Python's own exit runs at this point
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(0)
