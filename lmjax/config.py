@@ -71,7 +71,7 @@ def _model() -> ml_collections.ConfigDict:
 def _data() -> ml_collections.ConfigDict:
   """Section `data`: the corpus and the tokenizer."""
   c = ml_collections.ConfigDict()
-  # shakespeare | milton | countdown | authorship (lmjax's), or 'tfds:NAME', e.g. 'tfds:lm1b'
+  # shakespeare | milton | countdown | authorship (lmjax's), 'tfds:NAME', or 'files:FOLDER'
   c.name = 'shakespeare'
   # text: documents, every token a target | completion: prompt -> completion, the completion scored
   c.format = 'text'
@@ -81,10 +81,10 @@ def _data() -> ml_collections.ConfigDict:
   c.spm_model_type = 'bpe'  # sentencepiece only: bpe | unigram
   c.train_split = 'train'  # split trained on (tfds: datasets in TFDS syntax, 'train[:-1000]')
   c.eval_split = 'validation'  # split read whole at every evaluation
-  c.text_feature = 'text'  # tfds: datasets only: the feature holding a document's text
+  c.text_feature = 'text'  # tfds: the feature holding a document's text; files: the JSONL key
   # tokenizer to start from when the workdir has none: an lmjax workdir, or GPT-2's files
   c.tokenizer_dir = ''
-  c.cache_dir = ''  # tfds: datasets only: where splits are tokenized to; '' WORKDIR/tokens
+  c.cache_dir = ''  # tfds: and files: only: where splits are tokenized to; '' WORKDIR/tokens
   c.drop_unknown_chars = False  # char tokenizer: drop characters it has no id for
   # several corpora at once, 'DATASET:WEIGHT' each: ('shakespeare:0.7', 'milton:0.3'); () none
   c.mixture = ()
@@ -420,7 +420,8 @@ def _check_name_and_splits(d) -> None:
     external.check_name(d.name)
   elif d.name not in corpora.DATASETS:
     raise UserError(f'data.name={d.name!r}; known datasets: {", ".join(corpora.DATASETS)}, '
-                    "or any prepared TFDS text dataset as 'tfds:NAME' (e.g. 'tfds:lm1b').")
+                    "any prepared TFDS text dataset as 'tfds:NAME' (e.g. 'tfds:lm1b'), or a folder "
+                    "of your own .txt and .jsonl files as 'files:PATH'.")
   else:
     for field in ('train_split', 'eval_split'):
       if d[field] not in corpora.SPLITS:

@@ -6,6 +6,9 @@ dataset TFDS converted, 'tfds:huggingface:skylion007__openwebtext'. `data.text_f
 the feature holding a document's text, `data.train_split` and `data.eval_split` are splits
 in TFDS's syntax ('train', 'train[:-1000]', 'train[-1000:]', 'validation').
 
+A folder of your own .txt and .jsonl files, `data.name='files:PATH'`, is read the same way
+once lmjax/data/files.py has copied it into a TFDS dataset (the first run does).
+
 Nothing downloads here. The dataset must have been prepared in `data.data_dir` (or TFDS's
 default) by the data step, `python experiments/prepare_data.py --tfds=NAME`; it is then read
 from its files alone, without its builder's code (which may need Beam, a login or the
@@ -23,7 +26,6 @@ host) wait for the first instead of tokenizing the same split again.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -36,7 +38,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import naming, read_only_builder
 
-from lmjax.data import tokenizers
+from lmjax.data import files, locking, tokenizers
 from lmjax.errors import UserError, one_line
 
 PREFIX = 'tfds:'
@@ -51,11 +53,15 @@ _PROGRESS_SECONDS = 60.0
 
 
 def is_external(name: str) -> bool:
-  return name.startswith(PREFIX)
+  """A 'tfds:' dataset, or a folder of your own text ('files:', lmjax/data/files.py)."""
+  return name.startswith(PREFIX) or files.is_files(name)
 
 
 def check_name(name: str) -> None:
-  """Raises UserError unless `name` is 'tfds:' and a TFDS dataset name."""
+  """Raises UserError unless `name` is 'tfds:' and a TFDS dataset name, or 'files:' and a
+  folder of text files."""
+  if files.is_files(name):
+    return files.check_name(name)
   try:
     naming.parse_builder_name_kwargs(name[len(PREFIX):])
   except ValueError:
@@ -87,7 +93,10 @@ def _files_name(name: str) -> str:
 
 def builder(data_config) -> tfds.core.DatasetBuilder:
   """The prepared dataset `data_config.name` names, read from its files; UserError with the
-  command that prepares it if it is not there."""
+  command that prepares it if it is not there. A 'files:' folder is copied into one first
+  if it has not been."""
+  if files.is_files(data_config.name):
+    return files.builder(data_config)
   check_name(data_config.name)
   data_dir = data_config.data_dir or None
   try:
@@ -211,7 +220,7 @@ def load_tokens(data_config, split: str, tokenizer, directory: str) -> np.memmap
   if tokens is not None:
     return tokens
   os.makedirs(directory, exist_ok=True)
-  with _locked(path + '.lock') as exclusive:
+  with locking.exclusive(path + '.lock') as exclusive:
     tokens = _read(path, description)  # another run may have written it while we waited
     if tokens is None:
       _write(path, description, data_config, split, tokenizer, exclusive)
@@ -232,24 +241,6 @@ def _read(path: str, description: dict) -> np.memmap | None:
       os.path.getsize(path) != stored.get('num_tokens', -1) * dtype.itemsize):
     return None
   return np.memmap(path, dtype=dtype, mode='r', shape=(stored['num_tokens'],))
-
-
-@contextlib.contextmanager
-def _locked(path: str):
-  """Holds an exclusive lock on `path` (yields True), or yields False where the file
-  system has no locks: then concurrent writers each write their own temporary file and
-  the last rename wins, the same bytes."""
-  import fcntl  # POSIX only
-  with open(path, 'a') as f:
-    try:
-      fcntl.flock(f, fcntl.LOCK_EX)
-    except OSError:
-      yield False
-      return
-    try:
-      yield True
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _write(path: str, description: dict, data_config, split: str, tokenizer,
