@@ -35,6 +35,7 @@ class Checkpointer:
         max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
         enable_async_checkpointing=asynchronous, read_only=read_only, create=not read_only)
     self.directory = checkpoint_dir(workdir)
+    _write_replicated_arrays_once()
     verbosity = logging.get_verbosity()
     if read_only:
       logging.set_verbosity(logging.ERROR)
@@ -115,6 +116,17 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _write_replicated_arrays_once() -> None:
+  """Orbax's default on CPU and TPU splits each replicated array into one slice per replica
+  and writes the slices side by side, so that several hosts share the writing. In a run of
+  one process every slice is written by that process, and cutting them costs one dispatched
+  operation per array and device (about 0.8 s a save for the tiny test model on 8 devices):
+  there each array is written whole from one replica. The files are the same either way."""
+  ocp.type_handlers.register_type_handler(
+      jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1),
+      override=True)
 
 
 def _agreed(text: str) -> str:

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from configs import shakespeare_char
@@ -267,3 +268,33 @@ def test_restore_params_reads_only_the_parameters_of_a_step(init, saved):
   workdir, states = saved
   params = ckpt_lib.restore_params(workdir, 2, _abstract(init).params)
   _assert_same(params, states[2].params)
+
+
+def test_one_process_saves_replicated_arrays_without_cutting_them(tmp_path):
+  """Replicated arrays on 8 devices are written whole from one replica: a save dispatches no
+  slicing program per array and device (orbax's replica-parallel writing, which shares the
+  work between hosts, compiles one for each new shape), and restores what was saved."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  # Shapes no other test uses: a program cutting them would be compiled here.
+  tree = {f'w{i}': jax.device_put(np.arange(24 * (37 + i), dtype=np.float32).reshape(
+      24, 37 + i), replicated) for i in range(4)}
+  compiles = []
+  def listener(event, seconds, **kwargs):
+    del seconds, kwargs
+    if event == '/jax/core/compile/backend_compile_duration':
+      compiles.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    checkpointer = ckpt_lib.Checkpointer(str(tmp_path), asynchronous=False)
+    checkpointer._manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(tree)))
+    checkpointer.wait()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiles == []
+  restored = checkpointer._manager.restore(1, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree))))
+  for name, array in tree.items():
+    np.testing.assert_array_equal(restored['state'][name], array)
+  checkpointer.close()
