@@ -95,7 +95,7 @@ def _data() -> ml_collections.ConfigDict:
   c.train_file = ''
   # completion, JSONL: the validation file (or glob); '' holds out data.holdout of train_file
   c.eval_file = ''
-  c.holdout = 0.05  # JSONL without data.eval_file: share of examples held out, by their hash
+  c.holdout = 0.05  # JSONL without eval_file, files: without folders: share held out by hash
   return c
 
 
@@ -136,6 +136,8 @@ def _train() -> ml_collections.ConfigDict:
   c.balance_classes = False  # classifier: weigh a passage's loss by 1 / its class's share
   # completion: validation prompts completed greedily (sample_tokens at most) at each evaluation
   c.eval_completions = 8
+  # completion: scores of those completions logged as eval/NAME: exact_match, token_f1, bleu...
+  c.completion_metrics = ()
   return c
 
 
@@ -418,6 +420,9 @@ def _check_data(d) -> None:
 def _check_name_and_splits(d) -> None:
   if external.is_external(d.name):  # its splits and feature are checked when it is opened
     external.check_name(d.name)
+    if d.name.startswith('files:') and not 0 < d.holdout < 1:
+      raise UserError(f'data.holdout={d.holdout}; the share of documents held out for '
+                      'validation must be between 0 and 1.')
   elif d.name not in corpora.DATASETS:
     raise UserError(f'data.name={d.name!r}; known datasets: {", ".join(corpora.DATASETS)}, '
                     "any prepared TFDS text dataset as 'tfds:NAME' (e.g. 'tfds:lm1b'), or a folder "

@@ -7,7 +7,11 @@ character model and a SentencePiece model of the same text compare fairly (bits 
 do not: a token of the second holds several characters). The split is read and cut into
 windows exactly as training's evaluation does it, so the validation split gives the
 numbers the run logged; the mesh is data parallel over any number of devices.
+
+`generate_and_score` instead completes a split's prompts and scores the completions against
+the references (exact match, token F1, ROUGE, BLEU, label accuracy; Countdown's checker).
 """
+import json
 import math
 import os
 
@@ -15,8 +19,9 @@ import flax.linen as nn
 import jax
 
 from lmjax import config as config_lib
-from lmjax import models, sharding, state as state_lib, steps, tasks, workdir as workdir_lib
-from lmjax.data import corpora, external
+from lmjax import finetune, generation, models, scores, sharding, state as state_lib, steps, tasks
+from lmjax import workdir as workdir_lib
+from lmjax.data import completions, corpora, external, puzzles
 from lmjax.errors import UserError
 
 
@@ -99,3 +104,67 @@ def _batch_size(requested: int | None, configured: int, data_parallel: int,
   # Windows are scored independently, so more rows only add padding.
   multiple = math.lcm(data_parallel, processes)
   return -(-configured // multiple) * multiple
+
+
+def generate_and_score(workdir: str, split: str = 'validation', step: int | None = None, *,
+                       num_examples: int = 0, batch_size: int = 8,
+                       max_new_tokens: int | None = None, metrics=scores.METRICS,
+                       output: str | None = None, **options) -> dict:
+  """Completes the prompts of `split` with `workdir`'s checkpoint `step` (default: the
+  latest) and scores each completion against its reference: `metrics` of lmjax.scores,
+  and on Countdown the share the puzzle checker accepts ('solve_rate').
+
+  The run must have prompts and references: a prompt -> completion run
+  (data.format='completion'), or a language model of Countdown (the puzzle line is the
+  prompt). `num_examples` (0: all) takes the split's first examples; `batch_size` prompts
+  are decoded together, at most `max_new_tokens` each (default: the run's
+  train.sample_tokens), with `options` for `generation.generate_texts` (strategy,
+  beam_size, temperature, ...; greedy by default). `output`, if given, receives one JSON
+  line per example: prompt, reference, generation, finish and its scores.
+
+  Returns a JSON-ready dict: each metric's mean over the examples (BLEU: the corpus BLEU),
+  'num_examples', 'dataset', 'workdir', 'step', 'split', 'strategy', 'max_new_tokens'."""
+  if num_examples < 0 or batch_size < 1:
+    raise UserError(f'--num_examples={num_examples} and --batch_size={batch_size}: give 0 '
+                    '(all) or more examples, and at least 1 prompt a batch.')
+  workdir = os.path.abspath(workdir)
+  run_config = workdir_lib.load_config(workdir)
+  d = run_config.data
+  if corpora.class_names(d.name) or state_lib.is_encoder(run_config):
+    raise UserError('--generate: this run (a classifier or a bidirectional encoder) writes no '
+                    'text; score it without --generate.')
+  if d.format != 'completion' and d.name != 'countdown':
+    raise UserError(f'--generate completes prompts and scores them against references; this '
+                    f'run is a language model of {d.name!r}, whose text has no prompts. Use a '
+                    "run with data.format='completion' (or one of countdown).")
+  pairs = completions.read_examples(d, split)
+  pairs = pairs[:num_examples] if num_examples else pairs
+  if not pairs:
+    raise UserError(f'--split={split!r} of {completions.source(d)} holds no example.')
+  config, tokenizer, params, step = workdir_lib.load_trained(workdir, step)
+  config, params = finetune.for_decoding(config, params)
+  max_new_tokens = max_new_tokens or config.train.sample_tokens
+  options.setdefault('strategy', 'greedy')
+  countdown = completions.source(d) == 'countdown'
+  rows = []
+  for start in range(0, len(pairs), batch_size):
+    chunk = pairs[start:start + batch_size]
+    results = generation.generate_texts(config, params, tokenizer, [p for p, _ in chunk],
+                                        max_new_tokens=max_new_tokens, **options)
+    for (prompt, reference), candidates in zip(chunk, results, strict=True):
+      text = candidates[0]['text']
+      row = {'prompt': prompt, 'reference': reference, 'generation': text,
+             'finish': candidates[0]['finish'], **scores.per_example(text, [reference], metrics)}
+      if countdown:
+        row['solved'] = float(puzzles.solves(prompt, text))
+      rows.append(row)
+  summary = scores.summarize([r['generation'] for r in rows], [[r['reference']] for r in rows],
+                             rows, metrics)
+  if countdown:
+    summary['solve_rate'] = sum(r['solved'] for r in rows) / len(rows)
+  if output:
+    with open(output, 'w', encoding='utf-8') as f:
+      f.writelines(json.dumps(row, ensure_ascii=False) + '\n' for row in rows)
+  return {**summary, 'num_examples': len(rows), 'dataset': completions.source(d),
+          'workdir': workdir, 'step': step, 'split': split, 'strategy': options['strategy'],
+          'max_new_tokens': max_new_tokens}

@@ -22,7 +22,7 @@ import math
 import ml_collections
 import numpy as np
 
-from lmjax import finetune, generation, losses, models, state as state_lib, steps
+from lmjax import finetune, generation, losses, models, scores, state as state_lib, steps
 from lmjax.data import completions, corpora, external, pipeline, puzzles
 from lmjax.errors import UserError
 from lmjax.models import rnn
@@ -468,7 +468,8 @@ class Completion(LanguageModel):
   loss and metrics count the completion's tokens and its eos only, several examples packed
   in a row or one a row (`lmjax.data.completions`). An evaluation also completes a few
   validation prompts greedily; on Countdown, the puzzle checker scores them
-  (eval/solve_rate)."""
+  (eval/solve_rate), and train.completion_metrics names scores of lmjax.scores to log
+  (eval/exact_match, eval/bleu, ...)."""
 
   @classmethod
   def check_config(cls, config) -> None:
@@ -489,6 +490,10 @@ class Completion(LanguageModel):
     if t.eval_completions < 0:
       raise UserError(f'train.eval_completions={t.eval_completions}; use 0 (none) or the '
                       'number of validation prompts to complete at each evaluation.')
+    unknown = sorted(set(t.completion_metrics) - set(scores.METRICS))
+    if unknown:
+      raise UserError(f'train.completion_metrics: unknown {unknown}; use some of '
+                      f'{", ".join(scores.METRICS)}.')
 
   def read(self) -> None:
     """The training split's (prompt, completion) pairs."""
@@ -543,6 +548,12 @@ class Completion(LanguageModel):
       solved = [puzzles.solves(prompt, text)
                 for (prompt, _), text in zip(self.samples, self.generated)]
       metrics['solve_rate'] = sum(solved) / len(solved)
+    wanted = tuple(self.config.train.completion_metrics)
+    if self.generated and wanted:
+      references = [[reference] for _, reference in self.samples]
+      rows = [scores.per_example(text, refs, wanted)
+              for text, refs in zip(self.generated, references)]
+      metrics.update(scores.summarize(self.generated, references, rows, wanted))
     return metrics
 
   def _complete(self, params) -> list[str]:

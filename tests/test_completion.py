@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 
 from configs import countdown
-from lmjax import config as config_lib, evaluation, events, losses, sharding, steps, tasks, train
+from lmjax import config as config_lib, evaluation, events, losses, scores, sharding, steps, tasks
+from lmjax import train
 from lmjax.data import completions, corpora, puzzles, tokenizers
 from lmjax.errors import UserError
 from lmjax.models import rnn, transformer
+from tests import script_cases
 
 CHARS = tokenizers.CharTokenizer(sorted('abcdefghij?'))
 SEQ_LEN = 26
@@ -174,7 +176,8 @@ def _tiny(**data) -> ml_collections.ConfigDict:
   config.data.update({'train_split': 'test', **data})
   config.opt.warmup_steps = 1
   config.train.update(num_steps=4, eval_every=4, checkpoint_every=4, log_every=2,
-                      eval_completions=2, sample_tokens=12)
+                      eval_completions=2, sample_tokens=12,
+                      completion_metrics=('exact_match', 'token_f1', 'bleu'))
   return config
 
 
@@ -194,7 +197,8 @@ def test_a_countdown_run_scores_completions_and_solves_with_the_checker(countdow
     assert result['eval'][key] == pytest.approx(metrics[key]), key
   assert metrics['solve_rate'] in (0.0, 0.5, 1.0)  # of two validation puzzles
   scalars = events.read_scalars(workdir)
-  assert {'train/loss', 'eval/loss', 'eval/accuracy', 'eval/solve_rate'} <= set(scalars)
+  assert {'train/loss', 'eval/loss', 'eval/accuracy', 'eval/solve_rate', 'eval/exact_match',
+          'eval/token_f1', 'eval/bleu'} <= set(scalars)
   text = _texts(workdir)['completions'][4]
   validation = corpora.load_split_texts('countdown', 'validation')
   prompt, reference = puzzles.prompt_and_solution(validation[0][1])
@@ -205,6 +209,36 @@ def test_a_countdown_run_scores_completions_and_solves_with_the_checker(countdow
   # Its weighted targets are the solutions' characters and their ends, nothing else.
   solutions = [puzzles.prompt_and_solution(text)[1] for _, text in validation]
   assert again['num_tokens'] == sum(len(s) + 1 for s in solutions)
+
+
+def test_evaluate_generate_scores_each_completion_and_writes_them(countdown_run, tmp_path):
+  """experiments/evaluate.py --generate, as a user runs it: one JSON object on stdout whose
+  scores are the means of the per-example lines it wrote, completions of the split's
+  prompts in order; beam search gives the same JSON keys."""
+  workdir, _ = countdown_run
+  out = tmp_path / 'completions.jsonl'
+  flags = [f'--workdir={workdir}', '--generate', '--num_examples=5', '--batch_size=2',
+           '--max_new_tokens=16', '--metrics=exact_match,token_f1,rougeL,bleu']
+  results = script_cases.run({'greedy': ('evaluate.py', [*flags, f'--output={out}']),
+                              'beam': ('evaluate.py', [*flags, '--strategy=beam',
+                                                       '--beam_size=2'])},
+                             env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  for key, result in results.items():
+    assert result.returncode == 0, (key, result.stderr[-3000:])
+  summary = json.loads(results['greedy'].stdout)
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  validation = corpora.load_split_texts('countdown', 'validation')[:5]
+  assert [(r['prompt'], r['reference']) for r in rows] == [
+      puzzles.prompt_and_solution(text) for _, text in validation]
+  assert summary['num_examples'] == 5 and summary['strategy'] == 'greedy'
+  for name in ('exact_match', 'token_f1', 'rougeL'):
+    assert summary[name] == pytest.approx(np.mean([r[name] for r in rows])), name
+  assert summary['solve_rate'] == np.mean([puzzles.solves(r['prompt'], r['generation'])
+                                           for r in rows])
+  assert summary['bleu'] == pytest.approx(scores.bleu([r['generation'] for r in rows],
+                                                      [[r['reference']] for r in rows]))
+  assert 'rouge1' not in summary and 'label_accuracy' not in rows[0]
+  assert set(json.loads(results['beam'].stdout)) == set(summary)
 
 
 def test_a_jsonl_file_fine_tunes_a_run_with_lora_one_example_a_row(countdown_run, tmp_path):

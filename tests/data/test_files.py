@@ -1,9 +1,11 @@
-"""A folder of your own text as a corpus ('files:PATH'): its splits, its TFDS copy (made
-once, anew when the files change), its refusals, and a run that trains on it and resumes
-exactly."""
+"""Your own text files as a corpus ('files:PATTERN'): which files, which documents, which
+split (folders, or a hold-out by hash), the TFDS copy (made once, anew when a file
+changes), the refusals, and a run that trains on them and resumes exactly."""
+import gzip
 import json
 import os
 import pathlib
+import random
 import shutil
 
 import jax
@@ -16,12 +18,12 @@ from lmjax import workdir as workdir_lib
 from lmjax.data import external, files, pipeline, tokenizers
 from lmjax.errors import UserError
 
-LINES = [f'Line {i}: the quick brown fox jumps over the lazy dog.\n' for i in range(200)]
+README = (pathlib.Path(__file__).parents[2] / 'README.md').read_text()
 
 
-def _data(folder, tmp_path, **fields):
+def _data(name, tmp_path, **fields):
   data = shakespeare_char.get_config('tiny').data
-  data.update(name=f'files:{folder}', data_dir=str(tmp_path / 'tfds'), **fields)
+  data.update(name=f'files:{name}', data_dir=str(tmp_path / 'tfds'), **fields)
   return data
 
 
@@ -35,33 +37,45 @@ def _write(path, text):
   return path
 
 
-def test_one_text_file_holds_out_its_last_tenth_at_a_line_break(tmp_path, capsys):
-  _write(tmp_path / 'corpus' / 'input.txt', ''.join(LINES))
-  data = _data(tmp_path / 'corpus', tmp_path)
-  train_texts, held_out = _texts(data, 'train'), _texts(data, 'validation')
-  assert 'Copying the 1 files' in capsys.readouterr().out
-  assert len(train_texts) == len(held_out) == 1
-  assert train_texts[0] + held_out[0] == ''.join(LINES)
-  assert held_out[0] == ''.join(LINES[180:])  # 200 equal lines: the last 20
-  # The copy is made once: reading again copies nothing.
-  assert _texts(data, 'validation') == held_out and 'Copying' not in capsys.readouterr().out
+def _jsonl(records, key='text'):
+  return ''.join(json.dumps({key: r, 'id': i}) + '\n' for i, r in enumerate(records))
 
 
-def test_files_are_documents_in_path_order_and_jsonl_lines_are_documents(tmp_path):
+def test_a_share_of_documents_is_held_out_by_their_hash():
+  rng = random.Random(0)
+  texts = [''.join(rng.choice('abc ') for _ in range(20)) for _ in range(4000)]
+  held = [t for t in texts if files.held_out(t, 0.1)]
+  assert 340 < len(held) < 460  # 400 expected; 3 standard deviations either side
+  assert [files.held_out(t, 0.1) for t in held] == [True] * len(held)  # a function of the text
+  assert not any(files.held_out(t, 0.0) for t in texts)
+
+
+def test_files_are_documents_in_path_order_split_by_the_hold_out(tmp_path, capsys):
   root = tmp_path / 'corpus'
+  records = [f'record {i}' for i in range(60)]
   _write(root / 'b.txt', 'second file\n')
   _write(root / 'a' / 'z.txt', 'first file\n')  # a/z.txt sorts before b.txt
-  _write(root / 'c.jsonl', '\n'.join(json.dumps({'body': f'record {i}', 'id': i})
-                                     for i in range(30)) + '\n\n')
+  _write(root / 'c.jsonl', _jsonl(records[:30], key='body') + '\n')  # a blank line is skipped
+  with gzip.open(root / 'd.jsonl.gz', 'wt') as f:
+    f.write(_jsonl(records[30:], key='body'))
   _write(root / '.hidden.txt', 'never read')
   _write(root / 'notes.md', 'never read')
-  data = _data(root, tmp_path, text_feature='body')
-  train_texts, held_out = _texts(data, 'train'), _texts(data, 'validation')
-  records = [f'record {i}' for i in range(30)]
-  # 283 characters: the last 28 are the end of record 26, which holds no line break to cut
-  # at, and the three records after it.
-  assert held_out == ['6', *records[27:]]
-  assert train_texts == ['first file\n', 'second file\n', *records[:26], 'record 2']
+  data = _data(root, tmp_path, text_feature='body', holdout=0.2)
+  everything = ['first file\n', 'second file\n', *records]
+  train_texts, held = _texts(data, 'train'), _texts(data, 'validation')
+  assert 'Copying the 4 files' in capsys.readouterr().out
+  assert held == [t for t in everything if files.held_out(t, 0.2)] and held
+  assert train_texts == [t for t in everything if t not in held]
+  # The copy is made once: reading again copies nothing.
+  assert _texts(data, 'validation') == held and 'Copying' not in capsys.readouterr().out
+
+
+def test_globs_and_lists_of_patterns_pick_the_files(tmp_path):
+  for name in ('x/1.txt', 'x/2.txt', 'x/skip.jsonl', 'y/deep/3.jsonl'):
+    _write(tmp_path / name, _jsonl([name]) if name.endswith('.jsonl') else name)
+  data = _data(f'{tmp_path}/x/*.txt, {tmp_path}/y/**/*.jsonl', tmp_path, holdout=0.5)
+  assert files.split_files(data.name) == {'all': [
+      str(tmp_path / n) for n in ('x/1.txt', 'x/2.txt', 'y/deep/3.jsonl')]}
 
 
 def test_split_folders_are_the_splits_and_the_split_syntax_slices_them(tmp_path, capsys):
@@ -75,40 +89,43 @@ def test_split_folders_are_the_splits_and_the_split_syntax_slices_them(tmp_path,
   assert _texts(data, 'train[-2:]') == [f'training document {i}\n' for i in (8, 9)]
   capsys.readouterr()
   # A changed file is a new copy under a new key.
-  before = files.config_name(data.name, data.text_feature)
+  before = files.config_name(data)
   _write(root / 'train' / '03.txt', 'changed\n')
-  assert files.config_name(data.name, data.text_feature) != before
+  assert files.config_name(data) != before
   assert _texts(data, 'train')[3] == 'changed\n'
   assert 'Copying the 11 files' in capsys.readouterr().out
 
 
 @pytest.mark.parametrize('make, message', [
-    (lambda root: None, 'is not a folder'),
-    (lambda root: _write(root / 'notes.md', 'x'), 'holds no .txt or .jsonl file'),
-    (lambda root: _write(root / 'validation' / 'v.txt', 'x'), 'but no train/ folder'),
+    (lambda root: None, 'matches no .txt, .jsonl, .jsonl.gz file'),
+    (lambda root: _write(root / 'notes.md', 'x'), 'matches no .txt'),
     (lambda root: (_write(root / 'train' / 't.txt', 'x'), (root / 'test').mkdir()),
-     'test holds no .txt or .jsonl file'),
+     'test holds no .txt'),
+    (lambda root: (_write(root / 'a.txt', 'x'), _write(root / 'b.txt', '')), 'b.txt is empty'),
+    (lambda root: _write(root / 'a.jsonl', '\n'), 'a.jsonl holds no JSON line'),
     (lambda root: _write(root / 'a.jsonl', '{"text": "a"}\n{"text": 1}\n'),
      r"a.jsonl:2 has no text under 'text' \(data.text_feature\); its keys: text"),
     (lambda root: _write(root / 'a.jsonl', '{"text": "a"}\nnot json\n'),
      'a.jsonl:2 is not a JSON object'),
-    (lambda root: _write(root / 'a.txt', 'x'), 'holds 1 character'),
+    (lambda root: _write(root / 'input.txt', README),  # one document: nothing to hold out
+     "leaves the split 'validation' empty.*one .txt file is one document"),
 ])
-def test_a_bad_folder_is_named(tmp_path, make, message):
+def test_bad_files_are_named(tmp_path, make, message):
   make(tmp_path / 'corpus')
   with pytest.raises(UserError, match=message):
     external.builder(_data(tmp_path / 'corpus', tmp_path))
 
 
-def test_a_run_on_a_folder_trains_and_resumes_exactly(tmp_path, capsys):
-  root = tmp_path / 'corpus'
-  text = (pathlib.Path(__file__).parents[2] / 'README.md').read_text()
-  for i in range(4):  # any text will do: the README, in four files
-    _write(root / f'part{i}.txt', text[i * len(text) // 4:(i + 1) * len(text) // 4])
+def test_a_run_on_files_trains_and_resumes_exactly(tmp_path, capsys):
+  paragraphs = [p for p in README.split('\n\n') if p.strip()]  # about 150 documents
+  half = len(paragraphs) // 2
+  _write(tmp_path / 'corpus' / 'one.jsonl', _jsonl(paragraphs[:half]))
+  _write(tmp_path / 'corpus' / 'two.jsonl', _jsonl(paragraphs[half:]))
   config = shakespeare_char.get_config('tiny')
-  config.data.update(name=f'files:{root}', data_dir=str(tmp_path / 'tfds'))
+  config.data.update(name=f'files:{tmp_path / "corpus"}', data_dir=str(tmp_path / 'tfds'),
+                     holdout=0.1, drop_unknown_chars=True)
   config.train.update(num_steps=8, eval_every=8, checkpoint_every=4, log_every=4,
-                      sample_tokens=0, eval_batch_size=256)
+                      sample_tokens=0, eval_batch_size=64)
   config.opt.warmup_steps = 2
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
@@ -116,7 +133,8 @@ def test_a_run_on_a_folder_trains_and_resumes_exactly(tmp_path, capsys):
   tokens = pipeline.load_tokens(config.data, 'train', tokenizer,
                                 cache_dir=os.path.join(workdir, 'tokens'))
   assert f'{len(tokens):,} training tokens' in capsys.readouterr().out
-  assert abs(len(tokens) - 0.9 * len(text)) < 200  # four documents' ends, a cut at a line
+  trained = [p for p in paragraphs if not files.held_out(p, 0.1)]
+  assert len(tokens) == sum(map(len, trained)) + len(trained)  # characters and an eos each
 
   resumed = str(tmp_path / 'resumed')
   shutil.copytree(workdir, resumed)
