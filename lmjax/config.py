@@ -89,7 +89,8 @@ def _data() -> ml_collections.ConfigDict:
   # several corpora at once, 'DATASET:WEIGHT' each: ('shakespeare:0.7', 'milton:0.3'); () none
   c.mixture = ()
   c.pack = True  # completion: several examples to a row of train.seq_len; False: one, padded
-  c.prompt_feature = 'prompt'  # completion: the prompt's feature (tfds:) or key (JSONL)
+  # completion: the prompt's feature (tfds:; or a template, '{context}\nQ: {question}') or key
+  c.prompt_feature = 'prompt'
   c.completion_feature = 'completion'  # completion: the completion's feature or key
   # completion: JSONL file (or glob) of prompt/completion objects to train on, not data.name
   c.train_file = ''

@@ -22,6 +22,7 @@ VARIANTS = {
     'configs/countdown.py': ('', 'tiny', 'completion', 'completion_tiny'),
     'configs/gpt2.py': ('', 'medium', 'large', 'xl', 'small', 'pretrain_medium',
                         'pretrain_large'),
+    'configs/gpt2_tasks.py': ('', 'squad', 'imdb', 'sst2', 'cnn_dailymail', 'wmt14_de_en'),
     'configs/rnn_shakespeare_char.py': ('lstm', '', 'gru', 'rnn', 'lstm_spm', 'awd', 'tiny'),
     'configs/shakespeare_char.py': ('', 'full', 'cpu', 'mlm', 'tiny'),
 }

@@ -26,6 +26,7 @@ import dataclasses
 import glob
 import hashlib
 import json
+import string
 from collections.abc import Iterator
 
 import numpy as np
@@ -142,22 +143,83 @@ def _jsonl_split(d, split: str) -> list[tuple[str, str]]:
 
 def _tfds_examples(d, split: str) -> list[tuple[str, str]]:
   """The (prompt, completion) features of a prepared TFDS dataset's split, in the order
-  TFDS reads them."""
+  TFDS reads them; either may be a template of features (`template_fields`)."""
   builder_ = external.builder(d)
   try:
     builder_.info.splits[split]  # raises for a split (or slice) the dataset lacks
   except (KeyError, ValueError) as e:
     raise UserError(f'split {split!r} is not a split of {builder_.info.full_name}: '
                     f'{one_line(e)} Its splits: {", ".join(builder_.info.splits)}.') from None
-  external.check_text_feature(builder_, d.prompt_feature, 'data.prompt_feature')
-  external.check_text_feature(builder_, d.completion_feature, 'data.completion_feature')
-  keys = (d.prompt_feature, d.completion_feature)
-  ds = builder_.as_dataset(split=split, shuffle_files=False,
-                           decoders=tfds.decode.PartialDecoding({k: True for k in keys}))
-  ds = ds.map(lambda example: tuple(example[k] for k in keys)).batch(_READ_BATCH)
-  return [(p.decode('utf-8', 'replace'), c.decode('utf-8', 'replace'))
-          for prompts, completions in tfds.as_numpy(ds)
-          for p, c in zip(prompts, completions)]
+  templates = {'prompt_feature': d.prompt_feature, 'completion_feature': d.completion_feature}
+  if not any(template_fields(t) for t in templates.values()):
+    external.check_text_feature(builder_, d.prompt_feature, 'data.prompt_feature')
+    external.check_text_feature(builder_, d.completion_feature, 'data.completion_feature')
+    keys = (d.prompt_feature, d.completion_feature)
+    ds = builder_.as_dataset(split=split, shuffle_files=False,
+                             decoders=tfds.decode.PartialDecoding({k: True for k in keys}))
+    ds = ds.map(lambda example: tuple(example[k] for k in keys)).batch(_READ_BATCH)
+    return [(p.decode('utf-8', 'replace'), c.decode('utf-8', 'replace'))
+            for prompts, completions in tfds.as_numpy(ds)
+            for p, c in zip(prompts, completions)]
+  # A plain feature name on one side is the template of that feature alone.
+  templates = {field: t if template_fields(t) else '{' + t + '}' for field, t in templates.items()}
+  features = builder_.info.features
+  paths = {field: template_fields(t) for field, t in templates.items()}
+  for field, field_paths in paths.items():
+    for path in field_paths:
+      if path.split('/')[0] not in features:
+        raise UserError(f'data.{field}={templates[field]!r}: {path!r} is not a feature of '
+                        f'{builder_.info.full_name}; its features: {", ".join(sorted(features))}.')
+  tops = {path.split('/')[0] for field_paths in paths.values() for path in field_paths}
+  # Only the features named are decoded, where the features are a plain dict of them (a
+  # translation pair, WMT's, is read whole).
+  partial = (tfds.decode.PartialDecoding({k: True for k in tops})
+             if type(features) is tfds.features.FeaturesDict else None)
+  ds = builder_.as_dataset(split=split, shuffle_files=False, decoders=partial)
+  pairs = []
+  for example in tfds.as_numpy(ds):
+    pairs.append(tuple(templates[field].format(**{
+        path: _feature_text(example, features, path) for path in paths[field]})
+        for field in ('prompt_feature', 'completion_feature')))
+  return pairs
+
+
+def template_fields(text: str) -> list[str]:
+  """The features a template names, '{context}' and '{answers/text}' ('/' reaches into a
+  feature of features); [] for a plain feature name (no braces)."""
+  if '{' not in text:
+    return []
+  try:
+    fields = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
+  except ValueError as e:
+    raise UserError(f'{text!r} is not a template of features: {e}; write feature names in '
+                    "braces, e.g. '{context}\\nQuestion: {question}\\nAnswer:'.") from None
+  if not all(fields):
+    raise UserError(f'{text!r}: a pair of braces names no feature; write one in them, e.g. '
+                    '{question}.')
+  return fields
+
+
+def _feature_text(example: dict, features, path: str) -> str:
+  """The text of feature `path` of a decoded example: a string as it is, a class label as
+  its name, a number in digits; of a sequence (SQuAD's answers), its first element."""
+  value, feature = example, features
+  for part in path.split('/'):
+    if isinstance(feature, tfds.features.Sequence):
+      feature = feature.feature
+    if not isinstance(value, dict) or part not in value:
+      raise UserError(f'{path!r} is not a feature of the dataset: {part!r} is not among '
+                      f'{", ".join(value) if isinstance(value, dict) else "its parts"}.')
+    value, feature = value[part], feature[part]
+  if isinstance(feature, tfds.features.Sequence):
+    feature = feature.feature
+  if isinstance(value, np.ndarray) and value.ndim > 0:
+    value = value[0] if len(value) else b''
+  if isinstance(value, bytes):
+    return value.decode('utf-8', 'replace')
+  if isinstance(feature, tfds.features.ClassLabel):
+    return feature.int2str(int(value))
+  return str(value.item() if isinstance(value, np.generic) else value)
 
 
 # ---------------------------------------------------------------------------- tokenized
