@@ -6,10 +6,11 @@
 
 Puzzles come from --task_file (one per line, "4 7 8 9 -> 34") or else from the held-out
 --split of the countdown dataset (the first --num_puzzles of a seeded shuffle). Every
-strategy continues the same prompts (the end-of-text id, then the puzzle line) and its
-answer is checked by the same rules (lmjax/data/puzzles.py). For each it reports the share
-of puzzles solved, the tokens the model generated per puzzle (every sample, beam and
-pruned branch counted) and the wall time (after one untimed batch that compiles).
+strategy continues the same prompts (the puzzle line, after the end-of-text id for a
+language model, as it saw puzzles in training) and its answer is checked by the same rules
+(lmjax/data/puzzles.py). For each it reports the share of puzzles solved, the tokens the
+model generated per puzzle (every sample, beam and pruned branch counted) and the wall time
+(after one untimed batch that compiles).
 
 Strategies (--strategies, any subset, in this order):
   greedy            the most likely token at each step
@@ -113,7 +114,7 @@ def _load(workdir, step):
   generation.check_decodable(workdir_lib.load_config(workdir))
   config, tokenizer, params, _ = workdir_lib.load_trained(workdir, step)
   return (tokenizer, generation.decoder_fns(config, params, tokenizer.vocab_size),
-          config.model.max_len)
+          config.model.max_len, config.data.format == 'completion')
 
 
 def main(argv):
@@ -140,12 +141,15 @@ def main(argv):
   puzzles = _read_puzzles(puzzles_lib, corpora)
   output = _open_output()
   try:
-    tokenizer, decoder_fns, max_len = _load(_WORKDIR.value, _STEP.value)
+    tokenizer, decoder_fns, max_len, completion_run = _load(_WORKDIR.value, _STEP.value)
   except (FileNotFoundError, ValueError) as e:
     raise app.UsageError(f'--workdir={_WORKDIR.value}: {e}') from None
   eos = tokenizer.eos_id
+  # A prompt as the run saw puzzles in training: a language model after the end-of-text id
+  # that ended the document before; a prompt -> completion run at the start of its example.
+  lead = [] if completion_run else [eos]
   try:
-    prompts = [np.concatenate([[eos], tokenizer.encode(p.prompt)]).astype(np.int32)
+    prompts = [np.concatenate([lead, tokenizer.encode(p.prompt)]).astype(np.int32)
                for p in puzzles]
   except ValueError as e:
     raise app.UsageError(f'a puzzle has symbols the model never saw: {e}') from None
@@ -231,7 +235,7 @@ def main(argv):
   }
   if 'bfs_scorer' in _STRATEGIES.value:
     try:
-      _, scorer_fns, scorer_len = _load(_SCORER_WORKDIR.value, None)
+      _, scorer_fns, scorer_len, _ = _load(_SCORER_WORKDIR.value, None)
     except (FileNotFoundError, ValueError) as e:
       raise app.UsageError(f'--scorer_workdir={_SCORER_WORKDIR.value}: {e}') from None
     scorer = search.scorer_value(scorer_fns, eos_id=eos, max_len=scorer_len)

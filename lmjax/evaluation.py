@@ -116,10 +116,11 @@ def generate_and_score(workdir: str, split: str = 'validation', step: int | None
 
   The run must have prompts and references: a prompt -> completion run
   (data.format='completion'), or a language model of Countdown (the puzzle line is the
-  prompt). `num_examples` (0: all) takes the split's first examples; `batch_size` prompts
-  are decoded together, at most `max_new_tokens` each (default: the run's
-  train.sample_tokens), with `options` for `generation.generate_texts` (strategy,
-  beam_size, temperature, ...; greedy by default). `output`, if given, receives one JSON
+  prompt, after the end-of-text id, as the model saw each puzzle in training).
+  `num_examples` (0: all) takes the split's first examples; `batch_size` prompts are
+  decoded together, at most `max_new_tokens` each (default: the run's train.sample_tokens),
+  with `options` for `generation.generate_texts` (strategy, beam_size, temperature, ...;
+  greedy by default). `output`, if given, receives one JSON
   line per example: prompt, reference, generation, finish and its scores.
 
   Returns a JSON-ready dict: each metric's mean over the examples (BLEU: the corpus BLEU),
@@ -150,7 +151,8 @@ def generate_and_score(workdir: str, split: str = 'validation', step: int | None
   for start in range(0, len(pairs), batch_size):
     chunk = pairs[start:start + batch_size]
     results = generation.generate_texts(config, params, tokenizer, [p for p, _ in chunk],
-                                        max_new_tokens=max_new_tokens, **options)
+                                        max_new_tokens=max_new_tokens,
+                                        after_eos=d.format != 'completion', **options)
     for (prompt, reference), candidates in zip(chunk, results, strict=True):
       text = candidates[0]['text']
       row = {'prompt': prompt, 'reference': reference, 'generation': text,

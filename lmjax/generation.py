@@ -3,6 +3,7 @@ prompts continued with any of `decode.generate`'s strategies."""
 import functools
 
 import jax
+import numpy as np
 
 from lmjax import decode, finetune, models
 from lmjax.data import corpora
@@ -42,7 +43,8 @@ def host_copy(tree):
 
 
 def generate_texts(config, params, tokenizer, prompts: list[str], *, max_new_tokens: int,
-                   stop_strings: tuple[str, ...] = (), **options) -> list[list[dict]]:
+                   stop_strings: tuple[str, ...] = (), after_eos: bool = False,
+                   **options) -> list[list[dict]]:
   """Continues each prompt with the KV-cached model; `options` go to `decode.generate`
   (strategy, num_samples, temperature, top_k, top_p, repetition_penalty, beam_size,
   length_penalty, beam_compat, early_stopping, seed, window_stride). A Transformer writes
@@ -52,13 +54,17 @@ def generate_texts(config, params, tokenizer, prompts: list[str], *, max_new_tok
   Returns, per prompt, one dict per continuation: 'text' (the new text only), 'tokens',
   'score' and 'finish' ('eos', 'stop' or 'length'). A continuation ends at the
   tokenizer's EOS and at any of `stop_strings`; its text is cut before the stop string.
+  `after_eos` puts the tokenizer's end-of-text id before each prompt: a language model of
+  documents then reads the prompt as the start of a document, as in training.
   Raises UserError with a readable message for bad prompts or options.
   """
   encoded = []
   for i, prompt in enumerate(prompts):
     if not prompt:
       raise UserError(f'prompt {i + 1} is empty; give some text to continue.')
-    encoded.append(tokenizer.encode(prompt))
+    ids = tokenizer.encode(prompt)
+    encoded.append(np.concatenate([[tokenizer.eos_id], ids]).astype(ids.dtype) if after_eos
+                   else ids)
   stops = []
   for stop in stop_strings:
     if not stop:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import authorship, rnn_shakespeare_char, shakespeare_char
-from lmjax import generation, state as state_lib
+from lmjax import decode, generation, state as state_lib
 from lmjax.data import tokenizers
 from lmjax.errors import UserError
 
@@ -96,6 +96,22 @@ def test_a_stop_string_cuts_the_text_before_it(tokenizer, params, greedy):
   results = generation.generate_texts(tiny_config(), params, tokenizer, ['abc', 'h'],
                                       max_new_tokens=NEW, strategy='greedy', stop_strings=never)
   assert results == greedy
+
+
+def test_after_eos_continues_the_prompt_as_a_document_after_the_end_of_text_id(
+    tokenizer, params):
+  """What a language model of documents saw in training: the end-of-text id, then the
+  document. `after_eos` puts it before each prompt, as the text itself cannot."""
+  (after, *_), _ = generation.generate_texts(tiny_config(), params, tokenizer, ['abc', 'h'],
+                                             max_new_tokens=NEW, strategy='greedy',
+                                             after_eos=True)
+  logits_fn, state = generation.decoder_fns(tiny_config(), params, tokenizer.vocab_size)(
+      batch_size=1, cache_len=MAX_LEN)
+  ids = np.concatenate([[tokenizer.eos_id], tokenizer.encode('abc')]).astype(np.int32)
+  expected = decode.generate(logits_fn, state, [ids],
+                             max_new_tokens=NEW, eos_id=tokenizer.eos_id, max_len=MAX_LEN,
+                             strategy='greedy')[0][0]
+  assert after['tokens'] == expected.tokens.tolist()
 
 
 def test_samples_are_as_many_as_asked_and_repeat_under_a_seed(tokenizer, params):
