@@ -4,6 +4,7 @@ are written as the data step would write them, turned into prompts and completio
 config's templates, trained on by a tiny model in place of GPT-2, and scored by
 evaluate.py's --generate."""
 import json
+import string
 
 import jax
 import numpy as np
@@ -12,7 +13,7 @@ import tensorflow_datasets as tfds
 
 from configs import gpt2_tasks
 from lmjax import evaluation, events, train
-from lmjax.data import completions
+from lmjax.data import completions, tokenizers
 
 EVAL_SPLITS = {variant: task[2] for variant, task in gpt2_tasks.TASKS.items()}
 
@@ -58,12 +59,22 @@ def _prepare_mock(variant: str, data_dir: str) -> dict:
   return splits
 
 
+@pytest.fixture(scope='module')
+def tokenizer_dir(tmp_path_factory):
+  """One character vocabulary for every variant: the same shapes, so the five runs share
+  their compiled programs."""
+  directory = str(tmp_path_factory.mktemp('tokenizer'))
+  tokenizers.CharTokenizer.train([string.printable]).save(directory)
+  return directory
+
+
 @pytest.mark.parametrize('variant', gpt2_tasks.TASKS)
-def test_a_task_config_trains_and_scores_on_mock_data(variant, tmp_path):
+def test_a_task_config_trains_and_scores_on_mock_data(variant, tmp_path, tokenizer_dir):
   data_dir = str(tmp_path / 'tfds')
   splits = _prepare_mock(variant, data_dir)
   config = gpt2_tasks.get_config(variant)
-  config.data.update(data_dir=data_dir, tokenizer='char', drop_unknown_chars=True)
+  config.data.update(data_dir=data_dir, tokenizer='char', tokenizer_dir=tokenizer_dir,
+                     drop_unknown_chars=True)
   eval_split = config.data.eval_split
   assert completions.read_examples(config.data, eval_split) == [
       EXPECTED[variant](ex) for ex in splits[eval_split]]
