@@ -120,8 +120,8 @@ def generate_and_score(workdir: str, split: str = 'validation', step: int | None
   `num_examples` (0: all) takes the split's first examples; `batch_size` prompts are
   decoded together, at most `max_new_tokens` each (default: the run's train.sample_tokens),
   with `options` for `generation.generate_texts` (strategy, beam_size, temperature, ...;
-  greedy by default). `output`, if given, receives one JSON
-  line per example: prompt, reference, generation, finish and its scores.
+  greedy by default). `output`, if given, receives one JSON line per example: prompt,
+  reference, generation, finish and its scores.
 
   Returns a JSON-ready dict: each metric's mean over the examples (BLEU: the corpus BLEU),
   'num_examples', 'dataset', 'workdir', 'step', 'split', 'strategy', 'max_new_tokens'."""
@@ -142,6 +142,11 @@ def generate_and_score(workdir: str, split: str = 'validation', step: int | None
   pairs = pairs[:num_examples] if num_examples else pairs
   if not pairs:
     raise UserError(f'--split={split!r} of {completions.source(d)} holds no example.')
+  try:  # opened before any decoding: a path that cannot be written costs no work
+    out = open(output, 'w', encoding='utf-8') if output else None
+  except OSError as e:
+    raise UserError(f'--output={output} cannot be written ({e.strerror or e}); name a file '
+                    'in a directory you can write to.') from None
   config, tokenizer, params, step = workdir_lib.load_trained(workdir, step)
   config, params = finetune.for_decoding(config, params)
   max_new_tokens = max_new_tokens or config.train.sample_tokens
@@ -164,9 +169,9 @@ def generate_and_score(workdir: str, split: str = 'validation', step: int | None
                              rows, metrics)
   if countdown:
     summary['solve_rate'] = sum(r['solved'] for r in rows) / len(rows)
-  if output:
-    with open(output, 'w', encoding='utf-8') as f:
-      f.writelines(json.dumps(row, ensure_ascii=False) + '\n' for row in rows)
+  if out is not None:
+    with out:
+      out.writelines(json.dumps(row, ensure_ascii=False) + '\n' for row in rows)
   return {**summary, 'num_examples': len(rows), 'dataset': completions.source(d),
           'workdir': workdir, 'step': step, 'split': split, 'strategy': options['strategy'],
           'max_new_tokens': max_new_tokens}

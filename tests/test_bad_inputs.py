@@ -20,7 +20,7 @@ import string
 import numpy as np
 import pytest
 
-from configs import authorship, rnn_shakespeare_char, shakespeare_char
+from configs import authorship, countdown, rnn_shakespeare_char, shakespeare_char
 from lmjax import checkpoint as ckpt_lib
 from lmjax import state as state_lib, workdir as workdir_lib
 from lmjax.data import tokenizers
@@ -350,6 +350,9 @@ EVALUATE = {
                                   ['--dataset scores a language model', 'Drop one']),
     'evaluate_generate_count': (['--workdir={lm}', '--generate', '--num_examples=-1'],
                                 ['--num_examples=-1']),
+    'evaluate_generate_output': (['--workdir={countdown_sft}', '--generate',
+                                  '--output={a_file}/out.jsonl'],
+                                 ['--output=', 'cannot be written']),
 }
 
 TOT = {
@@ -538,6 +541,7 @@ def _workdirs(tmp) -> dict[str, str]:
       'all_damaged': _garble_checkpoints(_checkpointed(tmp / 'all_damaged')),
       'few_chars': _workdir(tmp / 'few_chars', tiny, chars='abc \n'),
       'classifier': _workdir(tmp / 'classifier', authorship.get_config('tiny')),
+      'countdown_sft': _workdir(tmp / 'countdown_sft', countdown.get_config('completion_tiny')),
       'recurrent': _workdir(tmp / 'recurrent', rnn_shakespeare_char.get_config('tiny')),
       'mixture': _workdir(tmp / 'mixture', mixture),
       'encoder': _workdir(tmp / 'encoder', encoder),
