@@ -139,11 +139,12 @@ def held_out(text: str, share: float) -> bool:
   return int.from_bytes(digest[:8], 'big') / 2.0**64 < share
 
 
-def config_name(data_config) -> str:
+def config_name(data_config, splits: dict[str, list[str]] | None = None) -> str:
   """The TFDS config the files' copy is under: the first pattern's base name and a hash of
-  the files (path, size, modification time) and the settings that decide the copy."""
+  the files (path, size, modification time) and the settings that decide the copy.
+  `splits` is `split_files(data_config.name)`, found here if not given."""
   name = data_config.name
-  splits = split_files(name)
+  splits = splits or split_files(name)
   listing = []
   for split, paths in splits.items():
     for path in paths:
@@ -152,7 +153,7 @@ def config_name(data_config) -> str:
   holdout = data_config.holdout if 'all' in splits else None
   blob = json.dumps([FORMAT_VERSION, data_config.text_feature, holdout, listing])
   key = hashlib.sha256(blob.encode()).hexdigest()[:12]
-  base = os.path.basename(patterns(name)[0].rstrip('/*')) if patterns(name) else ''
+  base = os.path.basename(patterns(name)[0].rstrip('/*'))
   slug = re.sub(r'[^a-z0-9]+', '_', base.lower()).strip('_')
   return f'{slug or "files"}_{key}'
 
@@ -161,7 +162,8 @@ def builder(data_config) -> tfds.core.DatasetBuilder:
   """The files' TFDS copy, made first if there is none for the files as they are now."""
   name, text_key = data_config.name, data_config.text_feature
   data_dir = data_config.data_dir or tfds.core.constants.DATA_DIR
-  config = config_name(data_config)
+  splits = split_files(name)
+  config = config_name(data_config, splits)
   full_name = f'{DATASET}/{config}:{VERSION}'
   with contextlib.suppress(tfds.core.registered.DatasetNotFoundError):
     return read_only_builder.builder_from_files(full_name, data_dir=data_dir)
@@ -169,7 +171,6 @@ def builder(data_config) -> tfds.core.DatasetBuilder:
   with locking.exclusive(os.path.join(data_dir, f'{DATASET}-{config}.lock')):
     with contextlib.suppress(tfds.core.registered.DatasetNotFoundError):
       return read_only_builder.builder_from_files(full_name, data_dir=data_dir)  # built meanwhile
-    splits = split_files(name)
     print(f'Copying the {sum(map(len, splits.values())):,} files of data.name into a TFDS '
           f'dataset in {os.path.join(data_dir, DATASET, config)}, once ...', flush=True)
     tfds.disable_progress_bar()
@@ -199,7 +200,7 @@ def builder(data_config) -> tfds.core.DatasetBuilder:
 
 def _split_documents(splits: dict[str, list[str]], text_key: str, holdout: float,
                      not_utf8: set) -> dict:
-  """{split: an iterable of (key, example)} in file order."""
+  """{split: a generator of (key, example)} in file order, read when TFDS writes it."""
   def examples(paths, keep=None):
     texts = (t for p in paths for t in documents(p, text_key, not_utf8))
     if keep is not None:
@@ -208,17 +209,6 @@ def _split_documents(splits: dict[str, list[str]], text_key: str, holdout: float
       yield f'{i:012d}', {text_key: text}
 
   if 'all' not in splits:
-    return {split: _Reiterable(lambda paths=paths: examples(paths))
-            for split, paths in splits.items()}
-  return {'train': _Reiterable(lambda: examples(splits['all'], keep=False)),
-          'validation': _Reiterable(lambda: examples(splits['all'], keep=True))}
-
-
-class _Reiterable:
-  """An iterable that starts its generator anew each time it is iterated."""
-
-  def __init__(self, make):
-    self._make = make
-
-  def __iter__(self):
-    return self._make()
+    return {split: examples(paths) for split, paths in splits.items()}
+  return {'train': examples(splits['all'], keep=False),
+          'validation': examples(splits['all'], keep=True)}
