@@ -12,6 +12,15 @@ inside a prompt as \\n). Continuations print as text; --output writes JSON lines
 the prompt, text, tokens, score and why each one ended ('-' for stdout). A Transformer
 writes past its context (model.max_len) by sliding a window over the text, re-reading it
 every --window_stride tokens; of a longer prompt it reads the last model.max_len tokens.
+
+Speculative decoding (greedy or sample; lmjax/speculative.py) gives the same text, or the
+same distribution, in fewer calls of the model: a draft proposes --num_draft_tokens tokens
+a round and the model checks them all in one call.
+
+  python experiments/decode.py --workdir=runs/shakespeare_char --prompt='ROMEO:' \
+      --strategy=greedy --draft_workdir=runs/cpu --num_draft_tokens=4
+  python experiments/decode.py --workdir=runs/countdown --prompt_file=puzzles.txt \
+      --strategy=greedy --draft=ngram
 """
 from lmjax import console
 
@@ -56,6 +65,13 @@ _WINDOW_STRIDE = flags.DEFINE_integer(
     'window_stride', None, 'Text longer than the context (model.max_len): re-read the window '
     'every this many tokens, in [1, model.max_len]; default max_len // 2. 1 always '
     'conditions on the last max_len tokens, at the cost of a full re-read per token.')
+_DRAFT_WORKDIR = flags.DEFINE_string(
+    'draft_workdir', None, 'Speculative decoding with this trained run as the draft (a '
+    'smaller Transformer or an RNN with the same tokenizer).')
+_DRAFT = flags.DEFINE_enum('draft', None, ['ngram'], 'Speculative decoding with a draft that '
+                           "copies from the text itself (prompt lookup): 'ngram'.")
+_NUM_DRAFT_TOKENS = flags.DEFINE_integer(
+    'num_draft_tokens', 4, 'Speculative decoding: tokens the draft proposes a round.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed for sampling.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
 flags.mark_flag_as_required('workdir')
@@ -105,6 +121,34 @@ def _say_long_prompts(prompts: list[str], tokenizer, max_len: int | None) -> Non
             f'{max_len} (model.max_len).', file=sys.stderr)
 
 
+def _draft_spec(strategy: str) -> str | None:
+  """'ngram', a draft workdir, or None; refuses what speculative decoding cannot do."""
+  if _DRAFT.value and _DRAFT_WORKDIR.value:
+    raise app.UsageError('--draft=ngram and --draft_workdir both given; choose one draft.')
+  spec = _DRAFT.value or _DRAFT_WORKDIR.value
+  if spec is None:
+    return None
+  if strategy == 'beam':
+    raise app.UsageError('--strategy=beam has no draft: speculative decoding is greedy or '
+                         'sample; drop --draft/--draft_workdir or change --strategy.')
+  if _NUM_SAMPLES.value != 1:
+    raise app.UsageError(f'--num_samples={_NUM_SAMPLES.value} with a draft; speculative '
+                         'decoding writes one continuation per prompt (repeat the prompt '
+                         'for more).')
+  if _REPETITION_PENALTY.value != 1.0:
+    raise app.UsageError('--repetition_penalty with a draft: speculative decoding has no '
+                         'repetition penalty; drop one of them.')
+  if _NUM_DRAFT_TOKENS.value < 1:
+    raise app.UsageError(f'--num_draft_tokens={_NUM_DRAFT_TOKENS.value}; it must be at '
+                         'least 1.')
+  return spec
+
+
+def _speculative_options(options: dict) -> dict:
+  return {key: options[key] for key in ('strategy', 'seed', 'temperature', 'top_k', 'top_p')
+          if key in options}
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -125,7 +169,9 @@ def main(argv):
   # Not a workdir, no such step, a damaged one, a run that writes no text: run_script
   # prints the one line.
   generation.check_decodable(workdir_lib.load_config(_WORKDIR.value))
+  draft_spec = _draft_spec(strategy)
   config, tokenizer, params, step = workdir_lib.load_trained(_WORKDIR.value, _STEP.value)
+  draft = generation.load_draft(draft_spec, tokenizer) if draft_spec else None
 
   _say_long_prompts(prompts, tokenizer, generation.context_length(config))
   out = _open_output()
@@ -135,9 +181,17 @@ def main(argv):
   for start in range(0, len(prompts), batch):
     chunk = prompts[start:start + batch]
     try:
-      results = generation.generate_texts(config, params, tokenizer, chunk,
-                                     max_new_tokens=_MAX_NEW_TOKENS.value,
-                                     stop_strings=tuple(_STOP.value), **options)
+      if draft is None:
+        results = generation.generate_texts(config, params, tokenizer, chunk,
+                                            max_new_tokens=_MAX_NEW_TOKENS.value,
+                                            stop_strings=tuple(_STOP.value), **options)
+      else:
+        results, stats = generation.speculative_texts(
+            config, params, tokenizer, chunk, draft=draft,
+            num_draft_tokens=_NUM_DRAFT_TOKENS.value, max_new_tokens=_MAX_NEW_TOKENS.value,
+            stop_strings=tuple(_STOP.value), **_speculative_options(options))
+        print(f'# draft {draft_spec}: {stats.acceptance:.0%} of its tokens accepted, '
+              f'{stats.tokens_per_round:.2f} tokens a call of the model', file=sys.stderr)
     except ValueError as e:  # out-of-vocabulary or too long prompt, bad option value
       raise app.UsageError(str(e)) from None
     for prompt, candidates in zip(chunk, results):

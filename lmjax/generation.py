@@ -5,7 +5,7 @@ import functools
 import jax
 import numpy as np
 
-from lmjax import decode, finetune, models
+from lmjax import decode, finetune, models, speculative
 from lmjax.data import corpora
 from lmjax.errors import UserError
 from lmjax.state import build_model, is_encoder
@@ -42,6 +42,41 @@ def host_copy(tree):
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def _encode_prompts(tokenizer, prompts: list[str], stop_strings, after_eos: bool):
+  """The prompts' and stop strings' token ids (see `generate_texts`)."""
+  encoded = []
+  for i, prompt in enumerate(prompts):
+    if not prompt:
+      raise UserError(f'prompt {i + 1} is empty; give some text to continue.')
+    ids = tokenizer.encode(prompt)
+    encoded.append(np.concatenate([[tokenizer.eos_id], ids]).astype(ids.dtype) if after_eos
+                   else ids)
+  stops = []
+  for stop in stop_strings:
+    if not stop:
+      raise UserError('a stop string is empty; drop it or give some text.')
+    stops.append(tokenizer.encode(stop))
+  return encoded, stops
+
+
+def _as_texts(tokenizer, results, stop_strings) -> list[list[dict]]:
+  """`decode.Candidate`s as dicts of text, tokens, score and finish."""
+  out = []
+  for candidates in results:
+    rows = []
+    for c in candidates:
+      text, finish = tokenizer.decode(c.tokens), c.finish
+      # A stop string may come out as tokens other than its own encoding; the text
+      # decides.
+      cuts = [text.find(stop) for stop in stop_strings if stop in text]
+      if cuts:
+        text, finish = text[:min(cuts)], 'stop'
+      rows.append({'text': text, 'tokens': c.tokens.tolist(), 'score': c.score,
+                   'finish': finish})
+    out.append(rows)
+  return out
+
+
 def generate_texts(config, params, tokenizer, prompts: list[str], *, max_new_tokens: int,
                    stop_strings: tuple[str, ...] = (), after_eos: bool = False,
                    **options) -> list[list[dict]]:
@@ -58,38 +93,73 @@ def generate_texts(config, params, tokenizer, prompts: list[str], *, max_new_tok
   documents then reads the prompt as the start of a document, as in training.
   Raises UserError with a readable message for bad prompts or options.
   """
-  encoded = []
-  for i, prompt in enumerate(prompts):
-    if not prompt:
-      raise UserError(f'prompt {i + 1} is empty; give some text to continue.')
-    ids = tokenizer.encode(prompt)
-    encoded.append(np.concatenate([[tokenizer.eos_id], ids]).astype(ids.dtype) if after_eos
-                   else ids)
-  stops = []
-  for stop in stop_strings:
-    if not stop:
-      raise UserError('a stop string is empty; drop it or give some text.')
-    stops.append(tokenizer.encode(stop))
+  encoded, stops = _encode_prompts(tokenizer, prompts, stop_strings, after_eos)
   needed = max(len(e) for e in encoded) + max_new_tokens
   tokens_to_logits, state = decoder_fns(config, params, tokenizer.vocab_size)(
       batch_size=len(encoded), cache_len=decode.buffer_length(needed, context_length(config)))
   results = decode.generate(tokens_to_logits, state, encoded, max_new_tokens=max_new_tokens,
                             eos_id=tokenizer.eos_id, stop_sequences=stops,
                             max_len=context_length(config), **options)
-  out = []
-  for candidates in results:
-    rows = []
-    for c in candidates:
-      text, finish = tokenizer.decode(c.tokens), c.finish
-      # A stop string may come out as tokens other than its own encoding; the text
-      # decides.
-      cuts = [text.find(stop) for stop in stop_strings if stop in text]
-      if cuts:
-        text, finish = text[:min(cuts)], 'stop'
-      rows.append({'text': text, 'tokens': c.tokens.tolist(), 'score': c.score,
-                   'finish': finish})
-    out.append(rows)
-  return out
+  return _as_texts(tokenizer, results, stop_strings)
+
+
+def load_draft(spec: str, tokenizer):
+  """The draft `speculative_texts` takes for --draft=SPEC: 'ngram' (prompt lookup, no
+  model), or the workdir of a trained language model with the same tokenizer as the
+  target's, returned as (config, params)."""
+  if spec == 'ngram':
+    return 'ngram'
+  from lmjax import workdir as workdir_lib
+  check_decodable(workdir_lib.load_config(spec))
+  config, draft_tokenizer, params, _ = workdir_lib.load_trained(spec)
+  if not same_tokenizer(tokenizer, draft_tokenizer):
+    raise UserError(f'the draft in {spec} has another tokenizer than the target '
+                    f'({type(draft_tokenizer).__name__}, {draft_tokenizer.vocab_size} ids, '
+                    f'against {type(tokenizer).__name__}, {tokenizer.vocab_size}); a draft '
+                    "must read and write the target's token ids: train it with the same "
+                    'data.tokenizer on the same corpus, or use --draft=ngram.')
+  return config, params
+
+
+def same_tokenizer(a, b) -> bool:
+  """Whether two tokenizers give every id the same text."""
+  if (type(a), a.vocab_size, a.eos_id) != (type(b), b.vocab_size, b.eos_id):
+    return False
+  return all(a.decode([i]) == b.decode([i]) for i in range(a.vocab_size) if i != a.eos_id)
+
+
+def speculative_texts(config, params, tokenizer, prompts: list[str], *, draft,
+                      num_draft_tokens: int, max_new_tokens: int,
+                      stop_strings: tuple[str, ...] = (), after_eos: bool = False,
+                      **options) -> tuple[list[list[dict]], 'speculative.Stats']:
+  """`generate_texts` (greedy or sample) with a draft proposing `num_draft_tokens` a
+  round (`lmjax.speculative`): the same text, or for sampling the same distribution, in
+  fewer calls of the target. `draft` is what `load_draft` returns. Also returns the
+  call's `speculative.Stats`."""
+  encoded, stops = _encode_prompts(tokenizer, prompts, stop_strings, after_eos)
+  max_len = context_length(config)
+  if max_len is None:
+    raise UserError('speculative decoding needs a Transformer target; this run is a '
+                    f'recurrent model ({config.model.name}): decode it without --draft.')
+  if draft == 'ngram':
+    draft_model = speculative.NgramDraft()
+  else:
+    draft_config, draft_params = draft
+    draft_len = context_length(draft_config)
+    max_len = min(max_len, draft_len) if draft_len else max_len
+  cache_len = decode.buffer_length(
+      max(len(e) for e in encoded) + max_new_tokens + num_draft_tokens, max_len)
+  if draft != 'ngram':
+    draft_model = speculative.ModelDraft(*decoder_fns(
+        draft_config, draft_params, tokenizer.vocab_size)(batch_size=len(encoded),
+                                                          cache_len=cache_len))
+  tokens_to_logits, state = decoder_fns(config, params, tokenizer.vocab_size)(
+      batch_size=len(encoded), cache_len=cache_len)
+  results, stats = speculative.generate(
+      tokens_to_logits, state, encoded, draft=draft_model, num_draft_tokens=num_draft_tokens,
+      max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, stop_sequences=stops,
+      max_len=max_len, **options)
+  return _as_texts(tokenizer, results, stop_strings), stats
 
 
 def context_length(config) -> int | None:
