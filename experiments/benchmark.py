@@ -28,6 +28,11 @@ Benchmarks (--bench, repeatable):
           same model shape in Hugging Face transformers (PyTorch) beside it (pip install
           -e '.[hf]'). Weights are random: speed does not depend on them, and no download
           is needed.
+          With --draft_workdir=DIR or --draft=ngram, speculative decoding instead, on the
+          trained run of --workdir (no --config): plain and speculative `generate` calls of
+          the same prompts (--prompt, repeatable), alternating, for each --batch_sizes x
+          greedy/sample: tokens/s of each, the speed-up, the share of draft tokens
+          accepted and the tokens written per call of the model. Greedy texts must agree.
 
 Times are medians over --repeats timed runs after one untimed run (compiling, for JAX;
 the compile time is reported on its own).
@@ -68,7 +73,16 @@ _COMPARE_TORCH = flags.DEFINE_bool(
     'compare_torch', False, 'train, matmul (recurrent configs): also time the same model, or '
     'the same products, in PyTorch.')
 _TABLE = flags.DEFINE_bool('table', False, 'Print a Markdown table after the JSON lines.')
-flags.mark_flags_as_required(['config'])
+_WORKDIR = flags.DEFINE_string('workdir', None, 'decode with a draft: the trained run to '
+                               'decode from.')
+_DRAFT_WORKDIR = flags.DEFINE_string('draft_workdir', None, 'decode: speculative decoding '
+                                     'with this trained run as the draft.')
+_DRAFT = flags.DEFINE_enum('draft', None, ['ngram'], 'decode: speculative decoding with the '
+                           'n-gram (prompt lookup) draft.')
+_NUM_DRAFT_TOKENS = flags.DEFINE_integer('num_draft_tokens', 4, 'Tokens a draft proposes.')
+_PROMPTS = flags.DEFINE_multi_string(
+    'prompt', ['ROMEO:\n', 'JULIET:\n', 'First Citizen:\n', 'KING RICHARD III:\n'],
+    'decode with a draft: prompts, cycled to fill each batch.')
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -199,6 +213,58 @@ def bench_decode_lmjax(config, vocab_size: int) -> list[dict]:
       generate_s = _median_seconds(run, _REPEATS.value)
       results.append(_decode_result('lmjax', common, batch, name, first_s - generate_s,
                                     prefill_s, step_s, recompute_s, generate_s))
+  return results
+
+
+def bench_speculative(draft_spec: str) -> list[dict]:
+  """Plain and speculative decoding of a trained run, timed in turn (see the docstring)."""
+  from lmjax import generation, models, workdir as workdir_lib
+  config, tokenizer, params, step = workdir_lib.load_trained(_WORKDIR.value)
+  draft = generation.load_draft(draft_spec, tokenizer)
+  results = []
+  for batch in map(int, _BATCH_SIZES.value):
+    prompts = [_PROMPTS.value[i % len(_PROMPTS.value)].replace('\\n', '\n')
+               for i in range(batch)]
+    for strategy in ('greedy', 'sample'):
+      options = dict(strategy=strategy, max_new_tokens=_NEW_TOKENS.value, seed=0)
+      if strategy == 'sample':
+        options['temperature'] = 0.8
+      outputs = {}
+
+      def plain():
+        outputs['plain'] = generation.generate_texts(config, params, tokenizer, prompts,
+                                                     **options)
+
+      def speculative():
+        outputs['draft'] = generation.speculative_texts(
+            config, params, tokenizer, prompts, draft=draft,
+            num_draft_tokens=_NUM_DRAFT_TOKENS.value, **options)
+
+      plain(), speculative()  # compiles
+      times = {'plain': [], 'draft': []}
+      for _ in range(_REPEATS.value):  # in turn, so that both see the same machine
+        for name, fn in (('plain', plain), ('draft', speculative)):
+          start = time.perf_counter()
+          fn()
+          times[name].append(time.perf_counter() - start)
+      texts, stats = outputs['draft']
+      if strategy == 'greedy' and [[c['text'] for c in r] for r in texts] != [
+          [c['text'] for c in r] for r in outputs['plain']]:
+        raise RuntimeError('speculative greedy decoding wrote other text than plain greedy')
+      plain_s, draft_s = (statistics.median(times[n]) for n in ('plain', 'draft'))
+      new, draft_new = (sum(len(c['tokens']) for r in rows for c in r)
+                        for rows in (outputs['plain'], texts))
+      result = {'bench': 'speculative', 'workdir': _WORKDIR.value, 'step': step,
+                'params': models.count_params(params), 'draft': draft_spec,
+                'k': _NUM_DRAFT_TOKENS.value,
+                'batch': batch, 'strategy': strategy, 'new_tokens': _NEW_TOKENS.value,
+                'plain_tokens_per_s': round(new / plain_s, 1),
+                'draft_tokens_per_s': round(draft_new / draft_s, 1),
+                'speedup': round(plain_s / draft_s * draft_new / new, 2),
+                'acceptance': round(stats.acceptance, 3),
+                'tokens_per_call': round(stats.tokens_per_round, 2)}
+      print(json.dumps(result), flush=True)
+      results.append(result)
   return results
 
 
@@ -605,6 +671,8 @@ _OTHER_COLUMNS = {
               'tokens_per_s', 'mfu', 'peak_memory_gb', 'xla_step_peak_mib', 'compile_s'),
     'matmul': ('impl', 'product', 'shape', 'per_step', 'ms', 'gflop_per_s', 'step_ms'),
     'pipeline': ('dataset', 'batch', 'seq_len', 'tokens_per_s', 'times_training'),
+    'speculative': ('draft', 'k', 'batch', 'strategy', 'plain_tokens_per_s',
+                    'draft_tokens_per_s', 'speedup', 'acceptance', 'tokens_per_call'),
     'checkpoint': ('model', 'bytes', 'first_save_blocking_s', 'save_blocking_s', 'save_total_s',
                    'restore_s', 'save_gb_per_s', 'restore_gb_per_s'),
 }
@@ -626,7 +694,17 @@ def _markdown(results: list[dict]) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  draft_spec = _DRAFT.value or _DRAFT_WORKDIR.value
+  if draft_spec:
+    if not _WORKDIR.value:
+      raise app.UsageError('--draft/--draft_workdir time a trained run: give --workdir.')
+    results = bench_speculative(draft_spec)
+    if _TABLE.value:
+      print(_markdown(results))
+    return
   config = _CONFIG.value
+  if config is None:
+    raise app.UsageError('give --config (or --workdir with a draft).')
   if _STEPS.value < 1 or _WARMUP.value < 0 or _PIPELINE_BATCHES.value < 1:
     raise app.UsageError('--steps and --pipeline_batches must be at least 1, --warmup at '
                          'least 0.')

@@ -202,8 +202,16 @@ def test_decode_script_with_a_draft_writes_what_it_writes_without_one(tmp_path):
       'other_tokenizer': [*flags, f'--draft_workdir={other}'],
       'too_long': [*flags[:3], '--max_new_tokens=45', '--draft=ngram'],
   }
-  runs = script_cases.run({key: ('decode.py', argv) for key, argv in cases.items()},
+  bench = [f'--workdir={target}', f'--draft_workdir={target}', '--batch_sizes=2',
+           '--new_tokens=12', '--repeats=1', '--prompt=ROMEO:']
+  runs = script_cases.run({**{key: ('decode.py', argv) for key, argv in cases.items()},
+                           'benchmark': ('benchmark.py', bench)},
                           env=dict(os.environ, XLA_FLAGS=xla.flags()))
+  assert runs['benchmark'].returncode == 0, runs['benchmark'].stderr
+  rows = [json.loads(line) for line in runs['benchmark'].stdout.splitlines()]
+  assert [(r['strategy'], r['batch'], r['acceptance']) for r in rows] == [
+      ('greedy', 2, 1.0), ('sample', 2, 1.0)]  # the draft is the target
+  assert all(r['speedup'] > 0 and r['tokens_per_call'] > 1 for r in rows)
   texts = {}
   for key in ('plain', 'ngram', 'model', 'sample'):
     assert runs[key].returncode == 0, runs[key].stderr
