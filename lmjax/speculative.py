@@ -71,12 +71,13 @@ class NgramDraft:
 @dataclasses.dataclass(frozen=True)
 class Stats:
   """How a call went: `rounds` target calls after the prompt, `new_tokens` tokens they kept
-  (all rows, up to each row's end), and the draft's proposals accepted out of those made
+  (all `rows`, each up to its end), and the draft's proposals accepted out of those made
   (prompt positions not counted)."""
   rounds: int
   new_tokens: int
   proposed: int
   accepted: int
+  rows: int = 1
 
   @property
   def acceptance(self) -> float:
@@ -84,7 +85,8 @@ class Stats:
 
   @property
   def tokens_per_round(self) -> float:
-    return self.new_tokens / self.rounds if self.rounds else 0.0
+    """New tokens a row gets from a call of the target, on average."""
+    return self.new_tokens / self.rounds / self.rows if self.rounds else 0.0
 
 
 def _has_index(state) -> bool:
@@ -394,4 +396,4 @@ def generate(target_fn, target_state, prompts, *, draft, num_draft_tokens: int,
   new_tokens = sum(len(r[0].tokens) + (r[0].finish == 'eos') for r in results)
   rounds, proposed, accepted = (int(c) for c in counts)
   return results, Stats(rounds=rounds, new_tokens=new_tokens, proposed=proposed,
-                        accepted=accepted)
+                        accepted=accepted, rows=len(prompts))
