@@ -21,7 +21,13 @@ from lmjax import train, workdir as workdir_lib
 from tests import xla
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = dict(num_steps=12, checkpoint_every=6, eval_every=12, log_every=3, sample_tokens=10)
+# Six steps: the preemption stops both processes after the first, and a checkpoint every
+# 3 leaves one between that stop and the end for the elastic resume to start from.
+# Evaluation in batches of 512: the validation split in 15 batches instead of the
+# config's 120, each batch a gloo all-reduce between the processes.
+TRAIN = dict(num_steps=6, checkpoint_every=3, eval_every=6, log_every=3, sample_tokens=10,
+             eval_batch_size=512)
+LAST = TRAIN['num_steps']
 # Within each process FSDP x tensor parallel; across the two, data parallel (the outer mesh).
 MESH = dict(shape='(1,-1,2)', dcn_shape='(2,1,1)')
 
@@ -90,7 +96,7 @@ def preempted_and_resumed(tmp_path_factory):
   end: one process sets the damaged one aside, both resume from the preemption's."""
   workdir = str(tmp_path_factory.mktemp('two_hosts'))
   processes = _start_processes(workdir)
-  # Before the first step (it compiles for seconds): the notice is in long before step 12.
+  # Before the first step (it compiles for seconds): the notice is in long before step 6.
   deadline = time.time() + 240
   line = ''
   while 'Starting a new run' not in line and time.time() < deadline:
@@ -131,11 +137,11 @@ def test_two_hosts_preempted_and_resumed_match_one_host(preempted_and_resumed, r
   assert len(aside) == 1 and aside[0].startswith(f'{damaged}-'), aside
   for out in resumed:
     assert f'moved it to {workdir}/unreadable_checkpoints/{aside[0]}' in out
-    assert f'Resuming from step {steps[0]} of 12' in out
+    assert f'Resuming from step {steps[0]} of {LAST}' in out
   reference_dir, reference_metrics = reference
-  _assert_close(_params(workdir, 12), _params(reference_dir, 12))
+  _assert_close(_params(workdir, LAST), _params(reference_dir, LAST))
   for out in resumed:  # every process evaluated the same, and sampled the same text
-    assert f'eval at step 12: loss {reference_metrics["loss"]:.4f}' in out
+    assert f'eval at step {LAST}: loss {reference_metrics["loss"]:.4f}' in out
     assert out.split('--- sample ---')[1] == resumed[0].split('--- sample ---')[1]
 
 
@@ -145,11 +151,11 @@ def test_a_two_host_checkpoint_resumes_on_one_host_of_two_devices(
   skipped (the parameters would differ otherwise), on another mesh and process count."""
   workdir = str(tmp_path / 'elastic')
   shutil.copytree(preempted_and_resumed[0], workdir)
-  shutil.rmtree(os.path.join(workdir, 'checkpoints', '12'))
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', str(LAST)))
   start = ckpt_lib.complete_steps(workdir)[-1]
   config = _config(shape=(-1, 1, 1), dcn_shape=(1, 1, 1))
   train.train_and_evaluate(config, workdir, devices=jax.devices()[:2])
   out = capsys.readouterr().out
-  assert f'Resuming from step {start} of 12' in out
+  assert f'Resuming from step {start} of {LAST}' in out
   assert 'note: resuming on another mesh' in out
-  _assert_close(_params(workdir, 12), _params(reference[0], 12))
+  _assert_close(_params(workdir, LAST), _params(reference[0], LAST))
