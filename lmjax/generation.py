@@ -141,18 +141,14 @@ def speculative_texts(config, params, tokenizer, prompts: list[str], *, draft,
   if max_len is None:
     raise UserError('speculative decoding needs a Transformer target; this run is a '
                     f'recurrent model ({config.model.name}): decode it without --draft.')
-  if draft == 'ngram':
-    draft_model = speculative.NgramDraft()
-  else:
+  if draft != 'ngram':
     draft_config, draft_params = draft
-    draft_len = context_length(draft_config)
-    max_len = min(max_len, draft_len) if draft_len else max_len
+    max_len = min(max_len, context_length(draft_config) or max_len)
   cache_len = decode.buffer_length(
       max(len(e) for e in encoded) + max_new_tokens + num_draft_tokens, max_len)
-  if draft != 'ngram':
-    draft_model = speculative.ModelDraft(*decoder_fns(
-        draft_config, draft_params, tokenizer.vocab_size)(batch_size=len(encoded),
-                                                          cache_len=cache_len))
+  draft_model = speculative.NgramDraft() if draft == 'ngram' else speculative.ModelDraft(
+      *decoder_fns(draft_config, draft_params, tokenizer.vocab_size)(
+          batch_size=len(encoded), cache_len=cache_len))
   tokens_to_logits, state = decoder_fns(config, params, tokenizer.vocab_size)(
       batch_size=len(encoded), cache_len=cache_len)
   results, stats = speculative.generate(

@@ -526,27 +526,34 @@ def _never_ending_params(abstract_params):
   return params
 
 
-@pytest.fixture(scope='module')
-def short_context_workdir(tmp_path_factory):
-  """A checkpointed workdir of an untrained character model with a context of 16."""
-  workdir = str(tmp_path_factory.mktemp('short_context'))
+def checkpointed_workdir(workdir: str, max_len: int, chars: str, make_params) -> str:
+  """A workdir holding a one-layer character model with a context of `max_len`: its config,
+  tokenizer and checkpoint 1, whose params are `make_params(abstract params)` (the rest of
+  the state zeros)."""
   config = shakespeare_char.get_config('tiny')
-  config.model.update(num_layers=1, num_heads=2, d_model=16, d_ff=32, max_len=SCRIPT_MAX_LEN)
-  config.train.update(seq_len=SCRIPT_MAX_LEN)
-  tokenizer = tokenizers.CharTokenizer(sorted(set(SCRIPT_CHARS)))
+  config.model.update(num_layers=1, num_heads=2, d_model=16, d_ff=32, max_len=max_len)
+  config.train.update(seq_len=max_len)
+  tokenizer = tokenizers.CharTokenizer(sorted(set(chars)))
   workdir_lib.save_config(config, workdir)
   tokenizer.save(workdir)
   abstract = jax.eval_shape(functools.partial(
       state_lib.init_state, model=state_lib.build_model(config, tokenizer.vocab_size),
-      tx=optim.make_optimizer(config.opt, config.train.num_steps), seq_len=SCRIPT_MAX_LEN),
+      tx=optim.make_optimizer(config.opt, config.train.num_steps), seq_len=max_len),
       jax.random.key(0))
   zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract)
-  state = zeros.replace(step=np.int32(1), params=_never_ending_params(abstract.params))
+  state = zeros.replace(step=np.int32(1), params=make_params(abstract.params))
   checkpointer = ckpt_lib.Checkpointer(workdir)
   checkpointer.save(1, state, {'next_example': 0})
   checkpointer.wait()
   checkpointer.close()
   return workdir
+
+
+@pytest.fixture(scope='module')
+def short_context_workdir(tmp_path_factory):
+  """A checkpointed workdir of an untrained character model with a context of 16."""
+  return checkpointed_workdir(str(tmp_path_factory.mktemp('short_context')), SCRIPT_MAX_LEN,
+                              SCRIPT_CHARS, _never_ending_params)
 
 
 def test_decode_script_writes_1000_characters_past_a_context_of_16(short_context_workdir):

@@ -2,7 +2,6 @@
 a Transformer, an LSTM and the n-gram draft, batched over prompts of different lengths;
 sampling draws the target's distribution (a chi-square test with a fixed seed, which the
 draft's own distribution fails); decode.py's --draft flags."""
-import functools
 import json
 import os
 import string
@@ -14,14 +13,11 @@ import pytest
 from flax import linen as nn
 from scipy import stats as scipy_stats
 
-from configs import shakespeare_char
-from lmjax import checkpoint as ckpt_lib
-from lmjax import decode, optim, speculative, state as state_lib, workdir as workdir_lib
-from lmjax.data import tokenizers
+from lmjax import decode, speculative
 from lmjax.errors import UserError
 from lmjax.models import rnn, transformer
 from lmjax.models.transformer import Transformer
-from tests import script_cases, xla
+from tests import script_cases, test_decode, xla
 from tests.models.test_transformer import TINY, _random_params
 
 CONTEXT = 48
@@ -170,22 +166,10 @@ def test_sampling_draws_the_targets_distribution_and_the_test_can_tell(models):
 def _workdir(path, chars: str) -> str:
   """A checkpointed workdir of an untrained character model with a context of CONTEXT."""
   path.mkdir()
-  workdir = str(path)
-  config = shakespeare_char.get_config('tiny')
-  config.model.update(num_layers=1, num_heads=2, d_model=16, d_ff=32, max_len=CONTEXT)
-  config.train.update(seq_len=CONTEXT)
-  tokenizer = tokenizers.CharTokenizer(sorted(set(chars)))
-  workdir_lib.save_config(config, workdir)
-  tokenizer.save(workdir)
-  state = jax.jit(functools.partial(
-      state_lib.init_state, model=state_lib.build_model(config, tokenizer.vocab_size),
-      tx=optim.make_optimizer(config.opt, config.train.num_steps), seq_len=CONTEXT))(
-          jax.random.key(0))
-  checkpointer = ckpt_lib.Checkpointer(workdir)
-  checkpointer.save(1, jax.device_get(state).replace(step=np.int32(1)), {'next_example': 0})
-  checkpointer.wait()
-  checkpointer.close()
-  return workdir
+  rng = np.random.default_rng(0)
+  return test_decode.checkpointed_workdir(
+      str(path), CONTEXT, chars, lambda abstract: jax.tree.map(
+          lambda x: (0.3 * rng.normal(size=x.shape)).astype(x.dtype), abstract))
 
 
 def test_decode_script_with_a_draft_writes_what_it_writes_without_one(tmp_path):
