@@ -22,8 +22,10 @@ are a starting point, not tuned: nothing here has been measured on the real data
 """
 import ml_collections
 
-from configs import gpt2
+from lmjax import config
 from lmjax.errors import UserError
+
+gpt2 = config.sibling(__file__, 'gpt2.py')
 
 # variant: (dataset, train split, eval split, prompt, completion, scores)
 TASKS = {

@@ -1,40 +1,53 @@
-"""Character-level GPT on the embedded Shakespeare corpus.
+"""Character-level models of the embedded Shakespeare corpus: a GPT, or a GRU for a CPU.
 
   python experiments/train.py --config=configs/shakespeare_char.py --workdir=runs/shakespeare_char
   python experiments/train.py --config=configs/shakespeare_char.py:cpu --workdir=runs/cpu
 
 Variants (the text after ':'):
-  (none)  6 layers x 384 wide, context 256, batch 64 (the nanoGPT shakespeare_char size),
-          for 32 steps: what `make train` runs on 2 CPU cores in minutes (about 5.3 s a
-          step there: the batch in 16 slices over 2 CPU devices, attention in blocks of
-          64 queries), so its sample is still rough.
-  full    the same model for the full 5000 steps (warmup 100): a GPU's job.
-  cpu     4 layers x 128 wide, context 64, batch 12, 2000 steps: a good model in minutes on a
-          laptop CPU.
-  mlm     the `cpu` model as a bidirectional encoder (model.causal=False) trained as a
-          masked LM (15% of characters selected: 80% masked, 10% random, 10% kept) over
-          windows of 128: the base of configs/authorship.py's encoder.
-  tiny    2 layers x 64 wide, 80 steps: seconds; what the tests train.
+  (none)    `full` where JAX has an NVIDIA GPU or a TPU (device node and plugin installed),
+            `laptop` otherwise; the run's first line says which, and why.
+  full      6 layers x 384 wide, context 256, batch 64 (the nanoGPT shakespeare_char size)
+            for 5000 steps (warmup 100): a GPU's job.
+  laptop    configs/rnn_shakespeare_char.py:laptop, a GRU: validation loss about 1.48 in
+            about 5 minutes on 2 CPU cores, the best of the `laptop` sweep below.
+  full_cpu  the `full` model for 32 steps, the batch in 16 slices over 2 CPU devices, attention
+            in blocks of 64 queries (about 5.3 s a step on 2 cores): the training benchmarks'.
+  cpu       4 layers x 128 wide, context 64, batch 12, 2000 steps (nanoGPT's CPU example).
+  mlm       the `cpu` model as a bidirectional encoder (model.causal=False) trained as a
+            masked LM (15% of characters selected: 80% masked, 10% random, 10% kept) over
+            windows of 128: the base of configs/authorship.py's encoder.
+  tiny      2 layers x 64 wide, 80 steps: seconds; what the tests train.
 
 Sweeps (experiments/sweep.py --config=configs/shakespeare_char.py:ARG --workdir=ROOT):
-  cpu   learning rate x width on the `cpu` recipe: 6 points, about 2 minutes each.
-  tiny  two learning rates on the `tiny` recipe (the tests run it).
+  cpu     learning rate x width on the `cpu` recipe: 6 points, about 2 minutes each.
+  laptop  GRU width x batch x learning rate, steps sized for about 5 minutes each: 5 points.
+  tiny    two learning rates on the `tiny` recipe (the tests run it).
 A point's overrides apply to `get_config(ARG)`, the same ARG.
 """
 import ml_collections
 
-from lmjax import config, sweep
+from lmjax import config, runtime, sweep
 from lmjax.errors import UserError
+
+rnn_shakespeare_char = config.sibling(__file__, 'rnn_shakespeare_char.py')
 
 
 def get_config(variant: str = '') -> ml_collections.ConfigDict:
+  if variant == '':
+    kind, why = runtime.find_accelerator()
+    c = get_config('full' if kind else 'laptop')
+    c.train.recipe = (f'Recipe :full, for {kind}: {why}.' if kind else
+                      f'Recipe :laptop, for a CPU ({why}); :full is the GPU-sized one.')
+    return c
+  if variant == 'laptop':  # a GRU, which learns faster per CPU-second here than a GPT
+    return rnn_shakespeare_char.get_config('laptop')
   c = config.base_config()
   c.model.update(num_layers=6, num_heads=6, d_model=384, dropout=0.2)
   c.train.update(seq_len=256, eval_batch_size=64, eval_every=32, keep_checkpoints=3)
   # On 2 cores 2 CPU devices make the step 14% faster (the `:cpu` recipe's loop: no change).
   c.mesh.cpu_devices = 2
 
-  if variant == '':
+  if variant == 'full_cpu':
     # On a CPU the step runs faster in slices than whole (16 slices of 4: 1.6x on 2 cores,
     # each slice's activations staying in cache), in a fraction of the memory; an accelerator
     # wants the whole batch at once (:full). With one all-reduce a step, 16 slices with
@@ -68,7 +81,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
     c.mesh.cpu_devices = 0
   else:
     raise UserError(f'unknown variant {variant!r} of configs/shakespeare_char.py; '
-                    "use '', 'full', 'cpu', 'mlm' or 'tiny'")
+                    "use '', 'full', 'laptop', 'full_cpu', 'cpu', 'mlm' or 'tiny'")
   return c
 
 
@@ -77,7 +90,11 @@ def get_sweep(variant: str = '') -> list[dict]:
   if variant == 'cpu':
     return sweep.grid({'opt.lr': [3e-4, 1e-3, 3e-3], 'model.d_model': [64, 128],
                        'train.eval_every': [500]})
+  if variant == 'laptop':  # each point about 5 minutes of training on 2 cores
+    return [{'model.hidden_size': h, 'train.batch_size': b, 'opt.lr': lr, 'train.num_steps': n}
+            for h, b, lr, n in [(512, 32, 2e-3, 375), (384, 32, 2e-3, 650), (384, 32, 3e-3, 650),
+                                (256, 32, 3e-3, 1000), (384, 64, 3e-3, 360)]]
   if variant == 'tiny':
     return sweep.grid({'opt.lr': [3e-3, 1e-2]})
   raise UserError(f'no sweep for variant {variant!r} of configs/shakespeare_char.py; '
-                  "use 'cpu' or 'tiny'")
+                  "use 'cpu', 'laptop' or 'tiny'")

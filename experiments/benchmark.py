@@ -1,7 +1,7 @@
 """Measures speed: one JSON object per line, one per measurement (--table adds Markdown).
 
   python experiments/benchmark.py --config=configs/gpt2.py --bench=decode --compare_hf
-  python experiments/benchmark.py --config=configs/shakespeare_char.py --bench=decode
+  python experiments/benchmark.py --config=configs/shakespeare_char.py:full_cpu --bench=decode
   python experiments/benchmark.py --config=configs/rnn_shakespeare_char.py:lstm --bench=train \
       --compare_torch
 

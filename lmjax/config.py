@@ -7,10 +7,12 @@ used before the field existed, so that a run saved without it resumes as it ran
 compiles, with a message naming the field and the fix; each kind of training checks its own
 fields (`tasks.task_class(config).check_config`).
 """
+import importlib.util
 import inspect
 import io
 import json
 import os
+import re
 import tokenize
 
 import jax
@@ -33,6 +35,18 @@ def base_config() -> ml_collections.ConfigDict:
     c[section.__name__.removeprefix('_')] = section()
   c.lock()
   return c
+
+
+def sibling(config_file: str, name: str):
+  """The config file `name` beside `config_file`, as a module: how one config file builds on
+  another (`gpt2 = config.sibling(__file__, 'gpt2.py')`). Loaded from its path, as train.py's
+  --config and the sweep load files, since configs/ is not a package on sys.path."""
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
+  spec = importlib.util.spec_from_file_location(
+      '_lmjax_config_' + re.sub(r'\W', '_', path.removesuffix('.py')), path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def _model() -> ml_collections.ConfigDict:
@@ -117,6 +131,7 @@ def _opt() -> ml_collections.ConfigDict:
 def _train() -> ml_collections.ConfigDict:
   """Section `train`: the run: steps, batches, evaluation, checkpoints, samples."""
   c = ml_collections.ConfigDict()
+  c.recipe = ''  # set by a config file that chooses for the machine: its choice and why
   c.num_steps = 32  # optimizer steps in the whole run
   c.batch_size = 64  # global batch, in sequences; divides by the data-parallel devices
   c.microbatches = 1  # gradient accumulation: the batch in this many slices, one by one

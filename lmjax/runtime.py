@@ -1,6 +1,9 @@
-"""Process-level settings: faster training on a CPU host (its memory, its device count);
-trainers that stop with their sweep; joining a multi-process run."""
+"""Process-level settings: faster training on a CPU host (its memory, its device count); the
+accelerator a run will have, found before JAX starts; trainers that stop with their sweep;
+joining a multi-process run."""
 import ctypes
+import glob
+import importlib.util
 import os
 import signal
 import socket
@@ -45,7 +48,7 @@ def split_cpu(num_devices: int) -> str | None:
 
   Why: on 2 cores XLA:CPU keeps both busy only part of the time on one device (many of the
   step's ops are too small to split over threads); two devices, each running its half of
-  the batch, took the default recipe's step from 6.8 to 5.9 s (the small `:cpu` recipe's
+  the batch, took the :full_cpu recipe's step from 6.8 to 5.9 s (the small `:cpu` recipe's
   from 44 to 33 ms timed alone, though not its training loop, which its host work paces).
   The sum of the devices' gradients is rounded differently from one device's.
   """
@@ -69,6 +72,42 @@ def split_cpu(num_devices: int) -> str | None:
               'set it before the first JAX call.')
   os.environ['XLA_FLAGS'] = f'{flags} {_CPU_COUNT_FLAG}={num_devices}'.strip()
   return None
+
+
+# The accelerators setup.cfg has an extra for: what to call it, its device nodes under /dev,
+# the JAX plugin modules that drive it, and the names JAX_PLATFORMS gives it (the first is
+# the extra's).
+_ACCELERATORS = (
+    ('an NVIDIA GPU', ('nvidia[0-9]*',), ('jax_cuda12_plugin', 'jax_cuda13_plugin'),
+     ('cuda', 'gpu')),
+    ('a TPU', ('accel[0-9]*', 'vfio/[0-9]*'), ('libtpu',), ('tpu',)),
+)
+
+
+def find_accelerator(dev: str = '/dev') -> tuple[str | None, str]:
+  """(kind, why): the accelerator JAX will train on ('an NVIDIA GPU' or 'a TPU'), or
+  None and why there is none, as one phrase.
+
+  Found without starting JAX, which would fix the device count before `mesh.cpu_devices`
+  and `jax.distributed` act: an accelerator is a device node under `dev` with the JAX
+  plugin that drives it installed, and allowed by JAX_PLATFORMS where that is set.
+  """
+  allowed = set(filter(None, os.environ.get('JAX_PLATFORMS', '').split(',')))
+  why_not = []
+  for kind, nodes, plugins, platforms in _ACCELERATORS:
+    found = sorted(p for pattern in nodes for p in glob.glob(os.path.join(dev, pattern)))
+    if not found:
+      continue
+    plugin = next((name for name in plugins if importlib.util.find_spec(name)), None)
+    if plugin is None:
+      why_not.append(f'{found[0]} is there but not its JAX plugin {plugins[0]} '
+                     f'(`make venv EXTRAS={platforms[0]}` installs it)')
+    elif allowed and not allowed & set(platforms):
+      why_not.append(f'{kind} is there but JAX_PLATFORMS={",".join(sorted(allowed))} '
+                     'leaves it out')
+    else:
+      return kind, f'{kind} ({found[0]}, {plugin})'
+  return None, '; '.join(why_not) or 'no GPU or TPU device node'
 
 
 PARENT_ENV = 'LMJAX_STOP_WITH_PARENT'  # set by a sweep for its trainers: the sweep's pid

@@ -5,12 +5,15 @@ A config.json saved without a field resumes with its default."""
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
 from lmjax import config as config_lib
+from lmjax import runtime
 from lmjax import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,8 +26,9 @@ VARIANTS = {
     'configs/gpt2.py': ('', 'medium', 'large', 'xl', 'small', 'pretrain_medium',
                         'pretrain_large'),
     'configs/gpt2_tasks.py': ('', 'squad', 'imdb', 'sst2', 'cnn_dailymail', 'wmt14_de_en'),
-    'configs/rnn_shakespeare_char.py': ('lstm', '', 'gru', 'rnn', 'lstm_spm', 'awd', 'tiny'),
-    'configs/shakespeare_char.py': ('', 'full', 'cpu', 'mlm', 'tiny'),
+    'configs/rnn_shakespeare_char.py': ('lstm', '', 'gru', 'rnn', 'lstm_spm', 'awd', 'laptop',
+                                        'tiny'),
+    'configs/shakespeare_char.py': ('', 'full', 'laptop', 'full_cpu', 'cpu', 'mlm', 'tiny'),
 }
 MAX_CONFIG_LINES = 100
 
@@ -107,6 +111,36 @@ def test_every_variant_sets_fields_of_the_schema_only(path, variant):
   assert set(fields) == set(schema), set(fields) ^ set(schema)
   for field, value in fields.items():
     assert type(value) is type(schema[field]), (field, value, schema[field])
+
+
+def test_every_variant_loads_as_the_scripts_load_it(tmp_path):
+  """train.py and the sweep load a config file from its path, in a process whose sys.path
+  lacks the repository root (a script's own directory comes first): a config file that
+  imported another as a package (`from configs import gpt2`) loaded here but not there."""
+  code = ('import sys\nfrom absl import flags\nfrom ml_collections import config_flags\n'
+          'for spec in sys.argv[1:]:\n'
+          '  values = flags.FlagValues()\n'
+          '  config_flags.DEFINE_config_file("config", flag_values=values)\n'
+          '  values(["train.py", "--config=" + spec])\n'
+          '  values.config.model  # loads the file\n'
+          'print("loaded", len(sys.argv) - 1)\n')
+  specs = [f'{REPO}/{p}:{v}' for p in sorted(VARIANTS) for v in VARIANTS[p]]
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  done = subprocess.run([sys.executable, '-c', code, *specs], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.split() == ['loaded', str(len(specs))]
+
+
+def test_the_shakespeare_default_is_the_recipe_for_this_machine_and_says_why():
+  kind, why = runtime.find_accelerator()
+  recipe = 'full' if kind else 'laptop'
+  chosen = _parse(['train.py', '--config=configs/shakespeare_char.py'])
+  named = _parse(['train.py', f'--config=configs/shakespeare_char.py:{recipe}'])
+  assert chosen.train.recipe.startswith(f'Recipe :{recipe}, ')
+  assert why in chosen.train.recipe
+  named.unlock().train.recipe = chosen.train.recipe
+  assert chosen.to_dict() == named.to_dict()
 
 
 @pytest.mark.parametrize('path', CONFIG_FILES)

@@ -35,11 +35,15 @@ FOREIGN = re.compile('|'.join([
     r'\w+Warning: ',
 ]))
 STEPS = 4
-# A short run; no end-of-run sample (its decoder compiles for seconds; decode.py runs the
-# same generation code below).
-TRAIN_FLAGS = ['--config.opt.warmup_steps=2', f'--config.train.num_steps={STEPS}',
-               '--config.train.log_every=2', f'--config.train.eval_every={STEPS}',
-               f'--config.train.checkpoint_every={STEPS}', '--config.train.sample_tokens=0']
+# `make train`'s config (the recipe for this CPU), shrunk to a short run of a small model;
+# no end-of-run sample (its decoder compiles for seconds; decode.py runs the same generation
+# code below).
+TRAIN_FLAGS = ['--config.model.d_model=16', '--config.model.hidden_size=32',
+               '--config.train.batch_size=8', '--config.train.seq_len=32',
+               '--config.train.eval_batch_size=8', '--config.opt.warmup_steps=2',
+               f'--config.train.num_steps={STEPS}', '--config.train.log_every=2',
+               f'--config.train.eval_every={STEPS}', f'--config.train.checkpoint_every={STEPS}',
+               '--config.train.sample_tokens=0']
 
 
 def _environment(data_dir: str) -> dict:
@@ -69,7 +73,7 @@ def runs(tmp_path_factory):
   shutil.copy(corpora.fetch_archive(built), downloads)
   env, workdir = _environment(str(tmp / 'tfds')), str(tmp / 'run')
   train = subprocess.run(
-      _script('train.py', '--config=configs/shakespeare_char.py:tiny', f'--workdir={workdir}',
+      _script('train.py', '--config=configs/shakespeare_char.py', f'--workdir={workdir}',
               *TRAIN_FLAGS),
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   # Both at once: each spends seconds importing and compiling on one core.
@@ -107,9 +111,11 @@ def test_the_scripts_say_what_they_do_in_their_own_words(runs):
   results, workdir = runs
   train = results['train.py'].stdout
   lines = train.splitlines()
+  # The recipe chosen for this machine (JAX_PLATFORMS=cpu), and why.
+  assert lines[0].startswith('Recipe :laptop, for a CPU ('), train
   # The dataset build, which TFDS would have shown with its own lines and progress bars.
-  assert lines[0].startswith('Building the shakespeare dataset in '), train
-  assert lines[1].startswith(f'Starting a new run in {workdir}: '), train
+  assert lines[1].startswith('Building the shakespeare dataset in '), train
+  assert lines[2].startswith(f'Starting a new run in {workdir}: '), train
   assert f'step {STEPS:>6}/{STEPS}' in train and '\nDone: ' in train, train
   assert results['decode.py'].stdout.startswith(f'# {workdir}, step {STEPS}, sample\nROMEO:')
   assert f'"step": {STEPS}' in results['evaluate.py'].stdout

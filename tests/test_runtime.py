@@ -1,5 +1,6 @@
-"""Process settings: the CPU presented as several devices (mesh.cpu_devices); the processes
-of a multi-process run meeting before JAX joins them."""
+"""Process settings: the CPU presented as several devices (mesh.cpu_devices); an accelerator
+found without starting JAX; the processes of a multi-process run meeting before JAX joins
+them."""
 import os
 import socket
 import subprocess
@@ -45,6 +46,36 @@ def test_an_existing_device_count_or_a_started_jax_is_left_alone(monkeypatch):
 def test_a_bad_count_is_refused_naming_the_field(bad):
   with pytest.raises(UserError, match='mesh.cpu_devices'):
     runtime.split_cpu(bad)
+
+
+def test_an_accelerator_is_a_device_node_with_its_plugin_that_jax_platforms_allows(
+    tmp_path, monkeypatch):
+  monkeypatch.delenv('JAX_PLATFORMS', raising=False)
+  dev = tmp_path / 'dev'
+  dev.mkdir()
+  assert runtime.find_accelerator(str(dev)) == (None, 'no GPU or TPU device node')
+  (dev / 'nvidia0').touch()
+  kind, why = runtime.find_accelerator(str(dev))
+  assert kind is None
+  assert why == (f'{dev}/nvidia0 is there but not its JAX plugin jax_cuda12_plugin '
+                 '(`make venv EXTRAS=cuda` installs it)')
+  # The plugin as pip leaves it: a package of that name on the path.
+  (tmp_path / 'site' / 'jax_cuda12_plugin').mkdir(parents=True)
+  (tmp_path / 'site' / 'jax_cuda12_plugin' / '__init__.py').touch()
+  monkeypatch.syspath_prepend(str(tmp_path / 'site'))
+  found = ('an NVIDIA GPU', f'an NVIDIA GPU ({dev}/nvidia0, jax_cuda12_plugin)')
+  assert runtime.find_accelerator(str(dev)) == found
+  monkeypatch.setenv('JAX_PLATFORMS', 'cuda,cpu')
+  assert runtime.find_accelerator(str(dev)) == found
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  assert runtime.find_accelerator(str(dev)) == (
+      None, 'an NVIDIA GPU is there but JAX_PLATFORMS=cpu leaves it out')
+  # A TPU VM's nodes, without libtpu: named, as the GPU's was.
+  monkeypatch.delenv('JAX_PLATFORMS')
+  (dev / 'nvidia0').unlink()
+  (dev / 'accel0').touch()
+  assert runtime.find_accelerator(str(dev))[1].endswith('not its JAX plugin libtpu '
+                                                         '(`make venv EXTRAS=tpu` installs it)')
 
 
 def test_processes_meet_on_the_coordinator_port_and_a_count_that_differs_is_named():

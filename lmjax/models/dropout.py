@@ -121,7 +121,7 @@ def bernoulli(key: jax.Array, p: float, shape: Sequence[int], **window) -> jax.A
   step uses a mask twice, forward and backward, and XLA fuses an elementwise hash into
   each of its consumers, so the hash ran twice. A packed mask comes out of a reduction,
   which XLA computes once and stores (an eighth of a byte per element); the unpacking
-  fuses into both consumers. In the default recipe's step on 2 CPU cores (8 steps each,
+  fuses into both consumers. In the :full_cpu recipe's step on 2 CPU cores (8 steps each,
   interleaved in one process) this took 5.47 s against 5.70, with the same loss and gradients.
   """
   bits = random_bits(key, shape, **window)

@@ -126,7 +126,7 @@ def _flat_einsum(equation: str, x: Array, kernel: Array) -> Array:
   kernel seen as a matrix: [N, in] x [in, out]. The product is the same; the reason is
   XLA:CPU (jax 0.10.2), which, given the kernel with several input or output axes, copied
   it into another layout for the backward pass in every microbatch of every step (2% of
-  the default recipe's step)."""
+  the :full_cpu recipe's step)."""
   inputs, outputs = equation.split('->')
   x_letters, kernel_letters = inputs.split(',')
   num_in = sum(c in x_letters for c in kernel_letters)
