@@ -37,16 +37,23 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def sibling(config_file: str, name: str):
-  """The config file `name` beside `config_file`, as a module: how one config file builds on
-  another (`gpt2 = config.sibling(__file__, 'gpt2.py')`). Loaded from its path, as train.py's
-  --config and the sweep load files, since configs/ is not a package on sys.path."""
-  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
+def load_file(path: str):
+  """The config file at `path` as a module, loaded from the file itself: configs/ is not a
+  package on sys.path, so train.py's --config, the sweep and `sibling` all load by path."""
+  path = os.path.abspath(path)
   spec = importlib.util.spec_from_file_location(
       '_lmjax_config_' + re.sub(r'\W', '_', path.removesuffix('.py')), path)
+  if spec is None:  # a name without .py
+    raise ImportError('not a Python file')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def sibling(config_file: str, name: str):
+  """The config file `name` beside `config_file`: how one config file builds on another
+  (`gpt2 = config.sibling(__file__, 'gpt2.py')`)."""
+  return load_file(os.path.join(os.path.dirname(os.path.abspath(config_file)), name))
 
 
 def _model() -> ml_collections.ConfigDict:

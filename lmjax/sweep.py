@@ -7,7 +7,6 @@ step); a point with checkpoints but no result was interrupted, and rerunning it 
 """
 import csv
 import dataclasses
-import importlib.util
 import itertools
 import json
 import math
@@ -125,13 +124,9 @@ def _load_config_module(path: str):
   if not os.path.isfile(path):
     raise UserError(f'--config: no file {path}; name a config in configs/, e.g. '
                     '--config=configs/shakespeare_char.py:cpu')
-  spec = importlib.util.spec_from_file_location(
-      '_lmjax_sweep_config_' + re.sub(r'\W', '_', os.path.abspath(path)), path)
+  from lmjax import config as config_lib  # what every config file imports first anyway
   try:
-    if spec is None:  # a name without .py
-      raise ImportError('not a Python file')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = config_lib.load_file(path)
   except Exception as e:  # noqa: BLE001  (whatever the file raises: it is not lmjax's)
     raise UserError(f'--config: {path} could not be loaded ({type(e).__name__}: '
                     f'{one_line(e)}); name a config in configs/, e.g. '

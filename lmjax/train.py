@@ -72,10 +72,10 @@ def _set_up(config, workdir: str, devices, allow_config_change: bool):
   writable and its saved config compatible."""
   runtime.keep_freed_host_memory()
   note = runtime.split_cpu(config.mesh.cpu_devices)
-  if jax.process_index() == 0:
-    for line in (config.train.recipe, note and f'note: {note}'):
-      if line:
-        print(line, flush=True)
+  if jax.process_index() == 0 and config.train.recipe:
+    print(config.train.recipe, flush=True)
+  if jax.process_index() == 0 and note:
+    print(f'note: {note}', flush=True)
   mesh = sharding.make_mesh(config.mesh, devices)
   config_lib.validate_config(config, mesh)
   base = finetune.base_workdir(config, workdir)  # the run fine-tuned from, if any
