@@ -1,4 +1,5 @@
-"""Model FLOPs per token and the chip's peak, for model FLOPs utilisation (MFU)."""
+"""Model FLOPs per token and the chip's peak, for model FLOPs utilisation (MFU); the
+throughput meter and the profiler trace of the training loop."""
 import functools
 import time
 
@@ -97,3 +98,30 @@ class Throughput:
 
   def eta(self, steps_left: int) -> float:
     return steps_left / self.steps_per_sec if self.steps_per_sec else float('nan')
+
+
+class Profile:
+  """A trace of steps train.profile_steps = (first, last) into WORKDIR/plugins/profile,
+  for TensorBoard's profile tab; () for none."""
+
+  def __init__(self, steps_to_trace: tuple, workdir: str):
+    self.steps, self.workdir = steps_to_trace, workdir
+
+  def before(self, step: int) -> None:
+    if self.steps and step == self.steps[0]:
+      jax.profiler.start_trace(self.workdir)
+
+  def after(self, step: int, state) -> None:
+    if self.steps and step == self.steps[1]:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      print(f'Profiled steps {self.steps[0]}-{self.steps[1]} into {self.workdir}/plugins/'
+            'profile; open the profile tab of TensorBoard on the workdir to read it.',
+            flush=True)
+
+
+def format_seconds(seconds: float) -> str:
+  if seconds != seconds:  # nan
+    return '?'
+  seconds = int(round(seconds))
+  return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'

@@ -108,6 +108,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
+def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Batches stacked on a leading axis (several steps' worth): each one's rows split over
+  the batch axes, as `batch_sharding` splits one."""
+  return NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 

@@ -94,6 +94,14 @@ def train_step(state: TrainState, batch: dict, rng, *, model, tx, microbatches: 
   return new_state, metrics
 
 
+def train_steps(state: TrainState, batches: dict, rng, **kwargs):
+  """`train_step` once for each batch of `batches` (every field with a leading axis of k
+  batches), in one compiled loop: (state, batches, rng) -> (state, metrics of each step,
+  with that leading axis). The same steps as k calls of `train_step`, crossing from Python
+  to the runtime once."""
+  return jax.lax.scan(lambda s, batch: train_step(s, batch, rng, **kwargs), state, batches)
+
+
 def _weights(batch: dict):
   """Each target's loss weight: the batch's 'weights', else 1 for every target."""
   targets = batch['labels'] if 'labels' in batch else batch['targets']
@@ -137,17 +145,26 @@ def jit_steps(model, tx, mesh, rules, state_shardings, stateful_eval: bool = Fal
               microbatches: int = 1):
   """(train step, eval step), jitted with explicit shardings; the train step donates the
   state it is given. `stateful_eval` gives `stateful_eval_step` (carry in, carry out)."""
-  batch_sharding = sharding.batch_sharding(mesh)
+  step_fn = jit_train_step(model, tx, mesh, rules, state_shardings, microbatches)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step_fn = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, microbatches=microbatches),
-        in_shardings=(state_shardings, batch_sharding, sharding.replicated(mesh)),
-        out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
     # Evaluation reads the whole parameter tree, trained and frozen parts joined.
     eval_fn = jit_eval_step(model, mesh,
                             finetune.join(state_shardings.params, state_shardings.frozen),
                             stateful_eval)
   return step_fn, eval_fn
+
+
+def jit_train_step(model, tx, mesh, rules, state_shardings, microbatches: int = 1,
+                   several: bool = False):
+  """`train_step` jitted with explicit shardings, donating the state it is given; with
+  `several`, `train_steps` (batches stacked on a leading axis)."""
+  batches = (sharding.stacked_batch_sharding if several else sharding.batch_sharding)(mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    return jax.jit(
+        functools.partial(train_steps if several else train_step, model=model, tx=tx,
+                          microbatches=microbatches),
+        in_shardings=(state_shardings, batches, sharding.replicated(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
 def jit_eval_step(model, mesh, params_sharding, stateful: bool = False):

@@ -61,9 +61,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   step_fn, eval_fn = steps.jit_steps(
       model, tx, mesh, sharding.rules_as_tuples(config.mesh.rules), shardings,
       stateful_eval=task.stateful, microbatches=config.train.microbatches)
+  several_fn = config.train.steps_per_dispatch > 1 and steps.jit_train_step(
+      model, tx, mesh, sharding.rules_as_tuples(config.mesh.rules), shardings,
+      config.train.microbatches, several=True)
   writer = _open_writer(config, workdir, checkpointer, state, progress.step)
   loop = Loop(config, workdir, task, mesh, checkpointer, writer, state, progress, started)
-  loop.compile(step_fn, eval_fn, model)
+  loop.compile(step_fn, eval_fn, model, several_fn)
   return loop.run()
 
 
@@ -162,7 +165,11 @@ class Loop:
   """The train steps from `progress.step` on, and the periodic work between them: log
   (train.log_every), evaluate (train.eval_every), checkpoint (train.checkpoint_every, and
   when a signal stops the run), profile (train.profile_steps). Each is a method the loop
-  calls when it is due; every one is due at the last step."""
+  calls when it is due; every one is due at the last step.
+
+  The steps are dispatched train.steps_per_dispatch at a time, and a dispatch ends early
+  where periodic work is due: every run, whatever its resumes, runs the same steps in the
+  same dispatches."""
 
   def __init__(self, config, workdir: str, task, mesh, checkpointer, writer, state,
                progress: Progress, started: float):
@@ -173,9 +180,10 @@ class Loop:
     self.started = started  # perf_counter() when the process began the run
     self.rules = sharding.rules_as_tuples(config.mesh.rules)
     self.batch_sharding = sharding.batch_sharding(mesh)
+    self.stacked_sharding = sharding.stacked_batch_sharding(mesh)
     self.rng = jax.random.key(self.t.seed + 1)  # dropout's, folded with the step
     self.schedule = optim.learning_rate_schedule(config.opt, self.t.num_steps)
-    self.checked_step = progress.step  # metrics up to here were checked for NaN / Inf
+    self.pending = []  # (first step, device metrics) of dispatches not yet checked
     self.eval_metrics, self.texts = {}, {}  # the latest evaluation's
     self.stop = runtime.StopSignals()
     # Counted on the whole model: frozen parts still run forwards and pass gradients back.
@@ -183,12 +191,13 @@ class Loop:
         config.model, finetune.join(state.params, state.frozen), self.t.seq_len)
     self.meter = flops.Throughput(self.t.batch_size * self.t.seq_len, flops_per_token, mesh,
                                   progress.step)
-    self.profile = Profile(tuple(self.t.profile_steps), workdir)
+    self.profile = flops.Profile(tuple(self.t.profile_steps), workdir)
 
-  def compile(self, step_fn, eval_fn, model) -> None:
+  def compile(self, step_fn, eval_fn, model, several_fn=None) -> None:
     """Opens the training stream where the run resumes and compiles the train step for
-    its batches now, to know its memory before step one."""
-    self.eval_fn = eval_fn
+    its batches now, to know its memory before step one; with `several_fn` (the steps of
+    one dispatch), that one instead, and `step_fn` only if a shorter dispatch needs it."""
+    self.eval_fn, self.step_fn, self.several_fn = eval_fn, step_fn, several_fn
     # Every stateful evaluation starts from this zero carry (the eval step does not donate).
     self.eval_start = (state_lib.eval_carry(model, self.mesh, self.t.eval_batch_size)
                        if self.task.stateful else None)
@@ -197,25 +206,31 @@ class Loop:
     if self.progress.step < self.t.num_steps:
       first = next(self.batches)
       # The global batch's shapes (each process holds its rows): nothing is transferred.
-      batch = {k: jax.ShapeDtypeStruct((len(v) * jax.process_count(),) + v.shape[1:],
-                                       v.dtype, sharding=self.batch_sharding)
-               for k, v in first.items()}
-      step_fn = steps.compile_train_step(step_fn, self.state, batch, self.rng, self.mesh,
-                                         self.rules)
+      k = self.t.steps_per_dispatch
+      lead, batch_sharding = ((k,), self.stacked_sharding) if several_fn else ((), None)
+      batch = {key: jax.ShapeDtypeStruct(
+                   lead + (len(v) * jax.process_count(),) + v.shape[1:], v.dtype,
+                   sharding=batch_sharding or self.batch_sharding)
+               for key, v in first.items()}
+      compiled = steps.compile_train_step(several_fn or step_fn, self.state, batch, self.rng,
+                                          self.mesh, self.rules)
+      self.several_fn, self.step_fn = (compiled, step_fn) if several_fn else (None, compiled)
       self.batches = itertools.chain([first], self.batches)
-    self.step_fn = step_fn
 
   def run(self) -> dict:
     """Trains to train.num_steps; returns the final evaluation ({} when stopped)."""
     t = self.t
+    step = self.progress.step
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules), self.stop:
-      for step in range(self.progress.step + 1, t.num_steps + 1):
-        self.train_step(step)
+      for dispatch in itertools.count(1):
+        if step == t.num_steps:
+          break
+        step = self.train_steps(step)
         if self._due(step, t.log_every):
           self.log(step)
         if self._due(step, t.eval_every):
           self.evaluate(step)
-        stopping = self.stop.should_stop(step)
+        stopping = self.stop.should_stop(dispatch)
         if stopping or self._due(step, t.checkpoint_every):
           self.save(step)
         if stopping:
@@ -228,21 +243,49 @@ class Loop:
   def _due(self, step: int, every: int) -> bool:
     return step % every == 0 or step == self.t.num_steps
 
-  def train_step(self, step: int) -> None:
-    self.profile.before(step)
-    self.state, metrics = self.step_fn(
-        self.state, pipeline.to_global(next(self.batches), self.batch_sharding), self.rng)
-    self.progress.history.append((step, metrics))
-    self.profile.after(step, self.state)
-    self.meter.after_step(step, metrics)
+  def dispatch_end(self, step: int) -> int:
+    """The last step of the dispatch that follows `step`: train.steps_per_dispatch on, or
+    sooner where periodic work or the profile's start or end falls."""
+    t = self.t
+    end = min(step + t.steps_per_dispatch, t.num_steps)
+    for every in (t.log_every, t.eval_every, t.checkpoint_every):
+      end = min(end, (step // every + 1) * every)
+    if self.profile.steps:  # the trace starts and stops between dispatches
+      first, last = self.profile.steps
+      end = min([end] + [edge for edge in (first - 1, last) if edge > step])
+    return end
+
+  def train_steps(self, step: int) -> int:
+    """The steps of one dispatch after `step`; returns its last."""
+    end = self.dispatch_end(step)
+    self.profile.before(step + 1)
+    if self.several_fn and end - step == self.t.steps_per_dispatch:
+      local = [next(self.batches) for _ in range(end - step)]
+      batches = {k: np.stack([b[k] for b in local]) for k in local[0]}
+      self.state, metrics = self.several_fn(
+          self.state, pipeline.to_global(batches, self.stacked_sharding), self.rng)
+      self.pending.append((step + 1, metrics))
+    else:  # one step a dispatch, or a shorter dispatch than the compiled one
+      for s in range(step + 1, end + 1):
+        self.state, metrics = self.step_fn(
+            self.state, pipeline.to_global(next(self.batches), self.batch_sharding), self.rng)
+        self.pending.append((s, metrics))
+    self.profile.after(end, self.state)
+    self.meter.after_step(end, metrics)
+    return end
 
   def check_finite(self) -> None:
     """Brings the pending metrics to the host and acts on non-finite steps among them
     (train.nonfinite): stop with a message, or count the skipped update and go on."""
-    p = self.progress
-    p.history = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in p.history]
-    for s, m in p.history:
-      if s <= self.checked_step or not m['nonfinite']:
+    p, checked = self.progress, []
+    for first, metrics in jax.device_get(self.pending):
+      per_step = {k: np.atleast_1d(v) for k, v in metrics.items()}  # several steps' or one's
+      checked += [(first + i, {k: float(v[i]) for k, v in per_step.items()})
+                  for i in range(len(per_step['loss']))]
+    self.pending = []
+    p.history += checked
+    for s, m in checked:
+      if not m['nonfinite']:
         continue
       if self.t.nonfinite == 'stop':
         self.checkpointer.wait()
@@ -257,7 +300,6 @@ class Loop:
       p.skipped += 1
       print(f'step {s}: loss {m["loss"]}, gradient norm {m["grad_norm"]}: not finite; the '
             f'update is skipped ({p.skipped} skipped so far).', flush=True)
-    self.checked_step = p.history[-1][0] if p.history else self.checked_step
 
   def log(self, step: int) -> None:
     """The means of the steps since the last log line, to TensorBoard and the console."""
@@ -273,7 +315,7 @@ class Loop:
     print(f'step {step:>6}/{self.t.num_steps}  loss {scalars["loss"]:.4f}  '
           f'lr {scalars["learning_rate"]:.2e}  {scalars["tokens_per_sec"]:,.0f} tokens/s  '
           f'MFU {scalars.get("mfu", float("nan")):.1%}  '
-          f'ETA {_format_seconds(self.meter.eta(self.t.num_steps - step))}', flush=True)
+          f'ETA {flops.format_seconds(self.meter.eta(self.t.num_steps - step))}', flush=True)
 
   def _params(self):
     return finetune.join(self.state.params, self.state.frozen)
@@ -350,35 +392,8 @@ class Loop:
     return metrics
 
 
-class Profile:
-  """A trace of steps train.profile_steps = (first, last) into WORKDIR/plugins/profile,
-  for TensorBoard's profile tab; () for none."""
-
-  def __init__(self, steps_to_trace: tuple, workdir: str):
-    self.steps, self.workdir = steps_to_trace, workdir
-
-  def before(self, step: int) -> None:
-    if self.steps and step == self.steps[0]:
-      jax.profiler.start_trace(self.workdir)
-
-  def after(self, step: int, state) -> None:
-    if self.steps and step == self.steps[1]:
-      jax.block_until_ready(state)
-      jax.profiler.stop_trace()
-      print(f'Profiled steps {self.steps[0]}-{self.steps[1]} into {self.workdir}/plugins/'
-            'profile; open the profile tab of TensorBoard on the workdir to read it.',
-            flush=True)
-
-
 def _mean_metrics(history: list[tuple[int, dict]]) -> dict:
   """Means of (step, host metrics) pairs, in float64: a resumed run, which reads part of
   the list back from its checkpoint, logs the very same numbers."""
   return {k: float(np.mean(np.asarray([m[k] for _, m in history], np.float64)))
           for k in history[0][1]}
-
-
-def _format_seconds(seconds: float) -> str:
-  if seconds != seconds:  # nan
-    return '?'
-  seconds = int(round(seconds))
-  return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'

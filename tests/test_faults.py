@@ -237,6 +237,12 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped_and_counted(tmp_path
     train.train_and_evaluate(config('stop'), str(tmp_path / 'stop'))
   assert ckpt_lib.Checkpointer(str(tmp_path / 'stop'), read_only=True).all_steps() == [1]
 
+  # Four steps in one dispatch: each step's metrics are still checked.
+  several = config('stop')
+  several.train.update(steps_per_dispatch=4, checkpoint_every=4, log_every=4)
+  with pytest.raises(UserError, match='not finite at step 2 .*no checkpoint had been written'):
+    train.train_and_evaluate(several, str(tmp_path / 'several'))
+
   skip = str(tmp_path / 'skip')
   train.train_and_evaluate(config('skip'), skip)
   _, _, after_1, _ = workdir_lib.restore_state(skip, 1)

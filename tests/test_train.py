@@ -35,10 +35,12 @@ def _restore_params(workdir, step):
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
   """One tiny run of 80 steps on all 8 devices, checkpoints every 20 steps, evaluations
-  at 40 and 80, a profiler trace of steps 3 and 4."""
+  at 40 and 80, a profiler trace of steps 3 and 4, and 8 steps a dispatch where nothing
+  cuts it short (steps 1-4 and 37-40 run one by one: the trace starts at 3 and ends at 4,
+  a checkpoint is due at 40)."""
   workdir = str(tmp_path_factory.mktemp('tiny'))
   config = tiny_config(checkpoint_every=20, eval_every=40, keep_checkpoints=5,
-                       profile_steps=(3, 4))
+                       profile_steps=(3, 4), steps_per_dispatch=8)
   metrics = train.train_and_evaluate(config, workdir)
   return config, workdir, metrics
 
