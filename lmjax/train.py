@@ -58,12 +58,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     if base:
       state = finetune.start_from_base(config, base, state, shardings,
                                        finetune.trainable_filter(config), mesh)
-  step_fn, eval_fn = steps.jit_steps(
-      model, tx, mesh, sharding.rules_as_tuples(config.mesh.rules), shardings,
-      stateful_eval=task.stateful, microbatches=config.train.microbatches)
+  rules = sharding.rules_as_tuples(config.mesh.rules)
+  step_fn, eval_fn = steps.jit_steps(model, tx, mesh, rules, shardings,
+                                     task.stateful, config.train.microbatches)
   several_fn = config.train.steps_per_dispatch > 1 and steps.jit_train_step(
-      model, tx, mesh, sharding.rules_as_tuples(config.mesh.rules), shardings,
-      config.train.microbatches, several=True)
+      model, tx, mesh, rules, shardings, config.train.microbatches, several=True)
   writer = _open_writer(config, workdir, checkpointer, state, progress.step)
   loop = Loop(config, workdir, task, mesh, checkpointer, writer, state, progress, started)
   loop.compile(step_fn, eval_fn, model, several_fn)
@@ -207,10 +206,11 @@ class Loop:
       first = next(self.batches)
       # The global batch's shapes (each process holds its rows): nothing is transferred.
       k = self.t.steps_per_dispatch
-      lead, batch_sharding = ((k,), self.stacked_sharding) if several_fn else ((), None)
+      lead, batch_sharding = (((k,), self.stacked_sharding) if several_fn else
+                              ((), self.batch_sharding))
       batch = {key: jax.ShapeDtypeStruct(
                    lead + (len(v) * jax.process_count(),) + v.shape[1:], v.dtype,
-                   sharding=batch_sharding or self.batch_sharding)
+                   sharding=batch_sharding)
                for key, v in first.items()}
       compiled = steps.compile_train_step(several_fn or step_fn, self.state, batch, self.rng,
                                           self.mesh, self.rules)
