@@ -2,6 +2,7 @@
 evaluation steps, with explicit shardings; the train step compiled with a memory check."""
 import functools
 import math
+import time
 import os
 
 import flax.linen as nn
@@ -183,12 +184,16 @@ def jit_eval_step(model, mesh, params_sharding, stateful: bool = False):
 def compile_train_step(step_fn, state, batch, rng, mesh, rules):
   """The train step compiled for these arguments. Prints what each device holds (its shards
   of the parameters and optimizer state) and what the step needs at its peak (XLA's
-  memory analysis), and refuses to start when that exceeds the device's memory."""
+  memory analysis), and refuses to start when that exceeds the device's memory. Says that
+  it compiles (seconds to minutes, in which nothing else is printed) and for how long."""
+  print('Compiling the train step ...', flush=True)
+  began = time.perf_counter()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     compiled = step_fn.lower(state, batch, rng).compile()
   use = memory_use(compiled, state, mesh)
   mib = lambda n: f'{n / 2**20:,.1f} MiB'
-  line = (f'Mesh {dict(mesh.shape)}; per device: parameters {mib(use["params_bytes"])}, '
+  line = (f'Compiled in {time.perf_counter() - began:.1f} s. '
+          f'Mesh {dict(mesh.shape)}; per device: parameters {mib(use["params_bytes"])}, '
           f'optimizer state {mib(use["optimizer_bytes"])}')
   peak, limit = use['step_peak_bytes'], use['limit_bytes']
   if peak is not None:

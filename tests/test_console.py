@@ -116,6 +116,9 @@ def test_the_scripts_say_what_they_do_in_their_own_words(runs):
   # The dataset build, which TFDS would have shown with its own lines and progress bars.
   assert lines[1].startswith('Building the shakespeare dataset in '), train
   assert lines[2].startswith(f'Starting a new run in {workdir}: '), train
+  # Said before the silence of the compile, and how long it took after.
+  assert lines[3] == 'Compiling the train step ...', train
+  assert re.match(r'Compiled in \d+\.\d s\. Mesh ', lines[4]), train
   assert f'step {STEPS:>6}/{STEPS}' in train and '\nDone: ' in train, train
   assert results['decode.py'].stdout.startswith(f'# {workdir}, step {STEPS}, sample\nROMEO:')
   assert f'"step": {STEPS}' in results['evaluate.py'].stdout
@@ -135,3 +138,46 @@ def test_the_patterns_catch_what_the_libraries_print():
   ]
   assert all(FOREIGN.search(line) for line in seen)
   assert not FOREIGN.search('step      4/4  loss 4.1207  lr 3.00e-04  61,125 tokens/s')
+
+
+class _Clock:
+  """The progress bar's clock, moved by hand: each item below comes `step` seconds after
+  the one before."""
+
+  def __init__(self, step: float):
+    self.time, self.step = 0.0, step
+
+  def __call__(self) -> float:
+    return self.time
+
+  def items(self, n: int):
+    for i in range(n):
+      self.time += self.step
+      yield i
+
+
+def test_progress_redraws_one_line_on_a_terminal(monkeypatch):
+  """On a real terminal (a pseudo-terminal here): the bar drawn in place, then ended."""
+  clock = _Clock(0.15)
+  monkeypatch.setattr(console, '_now', clock)
+  leader, follower = os.openpty()
+  with open(follower, 'w') as terminal, console.progress_to(terminal):
+    assert list(console.progress(clock.items(5), 'countdown train', 8)) == list(range(5))
+  drawn = os.read(leader, 4096).decode()
+  os.close(leader)
+  # Redrawn once 0.2 s have passed (after items 2 and 4), and at the end; the terminal
+  # turns the final newline into CR LF.
+  assert drawn == ('\r  countdown train [#####---------------] 2 / 8 examples'
+                   '\r  countdown train [##########----------] 4 / 8 examples'
+                   '\r  countdown train [############--------] 5 / 8 examples\r\n'), drawn
+
+
+def test_progress_in_a_log_is_a_plain_line_now_and_then(monkeypatch, capsys):
+  clock = _Clock(4.0)
+  monkeypatch.setattr(console, '_now', clock)
+  assert list(console.progress(clock.items(6), 'milton test', 6, 'works')) == list(range(6))
+  # A line once 10 s have passed since the last: at 12 s (3 works) and 24 s (6).
+  assert capsys.readouterr().out == ('  milton test: 3 of 6 works\n'
+                                     '  milton test: 6 of 6 works\n')
+  assert list(console.progress(range(1000), 'quick', 1000)) == list(range(1000))
+  assert capsys.readouterr().out == ''  # quick work prints nothing in a log

@@ -24,6 +24,7 @@ from typing import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
+from lmjax import console
 from lmjax.data import external, puzzles
 from lmjax.errors import UserError, one_line
 
@@ -149,13 +150,15 @@ class _GutenbergWorks(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           f'{sorted(works)}. Fix VALIDATION_WORKS / TEST_WORKS in lmjax/data/corpora.py.')
     pick = lambda names: {name: works[name] for name in names}
     return {
-        'train': self._generate_examples(pick(sorted(set(works) - held_out))),
-        'validation': self._generate_examples(pick(self.VALIDATION_WORKS)),
-        'test': self._generate_examples(pick(self.TEST_WORKS)),
+        'train': self._generate_examples(pick(sorted(set(works) - held_out)), 'train'),
+        'validation': self._generate_examples(pick(self.VALIDATION_WORKS), 'validation'),
+        'test': self._generate_examples(pick(self.TEST_WORKS), 'test'),
     }
 
-  def _generate_examples(self, works: dict[str, str]) -> Iterator[tuple[str, dict[str, str]]]:
-    for stem, text in works.items():
+  def _generate_examples(self, works: dict[str, str],
+                         split: str) -> Iterator[tuple[str, dict[str, str]]]:
+    for stem, text in console.progress(works.items(), f'{self.name} {split}', len(works),
+                                       'works'):
       yield stem, {'title': stem, 'text': text}
 
 
@@ -322,10 +325,11 @@ class Authorship(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         else:
           split = 'train'
         splits[split].append((title, text, label))
-    return {split: self._generate_examples(works) for split, works in splits.items()}
+    return {split: self._generate_examples(works, split) for split, works in splits.items()}
 
-  def _generate_examples(self, works):
-    for title, text, label in works:
+  def _generate_examples(self, works, split: str):
+    for title, text, label in console.progress(works, f'{self.name} {split}', len(works),
+                                               'works'):
       for index, passage in enumerate(passages(text)):
         yield f'{title}/{index:05d}', {'title': title, 'index': index, 'text': passage,
                                        'label': label}
@@ -399,9 +403,10 @@ def load_split_passages(name: str, split: str,
 
 def build(builder: tfds.core.DatasetBuilder) -> None:
   """Builds the builder's dataset (nothing to do if it is built) without TFDS's own lines
-  on stdout and its progress bars on stderr: the caller says what is going on."""
+  on stdout and its progress bars on stderr: the caller says what is going on, and the
+  builders draw lmjax's own (`console.progress`)."""
   tfds.disable_progress_bar()
-  with contextlib.redirect_stdout(io.StringIO()):
+  with console.progress_to(sys.stdout), contextlib.redirect_stdout(io.StringIO()):
     builder.download_and_prepare()
 
 

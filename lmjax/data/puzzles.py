@@ -30,6 +30,7 @@ from typing import Iterator
 
 import tensorflow_datasets as tfds
 
+from lmjax import console
 from lmjax.errors import UserError
 
 NUMBERS = range(1, 14)
@@ -166,7 +167,8 @@ def all_examples(seed: int = 0) -> tuple[tuple[str, Puzzle, tuple[str, ...]], ..
 
 def _examples(seed: int) -> Iterator[tuple[str, Puzzle, tuple[str, ...]]]:
   rng = random.Random(seed)
-  for numbers in itertools.combinations_with_replacement(NUMBERS, COUNT):
+  draws = list(itertools.combinations_with_replacement(NUMBERS, COUNT))
+  for numbers in console.progress(draws, 'countdown: solving', len(draws), 'draws of numbers'):
     for target, sols in sorted(solutions(numbers).items()):
       if target not in TARGETS:
         continue
@@ -199,9 +201,8 @@ class Countdown(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split: str):
     counts: dict[Puzzle, int] = {}
-    for example_split, puzzle, lines in all_examples():
-      if example_split != split:
-        continue
+    examples = [(puzzle, lines) for s, puzzle, lines in all_examples() if s == split]
+    for puzzle, lines in console.progress(examples, f'countdown {split}', len(examples)):
       index = counts[puzzle] = counts.get(puzzle, -1) + 1
       text = text_of(puzzle, lines)
       # Readers order examples by title (the pipeline joins them in that order); a hash
