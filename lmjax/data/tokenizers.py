@@ -625,6 +625,8 @@ def build_tokenizer(kind: str, directory: str, train_texts: Callable[[], Iterabl
     if not vocab_size:
       raise UserError('data.tokenizer=sentencepiece needs data.vocab_size > 0 '
                       '(e.g. --config.data.vocab_size=2000).')
+    print(f'Training a SentencePiece tokenizer ({model_type}, {vocab_size:,} pieces) on the '
+          'training texts, once ...', flush=True)
     tokenizer = SentencePieceTokenizer.train(train_texts(), vocab_size, model_type)
   tokenizer.save(directory)
   return tokenizer

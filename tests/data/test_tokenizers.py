@@ -189,7 +189,7 @@ def test_spm_vocab_too_large_names_the_config_field(validation):
     tokenizers.SentencePieceTokenizer.train([validation['lovers_complaint']], 100)
 
 
-def test_build_tokenizer_trains_once_then_reuses(validation, tmp_path):
+def test_build_tokenizer_trains_once_then_reuses(validation, tmp_path, capsys):
   calls = []
 
   def texts():
@@ -198,13 +198,16 @@ def test_build_tokenizer_trains_once_then_reuses(validation, tmp_path):
 
   first = tokenizers.build_tokenizer('sentencepiece', str(tmp_path), texts, vocab_size=400)
   assert len(calls) == 1 and (tmp_path / 'tokenizer.json').exists()
+  # Training takes a while on a large corpus: the run says so (once).
+  assert capsys.readouterr().out == ('Training a SentencePiece tokenizer (bpe, 400 pieces) on '
+                                     'the training texts, once ...\n')
 
   def must_not_train():
     raise AssertionError('build_tokenizer trained again instead of reusing the directory')
 
   again = tokenizers.build_tokenizer('sentencepiece', str(tmp_path), must_not_train,
                                      vocab_size=400)
-  assert again.model_proto == first.model_proto
+  assert again.model_proto == first.model_proto and capsys.readouterr().out == ''
 
   with pytest.raises(UserError, match=r"data\.tokenizer='char'.*" + str(tmp_path)):
     tokenizers.build_tokenizer('char', str(tmp_path), must_not_train)
