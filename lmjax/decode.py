@@ -12,6 +12,14 @@ or beams and reorders them as beams move; everything else in `state` (the params
 passes through untouched, so a jitted loop takes it as an argument rather than baking
 it in.
 
+Beams move without copying a cache that says how to read it: a dict cache with a
+'beam_rows' entry, int32[rows, 1, S] (the Transformer's `decode_fns` puts one there), is
+read through it. In beam search the decoder makes it [prompts, K, S]: entry [b, i, s] is
+the beam of prompt b whose cache row holds position s of beam i's text. A beam that
+moves then takes its parent's entries (K x S integers), the model writes each new
+position into the beam's own row and attends through the entries, and the cache's rows
+never move. Other caches (an RNN's carry) are copied row by row as beams move.
+
 How a call runs:
   * Prompts of different lengths share one buffer, right-padded. The prefix every
     prompt has (its length rounded down to a bucket, so few shapes compile) is fed in one
@@ -132,6 +140,21 @@ def _repeat_rows(state, times: int):
   return _map_rows(lambda x: jnp.repeat(x, times, axis=0), state)
 
 
+def _reads_rows(state) -> bool:
+  """Whether the model reads its cache through 'beam_rows' (see the module docstring)."""
+  return isinstance(state['cache'], dict) and 'beam_rows' in state['cache']
+
+
+def _own_rows(state, k: int):
+  """`state` with its 'beam_rows' for K beams per prompt, each beam reading only its own
+  cache row: [rows // K, K, S] (after each prompt's row is repeated K times, or when the
+  window restarts the cache)."""
+  rows = state['cache']['beam_rows']
+  own_BxKxS = jnp.broadcast_to(jnp.arange(k, dtype=rows.dtype)[None, :, None],
+                               (rows.shape[0] * rows.shape[1] // k, k, rows.shape[2]))
+  return {**state, 'cache': {**state['cache'], 'beam_rows': own_BxKxS}}
+
+
 def _feed(tokens_to_logits, model_state, token_N, tokens_NxL, pos, start, *, initial_cache,
           copies: int, window):
   """Feeds every row its token at `pos` (`token_N`, already written in `tokens_NxL`);
@@ -156,7 +179,10 @@ def _feed(tokens_to_logits, model_state, token_N, tokens_NxL, pos, start, *, ini
   def slide():
     prompt_N = jnp.arange(tokens_NxL.shape[0]) // copies
     cache = jax.tree.map(lambda x: x[prompt_N] if x.ndim >= 1 else x, initial_cache)
-    logits_NxTxV, new_state = tokens_to_logits(kept_NxT, {**model_state, 'cache': cache})
+    restarted = {**model_state, 'cache': cache}
+    if _reads_rows(model_state):  # each row re-reads its own text into itself
+      restarted = _own_rows(restarted, model_state['cache']['beam_rows'].shape[1])
+    logits_NxTxV, new_state = tokens_to_logits(kept_NxT, restarted)
     return logits_NxTxV[:, -1].astype(jnp.float32), new_state, pos + 1 - keep
 
   return jax.lax.cond(pos - start >= size, slide, step)
@@ -327,7 +353,8 @@ def _beam_init(logits_BxV, state, tokens_BxL, prompt_lens_B, prefill_len: int, k
   return BeamState(
       pos=jnp.asarray(prefill_len, jnp.int32), start=jnp.zeros((), jnp.int32),
       logits_NxV=jnp.repeat(logits_BxV, k, axis=0).astype(jnp.float32),
-      model_state=_repeat_rows(state, k), seen_NxV=seen_NxV,
+      model_state=(_own_rows(_repeat_rows(state, k), k) if _reads_rows(state) else
+                   _repeat_rows(state, k)), seen_NxV=seen_NxV,
       live_scores_BxK=jnp.full((num_prompts, k), NEG).at[:, 0].set(0.0),
       live_tokens_BxKxL=live_tokens_BxKxL, finished_tokens_BxKxL=live_tokens_BxKxL,
       finished_scores_BxK=jnp.full((num_prompts, k), NEG),
@@ -391,7 +418,12 @@ def _follow_parents(beams: BeamState, parent_BxK, next_token_N, use_penalty: boo
   tokens they add marked seen."""
   num_prompts, k = parent_BxK.shape
   flat_parent_N = (jnp.arange(num_prompts)[:, None] * k + parent_BxK).reshape(-1)
-  model_state = _map_rows(lambda x: x[flat_parent_N], beams.model_state)
+  if _reads_rows(beams.model_state):  # K x S integers move, not the cache
+    cache = beams.model_state['cache']
+    model_state = {**beams.model_state, 'cache': {
+        **cache, 'beam_rows': _gather_beams(cache['beam_rows'], parent_BxK)}}
+  else:
+    model_state = _map_rows(lambda x: x[flat_parent_N], beams.model_state)
   seen_NxV = beams.seen_NxV
   if use_penalty:
     seen_NxV = seen_NxV[flat_parent_N].at[jnp.arange(num_prompts * k), next_token_N].set(True)

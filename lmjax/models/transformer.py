@@ -24,8 +24,10 @@ leading axis, as lmjax.decode expects of every per-row leaf.
 A call with T new tokens writes them at [index, index + T), attends causally over
 everything filled, and advances `index` by T. The cache length S is max_len unless
 `init_cache` is asked for less: a decode that needs 200 positions of GPT-2's 1024 then
-attends over, and beam search copies, a fifth of the memory. `init_cache` and
-`decode_fns` wrap this for the model-agnostic decoder.
+attends over a fifth of the memory. `init_cache` and `decode_fns` wrap this for the
+model-agnostic decoder; `decode_fns` adds 'beam_rows': int32[B, 1, S], through which beam
+search (lmjax.decode) makes each beam read its positions from other rows of its prompt
+(`CausalSelfAttention._beam_attention`), so that beams move without copying the cache.
 """
 from __future__ import annotations
 
@@ -231,12 +233,15 @@ class CausalSelfAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxE: Array, cache_index: Array | None, *, train: bool,
-               mask_BxT: Array | None = None, segment_ids_BxT: Array | None = None) -> Array:
+               mask_BxT: Array | None = None, segment_ids_BxT: Array | None = None,
+               beam_rows_BxKxS: Array | None = None) -> Array:
     """`cache_index` is the position of x's first token (decode mode only); `mask_BxT`
     marks real tokens of right-padded rows: an encoder attends to those only (a causal
     model needs no mask, as padding comes after every real token). `segment_ids_BxT`
     (training and evaluation of packed rows) lets a token attend only to tokens of its own
-    segment: several examples share a row without reading one another."""
+    segment: several examples share a row without reading one another. `beam_rows_BxKxS`
+    (beam search, see `_beam_attention`) says which cache row each beam reads each
+    position from."""
     batch_size, num_new, d_model = x_BxTxE.shape
     if segment_ids_BxT is not None:
       _check_segments_allowed(self.decode, self.attention)
@@ -276,7 +281,10 @@ class CausalSelfAttention(nn.Module):
     from_start = not (self.decode and cache_exists)
     # jax.nn.dot_product_attention has no dropout on the attention probabilities, so a
     # training step that drops them takes the einsum path: the model stays the same.
-    if self.attention != 'einsum' and not (train and self.dropout_rate > 0):
+    if beam_rows_BxKxS is not None and not from_start:
+      context_BxTxHxD = self._beam_attention(query_BxTxHxD, key_BxSxHxD, value_BxSxHxD,
+                                             query_positions_T, beam_rows_BxKxS)
+    elif self.attention != 'einsum' and not (train and self.dropout_rate > 0):
       context_BxTxHxD = self._kernel_attention(
           query_BxTxHxD, key_BxSxHxD, value_BxSxHxD, query_positions_T, mask_BxT,
           from_start, segment_ids_BxT)
@@ -320,6 +328,38 @@ class CausalSelfAttention(nn.Module):
     return jax.nn.dot_product_attention(
         query_BxTxHxD, key_BxSxHxD, value_BxSxHxD, mask=mask,
         is_causal=self.causal and from_start, implementation='cudnn' if flash else None)
+
+  def _beam_attention(self, query_NxTxHxD: Array, key_NxSxHxD: Array,
+                      value_NxSxHxD: Array, query_positions_T: Array,
+                      beam_rows_BxKxS: Array) -> Array:
+    """Causal attention of N = B*K beams (K per prompt, rows b*K..b*K+K-1) whose cached
+    position s is in row `beam_rows_BxKxS[b, i, s]` of the prompt's K rows, not
+    necessarily their own: beam search then moves beams by moving these indices instead
+    of copying the cache. Each query is scored against the keys of all K rows of its
+    prompt, and a one-hot of the indices keeps, per position, the score of the row that
+    holds it (and weights that row's value): K times the attention's multiply-adds, no
+    copy of the cache."""
+    num_prompts, k, num_keys = beam_rows_BxKxS.shape
+    num_new, num_heads, head_dim = query_NxTxHxD.shape[1:]
+    query_BxKxTxHxD = query_NxTxHxD.reshape(num_prompts, k, num_new, num_heads, head_dim)
+    key_BxKxSxHxD = key_NxSxHxD.reshape(num_prompts, k, num_keys, num_heads, head_dim)
+    value_BxKxSxHxD = value_NxSxHxD.reshape(num_prompts, k, num_keys, num_heads, head_dim)
+    # reads[b, i, j, s]: beam i reads position s from row j.
+    reads_BxKxKxS = (beam_rows_BxKxS[:, :, None, :] ==
+                     jnp.arange(k)[None, None, :, None]).astype(jnp.float32)
+    scores_BxKxHxTxKxS = jnp.einsum('bithd,bjshd->bihtjs', query_BxKxTxHxD, key_BxKxSxHxD,
+                                    preferred_element_type=jnp.float32)
+    scores_BxKxHxTxS = jnp.einsum('bihtjs,bijs->bihts', scores_BxKxHxTxKxS, reads_BxKxKxS)
+    scores_BxKxHxTxS = scores_BxKxHxTxS * (1.0 / math.sqrt(head_dim))
+    allowed_1x1x1xTxS = _causal_mask_1x1xTxS(query_positions_T, num_keys)[None]
+    scores_BxKxHxTxS = jnp.where(allowed_1x1x1xTxS, scores_BxKxHxTxS,
+                                 jnp.finfo(jnp.float32).min)
+    probs_BxKxHxTxS = jax.nn.softmax(scores_BxKxHxTxS, axis=-1)
+    weights_BxKxHxTxKxS = jnp.einsum('bihts,bijs->bihtjs', probs_BxKxHxTxS,
+                                     reads_BxKxKxS).astype(self.dtype)
+    context_BxKxTxHxD = jnp.einsum('bihtjs,bjshd->bithd', weights_BxKxHxTxKxS,
+                                   value_BxKxSxHxD)
+    return context_BxKxTxHxD.reshape(query_NxTxHxD.shape)
 
   def _einsum_attention(self, query_BxTxHxD: Array, key_BxSxHxD: Array,
                         value_BxSxHxD: Array, query_positions_T: Array,
@@ -466,8 +506,8 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxE: Array, cache_index: Array | None, train: bool,
-               mask_BxT: Array | None = None,
-               segment_ids_BxT: Array | None = None) -> Array | tuple[Array, None]:
+               mask_BxT: Array | None = None, segment_ids_BxT: Array | None = None,
+               beam_rows_BxKxS: Array | None = None) -> Array | tuple[Array, None]:
     attention = CausalSelfAttention(
         num_heads=self.num_heads,
         head_dim=self.head_dim,
@@ -486,7 +526,8 @@ class DecoderLayer(nn.Module):
     )
     normed_BxTxE = _layer_norm(self.dtype, self.param_dtype, 'attention_norm')(x_BxTxE)
     x_BxTxE = x_BxTxE + attention(normed_BxTxE, cache_index, train=train, mask_BxT=mask_BxT,
-                                  segment_ids_BxT=segment_ids_BxT)
+                                  segment_ids_BxT=segment_ids_BxT,
+                                  beam_rows_BxKxS=beam_rows_BxKxS)
     x_BxTxE = nn.with_logical_constraint(x_BxTxE, RESIDUAL_AXES)
 
     mlp = Mlp(
@@ -600,8 +641,24 @@ class Transformer(nn.Module):
       position_embed_TxE = jax.lax.dynamic_slice_in_dim(position_table_PxE, start, num_new)
     return position_embed_TxE.astype(self.dtype)[None]
 
+  def _beam_rows(self, start: Array, num_new: int) -> Array | None:
+    """The cache's 'beam_rows' (see lmjax.decode's docstring) when it holds K > 1 beams a
+    prompt, with the new positions [start, start + num_new) marked as each beam's own row
+    (where this call writes them); None otherwise."""
+    if not self.has_variable('cache', 'beam_rows'):
+      return None
+    rows = self.get_variable('cache', 'beam_rows')
+    if rows.shape[1] == 1:
+      return None
+    own_BxKxT = jnp.broadcast_to(jnp.arange(rows.shape[1], dtype=rows.dtype)[None, :, None],
+                                 (*rows.shape[:2], num_new))
+    rows = jax.lax.dynamic_update_slice(rows, own_BxKxT, (0, 0, start))
+    self.put_variable('cache', 'beam_rows', rows)
+    return rows
+
   def _blocks(self, x_BxTxE: Array, start: Array | None, train: bool,
-              mask_BxT: Array | None, segment_ids_BxT: Array | None) -> Array:
+              mask_BxT: Array | None, segment_ids_BxT: Array | None,
+              beam_rows_BxKxS: Array | None = None) -> Array:
     """The decoder blocks, one after another or as one nn.scan (scan_layers)."""
     layer_fields = self._layer_fields()
     block = DecoderLayer
@@ -615,16 +672,16 @@ class Transformer(nn.Module):
           block,
           variable_axes={'params': 0, 'cache': CACHE_LAYER_AXIS},
           split_rngs={'params': True, 'dropout': True},
-          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+          in_axes=(nn.broadcast,) * 5,
           length=self.num_layers,
           metadata_params={nn.PARTITION_NAME: SCANNED_LAYERS},
       )
       x_BxTxE, _ = block(**layer_fields, scanned=True, name=SCANNED_LAYERS)(
-          x_BxTxE, start, train, mask_BxT, segment_ids_BxT)
+          x_BxTxE, start, train, mask_BxT, segment_ids_BxT, beam_rows_BxKxS)
       return x_BxTxE
     for layer in range(self.num_layers):
-      x_BxTxE = block(**layer_fields, name=f'layer_{layer}')(x_BxTxE, start, train,
-                                                            mask_BxT, segment_ids_BxT)
+      x_BxTxE = block(**layer_fields, name=f'layer_{layer}')(
+          x_BxTxE, start, train, mask_BxT, segment_ids_BxT, beam_rows_BxKxS)
     return x_BxTxE
 
 
@@ -649,8 +706,9 @@ class Transformer(nn.Module):
       cache_index = self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
       # While init creates the cache, the input is a dummy that starts at 0.
       start = cache_index.value if cache_exists else jnp.zeros((), jnp.int32)
+      beam_rows_BxKxS = self._beam_rows(start, num_new) if cache_exists else None
     else:
-      start = None
+      start = beam_rows_BxKxS = None
 
     token_embed = layers.GatheredEmbed(
         num_embeddings=self.vocab_size,
@@ -664,7 +722,7 @@ class Transformer(nn.Module):
     x_BxTxE = token_embed(ids_BxT) + position_embed
     x_BxTxE = dropout.Dropout(self.dropout_rate)(x_BxTxE, deterministic=not train)
     x_BxTxE = nn.with_logical_constraint(x_BxTxE, RESIDUAL_AXES)
-    x_BxTxE = self._blocks(x_BxTxE, start, train, mask_BxT, segment_ids_BxT)
+    x_BxTxE = self._blocks(x_BxTxE, start, train, mask_BxT, segment_ids_BxT, beam_rows_BxKxS)
     x_BxTxE = _layer_norm(self.dtype, self.param_dtype, 'final_norm')(x_BxTxE)
     if self.num_classes:
       pool = heads.last_position if self.causal else heads.mean_over_positions
@@ -768,5 +826,7 @@ def decode_fns(model: Transformer, params: PyTree, *, batch_size: int,
   """
   if not model.decode:
     raise ValueError('decode_fns needs a model built with decode=True.')
-  state = {'params': params, 'cache': init_cache(model, batch_size, cache_len)}
-  return _state_tokens_to_logits(model), state
+  cache = init_cache(model, batch_size, cache_len)
+  # Read by beam search (lmjax.decode): beams then move without copying the cache.
+  cache['beam_rows'] = jnp.zeros((batch_size, 1, cache_len or model.max_len), jnp.int32)
+  return _state_tokens_to_logits(model), {'params': params, 'cache': cache}

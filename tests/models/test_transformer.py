@@ -133,6 +133,56 @@ def test_decode_fns_state_carries_params_and_cache(tiny_params):
   assert int(state['cache']['index']) == 6
 
 
+def _copied_rows(cache, src_NxS):
+  """The cache with position s of row n copied from row src_NxS[n, s] (as beam search
+  without 'beam_rows' would have copied it), each beam reading its own row."""
+  def gather(x):
+    if x.ndim < 4:  # the index
+      return x
+    if x.ndim == 4:  # [N, S, H, D]
+      return x[src_NxS, jnp.arange(x.shape[1])[None, :]]
+    layers, positions = jnp.arange(x.shape[1]), jnp.arange(x.shape[2])  # [N, L, S, H, D]
+    return x[src_NxS[:, None, :], layers[None, :, None], positions[None, None, :]]
+  rest = {k: v for k, v in cache.items() if k != 'beam_rows'}
+  return {**jax.tree.map(gather, rest), 'beam_rows': jnp.zeros_like(cache['beam_rows'])}
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_beams_reading_rows_through_beam_rows_equal_beams_with_copied_rows(scan_layers):
+  """Beam search moves beams by rewriting 'beam_rows' instead of copying the cache: the
+  logits must be those of a cache whose rows were copied, over two steps (the second
+  reads the first's position from each beam's own row)."""
+  num_prompts, k, prompt_len = 2, 3, 5
+  model = Transformer(**TINY, scan_layers=scan_layers)
+  params = _random_params(model)
+  tokens_to_logits, state = transformer.decode_fns(model.clone(decode=True), params,
+                                                   batch_size=num_prompts * k)
+  tokens_to_logits = jax.jit(tokens_to_logits)
+  _, state = tokens_to_logits(_random_ids((num_prompts * k, prompt_len), seed=5), state)
+  rows_BxKxS = jax.random.randint(_key(6), (num_prompts, k, TINY['max_len']), 0, k)
+  src_NxS = (jnp.arange(num_prompts)[:, None, None] * k + rows_BxKxS).reshape(
+      num_prompts * k, -1)
+  through = {**state, 'cache': {**state['cache'], 'beam_rows': rows_BxKxS}}
+  copied = {**state, 'cache': _copied_rows(state['cache'], src_NxS)}
+  for step in range(2):
+    ids_Nx1 = _random_ids((num_prompts * k, 1), seed=7 + step)
+    through_logits, through = tokens_to_logits(ids_Nx1, through)
+    copied_logits, copied = tokens_to_logits(ids_Nx1, copied)
+    np.testing.assert_allclose(through_logits, copied_logits, atol=1e-5, rtol=1e-5)
+  # The two new positions are each beam's own; the rest as given.
+  np.testing.assert_array_equal(through['cache']['beam_rows'][:, :, prompt_len:prompt_len + 2],
+                                np.broadcast_to(np.arange(k)[None, :, None], (num_prompts, k, 2)))
+  np.testing.assert_array_equal(through['cache']['beam_rows'][:, :, :prompt_len],
+                                rows_BxKxS[:, :, :prompt_len])
+  # Each row reading only its own keys (decode_fns' state as it is) gives other logits:
+  # the comparison can tell.
+  ids_Nx1 = _random_ids((num_prompts * k, 1), seed=7)
+  own_logits, _ = tokens_to_logits(ids_Nx1, state)
+  first_logits, _ = tokens_to_logits(
+      ids_Nx1, {**state, 'cache': {**state['cache'], 'beam_rows': rows_BxKxS}})
+  assert not np.allclose(own_logits, first_logits, atol=1e-3)
+
+
 def test_cache_starts_empty_and_has_documented_layout():
   decode_model = Transformer(**TINY, decode=True)
   cache = transformer.init_cache(decode_model, batch_size=3)
