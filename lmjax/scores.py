@@ -18,7 +18,6 @@ import re
 import string
 
 import sacrebleu
-from rouge_score import rouge_scorer
 
 METRICS = ('exact_match', 'token_f1', 'rouge1', 'rouge2', 'rougeL', 'bleu', 'label_accuracy')
 _ARTICLES = re.compile(r'\b(a|an|the)\b')
@@ -57,6 +56,9 @@ _ROUGE = ('rouge1', 'rouge2', 'rougeL')
 
 def rouge(prediction: str, references: list[str]) -> dict[str, float]:
   """ROUGE-1/2/L F-measures of the generation against its best-matching reference."""
+  # Imported here: rouge-score brings NLTK and SciPy's statistics, about 2 s of every
+  # lmjax process's start-up, and only a generative evaluation scores ROUGE.
+  from rouge_score import rouge_scorer
   scorer = rouge_scorer.RougeScorer(list(_ROUGE), use_stemmer=True)
   scores = scorer.score_multi(references, prediction)
   return {name: scores[name].fmeasure for name in _ROUGE}
