@@ -1,5 +1,7 @@
 """Scores of generations (lmjax/scores.py) on examples worked out by hand."""
 import math
+import subprocess
+import sys
 
 import pytest
 
@@ -72,3 +74,14 @@ def test_per_example_rows_and_their_summary():
   assert only == {'exact_match': 1.0}
   with pytest.raises(ValueError, match='unknown metrics'):
     scores.per_example('a', ['a'], metrics=('meteor',))
+
+
+def test_training_does_not_import_the_rouge_scorer():
+  """rouge-score brings NLTK and SciPy's statistics (2.4 s of a start-up on the 2-core
+  machine); a process imports it only when it scores ROUGE."""
+  code = ('import sys, lmjax.train; '
+          "print([m for m in ('rouge_score', 'nltk', 'scipy.stats') if m in sys.modules])")
+  done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                        timeout=300, check=True)
+  assert done.stdout.split('\n')[-2] == '[]', done.stdout
+  assert scores.rouge('the cat', ['the cat'])['rouge1'] == 1.0
