@@ -2,8 +2,8 @@
 evaluation steps, with explicit shardings; the train step compiled with a memory check."""
 import functools
 import math
-import time
 import os
+import time
 
 import flax.linen as nn
 import jax
