@@ -15,7 +15,7 @@ import sys
 
 from absl import app, flags
 
-from lmjax import sweep
+from lmjax import storage, sweep
 from lmjax.errors import UserError, run_script
 
 _CONFIG = flags.DEFINE_string('config', None, 'Config file with get_sweep, and its argument: '
@@ -43,8 +43,7 @@ def main(argv):
   except KeyboardInterrupt:  # the trainers got Ctrl-C too and wrote their checkpoints
     print('\nInterrupted; run the same command to resume the unfinished points.')
     sys.exit(130)
-  with open(os.path.join(_WORKDIR.value, 'summary.md')) as f:
-    print('\n' + f.read())
+  print('\n' + storage.read_text(os.path.join(_WORKDIR.value, 'summary.md')))
   print(f'Summary: {_WORKDIR.value}/summary.md, summary.csv and curves.png '
         f'({len(rows)} points). TensorBoard: tensorboard --logdir={_WORKDIR.value}')
   if not _SUMMARIZE.value:

@@ -1,7 +1,9 @@
 """Orbax checkpoints in WORKDIR/checkpoints: the train state plus the data position.
 
 Orbax writes each step into a temporary directory and renames it when complete, so
-a crash mid-write never leaves a checkpoint that `latest_step` would pick up.
+a crash mid-write never leaves a checkpoint that `latest_step` would pick up. In a bucket,
+which has no rename, it writes the step's directory in place and marks it complete last,
+with a file of its own (orbax's commit_success.txt).
 """
 import json
 import os
@@ -12,11 +14,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from lmjax import storage
 from lmjax.errors import UserError
+
+# What marks a step complete in a bucket (orbax's own name for it).
+_COMMIT_SUCCESS_FILE = 'commit_success.txt'
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+  return os.path.join(storage.absolute(workdir), 'checkpoints')
 
 
 FROZEN_DIR = 'frozen_params'
@@ -78,10 +84,8 @@ class Checkpointer:
     target = os.path.join(os.path.dirname(self.directory), UNREADABLE_DIR,
                           f'{step}-{stamp}')
     if jax.process_index() == 0:  # one process moves it; the others wait, then look again
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      os.replace(os.path.join(self.directory, str(step)), target)
-      with open(os.path.join(target, 'WHY.txt'), 'w') as f:
-        f.write(reason + '\n')
+      storage.move(os.path.join(self.directory, str(step)), target)
+      storage.write_text(os.path.join(target, 'WHY.txt'), reason + '\n')
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f'lmjax: checkpoint {step} set aside')
@@ -142,9 +146,13 @@ def complete_steps(workdir: str) -> list[int]:
   """The steps of `workdir` whose checkpoint is complete on disk, oldest first: orbax gives
   a step directory its plain number only when its write has finished."""
   directory = checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
+  if not storage.isdir(directory):
     return []
-  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+  steps = [name for name in storage.listdir(directory) if name.isdigit()]
+  if storage.is_remote(directory):
+    steps = [step for step in steps
+             if storage.exists(os.path.join(directory, step, _COMMIT_SUCCESS_FILE))]
+  return sorted(map(int, steps))
 
 
 def shapes_by_path(tree) -> dict[str, tuple[int, ...]]:
@@ -172,7 +180,7 @@ def restore_params(workdir: str, step: int, abstract_params):
 
 
 def _frozen_path(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), FROZEN_DIR)
+  return os.path.join(storage.absolute(workdir), FROZEN_DIR)
 
 
 def save_frozen(workdir: str, frozen) -> None:
@@ -188,7 +196,7 @@ def frozen_metadata(workdir: str):
   """The tree of WORKDIR/frozen_params (shapes and dtypes, no array read), or None if the
   run froze nothing."""
   path = _frozen_path(workdir)
-  if not os.path.isdir(path):
+  if not storage.isdir(path):
     return None
   with ocp.StandardCheckpointer() as checkpointer:
     return checkpointer.metadata(path).item_metadata.tree
@@ -196,7 +204,7 @@ def frozen_metadata(workdir: str):
 
 def restore_frozen(workdir: str, abstract_frozen):
   path = _frozen_path(workdir)
-  if not os.path.isdir(path):
+  if not storage.isdir(path):
     raise UserError(
         f'{path} is missing: this run trains only some parameters (train.freeze or '
         'model.lora_rank), its checkpoints hold only those, and the rest were written there '
@@ -281,7 +289,7 @@ def _damage(directory: str, step: int, error: Exception | None) -> str | None:
     return None
   step_dir = os.path.join(directory, str(step))
   for name in ('_CHECKPOINT_METADATA', os.path.join('state', '_METADATA')):
-    if not os.path.isfile(os.path.join(step_dir, name)):
+    if not storage.isfile(os.path.join(step_dir, name)):
       return f'{name} is missing'
   if isinstance(error, (json.JSONDecodeError, UnicodeDecodeError)):
     return 'a metadata file is not valid JSON'
@@ -312,7 +320,7 @@ def _refuse_if_all_set_aside(directory: str) -> None:
   """A workdir with no checkpoint left, whose checkpoints were set aside as damaged, is not
   trained again from step 0 unless the user asks for it."""
   aside = os.path.join(os.path.dirname(directory), UNREADABLE_DIR)
-  if os.path.isdir(aside) and os.listdir(aside):
+  if storage.isdir(aside) and storage.listdir(aside):
     raise UserError(f'{directory} holds no readable checkpoint: every one was damaged and is '
                     f'in {aside}. Nothing was trained over them. To train this run again from '
                     'step 0, rerun with --restart_if_all_damaged (they stay where they are), or '

@@ -18,7 +18,7 @@ import tokenize
 import jax
 import ml_collections
 
-from lmjax import models, sharding, tasks
+from lmjax import models, sharding, storage, tasks
 from lmjax.data import completions, corpora, external, tokenizers
 from lmjax.errors import UserError
 from lmjax.models import transformer
@@ -191,7 +191,7 @@ def read_saved(workdir: str) -> ml_collections.ConfigDict | None:
   """The config saved in WORKDIR/config.json, a field it lacks at its default; None if the
   workdir has none."""
   path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return None
   return with_defaults(read_saved_dict(path))[0]
 
@@ -200,8 +200,7 @@ def read_saved_dict(path: str) -> dict:
   """A workdir's config.json as the dict training wrote; UserError if it is damaged (not
   UTF-8 JSON, or not a JSON object of config sections)."""
   try:
-    with open(path, encoding='utf-8') as f:
-      saved = json.load(f)
+    saved = json.loads(storage.read_text(path))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     problem = f'it is not valid JSON ({e})'
   else:

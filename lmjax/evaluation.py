@@ -13,14 +13,13 @@ the references (exact match, token F1, ROUGE, BLEU, label accuracy; Countdown's 
 """
 import json
 import math
-import os
 
 import flax.linen as nn
 import jax
 
 from lmjax import config as config_lib
 from lmjax import finetune, generation, models, scores, sharding, state as state_lib, steps, tasks
-from lmjax import workdir as workdir_lib
+from lmjax import storage, workdir as workdir_lib
 from lmjax.data import completions, corpora, external, puzzles
 from lmjax.errors import UserError
 
@@ -42,7 +41,7 @@ def evaluate_workdir(workdir: str, split: str = 'validation', step: int | None =
   predicted), 'classes', 'num_examples' and the same run fields. Mistakes raise UserError
   naming the flag of experiments/evaluate.py.
   """
-  workdir = os.path.abspath(workdir)
+  workdir = storage.absolute(workdir)
   # The config alone first: a bad split or batch size is reported before any checkpoint is
   # read.
   run_config = workdir_lib.load_config(workdir)
@@ -128,7 +127,7 @@ def generate_and_score(workdir: str, split: str = 'validation', step: int | None
   if num_examples < 0 or batch_size < 1:
     raise UserError(f'--num_examples={num_examples} and --batch_size={batch_size}: give 0 '
                     '(all) or more examples, and at least 1 prompt a batch.')
-  workdir = os.path.abspath(workdir)
+  workdir = storage.absolute(workdir)
   run_config = workdir_lib.load_config(workdir)
   d = run_config.data
   if corpora.class_names(d.name) or state_lib.is_encoder(run_config):

@@ -1,6 +1,65 @@
-"""Reads a workdir's TensorBoard scalars back, as TensorBoard itself shows them."""
+"""A workdir's TensorBoard events: the writer training logs to, and the scalars read back
+as TensorBoard itself shows them."""
+import os
+import shutil
+import tempfile
+import time
+
+from clu import metric_writers
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
+
+from lmjax import storage
+
+_EVENT_FILE_PREFIX = 'events.out.tfevents.'
+
+
+def open_writer(workdir: str, just_logging: bool = False):
+  """clu's TensorBoard writer for `workdir` (`just_logging`: to the log only, as on every
+  process but the first). A workdir in a bucket gets `BucketWriter`."""
+  if storage.is_remote(workdir) and not just_logging:
+    return BucketWriter(workdir)
+  return metric_writers.create_default_writer(workdir, just_logging=just_logging)
+
+
+class BucketWriter:
+  """TensorBoard events for a workdir in a bucket, which cannot be appended to: written to
+  a local directory and copied whole into the workdir at every flush and at most
+  `every_seconds` after a write, through lmjax's storage layer like every other file of the
+  workdir. (TensorFlow's own writer would append to gs:// itself, but only on Google's
+  endpoint, where no test can reach it.)"""
+
+  def __init__(self, workdir: str, every_seconds: float = 60.0):
+    self.workdir, self.every_seconds = workdir, every_seconds
+    self.local = tempfile.mkdtemp(prefix='lmjax-events-')
+    self._writer = metric_writers.create_default_writer(self.local)
+    self._copied = time.monotonic()
+
+  def write_scalars(self, step: int, scalars) -> None:
+    self._writer.write_scalars(step, scalars)
+    self._copy_if_due()
+
+  def write_texts(self, step: int, texts) -> None:
+    self._writer.write_texts(step, texts)
+    self._copy_if_due()
+
+  def write_hparams(self, hparams) -> None:
+    self._writer.write_hparams(hparams)
+    self._copy_if_due()
+
+  def flush(self) -> None:
+    self._writer.flush()
+    storage.copy_tree(self.local, self.workdir)
+    self._copied = time.monotonic()
+
+  def close(self) -> None:
+    self.flush()
+    self._writer.close()
+    shutil.rmtree(self.local, ignore_errors=True)
+
+  def _copy_if_due(self) -> None:
+    if time.monotonic() - self._copied >= self.every_seconds:
+      self.flush()
 
 
 def read_scalars(workdir: str, tags=None) -> dict[str, dict[int, float]]:
@@ -10,7 +69,18 @@ def read_scalars(workdir: str, tags=None) -> dict[str, dict[int, float]]:
   A resumed run writes some steps again: the restarted run's values win, and the dead
   run's steps past the restart are dropped.
   """
-  acc = event_accumulator.EventAccumulator(workdir, size_guidance={'tensors': 0})
+  if storage.is_remote(workdir):  # read from a local copy of the event files
+    with tempfile.TemporaryDirectory(prefix='lmjax-events-') as local:
+      for name in storage.listdir(workdir):
+        if name.startswith(_EVENT_FILE_PREFIX):
+          with open(os.path.join(local, name), 'wb') as f:
+            f.write(storage.read_bytes(os.path.join(workdir, name)))
+      return _read_local_scalars(local, tags, workdir)
+  return _read_local_scalars(workdir, tags, workdir)
+
+
+def _read_local_scalars(directory: str, tags, workdir: str) -> dict[str, dict[int, float]]:
+  acc = event_accumulator.EventAccumulator(directory, size_guidance={'tensors': 0})
   acc.Reload()
   found = [tag for tag in acc.Tags()['tensors']
            if acc.SummaryMetadata(tag).plugin_data.plugin_name == 'scalars']

@@ -6,7 +6,6 @@ when `model.lora_rank` > 0) is split off into `TrainState.frozen`: it gets no gr
 and no optimizer state, and is stored once in WORKDIR/frozen_params instead of in
 every checkpoint.
 """
-import os
 import re
 from typing import Any, Callable
 
@@ -17,7 +16,7 @@ from flax import traverse_util
 import ml_collections
 
 from lmjax import checkpoint as ckpt_lib
-from lmjax import models, sharding
+from lmjax import models, sharding, storage
 from lmjax.errors import UserError
 from lmjax.models import heads, transformer
 
@@ -133,13 +132,13 @@ def base_workdir(config, workdir: str) -> str | None:
   init_from = config.init_from
   if not init_from.workdir:
     return None
-  base = os.path.abspath(init_from.workdir)
-  if base == os.path.abspath(workdir):
+  base = storage.absolute(init_from.workdir)
+  if base == storage.absolute(workdir):
     raise UserError('init_from.workdir is the run\'s own --workdir; to continue a run, '
                     'rerun it without init_from; to fine-tune, give a new --workdir.')
   if ckpt_lib.complete_steps(workdir):
     return None
-  if not os.path.isdir(base):
+  if not storage.isdir(base):
     raise UserError(f'init_from.workdir={init_from.workdir!r} does not exist.')
   base_data = _base_config(base).data
   for field in ('tokenizer', 'vocab_size'):

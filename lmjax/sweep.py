@@ -7,6 +7,7 @@ step); a point with checkpoints but no result was interrupted, and rerunning it 
 """
 import csv
 import dataclasses
+import io
 import itertools
 import json
 import math
@@ -16,13 +17,14 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Sequence
 
 import numpy as np
 
 from lmjax import checkpoint as ckpt_lib
-from lmjax import events, runtime
+from lmjax import events, runtime, storage
 from lmjax.errors import UserError, one_line
 
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -206,9 +208,9 @@ def train_command(config_spec: str, workdir: str, overrides: dict,
 
 def point_status(workdir: str) -> str:
   """'finished', 'interrupted' (checkpoints, no result) or 'new'."""
-  if os.path.exists(os.path.join(workdir, RESULT_FILE)):
+  if storage.exists(os.path.join(workdir, RESULT_FILE)):
     return 'finished'
-  if os.path.isdir(workdir) and ckpt_lib.complete_steps(workdir):
+  if storage.isdir(workdir) and ckpt_lib.complete_steps(workdir):
     return 'interrupted'
   return 'new'
 
@@ -217,7 +219,7 @@ def _record_sweep(root: str, config_spec: str, points: list[Point]) -> None:
   """Writes ROOT/sweep.json, or checks that an existing one describes the same sweep."""
   path = os.path.join(root, SWEEP_FILE)
   record = {'config': config_spec, 'points': [dataclasses.asdict(p) for p in points]}
-  if os.path.exists(path):
+  if storage.exists(path):
     previous = _read_record(path)
     if json.loads(json.dumps(record)) != previous:
       old = {p['name']: p for p in previous['points']}
@@ -233,10 +235,8 @@ def _record_sweep(root: str, config_spec: str, points: list[Point]) -> None:
                       'to mix them.')
     return
   try:
-    os.makedirs(root, exist_ok=True)
-    with open(path + '.tmp', 'w') as f:
-      json.dump(record, f, indent=2)
-    os.replace(path + '.tmp', path)
+    storage.makedirs(root)
+    storage.write_text(path, json.dumps(record, indent=2))
   except OSError as e:
     raise UserError(f'--workdir={root} cannot be written ({e.strerror or e}: '
                     f'{e.filename or root}); choose a directory you can write to.') from None
@@ -245,8 +245,7 @@ def _record_sweep(root: str, config_spec: str, points: list[Point]) -> None:
 def _read_record(path: str) -> dict:
   """A sweep root's sweep.json; UserError if it is damaged."""
   try:
-    with open(path, encoding='utf-8') as f:
-      record = json.load(f)
+    record = json.loads(storage.read_text(path))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     record, problem = None, f'it is not valid JSON ({e})'
   else:
@@ -262,11 +261,27 @@ def _read_record(path: str) -> dict:
 
 def load_sweep(root: str) -> tuple[str, list[Point]]:
   path = os.path.join(root, SWEEP_FILE)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise UserError(f'no {SWEEP_FILE} in {root}: is it a sweep root '
                     '(experiments/sweep.py --config=... --workdir=ROOT)?')
   record = _read_record(path)
   return record['config'], [Point(p['name'], p['overrides']) for p in record['points']]
+
+
+def _local_log(workdir: str) -> str:
+  """Where a point's trainer writes its output: WORKDIR/train.log, or for a workdir in a
+  bucket (which a process cannot append to) a local file, copied there when it ends and
+  read back from there when the point resumes."""
+  if not storage.is_remote(workdir):
+    return os.path.join(workdir, LOG_FILE)
+  local = os.path.join(tempfile.gettempdir(), 'lmjax-sweep-logs', workdir.replace('://', '/'),
+                       LOG_FILE)
+  if not os.path.exists(local):
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    remote = os.path.join(workdir, LOG_FILE)
+    with open(local, 'wb') as f:
+      f.write(storage.read_bytes(remote) if storage.exists(remote) else b'')
+  return local
 
 
 def _last_line(path: str) -> str:
@@ -316,9 +331,9 @@ def run(config_spec: str, root: str, *, parallel: int = 1, dry_run: bool = False
       while todo and len(running) < parallel and not stopping:
         p = todo.pop(0)
         workdir = os.path.join(root, p.name)
-        os.makedirs(workdir, exist_ok=True)
+        storage.makedirs(workdir)
         resumed = point_status(workdir) == 'interrupted'
-        log = open(os.path.join(workdir, LOG_FILE), 'a')  # closed by the child's end
+        log = open(_local_log(workdir), 'a')  # closed by the child's end
         log.write(f'\n=== {time.strftime("%Y-%m-%d %H:%M:%S")} '
                   f'{shlex.join(train_command(config_spec, workdir, p.overrides))}\n')
         log.flush()
@@ -328,7 +343,7 @@ def run(config_spec: str, root: str, *, parallel: int = 1, dry_run: bool = False
         log.close()
         running[p.name] = (proc, time.time())
         echo(f'{p.name}: {"resumed" if resumed else "started"} (log: '
-             f'{os.path.join(workdir, LOG_FILE)})')
+             f'{_local_log(workdir)})')
       if not running:
         break
       time.sleep(0.5)
@@ -338,17 +353,19 @@ def run(config_spec: str, root: str, *, parallel: int = 1, dry_run: bool = False
           continue
         del running[name]
         workdir = os.path.join(root, name)
+        if storage.is_remote(workdir):  # the log joins the rest of the point's files
+          storage.write_bytes(os.path.join(workdir, LOG_FILE),
+                              storage.read_bytes(_local_log(workdir)))
         if point_status(workdir) == 'finished':
           outcome[name] = 'finished'
-          with open(os.path.join(workdir, RESULT_FILE)) as f:
-            loss = json.load(f)['eval']['loss']
+          loss = json.loads(storage.read_text(os.path.join(workdir, RESULT_FILE)))['eval']['loss']
           echo(f'{name}: finished in {time.time() - started:.0f} s, eval loss {loss:.4f}')
         elif code == 0:
           outcome[name] = 'stopped'
           echo(f'{name}: stopped with its checkpoint written; rerun the sweep to resume it')
         else:
           outcome[name] = 'failed'
-          echo(f'{name}: failed (exit {code}): {_last_line(os.path.join(workdir, LOG_FILE))}')
+          echo(f'{name}: failed (exit {code}): {_last_line(_local_log(workdir))}')
     for p in todo:  # not started because the sweep was told to stop
       outcome.setdefault(p.name, 'stopped')
   except KeyboardInterrupt:  # Ctrl-C reached the trainers too: let them write checkpoints
@@ -374,7 +391,7 @@ def summarize(root: str) -> list[dict]:
     workdir = os.path.join(root, p.name)
     row = {'point': p.name, **{f: p.overrides.get(f, '') for f in fields},
            'status': point_status(workdir)}
-    scalars = events.read_scalars(workdir) if os.path.isdir(workdir) else {}
+    scalars = events.read_scalars(workdir) if storage.isdir(workdir) else {}
     curves[p.name] = {tag: scalars.get(tag, {}) for tag in ('train/loss', 'eval/loss')}
     train_loss, eval_loss = curves[p.name]['train/loss'], curves[p.name]['eval/loss']
     row['steps'] = max(train_loss) if train_loss else 0
@@ -386,9 +403,8 @@ def summarize(root: str) -> list[dict]:
         if tag.startswith('eval/') and tag != 'eval/loss' and last in scalars[tag]:
           row['final_' + tag.replace('/', '_')] = scalars[tag][last]
     result_path = os.path.join(workdir, RESULT_FILE)
-    if os.path.exists(result_path):
-      with open(result_path) as f:
-        row['wall_seconds'] = round(json.load(f)['train_seconds'])
+    if storage.exists(result_path):
+      row['wall_seconds'] = round(json.loads(storage.read_text(result_path))['train_seconds'])
     rows.append(row)
   rows.sort(key=lambda r: (r['status'] != 'finished', r.get('best_eval_loss', math.inf)))
   columns = list(dict.fromkeys(c for r in rows for c in r))
@@ -405,10 +421,11 @@ def _cell(value: Any, is_override: bool) -> str:
 
 
 def _write_csv(path: str, columns: list[str], rows: list[dict]) -> None:
-  with open(path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, columns, restval='')
-    writer.writeheader()
-    writer.writerows(rows)
+  text = io.StringIO(newline='')
+  writer = csv.DictWriter(text, columns, restval='')
+  writer.writeheader()
+  writer.writerows(rows)
+  storage.write_text(path, text.getvalue())
 
 
 def _write_markdown(path: str, config_spec: str, columns: list[str], rows: list[dict],
@@ -417,8 +434,7 @@ def _write_markdown(path: str, config_spec: str, columns: list[str], rows: list[
            '| ' + ' | '.join(columns) + ' |', '|' + ' --- |' * len(columns)]
   lines += ['| ' + ' | '.join(_cell(r.get(c, ''), c in fields) for c in columns) + ' |'
             for r in rows]
-  with open(path, 'w') as f:
-    f.write('\n'.join(lines) + '\n')
+  storage.write_text(path, '\n'.join(lines) + '\n')
 
 
 def plot_curves(path: str, curves: dict[str, dict[str, dict[int, float]]],
@@ -447,6 +463,8 @@ def plot_curves(path: str, curves: dict[str, dict[str, dict[int, float]]],
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path)
+  image = io.BytesIO()
+  fig.savefig(image, format='png')
   plt.close(fig)
+  storage.write_bytes(path, image.getvalue())
   return colors

@@ -8,19 +8,17 @@ state `lmjax.state`, the workdir's files `lmjax.workdir`.
 import dataclasses
 import functools
 import itertools
-import os
 import time
 
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-from clu import metric_writers
 
 from lmjax import checkpoint as ckpt_lib
 from lmjax import config as config_lib
 from lmjax import events, finetune, flops, models, optim, runtime, sharding, state as state_lib
-from lmjax import steps, tasks, workdir as workdir_lib
+from lmjax import steps, storage, tasks, workdir as workdir_lib
 from lmjax.data import pipeline
 from lmjax.errors import UserError
 
@@ -37,7 +35,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   aside as damaged (without it, such a workdir is refused).
   """
   started = time.perf_counter()  # start-up counts in the run's train_seconds
-  workdir = os.path.abspath(workdir)
+  workdir = storage.absolute(workdir)
   mesh, base = _set_up(config, workdir, devices, allow_config_change)
   task = tasks.task_class(config)(config)
   task.read()
@@ -148,8 +146,7 @@ def _open_writer(config, workdir: str, checkpointer, state, start_step: int):
     with workdir_lib.writing(f'the frozen parameters to {frozen_dir}', checkpointer):
       ckpt_lib.save_frozen(workdir, state.frozen)
   with workdir_lib.writing(f'TensorBoard events to {workdir}', checkpointer):
-    writer = metric_writers.create_default_writer(workdir,
-                                                  just_logging=jax.process_index() > 0)
+    writer = events.open_writer(workdir, just_logging=jax.process_index() > 0)
     if start_step == 0:
       num_params, num_trained = _param_counts(state)
       writer.write_hparams({'num_params': num_params, 'num_trained_params': num_trained,

@@ -13,7 +13,7 @@ import numpy as np
 
 from lmjax import checkpoint as ckpt_lib
 from lmjax import config as config_lib
-from lmjax import finetune, optim, state as state_lib
+from lmjax import finetune, optim, state as state_lib, storage
 from lmjax.data import tokenizers
 from lmjax.errors import UserError
 
@@ -26,7 +26,7 @@ def check_config_change(config, workdir: str, allow_change: bool = False) -> Non
   the saved config lacks ran at its default, so it is a change only where the new value is
   another."""
   path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return
   saved = config_lib.read_saved_dict(path)
   current = json.loads(config.to_json())
@@ -59,10 +59,7 @@ def check_config_change(config, workdir: str, allow_change: bool = False) -> Non
 
 def save_config(config, workdir: str) -> None:
   if jax.process_index() == 0:  # atomically: a kill mid-write leaves the old file whole
-    path = os.path.join(workdir, 'config.json')
-    with open(path + '.tmp', 'w') as f:
-      f.write(config.to_json(indent=2))
-    os.replace(path + '.tmp', path)
+    storage.write_text(os.path.join(workdir, 'config.json'), config.to_json(indent=2))
 
 
 def _config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
@@ -86,10 +83,7 @@ def write_result(workdir: str, result: dict) -> None:
   """`WORKDIR/result.json`, written (atomically) when a run has done all its steps: a sweep
   takes its presence to mean the point is finished."""
   if jax.process_index() == 0:
-    path = os.path.join(workdir, RESULT_FILE)
-    with open(path + '.tmp', 'w') as f:
-      json.dump(result, f, indent=2)
-    os.replace(path + '.tmp', path)
+    storage.write_text(os.path.join(workdir, RESULT_FILE), json.dumps(result, indent=2))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -104,11 +98,10 @@ def prepare(workdir: str, flag: str = '--workdir') -> None:
   """Creates the workdir (or another output directory, given on the command line as
   `flag`) and proves it writable before anything is computed."""
   try:
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     probe = os.path.join(workdir, f'.write-test-{os.getpid()}')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
+    storage.write_text(probe, 'ok')
+    storage.remove(probe)
   except OSError as e:
     raise UserError(f'{flag}={workdir} cannot be written ({e.strerror or e}: '
                     f'{e.filename or workdir}); choose a directory you can write to.') from None
@@ -117,6 +110,8 @@ def prepare(workdir: str, flag: str = '--workdir') -> None:
 def check_disk_space(workdir: str, state) -> None:
   """Refuses to start when the disk cannot hold two checkpoints (one complete while the
   next is written). `state` may hold arrays or only their shapes."""
+  if storage.is_remote(workdir):  # a bucket has no fixed size
+    return
   checkpoint_bytes = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
                          for x in jax.tree.leaves(state))
   free = shutil.disk_usage(workdir).free
@@ -198,7 +193,7 @@ def prepare_tokenizer(config, workdir: str, base: str | None, texts):
                     "data.tokenizer_dir=''.")
 
   def build():
-    present = os.path.exists(os.path.join(workdir, tokenizers.CONFIG_FILE))
+    present = storage.exists(os.path.join(workdir, tokenizers.CONFIG_FILE))
     if base and not present:
       tokenizers.load_tokenizer(base).save(workdir)
     if data.tokenizer_dir and not present:

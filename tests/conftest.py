@@ -62,6 +62,7 @@ SLOWEST_FIRST = (
     'test_train.py',  # 188
     'test_sweep.py',  # 185
     'test_rnn_train.py',  # 170
+    'test_storage.py',  # 110 alone: a run at gs:// against a storage emulator
     'test_hf.py',  # 119
     'test_accelerator_check.py',  # 117
     'test_gpt2_tasks.py',  # 117

@@ -273,6 +273,8 @@ TRAIN = {
     'missing_workdir': (('train.py', [TINY]), ['--workdir']),
     'unexpected_argument': (_train('extra'), ["unexpected arguments: ['extra']"]),
     'workdir_under_a_file': (_train('--workdir={a_file}/run'), ['cannot be written']),
+    'workdir_other_bucket': (_train('--workdir=s3://bucket/run'),
+                             ['s3://bucket/run: lmjax reaches buckets at gs:// only']),
     'workdir_damaged_config': (_train('--workdir={damaged_config}'),
                                ['config.json is damaged', 'not valid JSON']),
     'workdir_config_not_object': (_train('--workdir={list_config}'),

@@ -38,6 +38,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import naming, read_only_builder
 
+from lmjax import storage
 from lmjax.data import files, locking, tokenizers
 from lmjax.errors import UserError, one_line
 
@@ -178,8 +179,15 @@ def sample_texts(data_config, split: str, max_chars: int = TOKENIZER_SAMPLE_CHAR
 
 
 def cache_dir(data_config, workdir: str) -> str:
-  """Where the token files go: data.cache_dir, or the workdir's tokens/."""
-  return data_config.cache_dir or os.path.join(workdir, 'tokens')
+  """Where the token files go: data.cache_dir, or the workdir's tokens/. They are read
+  memory-mapped, so for a workdir in a bucket they go to a local directory named after it,
+  under ~/.cache/lmjax/tokens/."""
+  if data_config.cache_dir:
+    return data_config.cache_dir
+  if storage.is_remote(workdir):
+    return os.path.join(os.path.expanduser('~/.cache/lmjax/tokens'),
+                        workdir.replace('://', '/'))
+  return os.path.join(workdir, 'tokens')
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -29,6 +29,7 @@ import sentencepiece as spm
 # Hugging Face's library, not this module (lmjax.data.tokenizers).
 import tokenizers as hf_tokenizers
 
+from lmjax import storage
 from lmjax.errors import UserError
 
 # The kinds a config may name in data.tokenizer.
@@ -67,10 +68,7 @@ def _as_ids(ids, vocab_size: int) -> np.ndarray:
 
 def _write_config(directory: str, config: dict) -> None:
   # Written last and atomically: a directory with tokenizer.json holds a whole tokenizer.
-  path = os.path.join(directory, CONFIG_FILE)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(config, f, indent=2)
-  os.replace(path + '.tmp', path)
+  storage.write_text(os.path.join(directory, CONFIG_FILE), json.dumps(config, indent=2))
 
 
 def _cut(texts: Sequence[str], next_cut: Callable[[str, int], int]
@@ -167,7 +165,7 @@ class CharTokenizer:
                     np.int64)
 
   def save(self, directory: str) -> None:
-    os.makedirs(directory, exist_ok=True)
+    storage.makedirs(directory)
     _write_config(directory, {'kind': self.kind, 'vocab_size': self.vocab_size,
                               'eos_id': self.eos_id, 'chars': self.chars})
 
@@ -297,9 +295,8 @@ class SentencePieceTokenizer:
     return lengths
 
   def save(self, directory: str) -> None:
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, SPM_MODEL_FILE), 'wb') as f:
-      f.write(self.model_proto)
+    storage.makedirs(directory)
+    storage.write_bytes(os.path.join(directory, SPM_MODEL_FILE), self.model_proto)
     _write_config(directory, {'kind': self.kind, 'vocab_size': self.vocab_size,
                               'eos_id': self.eos_id, 'model_file': SPM_MODEL_FILE})
 
@@ -409,15 +406,14 @@ class Gpt2BpeTokenizer:
                  eos_token: str = GPT2_EOS_TOKEN) -> Gpt2BpeTokenizer:
     """Reads a GPT-2 `vocab.json` (piece -> id) and `merges.txt` (pairs, best first)."""
     for path in (vocab_path, merges_path):
-      if not os.path.exists(path):
+      if not storage.exists(path):
         raise FileNotFoundError(f'{path} is missing; a GPT-2 tokenizer needs both '
                                 f'{GPT2_VOCAB_FILE} and {GPT2_MERGES_FILE}.')
     vocab = _read_json(vocab_path)
     if not isinstance(vocab, dict):
       raise UserError(f'{vocab_path} is damaged: it is not a JSON object of pieces and ids.')
     try:
-      with open(merges_path, encoding='utf-8') as f:
-        merges = read_gpt2_merges(f, merges_path)
+      merges = read_gpt2_merges(io.StringIO(storage.read_text(merges_path)), merges_path)
     except UnicodeDecodeError as e:
       raise UserError(f'{merges_path} is damaged: it is not UTF-8 text ({e}).') from None
     return cls(vocab, merges, eos_token)
@@ -468,12 +464,11 @@ class Gpt2BpeTokenizer:
 
   def save_vocab_and_merges(self, directory: str) -> None:
     """Writes GPT-2's own files, `vocab.json` and `merges.txt`, as Hugging Face reads them."""
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, GPT2_VOCAB_FILE), 'w', encoding='utf-8') as f:
-      json.dump(self.vocab, f, ensure_ascii=False)
-    with open(os.path.join(directory, GPT2_MERGES_FILE), 'w', encoding='utf-8') as f:
-      f.write('#version: 0.2\n')
-      f.writelines(f'{a} {b}\n' for a, b in self.merges)
+    storage.makedirs(directory)
+    storage.write_text(os.path.join(directory, GPT2_VOCAB_FILE),
+                       json.dumps(self.vocab, ensure_ascii=False))
+    storage.write_text(os.path.join(directory, GPT2_MERGES_FILE),
+                       '#version: 0.2\n' + ''.join(f'{a} {b}\n' for a, b in self.merges))
 
   def save(self, directory: str) -> None:
     self.save_vocab_and_merges(directory)
@@ -500,8 +495,7 @@ Tokenizer = CharTokenizer | SentencePieceTokenizer | Gpt2BpeTokenizer
 def _read_json(path: str):
   """The JSON in `path`; UserError naming the file if it is not UTF-8 JSON."""
   try:
-    with open(path, encoding='utf-8') as f:
-      return json.load(f)
+    return json.loads(storage.read_text(path))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise UserError(f'{path} is damaged: it is not valid JSON ({e}). Restore it from a copy '
                     'of the directory it came from.') from None
@@ -511,7 +505,7 @@ def load_tokenizer(directory: str) -> Tokenizer:
   """Reads the tokenizer that `save` wrote to `directory`; UserError naming the file if
   what is there is damaged."""
   path = os.path.join(directory, CONFIG_FILE)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(
         f'No tokenizer in {directory} ({CONFIG_FILE} is missing); train first '
         '(experiments/train.py writes one into its workdir).')
@@ -539,11 +533,10 @@ def _tokenizer_of_kind(config: dict, directory: str, path: str) -> Tokenizer:
     tokenizer = CharTokenizer(config['chars'])
   elif kind == 'sentencepiece':
     model_path = os.path.join(directory, config.get('model_file', SPM_MODEL_FILE))
-    if not os.path.exists(model_path):
+    if not storage.exists(model_path):
       raise FileNotFoundError(f'{path} names a SentencePiece model, but {model_path} is '
                               'missing; train the tokenizer again in a new directory.')
-    with open(model_path, 'rb') as f:
-      tokenizer = SentencePieceTokenizer(f.read())
+    tokenizer = SentencePieceTokenizer(storage.read_bytes(model_path))
   elif kind == 'gpt2_bpe':
     tokenizer = Gpt2BpeTokenizer.from_files(
         os.path.join(directory, config.get('vocab_file', GPT2_VOCAB_FILE)),
@@ -559,19 +552,18 @@ def read_tokenizer_dir(directory: str) -> Tokenizer:
   """The tokenizer in `directory`: one `save` wrote (an lmjax workdir), or GPT-2's own
   `vocab.json` + `merges.txt` (a Hugging Face GPT-2 directory)."""
   config_path = os.path.join(directory, CONFIG_FILE)
-  if os.path.exists(config_path):
+  if storage.exists(config_path):
     # Hugging Face directories have a tokenizer.json too (transformers' own format); only
     # lmjax's names its kind.
-    with open(config_path) as f:
-      try:
-        is_lmjax = 'kind' in json.load(f)
-      except (json.JSONDecodeError, UnicodeDecodeError):
-        is_lmjax = False
+    try:
+      is_lmjax = 'kind' in json.loads(storage.read_text(config_path))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      is_lmjax = False
     if is_lmjax:
       return load_tokenizer(directory)
   vocab_path = os.path.join(directory, GPT2_VOCAB_FILE)
   merges_path = os.path.join(directory, GPT2_MERGES_FILE)
-  if os.path.exists(vocab_path) and os.path.exists(merges_path):
+  if storage.exists(vocab_path) and storage.exists(merges_path):
     return Gpt2BpeTokenizer.from_files(vocab_path, merges_path)
   raise FileNotFoundError(
       f'{directory} holds no tokenizer: expected an lmjax workdir (with an lmjax '
@@ -597,7 +589,7 @@ def build_tokenizer(kind: str, directory: str, train_texts: Callable[[], Iterabl
   """
   if kind not in KINDS:
     raise UserError(f'data.tokenizer={kind!r}; use one of {KINDS}.')
-  if os.path.exists(os.path.join(directory, CONFIG_FILE)):
+  if storage.exists(os.path.join(directory, CONFIG_FILE)):
     tokenizer = load_tokenizer(directory)
     if tokenizer.kind != kind:
       raise UserError(

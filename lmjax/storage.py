@@ -1,0 +1,143 @@
+"""Where lmjax keeps its files: a local directory or a bucket (`gs://bucket/run`), through
+one set of calls.
+
+Local paths use the OS's own calls. Paths with a scheme (`gs://...`) go through etils'
+epath, the layer orbax writes checkpoints with, and from there through fsspec's `gcsfs`
+(the `gcs` extra), so every part of lmjax reaches a bucket the same way and a test can
+point all of them at a Cloud Storage emulator (STORAGE_EMULATOR_HOST). epath would
+otherwise pick TensorFlow's GCS client, which speaks only to Google's own endpoint.
+
+Replacing a file atomically: a local file is written under a temporary name and renamed
+over the old one, so a kill mid-write leaves the old file whole. A bucket has no rename,
+but an object upload is atomic (a reader sees the old object or the new one, never a
+part), so a remote file is written in place. Moving a directory in a bucket copies each
+object and deletes the original: not atomic, and only done to set a damaged checkpoint
+aside.
+"""
+import importlib.util
+import os
+import shutil
+
+from lmjax.errors import UserError
+
+# Before epath first resolves a gs:// path (it caches the choice). A user's own setting wins.
+os.environ.setdefault('EPATH_USE_TF', 'false')
+
+
+def is_remote(path: str) -> bool:
+  """Whether `path` names a bucket (it has a scheme, as in gs://bucket/run)."""
+  return '://' in str(path)
+
+
+def absolute(path: str) -> str:
+  """A local path made absolute; a remote one as given."""
+  return str(path) if is_remote(path) else os.path.abspath(path)
+
+
+def _remote(path: str):
+  if not str(path).startswith('gs://'):
+    raise UserError(f'{path}: lmjax reaches buckets at gs:// only; give a gs:// path or a '
+                    'local one.')
+  if not importlib.util.find_spec('gcsfs'):
+    raise UserError(f'{path} is in a bucket, and reaching one needs gcsfs: '
+                    "pip install -e '.[gcs]' (or .venv/bin/pip install gcsfs).")
+  import fsspec
+  from etils import epath
+  # Each process sees what the others wrote (a sweep reads its points' results): no
+  # listing is answered from a cache.
+  for protocol in ('gs', 'gcs'):
+    fsspec.config.conf.setdefault(protocol, {}).setdefault('use_listings_cache', False)
+  return epath.Path(path)
+
+
+def exists(path: str) -> bool:
+  return _remote(path).exists() if is_remote(path) else os.path.exists(path)
+
+
+def isdir(path: str) -> bool:
+  return _remote(path).is_dir() if is_remote(path) else os.path.isdir(path)
+
+
+def isfile(path: str) -> bool:
+  return _remote(path).is_file() if is_remote(path) else os.path.isfile(path)
+
+
+def listdir(path: str) -> list[str]:
+  """The names in directory `path` (a bucket's: the next level under that prefix)."""
+  if is_remote(path):
+    return [p.name for p in _remote(path).iterdir()]
+  return os.listdir(path)
+
+
+def makedirs(path: str) -> None:
+  """Creates `path` and its parents (a bucket has no directories: nothing to do but
+  check that the bucket answers)."""
+  if is_remote(path):
+    _remote(path).mkdir(parents=True, exist_ok=True)
+  else:
+    os.makedirs(path, exist_ok=True)
+
+
+def remove(path: str) -> None:
+  if is_remote(path):
+    _remote(path).unlink()
+  else:
+    os.remove(path)
+
+
+def rmtree(path: str) -> None:
+  if is_remote(path):
+    _remote(path).rmtree()
+  else:
+    shutil.rmtree(path)
+
+
+def read_bytes(path: str) -> bytes:
+  if is_remote(path):
+    return _remote(path).read_bytes()
+  with open(path, 'rb') as f:
+    return f.read()
+
+
+def read_text(path: str) -> str:
+  return read_bytes(path).decode('utf-8')
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  """Writes `path` whole, replacing any old file atomically (see the module's note)."""
+  if is_remote(path):
+    _remote(path).write_bytes(data)
+    return
+  with open(path + '.tmp', 'wb') as f:
+    f.write(data)
+  os.replace(path + '.tmp', path)
+
+
+def write_text(path: str, text: str) -> None:
+  write_bytes(path, text.encode('utf-8'))
+
+
+def move(source: str, target: str) -> None:
+  """Moves file or directory `source` to `target`, whose parent is created."""
+  if is_remote(source) or is_remote(target):
+    if isdir(source):
+      copy_tree(source, target)
+      rmtree(source)
+    else:
+      write_bytes(target, read_bytes(source))
+      remove(source)
+  else:
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.replace(source, target)
+
+
+def copy_tree(source: str, target: str) -> None:
+  """Copies every file under directory `source` to the same place under `target` (either
+  may be remote); files already in `target` are replaced."""
+  for name in listdir(source):
+    inner = os.path.join(source, name)
+    if isdir(inner):
+      copy_tree(inner, os.path.join(target, name))
+    else:
+      makedirs(target)
+      write_bytes(os.path.join(target, name), read_bytes(inner))
