@@ -70,12 +70,17 @@ def listdir(path: str) -> list[str]:
 
 
 def makedirs(path: str) -> None:
-  """Creates `path` and its parents (a bucket has no directories: nothing to do but
-  check that the bucket answers)."""
-  if is_remote(path):
-    _remote(path).mkdir(parents=True, exist_ok=True)
-  else:
+  """Creates directory `path` and its parents. A bucket has no directories: there it only
+  checks that the bucket exists (gcsfs would create a missing one, in whatever project the
+  credentials name)."""
+  if not is_remote(path):
     os.makedirs(path, exist_ok=True)
+    return
+  _remote(path)  # a bucket lmjax can reach at all
+  bucket = '/'.join(str(path).split('/')[:3])
+  if not _remote(bucket).exists():
+    raise UserError(f'{path}: there is no bucket {bucket} that these credentials can see; '
+                    f'create it (gcloud storage buckets create {bucket}) or name another.')
 
 
 def remove(path: str) -> None:

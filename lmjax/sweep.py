@@ -284,6 +284,12 @@ def _local_log(workdir: str) -> str:
   return local
 
 
+def _keep_log(workdir: str) -> None:
+  """A point in a bucket: its finished trainer's local log copied to WORKDIR/train.log."""
+  if storage.is_remote(workdir):
+    storage.write_bytes(os.path.join(workdir, LOG_FILE), storage.read_bytes(_local_log(workdir)))
+
+
 def _last_line(path: str) -> str:
   try:
     with open(path, errors='replace') as f:
@@ -353,9 +359,7 @@ def run(config_spec: str, root: str, *, parallel: int = 1, dry_run: bool = False
           continue
         del running[name]
         workdir = os.path.join(root, name)
-        if storage.is_remote(workdir):  # the log joins the rest of the point's files
-          storage.write_bytes(os.path.join(workdir, LOG_FILE),
-                              storage.read_bytes(_local_log(workdir)))
+        _keep_log(workdir)
         if point_status(workdir) == 'finished':
           outcome[name] = 'finished'
           loss = json.loads(storage.read_text(os.path.join(workdir, RESULT_FILE)))['eval']['loss']

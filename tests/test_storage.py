@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = f'gs://{gcs_emulator.BUCKET}'
 # Short: the cycle, not the learning, is under test. No sample: its decoder would compile
 # in every process and prove nothing here.
-TRAIN = dict(num_steps=12, log_every=4, eval_every=12, checkpoint_every=4, sample_tokens=0)
+TRAIN = dict(num_steps=24, log_every=4, eval_every=24, checkpoint_every=8, sample_tokens=0)
 FLAGS = [f'--config.train.{k}={v}' for k, v in TRAIN.items()]
 SWEEP_CONFIG = '''
 from lmjax import config, sweep
@@ -69,25 +69,40 @@ def test_files_in_a_bucket_are_written_read_listed_and_moved(bucket):
   assert storage.absolute(root) == root and storage.absolute('x') == os.path.abspath('x')
 
 
+def test_a_bucket_that_is_not_there_or_not_gcs_is_named_by_the_script(bucket):
+  results = script_cases.run({
+      'missing': ('train.py', ['--config=configs/shakespeare_char.py:tiny',
+                               '--workdir=gs://no-such-bucket/run']),
+      's3': ('decode.py', ['--workdir=s3://bucket/run', '--prompt=a']),
+  }, env=bucket)
+  assert results['missing'].returncode == 1 and results['missing'].stderr == (
+      'error: gs://no-such-bucket/run: there is no bucket gs://no-such-bucket that these '
+      'credentials can see; create it (gcloud storage buckets create gs://no-such-bucket) or '
+      'name another.\n'), results['missing']
+  assert results['s3'].returncode == 1 and results['s3'].stderr.startswith(
+      'error: s3://bucket/run/config.json: lmjax reaches buckets at gs:// only'), results['s3']
+  assert not storage.exists('gs://no-such-bucket')
+
+
 def test_a_run_in_a_bucket_stops_resumes_exactly_decodes_evaluates_and_sweeps(
     bucket, tmp_path):
   workdir = f'{BUCKET}/run'
   command = [sys.executable, os.path.join(REPO, 'experiments', 'train.py'),
              '--config=configs/shakespeare_char.py:tiny', f'--workdir={workdir}', *FLAGS]
-  # 1. SIGTERM once the train step is compiled: the run stops after the step it is in,
+  # 1. SIGTERM at the first progress line (step 4): the run stops after the step it is in,
   # with that step's checkpoint complete in the bucket.
   proc = subprocess.Popen(command, cwd=REPO, env=bucket, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   lines = []
   for line in proc.stdout:
     lines.append(line)
-    if line.startswith('Compiled in'):
+    if line.startswith('step      4/'):
       proc.send_signal(signal.SIGTERM)
   proc.wait(timeout=300)
   out = ''.join(lines)
   assert proc.returncode == 0 and 'Stopped by SIGTERM at step ' in out, out[-3000:]
   stopped = int(out.split('Stopped by SIGTERM at step ')[1].split()[0])
-  assert stopped < TRAIN['num_steps']
+  assert 4 <= stopped < 8, out[-3000:]  # before the first periodic checkpoint
   assert ckpt_lib.complete_steps(workdir)[-1] == stopped
   assert {'config.json', 'tokenizer.json', 'checkpoints'} <= set(storage.listdir(workdir))
 
@@ -108,7 +123,8 @@ def test_a_run_in_a_bucket_stops_resumes_exactly_decodes_evaluates_and_sweeps(
                jax.device_get(expected))
   assert storage.exists(f'{workdir}/result.json')
   logged = events.read_scalars(workdir, ['train/loss', 'eval/loss'])
-  assert sorted(logged['train/loss']) == [4, 8, 12] and list(logged['eval/loss']) == [12]
+  assert sorted(logged['train/loss']) == [4, 8, 12, 16, 20, 24]
+  assert list(logged['eval/loss']) == [24]
 
   # 3. Decoding and evaluation read the run from the bucket.
   results = script_cases.run({
@@ -118,7 +134,7 @@ def test_a_run_in_a_bucket_stops_resumes_exactly_decodes_evaluates_and_sweeps(
   }, env=bucket)
   for name, result in results.items():
     assert result.returncode == 0, (name, result.stdout[-2000:], result.stderr[-2000:])
-  assert results['decode'].stdout.startswith(f'# {workdir}, step 12, greedy\nROMEO:'), \
+  assert results['decode'].stdout.startswith(f'# {workdir}, step 24, greedy\nROMEO:'), \
       results['decode'].stdout
   assert 'loss' in results['evaluate'].stdout, results['evaluate'].stdout
 
