@@ -1,12 +1,14 @@
 # `make train` and `make test` work on a fresh machine with only Python 3.11:
-# the first target that needs it builds .venv and installs lmjax into it.
+# the first target that needs it builds .venv and installs lmjax into it; the targets
+# that run the tests (or compare with Hugging Face) add the test and hf extras.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-for-tests
 CONFIG ?= configs/shakespeare_char.py
 WORKDIR ?= runs/shakespeare_char
-# Extras installed on top of test and hf: `make train EXTRAS=cuda` on an NVIDIA GPU node,
+# Extras installed on top: `make train EXTRAS=cuda` on an NVIDIA GPU node,
 # `EXTRAS=tpu` on a TPU VM (setup.cfg lists them; `cuda,profile` takes two). Empty by
 # default, so a CPU machine installs what it always did.
 EXTRAS ?=
@@ -17,8 +19,13 @@ venv: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[test,hf]'
+	$(BIN)/python -m pip install --quiet -e .
 	touch $(STAMP)
+
+# torch, transformers, pytest, ruff, the storage emulator: what testing needs, not training.
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,hf]'
+	touch $@
 
 # With EXTRAS, every target that runs in .venv first installs them, once per set (a stamp
 # of their own, so an existing .venv gets them too).
@@ -44,20 +51,20 @@ train: data
 # (--dist loadscope), so a module's fixtures (a trained run, two hosts' processes) are built
 # once, not once per worker.
 # The house style (pyproject.toml's [tool.ruff]); `make test` runs it first.
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
 
 test: lint
 	$(BIN)/python -m pytest -q -n 3 --dist loadscope --no-loadscope-reorder -m 'not slow'
 
 # pytest exits 5 when no test is marked slow; that is not a failure here.
-test-slow: $(STAMP)
+test-slow: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m slow || [ $$? -eq 5 ]
 
 # On an accelerator: train and decode speed, MFU and the Shakespeare recipe's projected run
 # time in one go (docs/guide/scaling.md), e.g. `make accelerator-check EXTRAS=cuda`.
 .PHONY: accelerator-check
-accelerator-check: $(STAMP)
+accelerator-check: $(TEST_STAMP)
 	$(BIN)/python experiments/accelerator_check.py --output=runs/accelerator_check.json
 
 clean:
