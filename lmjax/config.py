@@ -149,6 +149,8 @@ def _train() -> ml_collections.ConfigDict:
   c.stateful = False  # recurrent: truncated BPTT, a row's carry passing to its next window
   c.eval_batch_size = 256  # global batch for evaluation (stateful: streams of the split)
   c.eval_every = 100  # steps between evaluations (and at the end)
+  # evaluations in training read the split's first N batches; 0: all of it (evaluate.py: all)
+  c.eval_batches = 0
   c.checkpoint_every = 8  # steps between checkpoints (and at the end)
   c.keep_checkpoints = 2  # how many recent checkpoints to keep
   c.log_every = 1  # steps between progress lines and train scalars
@@ -415,6 +417,9 @@ def _check_schedule(t, o) -> None:
   for field in ('eval_every', 'checkpoint_every', 'log_every', 'steps_per_dispatch'):
     if t[field] < 1:
       raise UserError(f'train.{field}={t[field]}; it must be at least 1.')
+  if t.eval_batches < 0:
+    raise UserError(f'train.eval_batches={t.eval_batches}; give 0 to evaluate on the whole '
+                    'split, or the number of batches to read.')
   if t.keep_checkpoints < 1:
     raise UserError(f'train.keep_checkpoints={t.keep_checkpoints}; keep at least 1, the '
                     'checkpoint a stopped run resumes from.')

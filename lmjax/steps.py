@@ -1,6 +1,7 @@
 """The jitted steps: one optimizer step (state, batch, rng) -> (state, metrics) and the
 evaluation steps, with explicit shardings; the train step compiled with a memory check."""
 import functools
+import itertools
 import math
 import os
 import time
@@ -121,12 +122,13 @@ def stateful_eval_step(params, batch: dict, carry, *, model):
 
 
 def evaluate(eval_fn, params, evals: pipeline.EvalSet, batch_sharding, bits_per_char: bool,
-             carry=None, class_names=()):
-  """Loss sums over the whole set -> metrics (`losses.summarize`; a classifier's with its
-  `class_names`). With `carry` (stateful evaluation) the carry passes from each batch to
-  the next, starting from the one given."""
+             carry=None, class_names=(), max_batches: int = 0):
+  """Loss sums over the whole set (or its first `max_batches` batches, when above 0) ->
+  metrics (`losses.summarize`; a classifier's with its `class_names`). With `carry`
+  (stateful evaluation) the carry passes from each batch to the next, starting from the one
+  given."""
   totals = None
-  for local in evals.batches():
+  for local in itertools.islice(evals.batches(), max_batches or None):
     batch = pipeline.to_global(local, batch_sharding)
     if carry is None:
       sums = eval_fn(params, batch)

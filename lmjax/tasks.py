@@ -180,7 +180,7 @@ class LanguageModel(Task):
 
   def evaluate(self, eval_fn, params, batch_sharding, carry=None) -> dict:
     return steps.evaluate(eval_fn, params, self.evals, batch_sharding, self.bits_per_char,
-                          carry)
+                          carry, max_batches=self.config.train.eval_batches)
 
   def texts(self, params, metrics: dict) -> dict[str, str]:
     """TensorBoard texts of an evaluation: a sampled continuation of train.sample_prompt."""
@@ -338,7 +338,8 @@ class Mixture(LanguageModel):
     """Each corpus's metrics under 'NAME/...', and loss and accuracy averaged with the
     mixture's weights (the expectation training minimises)."""
     per_task = {name: steps.evaluate(eval_fn, params, evals, batch_sharding,
-                                     self.bits_per_char)
+                                     self.bits_per_char,
+                                     max_batches=self.config.train.eval_batches)
                 for name, evals in self.evals.items()}
     total = sum(self.weights.values())
     out = {k: sum(w * per_task[name][k] for name, w in self.weights.items()) / total
@@ -426,7 +427,7 @@ class Classification(Task):
 
   def evaluate(self, eval_fn, params, batch_sharding, carry=None) -> dict:
     return steps.evaluate(eval_fn, params, self.evals, batch_sharding, False, carry,
-                          self.class_names)
+                          self.class_names, max_batches=self.config.train.eval_batches)
 
   def texts(self, params, metrics: dict) -> dict[str, str]:
     del params

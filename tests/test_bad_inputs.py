@@ -8,7 +8,8 @@ The workdirs here are made by hand: a config.json and a tokenizer, and at most a
 checkpoint, enough for every check that comes before the model's weights are read. Cases
 that need a trained model are beside the tests that train one: tests/test_train.py
 (decode.py), tests/test_evaluation.py (evaluate.py), tests/test_tot.py (tot.py) and
-tests/test_faults.py (train.py).
+tests/test_faults.py (train.py); a missing bucket is in tests/test_storage.py, which runs
+a Cloud Storage emulator.
 """
 import json
 import os
@@ -163,6 +164,7 @@ TRAIN = {
     'microbatches': (_train('--config.train.microbatches=3'),
                      ['train.microbatches=3', 'use a divisor of 2']),
     'every': (_train('--config.train.checkpoint_every=0'), ['train.checkpoint_every=0']),
+    'eval_batches': (_train('--config.train.eval_batches=-1'), ['train.eval_batches=-1']),
     'keep_checkpoints': (_train('--config.train.keep_checkpoints=0'),
                          ['train.keep_checkpoints=0']),
     'nonfinite': (_train('--config.train.nonfinite=ignore'), ["train.nonfinite='ignore'"]),

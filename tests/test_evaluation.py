@@ -20,7 +20,8 @@ KEYS = {'loss', 'perplexity', 'accuracy', 'bits_per_token', 'bits_per_byte', 'nu
 def _train(workdir, family, devices=None, **train_overrides):
   config = family.get_config('tiny')
   config.unlock()
-  config.train.update(sample_tokens=0, **train_overrides)
+  # Training evaluates on the whole split, as evaluate_workdir does.
+  config.train.update(sample_tokens=0, eval_batches=0, **train_overrides)
   config.opt.warmup_steps = 1
   config.lock()
   train.train_and_evaluate(config, workdir, devices)

@@ -122,7 +122,9 @@ def test_frozen_parts_do_not_change_are_stored_once_and_resume_exactly(base, tmp
 
 def test_lora_trains_only_the_adapters_and_decodes_merged(base, tmp_path):
   workdir = str(tmp_path / 'lora')
-  config = _milton(base, model=dict(lora_rank=4, lora_targets=('query', 'value', 'dense_in')))
+  # Evaluated on the whole split, as evaluate_workdir scores it.
+  config = _milton(base, model=dict(lora_rank=4, lora_targets=('query', 'value', 'dense_in')),
+                   train=dict(eval_batches=0))
   metrics = train.train_and_evaluate(config, workdir)
   saved = _checkpoint_names(workdir, 6)
   assert saved and all(finetune.is_lora(n) for n in saved)

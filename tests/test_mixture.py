@@ -53,7 +53,9 @@ def test_a_mixture_run_reports_each_task_and_evaluate_scores_each_by_name(tmp_pa
   workdir = str(tmp_path)
   config = shakespeare_char.get_config('tiny')
   config.data.update(mixture=('shakespeare:0.7', 'milton:0.3'), drop_unknown_chars=True)
-  config.train.update(num_steps=4, eval_every=4, checkpoint_every=4, sample_tokens=0)
+  # The whole split, as evaluate_workdir scores it.
+  config.train.update(num_steps=4, eval_every=4, checkpoint_every=4, sample_tokens=0,
+                      eval_batches=0)
   config.opt.warmup_steps = 1
   train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   with open(os.path.join(workdir, workdir_lib.RESULT_FILE)) as f:

@@ -79,7 +79,8 @@ def test_the_encoder_sees_both_ways_and_ignores_padding():
 def test_a_masked_lm_trains_and_evaluate_reproduces_its_last_evaluation(tmp_path):
   config = shakespeare_char.get_config('tiny')
   config.model.causal = False
-  config.train.update(num_steps=12, eval_every=12, checkpoint_every=12)
+  # The whole split, as evaluate_workdir scores it.
+  config.train.update(num_steps=12, eval_every=12, checkpoint_every=12, eval_batches=0)
   config.opt.warmup_steps = 2
   workdir = str(tmp_path)
   logged = train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])

@@ -1,5 +1,6 @@
 """lmjax/steps.py: one optimizer step on a tiny model and a fixed batch, a step whose loss
-is not finite, and the evaluation step's sums."""
+is not finite, the evaluation step's sums, and an evaluation of a whole set or its first
+batches."""
 import functools
 
 import flax.linen as nn
@@ -10,6 +11,7 @@ import pytest
 
 from configs import authorship, shakespeare_char
 from lmjax import optim, state as state_lib, steps
+from lmjax.data import pipeline
 
 VOCAB = 16
 BATCH, SEQ_LEN = 4, 8
@@ -147,6 +149,21 @@ def test_eval_step_sums_the_weighted_loss_so_batches_add_up(lm):
             for part in (first, ~first)]
   for key in sums:
     assert float(sums[key]) == pytest.approx(float(halves[0][key] + halves[1][key]), rel=1e-6)
+
+
+def test_evaluation_reads_the_whole_set_or_its_first_batches(lm):
+  _, state, _, eval_step = lm
+  tokens = np.asarray(jax.random.randint(jax.random.key(5), (5 * BATCH * SEQ_LEN + 1,), 1,
+                                         VOCAB))
+  evals = pipeline.eval_set(tokens, seq_len=SEQ_LEN, batch_size=BATCH)
+  assert evals.num_batches == 5
+  first_two = pipeline.EvalSet({k: v[:2 * BATCH] for k, v in evals.arrays.items()}, BATCH)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  whole = steps.evaluate(eval_step, state.params, evals, device, False)
+  capped = steps.evaluate(eval_step, state.params, evals, device, False, max_batches=2)
+  assert capped == steps.evaluate(eval_step, state.params, first_two, device, False)
+  assert capped['loss'] != whole['loss']
+  assert steps.evaluate(eval_step, state.params, evals, device, False, max_batches=9) == whole
 
 
 def test_a_classifier_step_scores_one_label_per_passage_and_lowers_its_loss():
