@@ -144,7 +144,8 @@ def _agreed(text: str) -> str:
 
 def complete_steps(workdir: str) -> list[int]:
   """The steps of `workdir` whose checkpoint is complete on disk, oldest first: orbax gives
-  a step directory its plain number only when its write has finished."""
+  a step directory its plain number only when its write has finished (in a bucket, where
+  it writes under that number, its commit_success.txt marks the end)."""
   directory = checkpoint_dir(workdir)
   if not storage.isdir(directory):
     return []
