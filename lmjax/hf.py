@@ -30,7 +30,7 @@ import safetensors
 import safetensors.numpy
 
 from lmjax import checkpoint as ckpt_lib
-from lmjax import models, optim, state as state_lib, workdir as workdir_lib
+from lmjax import models, optim, state as state_lib, storage, workdir as workdir_lib
 from lmjax.data import tokenizers
 from lmjax.errors import UserError
 from lmjax.models import transformer
@@ -368,6 +368,16 @@ def lmjax_config_from_hf(hf_config: dict,
 # ------------------------------------------------------------------------------ import
 
 
+def _refuse_buckets(hf_dir: str, workdir: str) -> None:
+  """Both directories must be local: the Hugging Face files are read and written with the
+  OS's calls."""
+  for flag, path in (('--hf_dir', hf_dir), ('--workdir', workdir)):
+    if storage.is_remote(path):
+      raise UserError(f'{flag}={path}: importing and exporting Hugging Face models works on '
+                      'local directories; use one, and copy it to or from the bucket '
+                      '(gcloud storage cp -r).')
+
+
 def _has_checkpoints(workdir: str) -> bool:
   directory = ckpt_lib.checkpoint_dir(workdir)
   return os.path.isdir(directory) and bool(os.listdir(directory))
@@ -383,6 +393,7 @@ def import_gpt2(hf_dir: str, workdir: str,
   `workdir_lib.load_trained(workdir)` restores. Returns the config. Refuses a workdir that
   already has checkpoints.
   """
+  _refuse_buckets(hf_dir, workdir)
   hf_dir, workdir = os.path.abspath(hf_dir), os.path.abspath(workdir)
   if not os.path.isdir(hf_dir):
     raise FileNotFoundError(f'{hf_dir} is not a directory; give the Hugging Face model '
@@ -515,6 +526,7 @@ def export_gpt2(workdir: str, hf_dir: str, step: int | None = None) -> int:
   merges.txt and tokenizer_config.json; a character or SentencePiece tokenizer has no
   GPT-2 form and is left out (with a printed note). Returns the step exported.
   """
+  _refuse_buckets(hf_dir, workdir)
   hf_dir, workdir = os.path.abspath(hf_dir), os.path.abspath(workdir)
   if os.path.realpath(hf_dir) == os.path.realpath(workdir):
     raise UserError(f'{hf_dir} is the workdir itself; both have a config.json, so export '

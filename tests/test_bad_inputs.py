@@ -409,6 +409,8 @@ SWEEP = {
 }
 
 IMPORT_HF = {
+    'import_workdir_bucket': (['--hf_dir={hf}', '--workdir=gs://bucket/w'],
+                              ['--workdir=gs://bucket/w: importing and exporting', 'local']),
     'import_missing_dir': (['--hf_dir={run}/nothing', '--workdir={run}/w'], ['is not a directory']),
     'import_not_hf': (['--hf_dir={a_dir}', '--workdir={run}/w'], ['config.json is missing']),
     'import_damaged_json': (['--hf_dir={hf_damaged_json}', '--workdir={run}/w'],
@@ -437,6 +439,8 @@ IMPORT_HF = {
 }
 
 EXPORT_HF = {
+    'export_workdir_bucket': (['--workdir=gs://bucket/run', '--hf_dir={run}/out'],
+                              ['--workdir=gs://bucket/run: importing and exporting']),
     'export_not_a_workdir': (['--workdir={a_dir}', '--hf_dir={run}'], ['no config.json in']),
     'export_recurrent': (['--workdir={recurrent}', '--hf_dir={run}'],
                          ["model.name='lstm'", 'only the Transformer']),
