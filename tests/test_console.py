@@ -163,8 +163,19 @@ def test_progress_redraws_one_line_on_a_terminal(monkeypatch):
   leader, follower = os.openpty()
   with open(follower, 'w') as terminal, console.progress_to(terminal):
     assert list(console.progress(clock.items(5), 'countdown train', 8)) == list(range(5))
-  drawn = os.read(leader, 4096).decode()
+  # A pseudo-terminal hands over what was written in pieces; read until the closed follower
+  # ends the stream (EIO on Linux).
+  chunks = []
+  while True:
+    try:
+      chunk = os.read(leader, 4096)
+    except OSError:
+      break
+    if not chunk:
+      break
+    chunks.append(chunk)
   os.close(leader)
+  drawn = b''.join(chunks).decode()
   # Redrawn once 0.2 s have passed (after items 2 and 4), and at the end; the terminal
   # turns the final newline into CR LF.
   assert drawn == ('\r  countdown train [#####---------------] 2 / 8 examples'
