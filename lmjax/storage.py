@@ -14,6 +14,7 @@ part), so a remote file is written in place. Moving a directory in a bucket copi
 object and deletes the original: not atomic, and only done to set a damaged checkpoint
 aside.
 """
+import functools
 import importlib.util
 import os
 import shutil
@@ -41,31 +42,53 @@ def _remote(path: str):
   if not importlib.util.find_spec('gcsfs'):
     raise UserError(f'{path} is in a bucket, and reaching one needs gcsfs: '
                     "pip install -e '.[gcs]' (or .venv/bin/pip install gcsfs).")
-  import fsspec
   from etils import epath
-  # Each process sees what the others wrote (a sweep reads its points' results): no
-  # listing is answered from a cache.
-  for protocol in ('gs', 'gcs'):
-    fsspec.config.conf.setdefault(protocol, {}).setdefault('use_listings_cache', False)
+  _no_listings_cache()
   return epath.Path(path)
 
 
+@functools.cache
+def _no_listings_cache() -> None:
+  """Each process sees what the others wrote (a sweep reads its points' results): no
+  listing is answered from a cache. Set once, before gcsfs's first file system."""
+  import fsspec
+  for protocol in ('gs', 'gcs'):
+    fsspec.config.conf.setdefault(protocol, {}).setdefault('use_listings_cache', False)
+
+
+def _on_bucket(path: str, act):
+  """act(the epath.Path of `path`); the bucket refusing it (HTTP 401 or 403: credentials
+  missing, expired or without that permission) becomes one line naming the path and the fix."""
+  target = _remote(path)
+  try:
+    return act(target)
+  except Exception as e:
+    # gcsfs raises OSError('Forbidden: PATH\nREASON') on a 403, HttpError (.code) on a 401.
+    if getattr(e, 'code', None) not in (401, 403) and not str(e).startswith('Forbidden'):
+      raise
+    reason = str(e).strip().splitlines()[-1].rstrip('.')
+    raise UserError(f'{path}: the bucket refused it ({reason}). Give the credentials this '
+                    'process uses (GOOGLE_APPLICATION_CREDENTIALS, or gcloud auth '
+                    'application-default login) access to the bucket, or name another '
+                    'workdir.') from e
+
+
 def exists(path: str) -> bool:
-  return _remote(path).exists() if is_remote(path) else os.path.exists(path)
+  return _on_bucket(path, lambda p: p.exists()) if is_remote(path) else os.path.exists(path)
 
 
 def isdir(path: str) -> bool:
-  return _remote(path).is_dir() if is_remote(path) else os.path.isdir(path)
+  return _on_bucket(path, lambda p: p.is_dir()) if is_remote(path) else os.path.isdir(path)
 
 
 def isfile(path: str) -> bool:
-  return _remote(path).is_file() if is_remote(path) else os.path.isfile(path)
+  return _on_bucket(path, lambda p: p.is_file()) if is_remote(path) else os.path.isfile(path)
 
 
 def listdir(path: str) -> list[str]:
   """The names in directory `path` (a bucket's: the next level under that prefix)."""
   if is_remote(path):
-    return [p.name for p in _remote(path).iterdir()]
+    return _on_bucket(path, lambda p: [inner.name for inner in p.iterdir()])
   return os.listdir(path)
 
 
@@ -85,21 +108,21 @@ def makedirs(path: str) -> None:
 
 def remove(path: str) -> None:
   if is_remote(path):
-    _remote(path).unlink()
+    _on_bucket(path, lambda p: p.unlink())
   else:
     os.remove(path)
 
 
 def rmtree(path: str) -> None:
   if is_remote(path):
-    _remote(path).rmtree()
+    _on_bucket(path, lambda p: p.rmtree())
   else:
     shutil.rmtree(path)
 
 
 def read_bytes(path: str) -> bytes:
   if is_remote(path):
-    return _remote(path).read_bytes()
+    return _on_bucket(path, lambda p: p.read_bytes())
   with open(path, 'rb') as f:
     return f.read()
 
@@ -111,7 +134,7 @@ def read_text(path: str) -> str:
 def write_bytes(path: str, data: bytes) -> None:
   """Writes `path` whole, replacing any old file atomically (see the module's note)."""
   if is_remote(path):
-    _remote(path).write_bytes(data)
+    _on_bucket(path, lambda p: p.write_bytes(data))
     return
   with open(path + '.tmp', 'wb') as f:
     f.write(data)

@@ -9,6 +9,9 @@ metadata) through STORAGE_EMULATOR_HOST, tensorstore (orbax's arrays) through
 TENSORSTORE_GCS_HTTP_URL. gcsfs's check for hierarchical-namespace buckets is a gRPC call
 the emulator does not serve, so it is turned off.
 
+It also holds a second bucket, READ_ONLY, that refuses every upload with 403 Forbidden and
+Cloud Storage's own wording: what a bucket gives credentials that may read but not write.
+
 Run as a script, this file serves the emulator with what it lacks and tensorstore's
 checkpoint database (OCDBT) needs of Cloud Storage: an object's generation in the
 `x-goog-generation` header of a download, and the conditions on it (`ifGenerationMatch` on
@@ -17,6 +20,7 @@ database update atomic. Real Cloud Storage does both.
 """
 import contextlib
 import http
+import json
 import os
 import socket
 import subprocess
@@ -25,6 +29,11 @@ import time
 import urllib.request
 
 BUCKET = 'bucket'
+READ_ONLY = 'read-only'
+# What Cloud Storage answers an upload the credentials may not make.
+FORBIDDEN = ('lmjax-test@example.iam.gserviceaccount.com does not have storage.objects.create '
+             'access to the Google Cloud Storage object. Permission \'storage.objects.create\' '
+             'denied on resource (or it may not exist).')
 
 
 def _free_port() -> int:
@@ -57,6 +66,10 @@ def running():
           raise RuntimeError('the storage emulator did not start '
                              f'(exit {server.poll()})') from None
         time.sleep(0.2)
+    create = urllib.request.Request(f'{url}/storage/v1/b?project=test', method='POST',
+                                    data=json.dumps({'name': READ_ONLY}).encode(),
+                                    headers={'Content-Type': 'application/json'})
+    urllib.request.urlopen(create, timeout=10).close()
     os.environ.update(env)
     yield env
   finally:
@@ -106,6 +119,10 @@ def _serve(port: int) -> None:
       response['x-goog-metageneration'] = '1'
 
   def insert(request, response, storage, *args, **kwargs):
+    if request.params['bucket_name'] == READ_ONLY:
+      response.status = http.HTTPStatus.FORBIDDEN
+      response.json({'error': {'code': 403, 'message': FORBIDDEN}})
+      return None
     names = request.query.get('name')
     if names and 'ifGenerationMatch' in request.query:
       generation = _generation(storage, request.params['bucket_name'], names[0])

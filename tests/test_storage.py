@@ -69,11 +69,13 @@ def test_files_in_a_bucket_are_written_read_listed_and_moved(bucket):
   assert storage.absolute(root) == root and storage.absolute('x') == os.path.abspath('x')
 
 
-def test_a_bucket_that_is_not_there_or_not_gcs_is_named_by_the_script(bucket):
+def test_a_bucket_that_is_not_there_refuses_or_is_not_gcs_is_named_by_the_script(bucket):
   results = script_cases.run({
       'missing': ('train.py', ['--config=configs/shakespeare_char.py:tiny',
                                '--workdir=gs://no-such-bucket/run']),
       's3': ('decode.py', ['--workdir=s3://bucket/run', '--prompt=a']),
+      'refused': ('train.py', ['--config=configs/shakespeare_char.py:tiny',
+                               f'--workdir=gs://{gcs_emulator.READ_ONLY}/run']),
   }, env=bucket)
   assert results['missing'].returncode == 1 and results['missing'].stderr == (
       'error: gs://no-such-bucket/run: there is no bucket gs://no-such-bucket that these '
@@ -82,6 +84,13 @@ def test_a_bucket_that_is_not_there_or_not_gcs_is_named_by_the_script(bucket):
   assert results['s3'].returncode == 1 and results['s3'].stderr.startswith(
       'error: s3://bucket/run/config.json: lmjax reaches buckets at gs:// only'), results['s3']
   assert not storage.exists('gs://no-such-bucket')
+  # A bucket the credentials may read but not write: its 403 in one line, not gcsfs's
+  # exception.
+  refused = results['refused']
+  assert refused.returncode == 1 and refused.stderr.count('\n') == 1, refused
+  assert refused.stderr.startswith(f'error: gs://{gcs_emulator.READ_ONLY}/run/'), refused
+  assert (f'the bucket refused it ({gcs_emulator.FORBIDDEN[:-1]}). Give the credentials this '
+          'process uses (GOOGLE_APPLICATION_CREDENTIALS') in refused.stderr, refused
 
 
 def test_a_run_in_a_bucket_stops_resumes_exactly_decodes_evaluates_and_sweeps(
