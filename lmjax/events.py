@@ -34,6 +34,7 @@ class BucketWriter:
     self.local = tempfile.mkdtemp(prefix='lmjax-events-')
     self._writer = metric_writers.create_default_writer(self.local)
     self._copied = time.monotonic()
+    self._written = False  # anything written since the last copy
 
   def write_scalars(self, step: int, scalars) -> None:
     self._writer.write_scalars(step, scalars)
@@ -48,8 +49,12 @@ class BucketWriter:
     self._copy_if_due()
 
   def flush(self) -> None:
+    """Copies the event files into the workdir, unless nothing was written since the last
+    copy (a run's end calls flush, then close)."""
     self._writer.flush()
-    storage.copy_tree(self.local, self.workdir)
+    if self._written:
+      storage.copy_tree(self.local, self.workdir)
+      self._written = False
     self._copied = time.monotonic()
 
   def close(self) -> None:
@@ -58,6 +63,7 @@ class BucketWriter:
     shutil.rmtree(self.local, ignore_errors=True)
 
   def _copy_if_due(self) -> None:
+    self._written = True
     if time.monotonic() - self._copied >= self.every_seconds:
       self.flush()
 

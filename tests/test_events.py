@@ -64,3 +64,31 @@ def test_an_unknown_tag_is_a_key_error_naming_it_and_the_tags_there(tmp_path):
     events.read_scalars(str(tmp_path), ['train/loss', 'eval/loss'])
   with pytest.raises(KeyError, match="no scalar 'config'"):  # a text summary
     events.read_scalars(str(tmp_path), ['config'])
+
+
+def test_the_bucket_writer_copies_what_was_written_and_only_when_something_was(tmp_path,
+                                                                              monkeypatch):
+  """BucketWriter keeps events locally and copies them into the workdir (here a local
+  directory: the copy goes through lmjax.storage either way) at a flush, at the first write
+  a minute after the last copy, and never for nothing new (a run's end flushes, then
+  closes)."""
+  workdir = tmp_path / 'workdir'
+  clock = [0.0]
+  monkeypatch.setattr(events.time, 'monotonic', lambda: clock[0])
+  writer = events.BucketWriter(str(workdir), every_seconds=60.0)
+  writer.flush()
+  assert not workdir.exists()  # nothing written, nothing copied
+  writer.write_scalars(1, {'train/loss': 2.5})
+  assert not workdir.exists()  # not yet a minute
+  clock[0] = 61.0
+  writer.write_scalars(2, {'train/loss': 2.0})
+  assert events.read_scalars(str(workdir)) == {'train/loss': {1: 2.5, 2: 2.0}}
+  for name in list(workdir.iterdir()):
+    name.unlink()
+  writer.flush()
+  writer.close()
+  assert list(workdir.iterdir()) == []  # what was copied is not copied again
+  writer = events.BucketWriter(str(workdir))
+  writer.write_scalars(3, {'eval/loss': 1.5})
+  writer.close()
+  assert events.read_scalars(str(workdir)) == {'eval/loss': {3: 1.5}}
