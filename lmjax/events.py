@@ -22,18 +22,21 @@ def open_writer(workdir: str, just_logging: bool = False):
   return metric_writers.create_default_writer(workdir, just_logging=just_logging)
 
 
+_now = time.monotonic  # the clock of BucketWriter's copies (the tests set their own)
+
+
 class BucketWriter:
   """TensorBoard events for a workdir in a bucket, which cannot be appended to: written to
-  a local directory and copied whole into the workdir at every flush, and at the first
-  write `every_seconds` or more after the last copy, through lmjax's storage layer like
-  every other file of the workdir. (TensorFlow's own writer would append to gs:// itself,
+  a local directory and copied whole into the workdir at each flush that follows a write,
+  and at the first write `every_seconds` or more after the last copy, through lmjax's
+  storage layer like every other file of the workdir. (TensorFlow's own writer would append to gs:// itself,
   but only on Google's endpoint, where no test can reach it.)"""
 
   def __init__(self, workdir: str, every_seconds: float = 60.0):
     self.workdir, self.every_seconds = workdir, every_seconds
     self.local = tempfile.mkdtemp(prefix='lmjax-events-')
     self._writer = metric_writers.create_default_writer(self.local)
-    self._copied = time.monotonic()
+    self._copied = _now()
     self._written = False  # anything written since the last copy
 
   def write_scalars(self, step: int, scalars) -> None:
@@ -55,7 +58,7 @@ class BucketWriter:
     if self._written:
       storage.copy_tree(self.local, self.workdir)
       self._written = False
-    self._copied = time.monotonic()
+    self._copied = _now()
 
   def close(self) -> None:
     self.flush()
@@ -64,7 +67,7 @@ class BucketWriter:
 
   def _copy_if_due(self) -> None:
     self._written = True
-    if time.monotonic() - self._copied >= self.every_seconds:
+    if _now() - self._copied >= self.every_seconds:
       self.flush()
 
 

@@ -74,7 +74,7 @@ def test_the_bucket_writer_copies_what_was_written_and_only_when_something_was(t
   closes)."""
   workdir = tmp_path / 'workdir'
   clock = [0.0]
-  monkeypatch.setattr(events.time, 'monotonic', lambda: clock[0])
+  monkeypatch.setattr(events, '_now', lambda: clock[0])
   writer = events.BucketWriter(str(workdir), every_seconds=60.0)
   writer.flush()
   assert not workdir.exists()  # nothing written, nothing copied
