@@ -29,8 +29,8 @@ class BucketWriter:
   """TensorBoard events for a workdir in a bucket, which cannot be appended to: written to
   a local directory and copied whole into the workdir at each flush that follows a write,
   and at the first write `every_seconds` or more after the last copy, through lmjax's
-  storage layer like every other file of the workdir. (TensorFlow's own writer would append to gs:// itself,
-  but only on Google's endpoint, where no test can reach it.)"""
+  storage layer like every other file of the workdir. (TensorFlow's own writer would
+  append to gs:// itself, but only on Google's endpoint, where no test can reach it.)"""
 
   def __init__(self, workdir: str, every_seconds: float = 60.0):
     self.workdir, self.every_seconds = workdir, every_seconds
