@@ -101,7 +101,7 @@ def makedirs(path: str) -> None:
     return
   _remote(path)  # a bucket lmjax can reach at all
   bucket = '/'.join(str(path).split('/')[:3])
-  if not _remote(bucket).exists():
+  if not exists(bucket):
     raise UserError(f'{path}: there is no bucket {bucket} that these credentials can see; '
                     f'create it (gcloud storage buckets create {bucket}) or name another.')
 
