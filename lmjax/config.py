@@ -142,6 +142,9 @@ def _train() -> ml_collections.ConfigDict:
   c.num_steps = 32  # optimizer steps in the whole run
   c.batch_size = 64  # global batch, in sequences; divides by the data-parallel devices
   c.microbatches = 1  # gradient accumulation: the batch in this many slices, one by one
+  c.autotune = False  # before training, time the step's settings (autotune.py); use the fastest
+  c.autotune_pinned = ()  # autotune: fields that keep the config's value, ('model.remat',)
+  c.autotune_steps = 3  # autotune: steps timed per candidate, after one untimed
   # train steps run by one call of the compiled program (a loop over this many batches):
   # less host work per step for small models; logs, evaluations and checkpoints unchanged
   c.steps_per_dispatch = 1
@@ -186,6 +189,11 @@ def _mesh() -> ml_collections.ConfigDict:
   c.cpu_devices = 0  # no accelerator: present the CPU as this many devices; 0 keeps one
   return c
 
+
+# What train.autotune chooses: settings of the step that leave the model and its updates
+# as they are (lmjax/autotune.py).
+AUTOTUNE_FIELDS = ('mesh.cpu_devices', 'train.microbatches', 'model.attention',
+                   'model.attention_block', 'model.remat')
 
 _SECTIONS = (_model, _data, _opt, _train, _init_from, _mesh)
 
@@ -308,6 +316,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
                     'checkpoint or a step the run saved.')
   _check_batches(config.train, mesh)
   _check_schedule(config.train, config.opt)
+  _check_autotune(config.train)
   _check_data(config.data)
   tasks.task_class(config).check_config(config)
 
@@ -428,6 +437,15 @@ def _check_schedule(t, o) -> None:
     raise UserError(f'train.profile_steps={profile}; give the first and last step to trace, '
                     f'1 <= first <= last <= train.num_steps={t.num_steps}, e.g. '
                     "--config.train.profile_steps='(10,12)', or () for no trace.")
+
+
+def _check_autotune(t) -> None:
+  unknown = [f for f in t.autotune_pinned if f not in AUTOTUNE_FIELDS]
+  if unknown:
+    raise UserError(f'train.autotune_pinned names {", ".join(map(repr, unknown))}; autotune '
+                    f'chooses only {", ".join(AUTOTUNE_FIELDS)}.')
+  if t.autotune_steps < 1:
+    raise UserError(f'train.autotune_steps={t.autotune_steps}; time at least 1 step.')
 
 
 def _check_data(d) -> None:

@@ -84,6 +84,12 @@ def create_train_state(model, tx, mesh, rules, seed: int, seq_len: int, carry_ro
   return state, state_shardings
 
 
+def param_counts(state: TrainState) -> tuple[int, int]:
+  """(all parameters, trained ones)."""
+  trained = models.count_params(state.params)
+  return trained + models.count_params(state.frozen or {}), trained
+
+
 def carry_rows(config) -> int:
   """Rows of the carry kept in the train state: the global batch when stateful, else 0."""
   return config.train.batch_size if config.train.stateful else 0

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from lmjax import checkpoint as ckpt_lib
-from lmjax import config as config_lib
+from lmjax import autotune, config as config_lib
 from lmjax import events, finetune, flops, models, optim, runtime, sharding, state as state_lib
 from lmjax import steps, storage, tasks, workdir as workdir_lib
 from lmjax.data import pipeline
@@ -36,12 +36,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   """
   started = time.perf_counter()  # start-up counts in the run's train_seconds
   workdir = storage.absolute(workdir)
+  config, tuning = autotune.from_workdir(config, workdir)  # before the config is checked
   mesh, base = _set_up(config, workdir, devices, allow_config_change)
   task = tasks.task_class(config)(config)
   task.read()
   tokenizer = workdir_lib.prepare_tokenizer(config, workdir, base, task.tokenizer_texts)
   task.check_sample_prompt(tokenizer)
   task.load(tokenizer, workdir)
+  if config.train.autotune:  # the fastest settings of the step, timed or cached
+    config, mesh, tuning = autotune.settle(config, mesh, task, tokenizer.vocab_size, tuning)
   model = state_lib.build_model(config, tokenizer.vocab_size)
   tx = optim.make_optimizer(config.opt, config.train.num_steps)
   state, shardings = _create_state(config, workdir, model, tx, mesh)
@@ -49,7 +52,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   state, progress = _restore_or_start(config, workdir, checkpointer, state, shardings,
                                       restart_if_all_damaged)
   if progress.step == 0:
-    num_params, num_trained = _param_counts(state)
+    num_params, num_trained = state_lib.param_counts(state)
     trained = f' ({num_trained:,} trained)' if num_trained != num_params else ''
     print(f'Starting a new run in {workdir}: {num_params:,} parameters{trained}, '
           f'vocabulary {tokenizer.vocab_size}, {task.describe()}.', flush=True)
@@ -61,8 +64,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                                      task.stateful, config.train.microbatches)
   several_fn = config.train.steps_per_dispatch > 1 and steps.jit_train_step(
       model, tx, mesh, rules, shardings, config.train.microbatches, several=True)
-  writer = _open_writer(config, workdir, checkpointer, state, progress.step)
-  loop = Loop(config, workdir, task, mesh, checkpointer, writer, state, progress, started)
+  writer = _open_writer(config, workdir, checkpointer, state, progress.step, tuning)
+  loop = Loop(config, workdir, task, mesh, checkpointer, writer, state, progress, started,
+              tuning)
   loop.compile(step_fn, eval_fn, model, several_fn)
   return loop.run()
 
@@ -101,17 +105,10 @@ def _create_state(config, workdir: str, model, tx, mesh):
   return state, shardings
 
 
-def _param_counts(state) -> tuple[int, int]:
-  """(all parameters, trained ones)."""
-  trained = models.count_params(state.params)
-  return trained + models.count_params(state.frozen or {}), trained
-
-
 @dataclasses.dataclass
 class Progress:
-  """What a checkpoint holds beside the state: the last step done, the metrics of the
-  steps since the last log line (so a resumed run logs the same means), the count of
-  skipped non-finite steps, and the seconds spent before this process."""
+  """What a checkpoint holds beside the state: the last step, the metrics since the last log
+  line (a resumed run logs the same means), skipped steps, seconds before this process."""
   step: int = 0
   next_example: int = 0  # where the training stream resumes
   history: list = dataclasses.field(default_factory=list)
@@ -138,9 +135,9 @@ def _restore_or_start(config, workdir: str, checkpointer, state, shardings,
                          float(data_state.get('train_seconds', 0.0)))
 
 
-def _open_writer(config, workdir: str, checkpointer, state, start_step: int):
+def _open_writer(config, workdir: str, checkpointer, state, start_step: int, tuning=None):
   """The TensorBoard writer (process 0's; the others only log). A new run first writes
-  its frozen parameters, its hyperparameters and its config."""
+  its frozen parameters, its hyperparameters, its config and its autotune table."""
   if start_step == 0 and state.frozen is not None:  # written before any checkpoint
     frozen_dir = f'{workdir}/{ckpt_lib.FROZEN_DIR}'
     with workdir_lib.writing(f'the frozen parameters to {frozen_dir}', checkpointer):
@@ -148,12 +145,13 @@ def _open_writer(config, workdir: str, checkpointer, state, start_step: int):
   with workdir_lib.writing(f'TensorBoard events to {workdir}', checkpointer):
     writer = events.open_writer(workdir, just_logging=jax.process_index() > 0)
     if start_step == 0:
-      num_params, num_trained = _param_counts(state)
+      num_params, num_trained = state_lib.param_counts(state)
       writer.write_hparams({'num_params': num_params, 'num_trained_params': num_trained,
                             **workdir_lib.flatten(config.to_dict())})
       # Indented four spaces: TensorBoard's text tab shows it as a code block.
       writer.write_texts(0, {'config': '\n'.join(
-          '    ' + line for line in config.to_json(indent=2).splitlines())})
+          '    ' + line for line in config.to_json(indent=2).splitlines()),
+          **({'autotune': tuning.table} if tuning and tuning.table else {})})
   return writer
 
 
@@ -168,12 +166,13 @@ class Loop:
   same dispatches."""
 
   def __init__(self, config, workdir: str, task, mesh, checkpointer, writer, state,
-               progress: Progress, started: float):
+               progress: Progress, started: float, tuning=None):
     self.config, self.t, self.workdir, self.task, self.mesh = (
         config, config.train, workdir, task, mesh)
     self.checkpointer, self.writer, self.state, self.progress = (
         checkpointer, writer, state, progress)
-    self.started = started  # perf_counter() when the process began the run
+    # perf_counter() when the process began the run; train.autotune's choice, for result.json
+    self.started, self.tuning = started, tuning
     self.rules = sharding.rules_as_tuples(config.mesh.rules)
     self.batch_sharding = sharding.batch_sharding(mesh)
     self.stacked_sharding = sharding.stacked_batch_sharding(mesh)
@@ -376,11 +375,12 @@ class Loop:
       eval_losses = events.read_scalars(self.workdir).get('eval/loss') or eval_losses
     best_step = min(eval_losses, key=lambda s: (eval_losses[s], s))
     metrics = self.task.final_metrics(self.eval_metrics)
-    num_params, num_trained = _param_counts(self.state)
+    num_params, num_trained = state_lib.param_counts(self.state)
     workdir_lib.write_result(self.workdir, {
         'step': t.num_steps, 'eval': metrics, 'best_eval_loss': eval_losses[best_step],
         'best_eval_step': best_step, 'num_params': num_params,
         'num_trained_params': num_trained, 'skipped_steps': self.progress.skipped,
+        **({'autotune': self.tuning.as_result()} if self.tuning else {}),
         'train_seconds': self.progress.seconds_before + time.perf_counter() - self.started})
     print(f'\nDone: eval loss {metrics["loss"]:.4f} at step {t.num_steps} (best '
           f'{eval_losses[best_step]:.4f}, at step {best_step}); checkpoints in '
