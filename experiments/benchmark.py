@@ -72,6 +72,9 @@ _COMPARE_HF = flags.DEFINE_bool('compare_hf', False, 'Also time Hugging Face gen
 _COMPARE_TORCH = flags.DEFINE_bool(
     'compare_torch', False, 'train, matmul (recurrent configs): also time the same model, or '
     'the same products, in PyTorch.')
+_AUTOTUNE = flags.DEFINE_bool(
+    'autotune', False, 'First choose the train step\'s settings as train.autotune does '
+    '(its table and a JSON line), then run the benchmarks with them.')
 _TABLE = flags.DEFINE_bool('table', False, 'Print a Markdown table after the JSON lines.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'decode with a draft: the trained run to '
                                'decode from.')
@@ -324,12 +327,13 @@ def bench_decode_hf(config, vocab_size: int) -> list[dict]:
   return results
 
 
-def _train_parts(config, vocab_size: int):
-  """Model, optimizer, mesh and freshly initialised sharded state, as training makes them."""
+def _train_parts(config, vocab_size: int, mesh=None):
+  """Model, optimizer, mesh (the config's over every device, unless given) and freshly
+  initialised sharded state, as training makes them."""
   from lmjax import config as config_lib
   from lmjax import models, optim, runtime, sharding, state as state_lib
   runtime.keep_freed_host_memory()
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = mesh or sharding.make_mesh(config.mesh)
   try:
     config_lib.validate_config(config, mesh)
   except ValueError as e:
@@ -351,22 +355,46 @@ def _peak_memory_bytes(device) -> tuple[int, str]:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'host max RSS'
 
 
-def bench_train(config, vocab_size: int) -> dict:
+def _random_batch(config, vocab_size: int) -> dict:
+  """A training batch of random tokens (stateful: no separator in them, so no resets)."""
+  import numpy as np
+  t = config.train
+  tokens = np.random.default_rng(0).integers(0, vocab_size, (t.batch_size, t.seq_len + 1),
+                                             dtype=np.int32)
+  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}
+  if t.stateful:
+    batch['resets'] = np.zeros(batch['inputs'].shape, bool)
+  return batch
+
+
+def bench_autotune(config, vocab_size: int):
+  """(config, mesh) with the settings train.autotune chooses for `config`, timed here on
+  random tokens; prints a JSON line and the table of trials."""
+  from lmjax import autotune, sharding
+  mesh = sharding.make_mesh(config.mesh)
+  began = time.perf_counter()
+  settings, trials = autotune.search(config, mesh, _random_batch(config, vocab_size),
+                                     vocab_size)
+  print(json.dumps({'bench': 'autotune', 'settings': settings,
+                    'seconds': round(time.perf_counter() - began, 1),
+                    'trials': [{**t.settings, 'compile_s': round(t.compile_s, 2),
+                                'step_ms': t.step_s and round(1e3 * t.step_s, 2),
+                                'peak_bytes': t.peak_bytes, 'verdict': t.verdict}
+                               for t in trials]}), flush=True)
+  print(autotune.markdown(trials), flush=True)
+  return autotune.with_settings(config, settings), autotune.submesh(config, mesh, settings)
+
+
+def bench_train(config, vocab_size: int, mesh=None) -> dict:
   import flax.linen as nn
   import jax
-  import numpy as np
 
   from lmjax import flops, models, sharding, steps
-  model, tx, mesh, rules, state, shardings = _train_parts(config, vocab_size)
+  model, tx, mesh, rules, state, shardings = _train_parts(config, vocab_size, mesh)
   t = config.train
   step_fn, _ = steps.jit_steps(model, tx, mesh, rules, shardings,
                                microbatches=t.microbatches)
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, vocab_size, (t.batch_size, t.seq_len + 1), dtype=np.int32)
-  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}
-  if state.carry is not None:  # stateful: no separator in random tokens, no resets
-    batch['resets'] = np.zeros(batch['inputs'].shape, bool)
-  batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+  batch = jax.device_put(_random_batch(config, vocab_size), sharding.batch_sharding(mesh))
   dropout_rng = jax.random.key(0)
   num_params = models.count_params(state.params)
   times = []
@@ -729,8 +757,11 @@ def main(argv):
   vocab_size = _vocab_size(config)
   results = []
   consumed = None
+  mesh = None  # the config's over every device
+  if _AUTOTUNE.value:
+    config, mesh = bench_autotune(config, vocab_size)
   if 'train' in _BENCH.value:
-    results.append(bench_train(config, vocab_size))
+    results.append(bench_train(config, vocab_size, mesh))
     consumed = results[-1]['tokens_per_s']
     if _COMPARE_TORCH.value:
       results.append(bench_train_torch(config, vocab_size, results[-1]))

@@ -20,6 +20,11 @@ CASES = {
                   '--new_tokens=40', '--repeats=1'],
     'torch_without_recurrent': [TINY, '--bench=train', '--compare_torch', '--steps=1'],
     'matmul_of_a_transformer': [TINY, '--bench=matmul'],
+    # train.autotune's search, then the train step with its choice: batch slices only.
+    'autotune': [TINY, '--bench=train', '--autotune', '--steps=1', '--warmup=0',
+                 '--config.train.batch_size=4', '--config.train.autotune_steps=1',
+                 "--config.train.autotune_pinned=('model.attention','model.attention_block',"
+                 "'model.remat')"],
 }
 
 
@@ -108,3 +113,18 @@ def test_compare_torch_needs_a_recurrent_train_benchmark(runs):
 
 def test_matmul_benchmark_is_for_recurrent_configs(runs):
   assert '--bench=matmul' in script_cases.error_line(runs['matmul_of_a_transformer'])
+
+
+def test_autotune_prints_its_search_and_benchmarks_the_choice(runs):
+  done = runs['autotune']
+  assert done.returncode == 0, done.stderr
+  rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{')]
+  tuned, train = rows
+  assert tuned['bench'] == 'autotune' and tuned['seconds'] > 0
+  assert [t['train.microbatches'] for t in tuned['trials']] == [1, 2, 4]
+  assert [t['verdict'] for t in tuned['trials']].count('fastest') == 1
+  assert all(t['step_ms'] > 0 and t['peak_bytes'] > 0 for t in tuned['trials'])
+  assert train['bench'] == 'train' and train['microbatches'] == (
+      tuned['settings']['train.microbatches'])
+  assert '| mesh.cpu_devices | train.microbatches | compile s | step ms | peak MiB |' in (
+      done.stdout)
