@@ -161,8 +161,8 @@ def search(config, mesh, batch: dict, vocab_size: int, *,
   passed over again until a pass changes nothing (PASSES at most). `memory_limit` (bytes per
   device) replaces the device's own. Raises UserError if no candidate fits."""
   config_lib.validate_config(config, mesh)  # the config's own mistakes, named as such
-  fields = searched_fields(config, mesh)
-  best = {f: mesh.devices.size if f == 'mesh.cpu_devices' else _get(config, f) for f in fields}
+  best = _own(config, mesh, searched_fields(config, mesh))
+  fields = tuple(best)
   trials, runs, states = {}, {}, {}  # by settings: Trial, compiled step; state by device count
   for _ in range(PASSES):
     before = best
@@ -203,9 +203,13 @@ def _key(settings: dict) -> tuple:
   return tuple(settings.items())
 
 
+def _own(config, mesh, fields) -> dict:
+  """The config's own value of each field; the device count is the mesh's."""
+  return {f: mesh.devices.size if f == 'mesh.cpu_devices' else _get(config, f) for f in fields}
+
+
 def _changes(settings: dict, config, mesh) -> str:
-  own = {f: mesh.devices.size if f == 'mesh.cpu_devices' else _get(config, f)
-         for f in settings}
+  own = _own(config, mesh, settings)
   changed = {f: v for f, v in settings.items() if v != own[f]}
   return _format(changed) if changed else 'the config as given'
 
@@ -373,7 +377,7 @@ def _mib(n: int) -> str:
 
 
 def markdown(trials: list[Trial]) -> str:
-  """The trials as a Markdown table, in the order timed."""
+  """The trials as a Markdown table, in the order first compiled."""
   fields = list(trials[0].settings) if trials else []
   rows = [fields + ['compile s', 'step ms', 'peak MiB', ''],
           ['---'] * (len(fields) + 4)]

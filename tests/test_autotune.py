@@ -94,7 +94,6 @@ def test_the_choice_is_cached_and_a_resume_keeps_its_own(tmp_path, monkeypatch, 
     assert json.load(f)['train']['microbatches'] == other
 
 
-
 def test_the_cache_key_is_what_decides_the_speed():
   mesh = sharding.make_mesh(tiny_config().mesh)
   key = lambda config: autotune.cache_key(config, mesh, _batch(config, 65), 65)
