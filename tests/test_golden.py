@@ -6,7 +6,11 @@ extensions of the processor, the tests' compile level) every number must be equa
 bit. Elsewhere numbers are compared to a relative 1e-5: XLA compiles for the processor it
 runs on, and the same run on a machine with AVX-512 and on one without differs in the last
 bits of a float32 (seen: 1e-7 relative in a loss after four steps). A change in what a run
-computes moves them far more than that.
+computes moves them far more than that. The attention key biases are left out of that
+comparison: a bias added to every key shifts all of a query's scores alike, so the softmax
+gives it a zero gradient in exact arithmetic, and what it receives is rounding noise that
+Adam's normalised step turns into moves the size of the learning rate, whose sign differs
+from one processor to another.
 
 Any change to what a run computes (a default, the data order, a loss, the optimizer, the
 sample) shows here. A change meant to alter results re-records the file, and says so in its
@@ -132,7 +136,7 @@ def test_a_tiny_run_computes_what_it_always_has(name, golden, tmp_path):
   if golden['machine'] == machine():
     assert _numbers(observed) == _numbers(expected)  # bit for bit
   else:
-    assert _numbers(observed) == pytest.approx(_numbers(expected), rel=1e-5, abs=1e-6)
+    assert _rounded(observed) == pytest.approx(_rounded(expected), rel=1e-5, abs=1e-6)
   assert _strings(observed) == _strings(expected)
 
 
@@ -146,6 +150,15 @@ def _numbers(observed) -> dict:
   """Every number of `observed` by its path (every field and step is there, or the keys
   differ)."""
   return {k: v for k, v in _flat(observed).items() if isinstance(v, (int, float))}
+
+
+# Parameters whose gradient is zero in exact arithmetic (see the module's docstring).
+_NOISE = "['key']['bias']"
+
+
+def _rounded(observed) -> dict:
+  """_numbers but the parameters that only rounding moves."""
+  return {k: v for k, v in _numbers(observed).items() if _NOISE not in k}
 
 
 def _strings(observed) -> dict:
