@@ -26,10 +26,9 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 console.quiet_libraries()  # as the scripts do: no TensorFlow lines in the test output
 
 import jax  # must come after XLA_FLAGS
-import tensorflow as tf
 
-# tf.data must not grab the accelerator JAX uses, nor fight it for threads.
-tf.config.set_visible_devices([], 'GPU')
+from lmjax.data import tfdata  # noqa: F401  (TensorFlow as the scripts import it)
+
 jax.config.update('jax_platforms', 'cpu')
 
 

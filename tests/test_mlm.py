@@ -4,11 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from configs import shakespeare_char
 from lmjax import evaluation, generation, train, workdir as workdir_lib
 from lmjax.data import pipeline
+from lmjax.data.tfdata import tf
 from lmjax.errors import UserError
 from lmjax.models import transformer
 

@@ -30,10 +30,10 @@ import string
 from collections.abc import Iterator
 
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from lmjax.data import corpora, external, pipeline, puzzles
+from lmjax.data.tfdata import tf
 from lmjax.errors import UserError, one_line
 
 # data.format: documents modelled whole, or prompt -> completion pairs.

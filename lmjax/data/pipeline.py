@@ -17,13 +17,10 @@ from collections.abc import Iterator
 
 import jax
 import numpy as np
-import tensorflow as tf
 
 from lmjax.data import corpora, external
+from lmjax.data.tfdata import tf
 from lmjax.errors import UserError
-
-# tf.data only shuffles integers here; it must not claim the accelerator JAX trains on.
-tf.config.set_visible_devices([], 'GPU')
 
 
 def load_tokens(data_config, split: str, tokenizer, works=None,
