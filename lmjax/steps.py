@@ -79,8 +79,9 @@ def train_step(state: TrainState, batch: dict, rng, *, model, tx, microbatches: 
   grad_norm = optax.tree.norm(grads)
   # A NaN or Inf loss or gradient never reaches the parameters, the optimizer state or the
   # carry: the step only counts. The loop reads `nonfinite` and stops or goes on
-  # (train.nonfinite). A conditional rather than a select on every leaf: the same numbers,
-  # and the `:tiny` step compiles in 3.3-3.5 CPU-seconds against 3.9-4.1.
+  # (train.nonfinite). A conditional rather than a select on every leaf: the same numbers;
+  # the `:tiny` step has 292 fusions and 1 copy against 439 and 74, and compiles in 3.3-3.5
+  # CPU-seconds against 3.9-4.1.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
   def update():
