@@ -152,8 +152,9 @@ def _speculative_options(options: dict) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from lmjax import generation, workdir as workdir_lib
+  from lmjax import generation, runtime, workdir as workdir_lib
 
+  runtime.use_compilation_cache()
   prompts = _read_prompts()
   if _BATCH_SIZE.value < 1:
     raise app.UsageError(f'--batch_size={_BATCH_SIZE.value}; it must be at least 1.')

@@ -70,9 +70,10 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   import jax  # after absl has parsed flags: a typo is reported fast
 
-  from lmjax import evaluation
+  from lmjax import evaluation, runtime
   from lmjax.errors import UserError
 
+  runtime.use_compilation_cache()
   devices = None  # all of them
   if _DEVICES.value is not None:
     local = jax.local_devices()

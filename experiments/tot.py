@@ -134,10 +134,11 @@ def main(argv):
 
   import numpy as np
 
-  from lmjax import decode, search
+  from lmjax import decode, runtime, search
   from lmjax.data import corpora
   from lmjax.data import puzzles as puzzles_lib
 
+  runtime.use_compilation_cache()
   puzzles = _read_puzzles(puzzles_lib, corpora)
   output = _open_output()
   try:

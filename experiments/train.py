@@ -54,6 +54,7 @@ def main(argv):
   from lmjax import runtime, train  # after the flags: a typo is reported fast
 
   runtime.stop_with_parent()  # a no-op unless a sweep started this run
+  runtime.use_compilation_cache()
 
   # A UserError or a missing file: run_script prints it as one line.
   if _DISTRIBUTED.value or _COORDINATOR.value:

@@ -1,10 +1,12 @@
 """Process-level settings: faster training on a CPU host (its memory, its device count); the
-accelerator a run will have, found before JAX starts; trainers that stop with their sweep;
-joining a multi-process run."""
+accelerator a run will have, found before JAX starts; compiled programs kept on disk;
+trainers that stop with their sweep; joining a multi-process run."""
 import ctypes
 import glob
+import hashlib
 import importlib.util
 import os
+import platform
 import signal
 import socket
 import sys
@@ -108,6 +110,67 @@ def find_accelerator(dev: str = '/dev') -> tuple[str | None, str]:
     else:
       return kind, f'{kind} ({found[0]}, {plugin})'
   return None, '; '.join(why_not) or 'no GPU or TPU device node'
+
+
+CACHE_ENV = 'LMJAX_COMPILATION_CACHE'  # a directory, or 'off'
+CACHE_MAX_BYTES = 2 << 30  # the least recently used programs go beyond this
+
+
+def compilation_cache_dir(environ=os.environ) -> str | None:
+  """Where the scripts keep the programs XLA compiles: $LMJAX_COMPILATION_CACHE if set
+  ('off': nowhere), else lmjax/xla/HOST_CPU under $XDG_CACHE_HOME or ~/.cache. On a CPU the
+  program is machine code for this processor and JAX's cache key does not name it, so each
+  processor model (and instruction set) has its own directory: a home directory shared by
+  different machines never hands one the other's code."""
+  setting = environ.get(CACHE_ENV, '').strip()
+  if setting.lower() == 'off':
+    return None
+  if setting:
+    return os.path.expanduser(setting)
+  root = environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(root, 'lmjax', 'xla', _host_cpu())
+
+
+def _host_cpu() -> str:
+  """The machine's architecture and a digest of its processor's name and features."""
+  described = platform.processor()
+  try:
+    with open('/proc/cpuinfo') as f:
+      lines = [line for line in f if line.startswith(('model name', 'flags', 'Features'))]
+    described = ''.join(dict.fromkeys(lines))  # each kind of line once (one per core)
+  except OSError:
+    pass
+  return f'{platform.machine() or "cpu"}-{hashlib.sha256(described.encode()).hexdigest()[:12]}'
+
+
+def use_compilation_cache() -> str | None:
+  """Has JAX keep compiled programs on disk (`compilation_cache_dir()`), so that a resumed
+  or repeated run, a decode or an evaluation loads the programs compiled before instead of
+  compiling them again (a 20-step run of the `:cpu` recipe on 2 cores: 17-18 s the second
+  time, 24-31 s the first). JAX writes from process 0 only, the programs that took at least
+  a second to compile (JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS), and forgets the least
+  recently used beyond CACHE_MAX_BYTES. A directory set for JAX itself
+  (JAX_COMPILATION_CACHE_DIR) is kept as it is. A local directory that cannot be written is
+  said in one line on stderr, and the cache stays off. Call before the first compile.
+  Returns the directory, or None when off."""
+  import jax
+  if jax.config.jax_compilation_cache_dir:
+    return jax.config.jax_compilation_cache_dir
+  directory = compilation_cache_dir()
+  if directory and '://' not in directory:  # a local one must be writable
+    try:
+      os.makedirs(directory, exist_ok=True)
+      if not os.access(directory, os.W_OK):
+        raise PermissionError('not writable')
+    except OSError as e:
+      print(f'note: compiled programs are not kept ({directory}: {e}); set {CACHE_ENV} to a '
+            'writable directory, or to off.', file=sys.stderr, flush=True)
+      return None
+  if directory:
+    jax.config.update('jax_compilation_cache_dir', directory)
+    if jax.config.jax_compilation_cache_max_size == -1:  # not set by the user
+      jax.config.update('jax_compilation_cache_max_size', CACHE_MAX_BYTES)
+  return directory
 
 
 PARENT_ENV = 'LMJAX_STOP_WITH_PARENT'  # set by a sweep for its trainers: the sweep's pid

@@ -2,7 +2,8 @@
 
 experiments/train.py (building its dataset on first use), then decode.py and evaluate.py on
 its workdir, run as a user runs them: real processes, without the variables that quiet the
-libraries already in the environment (the scripts must set them themselves).
+libraries already in the environment (the scripts must set them themselves), and without
+the test run's compilation cache (the scripts keep their programs in the user's cache).
 """
 import os
 import pathlib
@@ -13,7 +14,7 @@ import sys
 
 import pytest
 
-from lmjax import console
+from lmjax import console, runtime
 from lmjax.data import corpora
 from tests import xla
 
@@ -46,11 +47,14 @@ TRAIN_FLAGS = ['--config.model.d_model=16', '--config.model.hidden_size=32',
                '--config.train.sample_tokens=0']
 
 
-def _environment(data_dir: str) -> dict:
-  """The test run's environment less what console.quiet_libraries sets; one CPU device;
-  TFDS reading and building in `data_dir`."""
-  env = {k: v for k, v in os.environ.items() if k not in console.ENVIRONMENT}
-  return dict(env, XLA_FLAGS=xla.flags(), JAX_PLATFORMS='cpu', TFDS_DATA_DIR=data_dir)
+def _environment(data_dir: str, cache_home: str) -> dict:
+  """The test run's environment less what console.quiet_libraries sets and less JAX's
+  cache directory; one CPU device; TFDS reading and building in `data_dir`; the user's
+  cache directory (XDG_CACHE_HOME) `cache_home`."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in console.ENVIRONMENT and k != 'JAX_COMPILATION_CACHE_DIR'}
+  return dict(env, XLA_FLAGS=xla.flags(), JAX_PLATFORMS='cpu', TFDS_DATA_DIR=data_dir,
+              XDG_CACHE_HOME=cache_home)
 
 
 def _script(name: str, *flags: str) -> list[str]:
@@ -63,15 +67,17 @@ def _foreign_lines(done) -> list[str]:
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-  """{script: CompletedProcess}: train.py on a TFDS directory holding only the corpus
-  archive (so it builds the dataset first), then decode.py and evaluate.py side by side."""
+  """({script: CompletedProcess}, workdir, XDG_CACHE_HOME): train.py on a TFDS directory
+  holding only the corpus archive (so it builds the dataset first), then decode.py and
+  evaluate.py side by side."""
   tmp = tmp_path_factory.mktemp('console')
   downloads = tmp / 'tfds' / 'downloads'
   downloads.mkdir(parents=True)
   # The archive the test run's datasets were built from (tests/conftest.py).
   built = pathlib.Path(corpora.get_builder('shakespeare').data_dir).parents[1] / 'downloads'
   shutil.copy(corpora.fetch_archive(built), downloads)
-  env, workdir = _environment(str(tmp / 'tfds')), str(tmp / 'run')
+  cache_home = str(tmp / 'cache')
+  env, workdir = _environment(str(tmp / 'tfds'), cache_home), str(tmp / 'run')
   train = subprocess.run(
       _script('train.py', '--config=configs/shakespeare_char.py', f'--workdir={workdir}',
               *TRAIN_FLAGS),
@@ -95,12 +101,12 @@ def runs(tmp_path_factory):
   finally:
     for process in started.values():
       process.kill()  # nothing to do for one that has finished
-  return results, workdir
+  return results, workdir, cache_home
 
 
 @pytest.mark.parametrize('script', ['train.py', 'decode.py', 'evaluate.py'])
 def test_a_normal_run_prints_no_library_log_lines(runs, script):
-  results, _ = runs
+  results, _, _ = runs
   done = results[script]
   assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
   assert not _foreign_lines(done), '\n'.join(_foreign_lines(done))
@@ -108,7 +114,7 @@ def test_a_normal_run_prints_no_library_log_lines(runs, script):
 
 
 def test_the_scripts_say_what_they_do_in_their_own_words(runs):
-  results, workdir = runs
+  results, workdir, _ = runs
   train = results['train.py'].stdout
   lines = train.splitlines()
   # The recipe chosen for this machine (JAX_PLATFORMS=cpu), and why.
@@ -122,6 +128,21 @@ def test_the_scripts_say_what_they_do_in_their_own_words(runs):
   assert f'step {STEPS:>6}/{STEPS}' in train and '\nDone: ' in train, train
   assert results['decode.py'].stdout.startswith(f'# {workdir}, step {STEPS}, sample\nROMEO:')
   assert f'"step": {STEPS}' in results['evaluate.py'].stdout
+
+
+def test_the_scripts_keep_their_compiled_programs_in_the_users_cache(runs):
+  """Each script writes the programs it compiled under XDG_CACHE_HOME/lmjax/xla/HOST_CPU,
+  where the next run, decode or evaluation loads them (with the test run's
+  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0, every program; a user's, those that took a
+  second or more)."""
+  _, _, cache_home = runs
+  directory = runtime.compilation_cache_dir({'XDG_CACHE_HOME': cache_home})
+  assert directory.startswith(os.path.join(cache_home, 'lmjax', 'xla', ''))
+  programs = {name.split('-')[0] for name in os.listdir(directory)}
+  # train.py's step, decode.py's sampling loop, the evaluation step (this recipe's GRU
+  # carries its state along the split).
+  assert {'jit_train_step', 'jit__sample_loop', 'jit_stateful_eval_step'} <= programs, \
+      sorted(programs)
 
 
 def test_the_patterns_catch_what_the_libraries_print():

@@ -108,3 +108,54 @@ def test_processes_meet_on_the_coordinator_port_and_a_count_that_differs_is_name
   assert type(raised.value) is UserError
   assert 'was started with --num_processes=2, this process with 3' in str(raised.value)
   assert errors and 'process(es) 1 of --num_processes=2 did not reach process 0' in errors[0]
+
+
+def test_compiled_programs_go_to_the_users_cache_one_directory_per_processor(tmp_path):
+  home = os.path.expanduser('~')
+  default = runtime.compilation_cache_dir({})
+  assert os.path.dirname(default) == os.path.join(home, '.cache', 'lmjax', 'xla')
+  # The processor's architecture and a digest of its name and features: the same each time.
+  machine, digest = os.path.basename(default).rsplit('-', 1)
+  assert machine and len(digest) == 12 and runtime.compilation_cache_dir({}) == default
+  assert runtime.compilation_cache_dir({'XDG_CACHE_HOME': str(tmp_path)}) == os.path.join(
+      str(tmp_path), 'lmjax', 'xla', os.path.basename(default))
+  env = {runtime.CACHE_ENV: '~/programs', 'XDG_CACHE_HOME': str(tmp_path)}
+  assert runtime.compilation_cache_dir(env) == os.path.join(home, 'programs')
+  assert runtime.compilation_cache_dir({runtime.CACHE_ENV: 'off'}) is None
+  assert runtime.compilation_cache_dir({runtime.CACHE_ENV: ' OFF '}) is None
+
+
+def test_a_cache_directory_set_for_jax_is_kept():
+  # conftest gives the test run one, through JAX_COMPILATION_CACHE_DIR.
+  import jax
+  assert runtime.use_compilation_cache() == os.environ['JAX_COMPILATION_CACHE_DIR']
+  assert jax.config.jax_compilation_cache_dir == os.environ['JAX_COMPILATION_CACHE_DIR']
+  assert jax.config.jax_compilation_cache_max_size == -1
+
+
+def test_a_fresh_process_writes_its_programs_there_within_a_size_bound(tmp_path):
+  """A directory that cannot be made is said in one line and left off; then the default
+  takes, bounded in size, and a compiled program lands in it."""
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('')
+  code = ('import os\nimport jax, jax.numpy as jnp\nfrom lmjax import runtime\n'
+          f'os.environ[runtime.CACHE_ENV] = {str(blocker / "xla")!r}\n'
+          'print(runtime.use_compilation_cache(), jax.config.jax_compilation_cache_dir)\n'
+          'del os.environ[runtime.CACHE_ENV]\n'
+          'print(runtime.use_compilation_cache(), jax.config.jax_compilation_cache_max_size)\n'
+          'jax.jit(lambda x: x * 3 + 1)(jnp.ones(4)).block_until_ready()\n')
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('JAX_COMPILATION_CACHE_DIR', runtime.CACHE_ENV)}
+  env.update(XDG_CACHE_HOME=str(tmp_path / 'cache'), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  done = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                        env=env, timeout=120)
+  assert done.returncode == 0, done.stderr
+  assert done.stderr == (f'note: compiled programs are not kept ({blocker}/xla: [Errno 20] Not '
+                         f"a directory: '{blocker}/xla'); set LMJAX_COMPILATION_CACHE to a "
+                         'writable directory, or to off.\n')
+  refused, used = done.stdout.splitlines()
+  assert refused == 'None None'
+  directory, max_size = used.split()
+  assert directory == runtime.compilation_cache_dir({'XDG_CACHE_HOME': str(tmp_path / 'cache')})
+  assert int(max_size) == runtime.CACHE_MAX_BYTES
+  assert [n for n in os.listdir(directory) if n.startswith('jit__lambda-')], os.listdir(directory)
