@@ -79,7 +79,9 @@ def _sigterm_when(path: str) -> threading.Thread:
 # checkpoint STEP`, then `test: exiting with checkpoint STEP unfinished` if the interpreter
 # begins to exit meanwhile; it keeps the write open until killed (or for a minute).
 HELD_SAVE = r"""
-import os, runpy, signal, sys, threading, time
+import faulthandler, os, runpy, signal, sys, threading, time
+
+faulthandler.enable()  # a crash prints its stack
 
 rename = os.rename
 
@@ -135,7 +137,12 @@ def _read_until(proc, prefix: str) -> list[str]:
     lines.append(line)
     if line.startswith(prefix):
       return lines
-  raise AssertionError(f'the run ended before a line starting {prefix!r}:\n{"".join(lines)}')
+  try:  # how it ended (a negative status: killed by that signal)
+    status = proc.wait(timeout=60)
+  except subprocess.TimeoutExpired:
+    status = 'still running'
+  raise AssertionError(f'the run ended (exit status {status}) before a line starting '
+                       f'{prefix!r}:\n{"".join(lines)}')
 
 
 def test_signals_full_disk_and_kill_9_lose_nothing_and_resume_exactly(reference, tmp_path,
