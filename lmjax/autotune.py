@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 from lmjax import config as config_lib
-from lmjax import optim, sharding, state as state_lib, steps, storage
+from lmjax import optim, runtime, sharding, state as state_lib, steps, storage
 from lmjax.data import pipeline
 from lmjax.errors import UserError
 from lmjax.models import transformer
@@ -75,9 +75,8 @@ class Tuning:
 
 
 def cache_path() -> str:
-  """The cache of choices: $XDG_CACHE_HOME/lmjax/autotune.json (~/.cache by default)."""
-  root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-  return os.path.join(root, 'lmjax', 'autotune.json')
+  """The cache of choices: autotune.json in the user's cache (`runtime.user_cache_dir`)."""
+  return os.path.join(runtime.user_cache_dir(), 'autotune.json')
 
 
 def searched_fields(config, mesh) -> tuple[str, ...]:

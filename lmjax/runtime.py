@@ -116,19 +116,24 @@ CACHE_ENV = 'LMJAX_COMPILATION_CACHE'  # a directory, or 'off'
 CACHE_MAX_BYTES = 2 << 30  # the least recently used programs go beyond this
 
 
+def user_cache_dir(environ=os.environ) -> str:
+  """lmjax's directory in the user's cache: $XDG_CACHE_HOME/lmjax, ~/.cache/lmjax by default."""
+  root = environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(root, 'lmjax')
+
+
 def compilation_cache_dir(environ=os.environ) -> str | None:
   """Where the scripts keep the programs XLA compiles: $LMJAX_COMPILATION_CACHE if set
-  ('off': nowhere), else lmjax/xla/HOST_CPU under $XDG_CACHE_HOME or ~/.cache. On a CPU the
-  program is machine code for this processor and JAX's cache key does not name it, so each
-  processor model (and instruction set) has its own directory: a home directory shared by
-  different machines never hands one the other's code."""
+  ('off': nowhere), else xla/HOST_CPU in `user_cache_dir()`. On a CPU the program is
+  machine code for this processor and JAX's cache key does not name it, so each processor
+  model (and instruction set) has its own directory: a home directory shared by different
+  machines never hands one the other's code."""
   setting = environ.get(CACHE_ENV, '').strip()
   if setting.lower() == 'off':
     return None
   if setting:
     return os.path.expanduser(setting)
-  root = environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-  return os.path.join(root, 'lmjax', 'xla', _host_cpu())
+  return os.path.join(user_cache_dir(environ), 'xla', _host_cpu())
 
 
 def _host_cpu() -> str:
@@ -157,7 +162,9 @@ def use_compilation_cache() -> str | None:
   if jax.config.jax_compilation_cache_dir:
     return jax.config.jax_compilation_cache_dir
   directory = compilation_cache_dir()
-  if directory and '://' not in directory:  # a local one must be writable
+  if directory is None:
+    return None
+  if '://' not in directory:  # a local one must be writable
     try:
       os.makedirs(directory, exist_ok=True)
       if not os.access(directory, os.W_OK):
@@ -166,10 +173,9 @@ def use_compilation_cache() -> str | None:
       print(f'note: compiled programs are not kept ({directory}: {e}); set {CACHE_ENV} to a '
             'writable directory, or to off.', file=sys.stderr, flush=True)
       return None
-  if directory:
-    jax.config.update('jax_compilation_cache_dir', directory)
-    if jax.config.jax_compilation_cache_max_size == -1:  # not set by the user
-      jax.config.update('jax_compilation_cache_max_size', CACHE_MAX_BYTES)
+  jax.config.update('jax_compilation_cache_dir', directory)
+  if jax.config.jax_compilation_cache_max_size == -1:  # not set by the user
+    jax.config.update('jax_compilation_cache_max_size', CACHE_MAX_BYTES)
   return directory
 
 
