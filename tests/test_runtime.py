@@ -34,9 +34,9 @@ def test_a_fresh_process_gets_the_devices_it_asks_for():
 def test_an_existing_device_count_or_a_started_jax_is_left_alone(monkeypatch):
   # conftest's XLA_FLAGS sets 8 devices: that count stands, with a note saying so.
   assert 'already sets' in runtime.split_cpu(2)
-  monkeypatch.setenv('XLA_FLAGS', '')
   import jax
-  jax.devices()  # JAX has started in this process
+  jax.devices()  # JAX has started in this process (with conftest's 8, should this be first)
+  monkeypatch.setenv('XLA_FLAGS', '')
   assert 'had already started' in runtime.split_cpu(2)
   assert os.environ['XLA_FLAGS'] == ''
   assert runtime.split_cpu(0) is None
