@@ -14,12 +14,15 @@ each token's position in its example (the row of the position table it reads).
 Decode mode (`decode=True`) keeps a 'cache' collection:
 
     {'index': int32[],                       # positions filled so far
-     'layer_<i>': {'attention': {'cached_key':   dtype[B, S, H, D],
-                                 'cached_value': dtype[B, S, H, D]}}}
+     'layer_<i>': {'attention': {'cached_key':   dtype[B, H, D, S],
+                                 'cached_value': dtype[B, H, S, D]}}}
 
-With `scan_layers=True` the per-layer entries are one 'layers' entry instead, each
-array stacked on axis 1 (CACHE_LAYER_AXIS), [B, L, S, H, D]: the batch stays the
-leading axis, as lmjax.decode expects of every per-row leaf.
+Heads lead and the keys are stored transposed, so that both matmuls of a decode step read
+the cache as it lies, without a copy into another order at every step (see
+`_cached_attention`). With
+`scan_layers=True` the per-layer entries are one 'layers' entry instead, each array
+stacked on axis 1 (CACHE_LAYER_AXIS), [B, L, H, D, S]: the batch stays the leading axis,
+as lmjax.decode expects of every per-row leaf.
 
 A call with T new tokens writes them at [index, index + T), attends causally over
 everything filled, and advances `index` by T. The cache length S is max_len unless
@@ -56,12 +59,12 @@ LAYER_NORM_EPSILON = 1e-5
 # The projections LoRA adapters may attach to: attention's and the MLP's.
 LORA_TARGETS = ('query', 'key', 'value', 'out', 'dense_in', 'dense_out')
 
-# model.attention: 'dot_product' is jax.nn.dot_product_attention (the backend picks the
-# kernel; jax 0.10 picks XLA's everywhere); 'cudnn' asks it for cuDNN's flash attention
-# (NVIDIA GPUs, bfloat16) where the causal mask starts at position 0 (training and
-# evaluation; a decoder's prefill writes into an existing cache, so decoding runs XLA's
-# throughout); 'einsum' is the formula written out,
-# the reference the others are tested against.
+# model.attention, for attention from position 0 (training, evaluation, the call that
+# creates a decode cache): 'dot_product' is jax.nn.dot_product_attention (the backend picks
+# the kernel; jax 0.10 picks XLA's everywhere); 'cudnn' asks it for cuDNN's flash attention
+# (NVIDIA GPUs, bfloat16); 'einsum' is the formula written out, the reference the others
+# are tested against. A call on an existing cache (a decoder's prefill and its steps)
+# attends by the einsums of `_cached_attention`, whatever the setting.
 ATTENTION_KINDS = ('dot_product', 'einsum', 'cudnn')
 # model.remat: what the backward pass of each decoder block keeps rather than recomputes.
 # 'save_dots' keeps the matmuls without batch dimensions (the weight projections) and
@@ -253,48 +256,46 @@ class CausalSelfAttention(nn.Module):
       # Variables that do not exist yet are being created by init: the cache
       # starts empty, so this call attends over its own tokens only.
       cache_exists = self.has_variable('cache', 'cached_key')
-      cache_shape = (batch_size, self.max_len, self.num_heads, self.head_dim)
-      cached_key = self.variable('cache', 'cached_key', jnp.zeros, cache_shape, self.dtype)
-      cached_value = self.variable('cache', 'cached_value', jnp.zeros, cache_shape,
-                                   self.dtype)
+      heads = (batch_size, self.num_heads)
+      cached_key = self.variable('cache', 'cached_key', jnp.zeros,
+                                 (*heads, self.head_dim, self.max_len), self.dtype)
+      cached_value = self.variable('cache', 'cached_value', jnp.zeros,
+                                   (*heads, self.max_len, self.head_dim), self.dtype)
     if self.decode and cache_exists:
       if cached_key.value.shape[0] != batch_size:
         raise ValueError(f'Decoding a batch of {batch_size} with a cache made for a batch '
                          f'of {cached_key.value.shape[0]}; rebuild it with init_cache.')
-      start = (0, cache_index, 0, 0)
       cached_key.value = jax.lax.dynamic_update_slice(
-          cached_key.value, key_BxTxHxD.astype(self.dtype), start)
+          cached_key.value, jnp.transpose(key_BxTxHxD, (0, 2, 3, 1)).astype(self.dtype),
+          (0, 0, 0, cache_index))
       cached_value.value = jax.lax.dynamic_update_slice(
-          cached_value.value, value_BxTxHxD.astype(self.dtype), start)
-      key_BxSxHxD, value_BxSxHxD = cached_key.value, cached_value.value
+          cached_value.value, jnp.transpose(value_BxTxHxD, (0, 2, 1, 3)).astype(self.dtype),
+          (0, 0, cache_index, 0))
       query_positions_T = cache_index + jnp.arange(num_new)
+      if beam_rows_BxKxS is None:
+        context_BxTxHxD = self._cached_attention(query_BxTxHxD, cached_key.value,
+                                                 cached_value.value, query_positions_T)
+      else:
+        context_BxTxHxD = self._beam_attention(query_BxTxHxD, cached_key.value,
+                                               cached_value.value, query_positions_T,
+                                               beam_rows_BxKxS)
       # The write above clamps instead of failing when it runs past the cache (the index
       # is traced, so Python cannot check it): poison the output so an overrun is loud.
       # Callers must keep prompt + new tokens within the cache length.
-      overrun = cache_index + num_new > key_BxSxHxD.shape[1]
-    else:
-      key_BxSxHxD, value_BxSxHxD = key_BxTxHxD, value_BxTxHxD
-      query_positions_T = jnp.arange(num_new)
-
-    # Causal with no offset: the queries are the keys (training, or the call that creates
-    # the cache). Otherwise a decode call's queries sit at cache_index + [0, T).
-    from_start = not (self.decode and cache_exists)
-    # jax.nn.dot_product_attention has no dropout on the attention probabilities, so a
-    # training step that drops them takes the einsum path: the model stays the same.
-    if beam_rows_BxKxS is not None and not from_start:
-      context_BxTxHxD = self._beam_attention(query_BxTxHxD, key_BxSxHxD, value_BxSxHxD,
-                                             query_positions_T, beam_rows_BxKxS)
+      overrun = cache_index + num_new > cached_key.value.shape[-1]
+      context_BxTxHxD = jnp.where(overrun, jnp.nan, context_BxTxHxD)
     elif self.attention != 'einsum' and not (train and self.dropout_rate > 0):
+      # Causal from position 0: the queries are the keys (training, evaluation, or the
+      # call that creates the cache). jax.nn.dot_product_attention has no dropout on the
+      # attention probabilities, so a training step that drops them takes the einsum
+      # path: the model stays the same.
       context_BxTxHxD = self._kernel_attention(
-          query_BxTxHxD, key_BxSxHxD, value_BxSxHxD, query_positions_T, mask_BxT,
-          from_start, segment_ids_BxT)
+          query_BxTxHxD, key_BxTxHxD, value_BxTxHxD, mask_BxT, segment_ids_BxT)
     else:
       context_BxTxHxD = self._einsum_attention(
-          query_BxTxHxD, key_BxSxHxD, value_BxSxHxD, query_positions_T, mask_BxT, train,
-          blocked=self.causal and from_start, segment_ids_BxT=segment_ids_BxT)
+          query_BxTxHxD, key_BxTxHxD, value_BxTxHxD, jnp.arange(num_new), mask_BxT, train,
+          blocked=self.causal, segment_ids_BxT=segment_ids_BxT)
 
-    if self.decode and cache_exists:
-      context_BxTxHxD = jnp.where(overrun, jnp.nan, context_BxTxHxD)
     out_BxTxE = ProjectionDense(
         equation='bthd,hde->bte',
         kernel_shape=(self.num_heads, self.head_dim, d_model),
@@ -308,58 +309,77 @@ class CausalSelfAttention(nn.Module):
     )(context_BxTxHxD)
     return dropout.Dropout(self.dropout_rate)(out_BxTxE, deterministic=not train)
 
-  def _kernel_attention(self, query_BxTxHxD: Array, key_BxSxHxD: Array,
-                        value_BxSxHxD: Array, query_positions_T: Array,
-                        mask_BxT: Array | None, from_start: bool,
+  def _kernel_attention(self, query_BxTxHxD: Array, key_BxTxHxD: Array,
+                        value_BxTxHxD: Array, mask_BxT: Array | None,
                         segment_ids_BxT: Array | None) -> Array:
-    """Attention by jax.nn.dot_product_attention (XLA's kernel, or cuDNN's flash attention
-    for model.attention='cudnn'), which runs scores and softmax in float32 too, whatever
-    the input dtype."""
-    if self.causal and from_start:
-      mask = None  # is_causal: a kernel like cuDNN's then skips the masked half
-    elif self.causal:
-      mask = _causal_mask_1x1xTxS(query_positions_T, key_BxSxHxD.shape[1])
-    else:
-      mask = None if mask_BxT is None else mask_BxT.astype(bool)[:, None, None, :]
+    """Attention from position 0 by jax.nn.dot_product_attention (XLA's kernel, or cuDNN's
+    flash attention for model.attention='cudnn'), which runs scores and softmax in
+    float32 too, whatever the input dtype."""
+    mask = None  # causal: is_causal, and a kernel like cuDNN's then skips the masked half
+    if not self.causal and mask_BxT is not None:
+      mask = mask_BxT.astype(bool)[:, None, None, :]
     if segment_ids_BxT is not None:  # combined with is_causal by the kernel
       same = _same_segment_Bx1xTxS(segment_ids_BxT, segment_ids_BxT)
       mask = same if mask is None else mask & same
-    flash = self.attention == 'cudnn' and self.causal and from_start
+    flash = self.attention == 'cudnn' and self.causal
     return jax.nn.dot_product_attention(
-        query_BxTxHxD, key_BxSxHxD, value_BxSxHxD, mask=mask,
-        is_causal=self.causal and from_start, implementation='cudnn' if flash else None)
+        query_BxTxHxD, key_BxTxHxD, value_BxTxHxD, mask=mask, is_causal=self.causal,
+        implementation='cudnn' if flash else None)
 
-  def _beam_attention(self, query_NxTxHxD: Array, key_NxSxHxD: Array,
-                      value_NxSxHxD: Array, query_positions_T: Array,
+  def _cached_attention(self, query_BxTxHxD: Array, key_BxHxDxS: Array,
+                        value_BxHxSxD: Array, query_positions_T: Array) -> Array:
+    """Causal attention of T new queries over the cache, in the cache's own layout: both
+    matmuls have the batch and heads as leading axes and contract the second-to-last axis
+    of the cache, so XLA reads it where it lies. (From a cache kept as [B, S, H, D], XLA:CPU
+    first copied it into that order: one layer's attention over 32 rows of 192 positions,
+    6 heads of 64, took 4.3-5.7 ms that way against 0.6-0.8 ms this way.) Scores and
+    softmax in float32."""
+    scores_BxHxTxS = jnp.einsum('bthd,bhds->bhts', query_BxTxHxD, key_BxHxDxS,
+                                preferred_element_type=jnp.float32)
+    scores_BxHxTxS = scores_BxHxTxS * (1.0 / math.sqrt(self.head_dim))
+    allowed_1x1xTxS = _causal_mask_1x1xTxS(query_positions_T, key_BxHxDxS.shape[-1])
+    scores_BxHxTxS = jnp.where(allowed_1x1xTxS, scores_BxHxTxS, jnp.finfo(jnp.float32).min)
+    probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(self.dtype)
+    return jnp.einsum('bhts,bhsd->bthd', probs_BxHxTxS, value_BxHxSxD)
+
+  def _beam_attention(self, query_NxTxHxD: Array, key_NxHxDxS: Array,
+                      value_NxHxSxD: Array, query_positions_T: Array,
                       beam_rows_BxKxS: Array) -> Array:
     """Causal attention of N = B*K beams (K per prompt, rows b*K..b*K+K-1) whose cached
     position s is in row `beam_rows_BxKxS[b, i, s]` of the prompt's K rows, not
     necessarily their own: beam search then moves beams by moving these indices instead
-    of copying the cache. Each query is scored against the keys of all K rows of its
-    prompt, and a one-hot of the indices keeps, per position, the score of the row that
-    holds it (and weights that row's value): K times the attention's multiply-adds, no
-    copy of the cache."""
+    of copying the cache. Each row n is scored against the queries of all K beams of its
+    prompt (the cache read as it lies, as in `_cached_attention`: a reshaped cache would
+    make XLA copy it at every step of a decode loop); per position, a beam keeps the score
+    from the row that holds its key, and weights that row's value. K times the
+    attention's multiply-adds, no copy of the cache."""
     num_prompts, k, num_keys = beam_rows_BxKxS.shape
-    num_new, num_heads, head_dim = query_NxTxHxD.shape[1:]
-    query_BxKxTxHxD = query_NxTxHxD.reshape(num_prompts, k, num_new, num_heads, head_dim)
-    key_BxKxSxHxD = key_NxSxHxD.reshape(num_prompts, k, num_keys, num_heads, head_dim)
-    value_BxKxSxHxD = value_NxSxHxD.reshape(num_prompts, k, num_keys, num_heads, head_dim)
-    # reads[b, i, j, s]: beam i reads position s from row j.
-    reads_BxKxKxS = (beam_rows_BxKxS[:, :, None, :] ==
-                     jnp.arange(k)[None, None, :, None]).astype(jnp.float32)
-    scores_BxKxHxTxKxS = jnp.einsum('bithd,bjshd->bihtjs', query_BxKxTxHxD, key_BxKxSxHxD,
-                                    preferred_element_type=jnp.float32)
-    scores_BxKxHxTxS = jnp.einsum('bihtjs,bijs->bihts', scores_BxKxHxTxKxS, reads_BxKxKxS)
-    scores_BxKxHxTxS = scores_BxKxHxTxS * (1.0 / math.sqrt(head_dim))
+    num_rows, num_new, num_heads, head_dim = query_NxTxHxD.shape
+    # Row n = b*K + j gets the queries of beams i = 0..K-1 of prompt b: Q = K*T of them.
+    query_BxHxQxD = jnp.transpose(
+        query_NxTxHxD.reshape(num_prompts, k * num_new, num_heads, head_dim), (0, 2, 1, 3))
+    query_NxHxQxD = jnp.repeat(query_BxHxQxD, k, axis=0)
+    scores_NxHxQxS = jnp.einsum('nhqd,nhds->nhqs', query_NxHxQxD, key_NxHxDxS,
+                                preferred_element_type=jnp.float32)
+    scores_BxKjxHxKixTxS = scores_NxHxQxS.reshape(num_prompts, k, num_heads, k, num_new,
+                                                  num_keys)
+    # reads[j][b, 0, i, 0, s]: beam i reads position s from row j.
+    reads = [(beam_rows_BxKxS == j)[:, None, :, None, :] for j in range(k)]
+    scores_BxHxKxTxS = sum(jnp.where(reads[j], scores_BxKjxHxKixTxS[:, j], 0.0)
+                           for j in range(k)) * (1.0 / math.sqrt(head_dim))
     allowed_1x1x1xTxS = _causal_mask_1x1xTxS(query_positions_T, num_keys)[None]
-    scores_BxKxHxTxS = jnp.where(allowed_1x1x1xTxS, scores_BxKxHxTxS,
+    scores_BxHxKxTxS = jnp.where(allowed_1x1x1xTxS, scores_BxHxKxTxS,
                                  jnp.finfo(jnp.float32).min)
-    probs_BxKxHxTxS = jax.nn.softmax(scores_BxKxHxTxS, axis=-1)
-    weights_BxKxHxTxKxS = jnp.einsum('bihts,bijs->bihtjs', probs_BxKxHxTxS,
-                                     reads_BxKxKxS).astype(self.dtype)
-    context_BxKxTxHxD = jnp.einsum('bihtjs,bjshd->bithd', weights_BxKxHxTxKxS,
-                                   value_BxKxSxHxD)
-    return context_BxKxTxHxD.reshape(query_NxTxHxD.shape)
+    probs_BxHxKxTxS = jax.nn.softmax(scores_BxHxKxTxS, axis=-1).astype(self.dtype)
+    weights_NxHxQxS = jnp.stack(
+        [jnp.where(reads[j], probs_BxHxKxTxS, 0.0) for j in range(k)], axis=1).reshape(
+            scores_NxHxQxS.shape)
+    context_NxHxQxD = jnp.einsum('nhqs,nhsd->nhqd', weights_NxHxQxS, value_NxHxSxD)
+    context_BxKjxHxKixTxD = context_NxHxQxD.reshape(num_prompts, k, num_heads, k, num_new,
+                                                    head_dim)
+    context_BxHxKxTxD = sum(context_BxKjxHxKixTxD[:, j] for j in range(k))
+    return jnp.transpose(context_BxHxKxTxD, (0, 2, 3, 1, 4)).reshape(
+        num_rows, num_new, num_heads, head_dim)
 
   def _einsum_attention(self, query_BxTxHxD: Array, key_BxSxHxD: Array,
                         value_BxSxHxD: Array, query_positions_T: Array,

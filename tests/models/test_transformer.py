@@ -136,15 +136,16 @@ def test_decode_fns_state_carries_params_and_cache(tiny_params):
 def _copied_rows(cache, src_NxS):
   """The cache with position s of row n copied from row src_NxS[n, s] (as beam search
   without 'beam_rows' would have copied it), each beam reading its own row."""
-  def gather(x):
+  def gather(path, x):
     if x.ndim < 4:  # the index
       return x
-    if x.ndim == 4:  # [N, S, H, D]
-      return x[src_NxS, jnp.arange(x.shape[1])[None, :]]
-    layers, positions = jnp.arange(x.shape[1]), jnp.arange(x.shape[2])  # [N, L, S, H, D]
-    return x[src_NxS[:, None, :], layers[None, :, None], positions[None, None, :]]
+    # Positions are the last axis of the keys, the one before of the values.
+    axis = -1 if path[-1].key == 'cached_key' else -2
+    x_NxSx = jnp.moveaxis(x, axis, 1)
+    x_NxSx = x_NxSx[src_NxS, jnp.arange(x_NxSx.shape[1])[None, :]]
+    return jnp.moveaxis(x_NxSx, 1, axis)
   rest = {k: v for k, v in cache.items() if k != 'beam_rows'}
-  return {**jax.tree.map(gather, rest), 'beam_rows': jnp.zeros_like(cache['beam_rows'])}
+  return {**jax.tree_util.tree_map_with_path(gather, rest), 'beam_rows': jnp.zeros_like(cache['beam_rows'])}
 
 
 @pytest.mark.parametrize('scan_layers', [False, True])
@@ -190,7 +191,9 @@ def test_cache_starts_empty_and_has_documented_layout():
   assert cache['index'].dtype == jnp.int32 and int(cache['index']) == 0
   layer_cache = cache['layer_0']['attention']
   assert set(layer_cache) == {'cached_key', 'cached_value'}
-  assert layer_cache['cached_key'].shape == (3, 16, 4, 8)
+  # [B, H, D, S] and [B, H, S, D]: heads lead, keys transposed (the module docstring).
+  assert layer_cache['cached_key'].shape == (3, 4, 8, 16)
+  assert layer_cache['cached_value'].shape == (3, 4, 16, 8)
   # Initialising with a full-length dummy (the flax examples' way) also leaves it empty.
   init_cache = jax.jit(decode_model.init)(_key(0), jnp.ones((3, 16), jnp.int32))
   init_cache = init_cache['cache']
@@ -223,7 +226,7 @@ def test_a_shorter_cache_gives_the_same_logits_until_it_is_full(tiny_params):
       steps.append(logits)
     outputs.append(np.concatenate(steps, axis=1))
   assert transformer.init_cache(decode_model, 2, 8)['layer_0']['attention'][
-      'cached_key'].shape == (2, 8, 4, 8)
+      'cached_key'].shape == (2, 4, 8, 8)
   np.testing.assert_allclose(outputs[1][:, :8], outputs[0][:, :8], atol=1e-5, rtol=1e-5)
   assert np.all(np.isnan(outputs[1][:, 8])) and np.all(np.isfinite(outputs[0]))
   with pytest.raises(ValueError, match='cache length 17'):
@@ -612,12 +615,12 @@ def test_scanned_decode_matches_the_plain_model(tiny_params):
   scanned_logits, scanned_cache = _decode_steps(
       scanned, transformer.stack_layers(tiny_params), ids_BxL, 5)
   np.testing.assert_allclose(scanned_logits, logits, atol=1e-5, rtol=1e-5)
-  # [B, L, S, H, D]: lmjax.decode repeats and reorders rows along the leading axis.
-  assert scanned_cache['layers']['attention']['cached_key'].shape == (2, 2, 16, 4, 8)
+  # [B, L, H, D, S]: lmjax.decode repeats and reorders rows along the leading axis.
+  assert scanned_cache['layers']['attention']['cached_key'].shape == (2, 2, 4, 8, 16)
   _assert_trees_close(transformer.unstack_layers(scanned_cache, transformer.CACHE_LAYER_AXIS),
                       cache)
   short = transformer.init_cache(scanned, batch_size=3, length=8)
-  assert short['layers']['attention']['cached_value'].shape == (3, 2, 8, 4, 8)
+  assert short['layers']['attention']['cached_value'].shape == (3, 2, 4, 8, 8)
 
 
 def test_scanned_layers_draw_their_own_dropout_masks():
