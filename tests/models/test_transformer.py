@@ -145,7 +145,8 @@ def _copied_rows(cache, src_NxS):
     x_NxSx = x_NxSx[src_NxS, jnp.arange(x_NxSx.shape[1])[None, :]]
     return jnp.moveaxis(x_NxSx, 1, axis)
   rest = {k: v for k, v in cache.items() if k != 'beam_rows'}
-  return {**jax.tree_util.tree_map_with_path(gather, rest), 'beam_rows': jnp.zeros_like(cache['beam_rows'])}
+  return {**jax.tree_util.tree_map_with_path(gather, rest),
+          'beam_rows': jnp.zeros_like(cache['beam_rows'])}
 
 
 @pytest.mark.parametrize('scan_layers', [False, True])
