@@ -293,8 +293,8 @@ class CausalSelfAttention(nn.Module):
           query_BxTxHxD, key_BxTxHxD, value_BxTxHxD, mask_BxT, segment_ids_BxT)
     else:
       context_BxTxHxD = self._einsum_attention(
-          query_BxTxHxD, key_BxTxHxD, value_BxTxHxD, jnp.arange(num_new), mask_BxT, train,
-          blocked=self.causal, segment_ids_BxT=segment_ids_BxT)
+          query_BxTxHxD, key_BxTxHxD, value_BxTxHxD, mask_BxT, train,
+          segment_ids_BxT=segment_ids_BxT)
 
     out_BxTxE = ProjectionDense(
         equation='bthd,hde->bte',
@@ -336,10 +336,8 @@ class CausalSelfAttention(nn.Module):
     softmax in float32."""
     scores_BxHxTxS = jnp.einsum('bthd,bhds->bhts', query_BxTxHxD, key_BxHxDxS,
                                 preferred_element_type=jnp.float32)
-    scores_BxHxTxS = scores_BxHxTxS * (1.0 / math.sqrt(self.head_dim))
-    allowed_1x1xTxS = _causal_mask_1x1xTxS(query_positions_T, key_BxHxDxS.shape[-1])
-    scores_BxHxTxS = jnp.where(allowed_1x1xTxS, scores_BxHxTxS, jnp.finfo(jnp.float32).min)
-    probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(self.dtype)
+    probs_BxHxTxS = _causal_softmax(scores_BxHxTxS * (1.0 / math.sqrt(self.head_dim)),
+                                    query_positions_T, self.dtype)
     return jnp.einsum('bhts,bhsd->bthd', probs_BxHxTxS, value_BxHxSxD)
 
   def _beam_attention(self, query_NxTxHxD: Array, key_NxHxDxS: Array,
@@ -367,10 +365,7 @@ class CausalSelfAttention(nn.Module):
     reads = [(beam_rows_BxKxS == j)[:, None, :, None, :] for j in range(k)]
     scores_BxHxKxTxS = sum(jnp.where(reads[j], scores_BxKjxHxKixTxS[:, j], 0.0)
                            for j in range(k)) * (1.0 / math.sqrt(head_dim))
-    allowed_1x1x1xTxS = _causal_mask_1x1xTxS(query_positions_T, num_keys)[None]
-    scores_BxHxKxTxS = jnp.where(allowed_1x1x1xTxS, scores_BxHxKxTxS,
-                                 jnp.finfo(jnp.float32).min)
-    probs_BxHxKxTxS = jax.nn.softmax(scores_BxHxKxTxS, axis=-1).astype(self.dtype)
+    probs_BxHxKxTxS = _causal_softmax(scores_BxHxKxTxS, query_positions_T, self.dtype)
     weights_NxHxQxS = jnp.stack(
         [jnp.where(reads[j], probs_BxHxKxTxS, 0.0) for j in range(k)], axis=1).reshape(
             scores_NxHxQxS.shape)
@@ -381,12 +376,11 @@ class CausalSelfAttention(nn.Module):
     return jnp.transpose(context_BxHxKxTxD, (0, 2, 3, 1, 4)).reshape(
         num_rows, num_new, num_heads, head_dim)
 
-  def _einsum_attention(self, query_BxTxHxD: Array, key_BxSxHxD: Array,
-                        value_BxSxHxD: Array, query_positions_T: Array,
-                        mask_BxT: Array | None, train: bool, blocked: bool = False,
+  def _einsum_attention(self, query_BxTxHxD: Array, key_BxTxHxD: Array,
+                        value_BxTxHxD: Array, mask_BxT: Array | None, train: bool,
                         segment_ids_BxT: Array | None = None) -> Array:
-    """Attention written out. With `blocked` (causal, queries at 0..T-1 over the same keys)
-    and `attention_block` = b, queries [i, i + b) attend to keys [0, i + b) only: the
+    """Attention from position 0 written out. Causal, with `attention_block` = b,
+    queries [i, i + b) attend to keys [0, i + b) only: the
     scores, softmax, dropout and matmuls of the masked upper blocks are never computed
     (at b = T/4, 10 of 16 blocks; fwd + bwd of one layer's attention 19% faster on a CPU
     core). Every block's dropout mask is its window of the whole [B, H, T, T] mask, so the
@@ -396,24 +390,24 @@ class CausalSelfAttention(nn.Module):
     block = self.attention_block
     drop = dropout.Dropout(self.dropout_rate)
     drop_key = drop.key() if train and self.dropout_rate > 0 else None
-    if not (blocked and 0 < block < num_new):
+    if not (self.causal and 0 < block < num_new):
       block = num_new
     context = []
     for start in range(0, num_new, block):
       stop = min(start + block, num_new)
-      keys = stop if blocked else key_BxSxHxD.shape[1]
+      keys = stop if self.causal else num_new
       same_segment = None
       if segment_ids_BxT is not None:
         same_segment = _same_segment_Bx1xTxS(segment_ids_BxT[:, start:stop],
                                              segment_ids_BxT[:, :keys])
       probs_BxHxTxS = self._attention_probs(
-          query_BxTxHxD[:, start:stop], key_BxSxHxD[:, :keys], query_positions_T[start:stop],
+          query_BxTxHxD[:, start:stop], key_BxTxHxD[:, :keys], jnp.arange(start, stop),
           mask_BxT, same_segment)
       if drop_key is not None:
-        whole = (*probs_BxHxTxS.shape[:2], num_new, key_BxSxHxD.shape[1])
+        whole = (*probs_BxHxTxS.shape[:2], num_new, num_new)
         probs_BxHxTxS = drop.apply_window(probs_BxHxTxS, drop_key, whole, (0, 0, start, 0),
                                           probs_BxHxTxS.shape)
-      context.append(jnp.einsum('bhts,bshd->bthd', probs_BxHxTxS, value_BxSxHxD[:, :keys]))
+      context.append(jnp.einsum('bhts,bshd->bthd', probs_BxHxTxS, value_BxTxHxD[:, :keys]))
     return context[0] if len(context) == 1 else jnp.concatenate(context, axis=1)
 
   def _attention_probs(self, query_BxTxHxD: Array, key_BxSxHxD: Array,
@@ -451,6 +445,14 @@ def _check_segments_allowed(decode: bool, attention: str) -> None:
     raise UserError("model.attention='cudnn' masks causally only and cannot keep packed "
                     "examples apart; use model.attention='dot_product' (or 'einsum'), or "
                     'data.pack=False (one example per row).')
+
+
+def _causal_softmax(scores_xTxS: Array, query_positions_T: Array, dtype: Dtype) -> Array:
+  """Softmax over the keys (last axis) of float32 scores [..., T, S], keys after their
+  query masked, cast to `dtype`."""
+  allowed_1x1xTxS = _causal_mask_1x1xTxS(query_positions_T, scores_xTxS.shape[-1])
+  scores_xTxS = jnp.where(allowed_1x1xTxS, scores_xTxS, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(scores_xTxS, axis=-1).astype(dtype)
 
 
 def _causal_mask_1x1xTxS(query_positions_T: Array, num_keys: int) -> Array:
