@@ -12,6 +12,8 @@ the stream differently, see `stream_dataset`: row r of every batch continues whe
 of the previous batch stopped, and a 'resets' mask marks where the carry must start
 afresh. Its state is the same single count.
 """
+from __future__ import annotations
+
 import dataclasses
 from collections.abc import Iterator
 

@@ -1,14 +1,19 @@
-"""TensorFlow imported for tf.data alone: Keras stays out until something asks for it."""
+"""TensorFlow imported for tf.data alone, on first use: decoding and evaluating never load it,
+and Keras stays out until something asks for it."""
 import subprocess
 import sys
 
 # Each check runs in a fresh interpreter: this one imported TensorFlow long ago.
 AFTER_LMJAX = '''
 import sys
-from lmjax import generation, workdir  # what experiments/decode.py imports
+from lmjax import evaluation, generation, workdir  # what decode.py and evaluate.py import
 from lmjax.data.tfdata import tf
-print(sorted({name.split('.')[0] for name in sys.modules} & {'keras', 'matplotlib'}))
+def loaded():
+  return sorted({name.split('.')[0] for name in sys.modules} & {'keras', 'matplotlib',
+                                                                 'tensorflow'})
+print(loaded())
 print(int(tf.data.Dataset.range(4).reduce(tf.constant(0, tf.int64), lambda a, b: a + b)))
+print(loaded())  # TensorFlow on first use, Keras still out
 print(tf.keras.layers.Dense.__module__.split('.')[0])  # loaded now, on first use
 '''
 KERAS_FIRST = '''
@@ -26,8 +31,8 @@ def _run(code):
   return done.stdout.splitlines()
 
 
-def test_decoding_imports_tensorflow_without_keras_and_tf_keras_still_loads():
-  assert _run(AFTER_LMJAX) == ['[]', '6', 'keras']
+def test_tensorflow_loads_on_first_use_without_keras_and_tf_keras_still_loads():
+  assert _run(AFTER_LMJAX) == ['[]', '6', "['tensorflow']", 'keras']
 
 
 def test_a_process_that_imported_keras_first_keeps_it():
