@@ -5,13 +5,22 @@ import shutil
 import tempfile
 import time
 
-from clu import metric_writers
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 from lmjax import storage
+from lmjax.data import tfdata
 
 _EVENT_FILE_PREFIX = 'events.out.tfevents.'
+
+
+def _default_writer(directory: str, just_logging: bool = False):
+  """clu's writer, loaded on first use: clu imports TensorFlow, which must come the way
+  lmjax.data.tfdata brings it (off the GPU) before anything starts its runtime, and a
+  process that only reads events needs neither."""
+  tfdata.tensorflow()
+  from clu import metric_writers
+  return metric_writers.create_default_writer(directory, just_logging=just_logging)
 
 
 def open_writer(workdir: str, just_logging: bool = False):
@@ -19,7 +28,7 @@ def open_writer(workdir: str, just_logging: bool = False):
   process but the first). A workdir in a bucket gets `BucketWriter`."""
   if storage.is_remote(workdir) and not just_logging:
     return BucketWriter(workdir)
-  return metric_writers.create_default_writer(workdir, just_logging=just_logging)
+  return _default_writer(workdir, just_logging=just_logging)
 
 
 _now = time.monotonic  # the clock of BucketWriter's copies (the tests set their own)
@@ -35,7 +44,7 @@ class BucketWriter:
   def __init__(self, workdir: str, every_seconds: float = 60.0):
     self.workdir, self.every_seconds = workdir, every_seconds
     self.local = tempfile.mkdtemp(prefix='lmjax-events-')
-    self._writer = metric_writers.create_default_writer(self.local)
+    self._writer = _default_writer(self.local)
     self._copied = _now()
     self._written = False  # anything written since the last copy
 

@@ -11,7 +11,8 @@ it loads, and Keras loads matplotlib), which lmjax never uses. Keras is held bac
 TensorFlow loads; `tf.keras` still imports it on first use, and a process that imported
 Keras before keeps it. A training run loads it anyway, when it opens its TensorBoard writer
 (TensorBoard's hparams plugin defines a Keras callback as it loads). TensorFlow is also kept
-off the GPU that JAX trains on.
+off the GPU that JAX trains on; lmjax.events calls `tensorflow()` before clu, which imports
+TensorFlow itself, so that this holds whichever needs it first.
 """
 import functools
 import sys

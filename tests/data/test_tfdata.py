@@ -16,6 +16,16 @@ print(int(tf.data.Dataset.range(4).reduce(tf.constant(0, tf.int64), lambda a, b:
 print(loaded())  # TensorFlow on first use, Keras still out
 print(tf.keras.layers.Dense.__module__.split('.')[0])  # loaded now, on first use
 '''
+# A writer is the first thing of a training run that needs TensorFlow (through clu); it must
+# come through lmjax.data.tfdata, which hides the GPU from it before its runtime starts.
+WRITER = '''
+import sys, tempfile
+from lmjax import events, sweep, train
+from lmjax.data import tfdata
+print('tensorflow' in sys.modules)
+events.open_writer(tempfile.mkdtemp()).close()
+print('tensorflow' in sys.modules, tfdata.tensorflow.cache_info().misses)
+'''
 KERAS_FIRST = '''
 import keras
 from lmjax.data.tfdata import tf
@@ -33,6 +43,10 @@ def _run(code):
 
 def test_tensorflow_loads_on_first_use_without_keras_and_tf_keras_still_loads():
   assert _run(AFTER_LMJAX) == ['[]', '6', "['tensorflow']", 'keras']
+
+
+def test_importing_training_loads_no_tensorflow_and_a_writer_loads_it_through_tfdata():
+  assert _run(WRITER) == ['False', 'True 1']
 
 
 def test_a_process_that_imported_keras_first_keeps_it():
