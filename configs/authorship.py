@@ -46,6 +46,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
     c.opt.update(lr=3e-3, warmup_steps=5)
     c.train.update(num_steps=30, batch_size=16, seq_len=32, eval_batch_size=64,
                    eval_every=15, checkpoint_every=15, log_every=15)
+    c.mesh.cpu_devices = 1  # one device, also in a process that presents more
   else:
     raise UserError(f'unknown variant {variant!r} of configs/authorship.py; use '
                     "'', 'lstm' or 'tiny'")

@@ -42,6 +42,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
     c.opt.update(lr=3e-3, min_lr=3e-4, warmup_steps=10)
     c.train.update(num_steps=60, batch_size=16, eval_batch_size=64, eval_every=60,
                    checkpoint_every=60, log_every=20)
+    c.mesh.cpu_devices = 1  # one device, also in a process that presents more
   elif variant in ('completion', 'completion_tiny'):
     c.data.format = 'completion'
     # About three puzzles to a row; greedy completions of 16 validation puzzles at each
@@ -53,6 +54,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
       c.opt.update(lr=3e-3, min_lr=3e-4, warmup_steps=5)
       c.train.update(num_steps=30, batch_size=16, eval_batch_size=64, eval_every=30,
                      checkpoint_every=30, log_every=10, eval_completions=4)
+      c.mesh.cpu_devices = 1  # one device, also in a process that presents more
   else:
     raise UserError(f'unknown variant {variant!r} of configs/countdown.py; use one of '
                     "'', 'tiny', 'completion', 'completion_tiny'")

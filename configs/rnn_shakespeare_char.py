@@ -59,6 +59,7 @@ def get_config(variant: str = 'lstm') -> ml_collections.ConfigDict:
     c.opt.update(lr=1e-2, warmup_steps=5)
     c.train.update(num_steps=60, batch_size=16, seq_len=32, eval_batch_size=8,
                    eval_every=30, checkpoint_every=30, log_every=10, sample_tokens=20)
+    c.mesh.cpu_devices = 1  # one device, also in a process that presents more
   else:
     raise UserError(f'unknown variant {variant!r} of configs/rnn_shakespeare_char.py; use '
                     "'lstm', 'gru', 'rnn', 'lstm_spm', 'awd', 'laptop' or 'tiny'")

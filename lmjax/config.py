@@ -186,7 +186,7 @@ def _mesh() -> ml_collections.ConfigDict:
   c.shape = (-1, 1, 1)  # devices along ('data', 'fsdp', 'tensor'); one -1 takes the rest
   c.dcn_shape = (1, 1, 1)  # slices or hosts along the same axes (the slow links between them)
   c.rules = sharding.RULES  # logical axis -> mesh axes (lmjax/sharding.py)
-  c.cpu_devices = 0  # no accelerator: present the CPU as this many devices; 0 keeps one
+  c.cpu_devices = 0  # no accelerator: train on this many CPU devices; 0: all JAX has (one)
   return c
 
 

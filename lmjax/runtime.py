@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import os
 import platform
+import re
 import signal
 import socket
 import sys
@@ -44,9 +45,10 @@ _CPU_COUNT_FLAG = '--xla_force_host_platform_device_count'
 def split_cpu(num_devices: int) -> str | None:
   """Has XLA:CPU present the host as `num_devices` devices (`mesh.cpu_devices`), which the
   data-parallel mesh then splits each batch over. Only takes effect before JAX starts its
-  CPU backend, and not where XLA_FLAGS already sets a count (the tests' 8 fake devices);
-  it adds CPU devices only, so a run on a GPU or TPU is not affected. Returns a note when
-  the setting cannot apply, else None.
+  CPU backend; where XLA_FLAGS already sets a count, or JAX has started, with at least
+  `num_devices` devices, the run's mesh takes the first of them (`run_devices`). It adds CPU
+  devices only, so a run on a GPU or TPU is not affected. Returns a note when the setting
+  cannot apply, else None.
 
   Why: on 2 cores XLA:CPU keeps both busy only part of the time on one device (many of the
   step's ops are too small to split over threads); two devices, each running its half of
@@ -61,19 +63,38 @@ def split_cpu(num_devices: int) -> str | None:
   if num_devices == 0:
     return None
   flags = os.environ.get('XLA_FLAGS', '')
-  if _CPU_COUNT_FLAG in flags:
+  present = re.search(fr'{_CPU_COUNT_FLAG}=(\d+)', flags)
+  if present:
+    if int(present.group(1)) >= num_devices:
+      return None
     return (f'mesh.cpu_devices={num_devices} not applied: XLA_FLAGS already sets '
-            f'{_CPU_COUNT_FLAG}.')
+            f'{present.group(0)}.')
   if 'jax' in sys.modules:
     try:  # JAX's own check; it has no public one
       from jax._src.xla_bridge import backends_are_initialized
     except ImportError:
       backends_are_initialized = lambda: False
     if backends_are_initialized():
-      return (f'mesh.cpu_devices={num_devices} not applied: JAX had already started; '
-              'set it before the first JAX call.')
+      import jax
+      if jax.devices()[0].platform == 'cpu' and jax.device_count() < num_devices:
+        return (f'mesh.cpu_devices={num_devices} not applied: JAX had already started '
+                f'with {jax.device_count()}; set it before the first JAX call.')
+      return None
   os.environ['XLA_FLAGS'] = f'{flags} {_CPU_COUNT_FLAG}={num_devices}'.strip()
   return None
+
+
+def run_devices(num_cpu_devices: int) -> list:
+  """The devices a run's mesh spans: all of JAX's, or, where one process presents more CPU
+  devices than `mesh.cpu_devices` asks for (a count set in XLA_FLAGS, as the tests' 8, or
+  a notebook's JAX already started), the first `num_cpu_devices` of them, as autotune's
+  trials of fewer devices do."""
+  import jax
+  devices = jax.devices()
+  if (num_cpu_devices and jax.process_count() == 1 and devices[0].platform == 'cpu' and
+      len(devices) > num_cpu_devices):
+    return devices[:num_cpu_devices]
+  return devices
 
 
 # The accelerators setup.cfg has an extra for: what to call it, its device nodes under /dev,

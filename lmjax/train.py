@@ -80,6 +80,8 @@ def _set_up(config, workdir: str, devices, allow_config_change: bool):
     print(config.train.recipe, flush=True)
   if jax.process_index() == 0 and note:
     print(f'note: {note}', flush=True)
+  if devices is None:
+    devices = runtime.run_devices(config.mesh.cpu_devices)
   mesh = sharding.make_mesh(config.mesh, devices)
   config_lib.validate_config(config, mesh)
   base = finetune.base_workdir(config, workdir)  # the run fine-tuned from, if any

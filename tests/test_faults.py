@@ -401,7 +401,8 @@ BAD_FLAGS = {
     'value': (['--config.train.num_steps=ten'], "--config.train.num_steps=ten: invalid literal"),
     'file': (['--config=configs/nope.py'], "--config: [Errno 2] No such file or directory"),
     'variant': (['--config=configs/shakespeare_char.py:huge'], "unknown variant 'huge'"),
-    'batch': (['--config.train.batch_size=12'], 'train.batch_size=12 does not divide by the 8'),
+    'batch': (['--config.train.batch_size=12', '--config.mesh.cpu_devices=8'],
+              'train.batch_size=12 does not divide by the 8'),
     'devices': (['--config.mesh.cpu_devices=-2'], 'mesh.cpu_devices=-2: give a whole number'),
 }
 

@@ -32,14 +32,25 @@ def test_a_fresh_process_gets_the_devices_it_asks_for():
 
 
 def test_an_existing_device_count_or_a_started_jax_is_left_alone(monkeypatch):
-  # conftest's XLA_FLAGS sets 8 devices: that count stands, with a note saying so.
-  assert 'already sets' in runtime.split_cpu(2)
+  # conftest's XLA_FLAGS sets 8 devices: that count stands; fewer are taken from it
+  # (run_devices), more are not there, with a note saying so.
+  assert runtime.split_cpu(2) is None
+  assert 'already sets --xla_force_host_platform_device_count=8' in runtime.split_cpu(9)
   import jax
   jax.devices()  # JAX has started in this process (with conftest's 8, should this be first)
   monkeypatch.setenv('XLA_FLAGS', '')
-  assert 'had already started' in runtime.split_cpu(2)
+  assert runtime.split_cpu(2) is None
+  assert 'had already started with 8' in runtime.split_cpu(16)
   assert os.environ['XLA_FLAGS'] == ''
   assert runtime.split_cpu(0) is None
+
+
+def test_a_run_takes_the_first_devices_it_asks_for_of_a_process_that_has_more():
+  import jax
+  assert runtime.run_devices(1) == jax.devices()[:1]
+  assert runtime.run_devices(2) == jax.devices()[:2]
+  assert runtime.run_devices(0) == runtime.run_devices(8) == runtime.run_devices(9) == (
+      jax.devices())
 
 
 @pytest.mark.parametrize('bad', [-1, 1.5, True, '2'])

@@ -41,6 +41,7 @@ def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('tiny'))
   config = tiny_config(checkpoint_every=20, eval_every=40, keep_checkpoints=5,
                        profile_steps=(3, 4), steps_per_dispatch=8)
+  config.mesh.cpu_devices = 0  # all of the process's devices, where the recipe takes one
   metrics = train.train_and_evaluate(config, workdir)
   return config, workdir, metrics
 
@@ -147,7 +148,8 @@ def test_rerunning_a_finished_run_resumes_and_does_not_retrain(trained, capsys):
 @pytest.mark.parametrize('overrides, message', [
     (dict(model=dict(d_model=30, num_heads=4)), 'model.d_model=30 does not divide'),
     (dict(train=dict(seq_len=64)), 'train.seq_len=64 is longer than the position table'),
-    (dict(train=dict(batch_size=12)), 'train.batch_size=12 does not divide by the 8'),
+    (dict(train=dict(batch_size=12), mesh=dict(cpu_devices=8)),
+     'train.batch_size=12 does not divide by the 8'),
     (dict(data=dict(tokenizer='bytes')), 'data.tokenizer'),
     (dict(model=dict(name='mamba')), "model.name='mamba'; known models: transformer"),
     (dict(data=dict(name='wikitext')), "data.name='wikitext'; known datasets: shakespeare"),
