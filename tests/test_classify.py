@@ -85,7 +85,7 @@ def test_the_head_reads_the_last_real_position_and_ignores_padding(family):
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   """A tiny Shakespeare language model (10 steps, 1 device), fine-tuned into an author
-  classifier (30 steps, 8 devices)."""
+  classifier (30 steps, 1 device)."""
   root = tmp_path_factory.mktemp('authorship')
   base, tuned = str(root / 'base'), str(root / 'tuned')
   lm = shakespeare_char.get_config('tiny')

@@ -31,7 +31,7 @@ def _train(workdir, family, devices=None, **train_overrides):
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-  """A tiny character Transformer, 4 steps on all 8 devices, checkpointed at 2 and 4,
+  """A tiny character Transformer, 4 steps on one device, checkpointed at 2 and 4,
   evaluated at 4; and its evaluation of the validation split on all 8 devices."""
   workdir = str(tmp_path_factory.mktemp('tiny'))
   result = _train(workdir, shakespeare_char, num_steps=4, eval_every=4, checkpoint_every=2,

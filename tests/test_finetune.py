@@ -28,7 +28,8 @@ def _config(**sections):
 def base(tmp_path_factory):
   """A tiny Shakespeare run of 40 steps on all 8 devices."""
   workdir = str(tmp_path_factory.mktemp('base'))
-  train.train_and_evaluate(_config(train=dict(num_steps=40, eval_every=40)), workdir)
+  train.train_and_evaluate(_config(train=dict(num_steps=40, eval_every=40),
+                                   mesh=dict(cpu_devices=0)), workdir)
   return workdir
 
 

@@ -84,7 +84,7 @@ def _assert_close(a, b):
 def reference(tmp_path_factory):
   """One process of 8 devices, data parallel: what every other run must reproduce."""
   workdir = str(tmp_path_factory.mktemp('reference'))
-  metrics = train.train_and_evaluate(_config(), workdir)
+  metrics = train.train_and_evaluate(_config(cpu_devices=0), workdir)
   return workdir, metrics
 
 

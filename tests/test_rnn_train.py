@@ -44,7 +44,7 @@ def _restore(workdir, step):
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-  """A tiny stateful LSTM: 60 steps on all 8 devices, checkpoints every 20."""
+  """A tiny stateful LSTM: 60 steps on one device, checkpoints every 20."""
   workdir = str(tmp_path_factory.mktemp('lstm'))
   config = tiny_config(checkpoint_every=20, keep_checkpoints=5)
   metrics = train.train_and_evaluate(config, workdir)
