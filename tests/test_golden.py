@@ -2,11 +2,11 @@
 parameters recorded in tests/golden.json.
 
 On the kind of machine the file was recorded on (the same jaxlib, the same vector
-extensions of the processor, the tests' compile level) every number must be equal bit for
-bit. Elsewhere numbers are compared to a relative 1e-5: XLA compiles for the processor it
-runs on, and the same run on a machine with AVX-512 and on one without differs in the last
-bits of a float32 (seen: 1e-7 relative in a loss after four steps). A change in what a run
-computes moves them far more than that. The attention key biases are left out of that
+extensions of the processor, the tests' compile flags, as many cores) every number must be
+equal bit for bit. Elsewhere numbers are compared to a relative 1e-5: XLA compiles for the
+processor it runs on, and the same run on a machine with AVX-512 and on one without differs
+in the last bits of a float32 (seen: 1e-7 relative in a loss after four steps). A change in
+what a run computes moves them far more than that. The attention key biases are left out of that
 comparison: a bias added to every key shifts all of a query's scores alike, so the softmax
 gives it a zero gradient in exact arithmetic, and what it receives is rounding noise that
 Adam's normalised step turns into moves the size of the learning rate, whose sign differs
@@ -103,13 +103,16 @@ _VECTOR = ('sse4', 'avx', 'fma', 'f16c', 'amx')
 
 def machine() -> str:
   """What the compiled numbers depend on besides lmjax: jaxlib's version, the processor's
-  vector extensions and the compile level of the tests."""
+  vector extensions, the compile flags of the tests and the cores the process may use
+  (XLA:CPU splits some reductions by them: on one core of this 2-core machine three of the
+  five runs differed in the last bits)."""
   extensions = []
   if os.path.exists('/proc/cpuinfo'):
     with open('/proc/cpuinfo') as f:
       line = next((line for line in f if line.startswith('flags')), '')
     extensions = sorted(f for f in line.split()[2:] if f.startswith(_VECTOR))
-  return f'jaxlib {jaxlib.__version__}; {xla.COMPILE}; {" ".join(extensions)}'
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  return f'jaxlib {jaxlib.__version__}; {xla.COMPILE}; {" ".join(extensions)}; {cores} cores'
 
 
 @pytest.fixture(scope='module')
