@@ -63,12 +63,12 @@ def split_cpu(num_devices: int) -> str | None:
   if num_devices == 0:
     return None
   flags = os.environ.get('XLA_FLAGS', '')
-  present = re.search(fr'{_CPU_COUNT_FLAG}=(\d+)', flags)
-  if present:
-    if int(present.group(1)) >= num_devices:
-      return None
+  if _CPU_COUNT_FLAG in flags:
+    present = re.search(fr'{_CPU_COUNT_FLAG}=(\d+)', flags)
+    if present and int(present.group(1)) >= num_devices:
+      return None  # run_devices takes the first num_devices of them
     return (f'mesh.cpu_devices={num_devices} not applied: XLA_FLAGS already sets '
-            f'{present.group(0)}.')
+            f'{present.group(0) if present else _CPU_COUNT_FLAG}.')
   if 'jax' in sys.modules:
     try:  # JAX's own check; it has no public one
       from jax._src.xla_bridge import backends_are_initialized

@@ -38,6 +38,8 @@ def test_an_existing_device_count_or_a_started_jax_is_left_alone(monkeypatch):
   assert 'already sets --xla_force_host_platform_device_count=8' in runtime.split_cpu(9)
   import jax
   jax.devices()  # JAX has started in this process (with conftest's 8, should this be first)
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count')  # no count read
+  assert runtime.split_cpu(2).endswith('already sets --xla_force_host_platform_device_count.')
   monkeypatch.setenv('XLA_FLAGS', '')
   assert runtime.split_cpu(2) is None
   assert 'had already started with 8' in runtime.split_cpu(16)
