@@ -8,7 +8,7 @@ instead of its MLIR fusion emitters (`--xla_cpu_use_fusion_emitters=false`): the
 programs, compiled in less CPU time. On the 2-core AMD EPYC (2026-12-05) -O0 took
 tests/test_sharding.py from 140.4 to 121.6 user CPU-seconds and the whole suite from 33.7 to
 30.3 user CPU-minutes; the older emitter took the XLA compile of a tiny Shakespeare run from
-3.3-4.0 to 2.0-2.2 seconds (four runs each), and the suite from 29.5 to 22.8 CPU-minutes
+3.3-4.0 to 2.0-2.2 seconds (three runs each), and the suite from 29.5 to 22.8 CPU-minutes
 (user and system; one run each, one after the other). The golden runs' losses and metrics
 stay within 3e-7 relative of XLA's default compile (float32 roundings), their texts the
 same; tests/golden.json is recorded with these flags.
