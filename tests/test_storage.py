@@ -38,7 +38,7 @@ def get_config(variant=''):
 
 
 def get_sweep(variant=''):
-  return sweep.grid({{'opt.lr': [3e-3, 1e-2]}})
+  return sweep.grid({{'opt.lr': [1e-2]}})
 '''
 
 
@@ -147,16 +147,17 @@ def test_a_run_in_a_bucket_stops_resumes_exactly_decodes_evaluates_and_sweeps(
       results['decode'].stdout
   assert 'loss' in results['evaluate'].stdout, results['evaluate'].stdout
 
-  # 4. A sweep keeps its record, its points' workdirs and its summary in the bucket.
+  # 4. A sweep keeps its record, its point's workdir and its summary in the bucket (one point:
+  # tests/test_sweep.py runs several, in parallel).
   config_file = tmp_path / 'sweep_config.py'
   config_file.write_text(SWEEP_CONFIG.format(
       path=os.path.join(REPO, 'configs', 'shakespeare_char.py'), train=TRAIN))
   root = f'{BUCKET}/sweep'
   done = subprocess.run([sys.executable, os.path.join(REPO, 'experiments', 'sweep.py'),
-                         f'--config={config_file}', f'--workdir={root}', '--parallel=2'],
+                         f'--config={config_file}', f'--workdir={root}'],
                         cwd=REPO, env=bucket, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-  names = sweep.point_names(sweep.grid({'opt.lr': [3e-3, 1e-2]}))
+  names = sweep.point_names(sweep.grid({'opt.lr': [1e-2]}))
   for name in names:
     assert sweep.point_status(f'{root}/{name}') == 'finished'
     assert 'Compiled in' in storage.read_text(f'{root}/{name}/train.log')
