@@ -2,7 +2,7 @@
 when something is wrong; and `progress`, the one progress bar they draw (a dataset build).
 
 Left alone, TensorFlow (under tf.data and TFDS) writes C++ log lines when it loads, and
-TFDS, orbax and clu log at INFO every file they open. Each script calls
+TFDS and orbax log at INFO every file they open. Each script calls
 `quiet_libraries()` before it imports anything else, and `errors.run_script` calls
 `quiet_python_logs()` once the flags are parsed. A variable the user set, or absl's
 --verbosity flag, wins over both (docs/guide/training.md says how to get the logs back).
@@ -37,7 +37,7 @@ def quiet_libraries() -> None:
 def quiet_python_logs() -> None:
   """Lets through Python logs at ERROR and above (orbax naming a damaged checkpoint, say),
   and JAX's warnings (an accelerator it found but cannot use); the INFO and WARNING lines
-  of absl, TFDS, orbax, clu and TensorFlow are held back. Does nothing when the command
+  of absl, TFDS, orbax and TensorFlow are held back. Does nothing when the command
   line gave absl's --verbosity (or -v): then that level holds for every library."""
   from absl import flags
   from absl import logging as absl_logging

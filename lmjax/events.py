@@ -15,20 +15,72 @@ _EVENT_FILE_PREFIX = 'events.out.tfevents.'
 
 
 def _default_writer(directory: str, just_logging: bool = False):
-  """clu's writer, loaded on first use: clu imports TensorFlow, which must come the way
-  lmjax.data.tfdata brings it (off the GPU) before anything starts its runtime, and a
-  process that only reads events needs neither."""
-  tfdata.tensorflow()
-  from clu import metric_writers
-  return metric_writers.create_default_writer(directory, just_logging=just_logging)
+  """The writer of `directory`'s event files (`just_logging`: one that writes nothing)."""
+  return _NoEvents() if just_logging else SummaryWriter(directory)
 
 
 def open_writer(workdir: str, just_logging: bool = False):
-  """clu's TensorBoard writer for `workdir` (`just_logging`: to the log only, as on every
-  process but the first). A workdir in a bucket gets `BucketWriter`."""
+  """The TensorBoard writer for `workdir`. `just_logging`, as on every process but the
+  first: no events (the progress lines are the log). A workdir in a bucket gets
+  `BucketWriter`."""
   if storage.is_remote(workdir) and not just_logging:
     return BucketWriter(workdir)
   return _default_writer(workdir, just_logging=just_logging)
+
+
+class SummaryWriter:
+  """Scalars, texts and hyperparameters into a directory's event files, through
+  TensorFlow's summary API, as TensorBoard's scalar, text and HParams tabs read them.
+
+  TensorFlow comes through lmjax.data.tfdata (off the GPU, without Keras). The HParams
+  record is written with TensorBoard's `hparams.summary_v2`, not its `hparams.api`, which
+  also defines a Keras callback and so imports Keras and matplotlib, 2-2.5 CPU-seconds
+  at the start of every run."""
+
+  def __init__(self, directory: str):
+    self._tf = tfdata.tensorflow()
+    self._writer = self._tf.summary.create_file_writer(directory)
+
+  def write_scalars(self, step: int, scalars) -> None:
+    with self._writer.as_default():
+      for tag, value in scalars.items():
+        self._tf.summary.scalar(tag, value, step=step)
+
+  def write_texts(self, step: int, texts) -> None:
+    with self._writer.as_default():
+      for tag, text in texts.items():
+        self._tf.summary.text(tag, text, step=step)
+
+  def write_hparams(self, hparams) -> None:
+    """`hparams`: a flat {name: bool, int, float or str}."""
+    from tensorboard.plugins.hparams import summary_v2
+    with self._writer.as_default():
+      summary_v2.hparams(dict(hparams))
+
+  def flush(self) -> None:
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+class _NoEvents:
+  """The writer of a process that writes no events."""
+
+  def write_scalars(self, step: int, scalars) -> None:
+    pass
+
+  def write_texts(self, step: int, texts) -> None:
+    pass
+
+  def write_hparams(self, hparams) -> None:
+    pass
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
 
 
 _now = time.monotonic  # the clock of BucketWriter's copies (the tests set their own)
@@ -113,8 +165,8 @@ def _read_local_scalars(directory: str, tags, workdir: str) -> dict[str, dict[in
 def _after_restarts(tensor_events) -> dict[int, float]:
   """{step: value} of a tag's events in the order written, where a step at or below one
   already seen starts a resumed run: the dead run's steps from there on are dropped.
-  (TensorBoard's reader purges them only on a SessionLog.START event, which clu's
-  writer does not write.)"""
+  (TensorBoard's reader purges them only on a SessionLog.START event, which TensorFlow's
+  summary writer does not write.)"""
   values = {}
   for e in tensor_events:
     if values and e.step <= max(values):

@@ -1,16 +1,15 @@
-"""lmjax/events.py: scalars read back from event files that clu's metric writer (the
-writer training uses) wrote, including a restarted run's."""
+"""lmjax/events.py: scalars read back from event files that its writer (the one training
+uses) wrote, including a restarted run's."""
 import time
 
 import pytest
-from clu import metric_writers
 
 from lmjax import events
 
 
 def _write(workdir, scalars_by_step, texts=False):
   """One writer's life: scalars per step, then closed (as a run that ends or dies)."""
-  writer = metric_writers.create_default_writer(str(workdir), asynchronous=False)
+  writer = events.open_writer(str(workdir))
   if texts:
     writer.write_texts(0, {'config': '    model: tiny'})
     writer.write_hparams({'lr': 0.5, 'model': 'tiny'})

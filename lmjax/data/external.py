@@ -39,7 +39,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import naming, read_only_builder
 
 from lmjax import storage
-from lmjax.data import files, locking, tokenizers
+from lmjax.data import files, locking, tfdata, tokenizers
 from lmjax.errors import UserError, one_line
 
 PREFIX = 'tfds:'
@@ -95,7 +95,9 @@ def _files_name(name: str) -> str:
 def builder(data_config) -> tfds.core.DatasetBuilder:
   """The prepared dataset `data_config.name` names, read from its files; UserError with the
   command that prepares it if it is not there. A 'files:' folder is copied into one first
-  if it has not been."""
+  if it has not been. TensorFlow, which the builder loads on first use, comes through
+  lmjax.data.tfdata (without Keras)."""
+  tfdata.tensorflow()
   if files.is_files(data_config.name):
     return files.builder(data_config)
   check_name(data_config.name)

@@ -16,15 +16,29 @@ print(int(tf.data.Dataset.range(4).reduce(tf.constant(0, tf.int64), lambda a, b:
 print(loaded())  # TensorFlow on first use, Keras still out
 print(tf.keras.layers.Dense.__module__.split('.')[0])  # loaded now, on first use
 '''
-# A writer is the first thing of a training run that needs TensorFlow (through clu); it must
-# come through lmjax.data.tfdata, which hides the GPU from it before its runtime starts.
+# The writer and the TFDS datasets are what first needs TensorFlow in a training run; it
+# must come through lmjax.data.tfdata, which hides the GPU from it before its runtime starts
+# and holds Keras back. Writing hyperparameters loads no Keras either (TensorBoard's
+# `hparams.api` would).
 WRITER = '''
 import sys, tempfile
 from lmjax import events, sweep, train
 from lmjax.data import tfdata
 print('tensorflow' in sys.modules)
-events.open_writer(tempfile.mkdtemp()).close()
+writer = events.open_writer(tempfile.mkdtemp())
+writer.write_hparams({'opt.lr': 0.5, 'model.name': 'transformer'})
+writer.write_scalars(1, {'train/loss': 2.5})
+writer.write_texts(1, {'sample': 'ROMEO:'})
+writer.close()
 print('tensorflow' in sys.modules, tfdata.tensorflow.cache_info().misses)
+print(sorted({name.split('.')[0] for name in sys.modules} & {'keras', 'matplotlib'}))
+'''
+DATASET = '''
+import sys
+from lmjax.data import corpora, tfdata
+print(len(corpora.load_split_texts('milton', 'validation')) > 0,
+      tfdata.tensorflow.cache_info().misses)
+print(sorted({name.split('.')[0] for name in sys.modules} & {'keras', 'matplotlib'}))
 '''
 KERAS_FIRST = '''
 import keras
@@ -46,7 +60,11 @@ def test_tensorflow_loads_on_first_use_without_keras_and_tf_keras_still_loads():
 
 
 def test_importing_training_loads_no_tensorflow_and_a_writer_loads_it_through_tfdata():
-  assert _run(WRITER) == ['False', 'True 1']
+  assert _run(WRITER) == ['False', 'True 1', '[]']
+
+
+def test_reading_a_tfds_dataset_loads_tensorflow_through_tfdata():
+  assert _run(DATASET) == ['True 1', '[]']
 
 
 def test_a_process_that_imported_keras_first_keeps_it():
