@@ -150,6 +150,8 @@ def read_scalars(workdir: str, tags=None) -> dict[str, dict[int, float]]:
 
 
 def _read_local_scalars(directory: str, tags, workdir: str) -> dict[str, dict[int, float]]:
+  # TensorBoard's reader imports TensorFlow if it can: through tfdata, without Keras.
+  tfdata.tensorflow()
   acc = event_accumulator.EventAccumulator(directory, size_guidance={'tensors': 0})
   acc.Reload()
   found = [tag for tag in acc.Tags()['tensors']

@@ -3,6 +3,8 @@ and Keras stays out until something asks for it."""
 import subprocess
 import sys
 
+from lmjax import events
+
 # Each check runs in a fresh interpreter: this one imported TensorFlow long ago.
 AFTER_LMJAX = '''
 import sys
@@ -40,6 +42,15 @@ print(len(corpora.load_split_texts('milton', 'validation')) > 0,
       tfdata.tensorflow.cache_info().misses)
 print(sorted({name.split('.')[0] for name in sys.modules} & {'keras', 'matplotlib'}))
 '''
+# A sweep's summary reads the points' event files, and TensorBoard's reader imports
+# TensorFlow itself.
+READER = '''
+import sys
+from lmjax import events
+from lmjax.data import tfdata
+print(events.read_scalars(sys.argv[1]), tfdata.tensorflow.cache_info().misses)
+print(sorted({name.split('.')[0] for name in sys.modules} & {'keras', 'matplotlib'}))
+'''
 KERAS_FIRST = '''
 import keras
 from lmjax.data.tfdata import tf
@@ -48,8 +59,8 @@ print(sys.modules['keras'] is keras, tf.keras.layers.Dense is keras.layers.Dense
 '''
 
 
-def _run(code):
-  done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+def _run(code, *args):
+  done = subprocess.run([sys.executable, '-c', code, *args], capture_output=True, text=True,
                         timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   return done.stdout.splitlines()
@@ -69,3 +80,10 @@ def test_reading_a_tfds_dataset_loads_tensorflow_through_tfdata():
 
 def test_a_process_that_imported_keras_first_keeps_it():
   assert _run(KERAS_FIRST) == ['True True']
+
+
+def test_reading_event_files_loads_tensorflow_through_tfdata(tmp_path):
+  writer = events.open_writer(str(tmp_path))
+  writer.write_scalars(3, {'eval/loss': 1.5})
+  writer.close()
+  assert _run(READER, str(tmp_path)) == ["{'eval/loss': {3: 1.5}} 1", '[]']
