@@ -14,18 +14,13 @@ from lmjax.data import tfdata
 _EVENT_FILE_PREFIX = 'events.out.tfevents.'
 
 
-def _default_writer(directory: str, just_logging: bool = False):
-  """The writer of `directory`'s event files (`just_logging`: one that writes nothing)."""
-  return _NoEvents() if just_logging else SummaryWriter(directory)
-
-
 def open_writer(workdir: str, just_logging: bool = False):
   """The TensorBoard writer for `workdir`. `just_logging`, as on every process but the
   first: no events (the progress lines are the log). A workdir in a bucket gets
   `BucketWriter`."""
-  if storage.is_remote(workdir) and not just_logging:
-    return BucketWriter(workdir)
-  return _default_writer(workdir, just_logging=just_logging)
+  if just_logging:
+    return _NoEvents()
+  return BucketWriter(workdir) if storage.is_remote(workdir) else SummaryWriter(workdir)
 
 
 class SummaryWriter:
@@ -96,7 +91,7 @@ class BucketWriter:
   def __init__(self, workdir: str, every_seconds: float = 60.0):
     self.workdir, self.every_seconds = workdir, every_seconds
     self.local = tempfile.mkdtemp(prefix='lmjax-events-')
-    self._writer = _default_writer(self.local)
+    self._writer = SummaryWriter(self.local)
     self._copied = _now()
     self._written = False  # anything written since the last copy
 

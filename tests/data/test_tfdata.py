@@ -5,14 +5,16 @@ import sys
 
 from lmjax import events
 
-# Each check runs in a fresh interpreter: this one imported TensorFlow long ago.
-AFTER_LMJAX = '''
+# Each check runs in a fresh interpreter: this one imported TensorFlow long ago. `loaded()`
+# names which of these it holds.
+LOADED = '''
 import sys
+def loaded(names=('keras', 'matplotlib', 'tensorflow')):
+  return sorted({name.split('.')[0] for name in sys.modules} & set(names))
+'''
+AFTER_LMJAX = '''
 from lmjax import evaluation, generation, workdir  # what decode.py and evaluate.py import
 from lmjax.data.tfdata import tf
-def loaded():
-  return sorted({name.split('.')[0] for name in sys.modules} & {'keras', 'matplotlib',
-                                                                 'tensorflow'})
 print(loaded())
 print(int(tf.data.Dataset.range(4).reduce(tf.constant(0, tf.int64), lambda a, b: a + b)))
 print(loaded())  # TensorFlow on first use, Keras still out
@@ -33,14 +35,14 @@ writer.write_scalars(1, {'train/loss': 2.5})
 writer.write_texts(1, {'sample': 'ROMEO:'})
 writer.close()
 print('tensorflow' in sys.modules, tfdata.tensorflow.cache_info().misses)
-print(sorted({name.split('.')[0] for name in sys.modules} & {'keras', 'matplotlib'}))
+print(loaded(('keras', 'matplotlib')))
 '''
 DATASET = '''
 import sys
 from lmjax.data import corpora, tfdata
 print(len(corpora.load_split_texts('milton', 'validation')) > 0,
       tfdata.tensorflow.cache_info().misses)
-print(sorted({name.split('.')[0] for name in sys.modules} & {'keras', 'matplotlib'}))
+print(loaded(('keras', 'matplotlib')))
 '''
 # A sweep's summary reads the points' event files, and TensorBoard's reader imports
 # TensorFlow itself.
@@ -49,7 +51,7 @@ import sys
 from lmjax import events
 from lmjax.data import tfdata
 print(events.read_scalars(sys.argv[1]), tfdata.tensorflow.cache_info().misses)
-print(sorted({name.split('.')[0] for name in sys.modules} & {'keras', 'matplotlib'}))
+print(loaded(('keras', 'matplotlib')))
 '''
 KERAS_FIRST = '''
 import keras
@@ -60,8 +62,8 @@ print(sys.modules['keras'] is keras, tf.keras.layers.Dense is keras.layers.Dense
 
 
 def _run(code, *args):
-  done = subprocess.run([sys.executable, '-c', code, *args], capture_output=True, text=True,
-                        timeout=300)
+  done = subprocess.run([sys.executable, '-c', LOADED + code, *args], capture_output=True,
+                        text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   return done.stdout.splitlines()
 
