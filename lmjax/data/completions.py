@@ -394,7 +394,8 @@ def train_dataset(examples: Examples, *, seq_len: int, global_batch: int, seed: 
   signature = {k: tf.TensorSpec((local, seq_len), tf.float32 if k == 'weights' else tf.int32)
                for k in ('inputs', 'targets', 'weights')
                + (('segment_ids', 'positions') if packed else ())}
-  return tf.data.Dataset.from_generator(batches, output_signature=signature).prefetch(2)
+  return pipeline.read_ahead(
+      tf.data.Dataset.from_generator(batches, output_signature=signature))
 
 
 def eval_set(examples: Examples, *, seq_len: int, batch_size: int,

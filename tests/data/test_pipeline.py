@@ -192,3 +192,28 @@ def test_a_memmap_is_read_window_by_window_not_loaded_whole(tmp_path):
   grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before
   assert batches[0]['inputs'].shape == (2, 1024)
   assert grown < 1 << 20, f'peak memory grew by {grown / 2**20:.1f} GiB'
+
+
+def test_training_streams_leave_tf_data_nothing_to_tune():
+  """With tf.data's autotuning on, deleting a long run's iterator could wait up to the
+  tuning thread's next wake-up (24-34 s at the end of a `:cpu` run): every stream a run
+  trains on has it off, and still yields its batches."""
+  from lmjax.data import completions, tokenizers
+  tokens = _stream(2000)
+  starts, _ = pipeline.mixture_schedule([1000, 1000], [0.5, 0.5], seq_len=16, num_examples=8,
+                                        seed=0)
+  classes = {'inputs': np.zeros((8, 4), np.int32), 'mask': np.ones((8, 4), bool),
+             'labels': np.zeros(8, np.int32)}
+  chars = tokenizers.CharTokenizer.train(['abc'])
+  pairs = completions.tokenize([('ab', 'c')] * 8, chars, seq_len=16, what='x')
+  streams = {
+      'lm': pipeline.train_dataset(tokens, seq_len=16, global_batch=4, seed=0),
+      'mixture': pipeline.mixture_dataset(tokens, starts, seq_len=16, global_batch=4),
+      'stream': pipeline.stream_dataset(tokens, seq_len=16, global_batch=4, seed=0, eos_id=EOS),
+      'classification': pipeline.classification_train_dataset(classes, global_batch=4, seed=0),
+      'completion': completions.train_dataset(pairs, seq_len=16, global_batch=4, seed=0,
+                                              packed=True),
+  }
+  for name, ds in streams.items():
+    assert ds.options().autotune.enabled is False, name
+    assert len(_take(ds, 2)) == 2, name
