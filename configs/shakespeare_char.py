@@ -64,8 +64,8 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   elif variant == 'cpu':
     c.model.update(num_layers=4, num_heads=4, d_model=128, max_len=64, dropout=0.0)
     c.opt.update(warmup_steps=100)
-    c.train.update(num_steps=2000, batch_size=12, seq_len=64, eval_batch_size=256,
-                   eval_every=1000, checkpoint_every=500, log_every=100, sample_tokens=56)
+    c.train.update(num_steps=2000, batch_size=12, seq_len=64, eval_batch_size=64, eval_every=1000,
+                   checkpoint_every=500, log_every=100, sample_tokens=56, steps_per_dispatch=10)
   elif variant == 'mlm':
     c.model.update(num_layers=4, num_heads=4, d_model=128, max_len=128, dropout=0.0,
                    causal=False)
