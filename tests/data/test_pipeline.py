@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from lmjax.data import pipeline
+from lmjax.data import completions, pipeline, tokenizers
 from lmjax.errors import UserError
 
 
@@ -198,7 +198,6 @@ def test_training_streams_leave_tf_data_nothing_to_tune():
   """With tf.data's autotuning on, deleting a long run's iterator could wait up to the
   tuning thread's next wake-up (24-34 s at the end of a `:cpu` run): every stream a run
   trains on has it off, and still yields its batches."""
-  from lmjax.data import completions, tokenizers
   tokens = _stream(2000)
   starts, _ = pipeline.mixture_schedule([1000, 1000], [0.5, 0.5], seq_len=16, num_examples=8,
                                         seed=0)
