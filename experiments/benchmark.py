@@ -377,7 +377,8 @@ def bench_autotune(config, vocab_size: int):
                                      vocab_size)
   print(json.dumps({'bench': 'autotune', 'settings': settings,
                     'seconds': round(time.perf_counter() - began, 1),
-                    'trials': [{**t.settings, 'compile_s': round(t.compile_s, 2),
+                    'trials': [{**t.settings, 'rows': t.rows,
+                                'compile_s': round(t.compile_s, 2),
                                 'step_ms': t.step_s and round(1e3 * t.step_s, 2),
                                 'peak_bytes': t.peak_bytes, 'verdict': t.verdict}
                                for t in trials]}), flush=True)

@@ -8,22 +8,31 @@ and, on a CPU, how many devices the host is presented as (mesh.cpu_devices). Bef
 with train.autotune=True, `search` takes one field at a time: its candidate values, the
 other fields at the best found so far, are compiled; those whose compiled step does not fit
 in a device's memory (XLA's memory analysis, as training itself checks) are refused; the
-others race, a step each in turn on the run's first batch, and the lowest median wins. A
-second pass over the fields finds settings that win only together. A field named in
+others race, a step each in turn on the run's first batch, and the lowest median wins.
+Each field races with the ones before it (SEARCH_ORDER) at their winners. A field named in
 train.autotune_pinned keeps the config's value.
+
+Every candidate is timed on the model cut to one layer (`cut_down`) and a share of the
+batch (`_timed_rows`): the settings act on every layer alike (attention and remat inside a
+layer, the slices on all of them), so a layer ranks them as the whole model does, and its
+step compiles and runs in a fraction of the time (on a CPU, 2-3 s to compile against 3-10 s
+for six layers). Its memory, times the layers, bounds the whole model's from above. The
+CPU device split is the exception (DEVICES_MARGIN): it is pinned by default.
 
 The choice is kept three ways: in the workdir's config.json (a resume takes it from
 there), in a cache file keyed by everything that decides the step's speed (the model, the
 batch's shapes, the optimizer, the mesh, the device kind and count, the JAX version), so
 that a second run of the same model on the same machine does not time again, and in the
-run's TensorBoard text and result.json. Timing trains a throwaway copy of the state; the
-run itself starts from its own initialisation, and what it computes differs only as the
-chosen settings document (float rounding, dropout masks drawn per slice).
+run's TensorBoard text and result.json. Timing trains a throwaway state; the run itself
+starts from its own initialisation, and what it computes differs only as the chosen
+settings document (float rounding, dropout masks drawn per slice).
 """
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
+import math
 import os
 import statistics
 import time
@@ -39,24 +48,49 @@ from lmjax.errors import UserError
 from lmjax.models import transformer
 
 # A candidate whose first timed step is this much slower than the fastest of its race is not
-# timed further: it cannot win.
-GIVE_UP_RATIO = 1.5
-# Passes over the fields: a second one finds pairs of settings that win only together.
-PASSES = 2
+# timed further: a race's steps vary by a few percent, so it will not win.
+GIVE_UP_RATIO = 1.2
+# Another device count replaces the one so far only if it is faster by more than this. The
+# one-layer model misjudges the CPU device split: on the whole batch of the :full recipe it
+# put 1 and 2 devices within 1% in three of seven races and chose 1 in another, where the
+# whole model ran 3-4% faster on 2 (and 9% in that run). train.autotune_pinned holds the
+# split by default; unpinned, this margin keeps the config's unless the gain is clear.
+DEVICES_MARGIN = 0.02
+# The order the fields are searched in: the slices first, which move the step the most on
+# a CPU and decide the rows the other races are timed on; each later field races with the
+# earlier ones at their winners.
+SEARCH_ORDER = ('train.microbatches', 'model.attention', 'model.attention_block',
+                'model.remat', 'mesh.cpu_devices')
+# A race times the candidates on 1/TIMED_SHARE of the batch, where each one's slices divide it.
+TIMED_SHARE = 4
+# The layers of the model that candidates are timed on.
+TIMED_LAYERS = 1
+# Causal attention in blocks: the candidate is this many blocks of queries to a row. With n
+# blocks (n + 1) / 2n of the scores are computed: 75% at 2, 62.5% at 4, 56% at 8 for twice
+# the unrolled blocks (each its own softmax and masks) and their compile time. On one layer
+# of the :full recipe 2 and 4 blocks each won some of eight races, and 8 lost all three it
+# ran in; on the whole model 4 ran level with 2 (docs/results.md).
+BLOCKS = 4
 # A candidate's steps are timed (after one untimed) train.autotune_steps times, more where
 # they add up to less than MIN_SECONDS (a few milliseconds' steps vary more than settings
 # move them; MAX_STEPS at most), fewer where MAX_SECONDS are timed already (at least one).
-MIN_SECONDS, MAX_SECONDS = 0.3, 10.0
+MIN_SECONDS, MAX_SECONDS = 0.15, 10.0
 MAX_STEPS = 50
+# Candidates whose medians are within CLOSE of the fastest's go on together, a step each a
+# round, up to CLOSE_STEPS x train.autotune_steps, until one stands apart: settings a few
+# percent apart need more steps than clearly slower ones.
+CLOSE, CLOSE_STEPS = 1.04, 3
 
 
 @dataclasses.dataclass
 class Trial:
   """One candidate: its settings (field -> value), and what timing it found."""
   settings: dict
+  rows: int = 0  # of the batch, timed
   compile_s: float = 0.0
-  step_s: float | None = None  # median of the timed steps
-  peak_bytes: int | None = None  # XLA's memory analysis of the compiled step, per device
+  step_s: float | None = None  # median of the timed steps of the cut-down model
+  # per device: XLA's memory analysis of the cut-down step, times the model's layers
+  peak_bytes: int | None = None
   verdict: str = ''
 
 
@@ -89,6 +123,12 @@ def searched_fields(config, mesh) -> tuple[str, ...]:
   if mesh.devices.flat[0].platform != 'cpu' or jax.process_count() > 1:
     fields = [f for f in fields if f != 'mesh.cpu_devices']
   return tuple(fields)
+
+
+def cut_down(config):
+  """`config` with the model cut to TIMED_LAYERS layers: what candidates are timed on."""
+  return with_settings(config, {
+      'model.num_layers': min(TIMED_LAYERS, config.model.num_layers)})
 
 
 def _get(config, field: str):
@@ -144,7 +184,7 @@ def settle(config, mesh, task, vocab_size: int, tuning: Tuning | None = None):
       began = time.perf_counter()
       settings, trials = search(config, mesh, batch, vocab_size)
       tuning = Tuning(settings, 'search', time.perf_counter() - began, markdown(trials))
-      print(f'Autotune: {len(trials)} settings tried in {tuning.seconds:.1f} s; training '
+      print(f'Autotune: {len(trials)} trials in {tuning.seconds:.1f} s; training '
             f'with {_format(settings)}.\n{tuning.table}', flush=True)
       _write_cache(key, {'settings': settings, 'table': tuning.table,
                          'seconds': round(tuning.seconds, 1),
@@ -155,47 +195,117 @@ def settle(config, mesh, task, vocab_size: int, tuning: Tuning | None = None):
 def search(config, mesh, batch: dict, vocab_size: int, *,
            memory_limit: int | None = None) -> tuple[dict, list[Trial]]:
   """(the fastest settings, every candidate in the order first compiled). One field at a
-  time, its candidates (the other fields at the best so far) race: compiled, then timed a
-  step each in turn, so that the machine's drift weighs on all alike. The fields are
-  passed over again until a pass changes nothing (PASSES at most). `memory_limit` (bytes per
-  device) replaces the device's own. Raises UserError if no candidate fits."""
+  time (SEARCH_ORDER), its candidates (the fields before it at their winners) race on the
+  cut-down model: compiled, then timed a step each in turn, so that the machine's drift
+  weighs on all alike. `memory_limit` (bytes per device) replaces the device's own. Raises
+  UserError if no candidate fits."""
   config_lib.validate_config(config, mesh)  # the config's own mistakes, named as such
   best = _own(config, mesh, searched_fields(config, mesh))
-  fields = tuple(best)
-  trials, runs, states = {}, {}, {}  # by settings: Trial, compiled step; state by device count
-  for _ in range(PASSES):
-    before = best
-    for field in fields or (None,):
-      # A field's candidates depend on the others' values (the device count on all devices).
-      at = with_settings(config, best)
-      on = mesh if field == 'mesh.cpu_devices' else submesh(at, mesh, best)
-      group = [best] + [{**best, field: v} for v in ([] if field is None else
-                                                      _candidates(at, on, field))]
-      group = list({_key(g): g for g in group}.values())
-      if len(group) == 1 and _key(best) in trials:
-        continue
-      for settings in group:
-        if _key(settings) not in trials:
-          trial, run = _compile(config, mesh, batch, vocab_size, settings, memory_limit, states)
-          trials[_key(settings)], runs[_key(settings)] = trial, run
-          if run is None:
-            print(f'  autotune {_changes(settings, config, mesh)}: {trial.verdict}', flush=True)
-      racing = [g for g in group if runs[_key(g)] is not None]
-      _race([trials[_key(g)] for g in racing], [runs[_key(g)] for g in racing],
-            config.train.autotune_steps, states)
-      if field is not None and racing:
-        print(f'  autotune {field} ({_changes(best, config, mesh)}): ' + ', '.join(
-            f'{g[field]!r} {_describe(trials[_key(g)])}' for g in racing), flush=True)
-      if racing:
-        best = min(racing, key=lambda g: trials[_key(g)].step_s)
-    if best == before:
+  timer = _Timer(config, mesh, batch, vocab_size, memory_limit)
+  for field in sorted(best, key=SEARCH_ORDER.index) or (None,):
+    # A field's candidates depend on the others' values (the device count on all devices).
+    at = with_settings(config, best)
+    on = mesh if field == 'mesh.cpu_devices' else submesh(at, mesh, best)
+    values = [] if field is None else _candidates(at, on, field)
+    if field == 'model.remat' and best[field] == 'none' and not timer.refused:
+      values = []  # recomputing only pays where memory is short: every slicing fitted
+    if field == 'train.microbatches':
+      best = _race_slices(timer, best, values)
+    else:
+      best = timer.race(field, best, [best] + [{**best, field: v} for v in values])
+  return best, timer.finish(best)
+
+
+def _race_slices(timer, best: dict, counts: list[int]) -> dict:
+  """The slice counts of at least TIMED_SHARE race first, on 1/TIMED_SHARE of the batch;
+  then, while the fewest so far wins, the next fewer against it, on twice the rows."""
+  field = 'train.microbatches'
+  many = [k for k in counts if k >= TIMED_SHARE]
+  few = sorted((k for k in counts if k < TIMED_SHARE), reverse=True)
+  if not many:  # a small batch: all at once
+    return timer.race(field, best, [best] + [{**best, field: k} for k in few])
+  if len(many) > 1 or best[field] in many:
+    best = timer.race(field, best, ([best] if best[field] in many else []) +
+                      [{**best, field: k} for k in many])
+  else:  # one count of many slices: it meets the next fewer first
+    best = {**best, field: many[0]}
+  fewest = min(many)
+  for k in few:
+    if best[field] != fewest:
       break
-  if trials[_key(best)].step_s is None:
-    raise UserError('train.autotune: no candidate setting fits in memory (see the lines '
-                    'above); lower train.batch_size or train.seq_len, or pin fewer fields '
-                    '(train.autotune_pinned).')
-  trials[_key(best)].verdict = 'fastest'
-  return best, list(trials.values())
+    best, fewest = timer.race(field, best, [best, {**best, field: k}]), k
+  return best
+
+
+class _Timer:
+  """Compiles and races candidates, keeping every trial (by settings and timed rows), the
+  compiled steps and one throwaway state per device count."""
+
+  def __init__(self, config, mesh, batch: dict, vocab_size: int, memory_limit: int | None):
+    self.config, self.mesh, self.batch, self.vocab_size = config, mesh, batch, vocab_size
+    self.memory_limit = memory_limit
+    self.trials, self.runs, self.states = {}, {}, {}
+    self.last = {}  # settings -> the key of its latest trial
+    self.refused = False  # whether a candidate did not fit in memory
+
+  def race(self, field: str | None, best: dict, group: list[dict]) -> dict:
+    """The fastest of `group` (`best` if none of it runs), timed on the same rows."""
+    group = list({_key(g): g for g in group}.values())
+    rows = _timed_rows(self.config.train.batch_size, [
+        g.get('train.microbatches', self.config.train.microbatches) for g in group])
+    if field == 'mesh.cpu_devices':  # the update's share differs between device counts
+      rows = self.config.train.batch_size
+    keys = [(_key(g), rows) for g in group]
+    if len(group) == 1 and _key(best) in self.last:
+      return best  # nothing to race it against
+    for settings, key in zip(group, keys, strict=True):
+      if key not in self.trials:
+        self.trials[key], self.runs[key] = _compile(
+            self.config, self.mesh, {k: v[:rows] for k, v in self.batch.items()},
+            self.vocab_size, settings, self.memory_limit, self.states)
+        if self.runs[key] is None:
+          self.refused = self.refused or self.trials[key].verdict.startswith('does not')
+          print(f'  autotune {_changes(settings, self.config, self.mesh)}: '
+                f'{self.trials[key].verdict}', flush=True)
+      self.last[_key(settings)] = key
+    racing = [(g, k) for g, k in zip(group, keys, strict=True) if self.runs[k] is not None]
+    if not racing:
+      return best
+    _race([self.trials[k] for _, k in racing], [self.runs[k] for _, k in racing],
+          self.config.train.autotune_steps, self.states)
+    if field is not None:
+      print(f'  autotune {field} ({_changes(best, self.config, self.mesh)}, '
+            f'{rows} row{"s" * (rows != 1)}): '
+            + ', '.join(f'{g[field]!r} {_describe(self.trials[k])}' for g, k in racing),
+            flush=True)
+    winner, fastest = min(racing, key=lambda gk: self.trials[gk[1]].step_s)
+    own = [k for g, k in racing if g == best]  # the settings so far, if they raced
+    margin = DEVICES_MARGIN if field == 'mesh.cpu_devices' else 0.0
+    if own and self.trials[own[0]].step_s <= (1 + margin) * self.trials[fastest].step_s:
+      return best
+    return winner
+
+  def finish(self, best: dict) -> list[Trial]:
+    """Every trial, the winner's marked; UserError where none could run."""
+    trial = self.trials.get(self.last.get(_key(best)))
+    if trial is None or trial.step_s is None:
+      raise UserError('train.autotune: no candidate setting fits in memory (see the lines '
+                      'above); lower train.batch_size or train.seq_len, or pin fewer fields '
+                      '(train.autotune_pinned).')
+    trial.verdict = 'fastest'
+    return list(self.trials.values())
+
+
+def _timed_rows(batch_size: int, microbatches: list[int]) -> int:
+  """Rows of the batch a race times: a quarter of it where every candidate's slice count is
+  a multiple of TIMED_SHARE, else a half or all of it (each candidate runs its slices at the
+  sizes they have in the whole batch, a quarter or a half as many). A step's time is its
+  slices' plus a part that does not change with the rows (the update). That part is the same
+  for every candidate of a field but the device count (each device updates its own copy of
+  the parameters, and CPU devices share the cores), whose race takes the whole batch; so
+  on the same rows the candidates rank as on the whole batch."""
+  share = functools.reduce(math.gcd, microbatches, TIMED_SHARE)
+  return batch_size // share if batch_size % share == 0 else batch_size
 
 
 def _key(settings: dict) -> tuple:
@@ -231,30 +341,40 @@ def _candidates(config, mesh, field: str) -> list:
   if field == 'model.attention_block':  # blocks apply on the einsum path, causal
     if not (m.causal and (m.attention == 'einsum' or m.dropout > 0)):
       return [m.attention_block]
-    return [0] + [b for b in (16, 32, 64, 128, 256, 512) if b < t.seq_len]
+    return [0] + [b for b in [t.seq_len // BLOCKS] if b >= 16]
   raise ValueError(f'no candidates for {field}')
 
 
 def _compile(config, mesh, batch: dict, vocab_size: int, settings: dict,
              memory_limit: int | None, states: dict):
-  """(Trial, (compiled step, its batch, device count) or None where it cannot run): the
-  train step of `config` with `settings`, its memory checked against the device's."""
+  """(Trial, (compiled step, its batch, state key) or None where it cannot run): the train
+  step of `config` with `settings` cut down to TIMED_LAYERS, its memory times the layers
+  checked against the device's, then run once untimed."""
   config = with_settings(config, settings)
-  trial = Trial(settings)
+  trial = Trial(settings, len(next(iter(batch.values()))))
   try:
     mesh = submesh(config, mesh, settings)
     config_lib.validate_config(config, mesh)
   except UserError as e:
     trial.verdict = f'not possible: {e}'
     return trial, None
+  layers, config = config.model.num_layers, cut_down(config)
+  # The rows timed, in slices of the size the settings give the whole batch (a stateful
+  # model's carry has as many rows).
+  config.train.microbatches = config.train.microbatches * trial.rows // config.train.batch_size
+  config.train.batch_size = trial.rows
   rules = sharding.rules_as_tuples(config.mesh.rules)
   model = state_lib.build_model(config, vocab_size)
   tx = optim.make_optimizer(config.opt, config.train.num_steps)
-  n = mesh.devices.size
+  n = (mesh.devices.size, state_lib.carry_rows(config))
   if n not in states:  # one throwaway state per device count, passed from step to step
-    states[n] = state_lib.create_train_state(
-        model, tx, mesh, rules, config.train.seed, config.train.seq_len,
-        carry_rows=state_lib.carry_rows(config))[0]
+    like = [state for (_, rows), state in states.items() if rows == n[1]]
+    if like:  # copied onto these devices through the host, not initialised again
+      states[n] = jax.tree.map(lambda x: jax.device_put(
+          np.asarray(x), jax.NamedSharding(mesh, x.sharding.spec)), like[0])
+    else:
+      states[n] = state_lib.create_train_state(model, tx, mesh, rules, config.train.seed,
+                                               config.train.seq_len, carry_rows=n[1])[0]
   step_fn = steps.jit_train_step(model, tx, mesh, rules,
                                  jax.tree.map(lambda x: x.sharding, states[n]),
                                  config.train.microbatches)
@@ -264,7 +384,11 @@ def _compile(config, mesh, batch: dict, vocab_size: int, settings: dict,
     compiled = step_fn.lower(states[n], on_mesh, jax.random.key(0)).compile()
   trial.compile_s = time.perf_counter() - began
   use = steps.memory_use(compiled, states[n], mesh)
-  trial.peak_bytes, limit = use['step_peak_bytes'], memory_limit or use['limit_bytes']
+  limit = memory_limit or use['limit_bytes']
+  # Each layer holds its own parameters and activations, and the one layer's peak besides
+  # counts the embeddings, the head and the step's scratch: times the layers it is above
+  # the whole model's (1.1-1.3x for the six layers of :full, measured).
+  trial.peak_bytes = use['step_peak_bytes'] and use['step_peak_bytes'] * layers
   if trial.peak_bytes is not None and limit and trial.peak_bytes > limit:
     trial.verdict = f'does not fit: {_mib(trial.peak_bytes)} of {_mib(limit)}'
     return trial, None
@@ -272,7 +396,7 @@ def _compile(config, mesh, batch: dict, vocab_size: int, settings: dict,
   return trial, (compiled, on_mesh, n)
 
 
-def _step(compiled, batch, n: int, states: dict) -> float:
+def _step(compiled, batch, n: tuple, states: dict) -> float:
   began = time.perf_counter()
   states[n], metrics = compiled(states[n], batch, jax.random.key(0))
   jax.block_until_ready((states[n], metrics))
@@ -281,8 +405,9 @@ def _step(compiled, batch, n: int, states: dict) -> float:
 
 def _race(trials: list[Trial], runs: list, steps_wanted: int, states: dict) -> None:
   """Times the compiled steps of `runs` one step each in turn, round after round, until
-  each has train.autotune_steps (see MIN_SECONDS and MAX_SECONDS); sets each trial's
-  median. After the first round, one slower than GIVE_UP_RATIO x the fastest stops."""
+  each has train.autotune_steps (see MIN_SECONDS and MAX_SECONDS), and those still CLOSE to
+  the fastest more (CLOSE_STEPS); sets each trial's median. After the first round, one
+  slower than GIVE_UP_RATIO x the fastest stops."""
   times = [[] for _ in runs]
   alive = list(range(len(runs)))
   for trial in trials:
@@ -295,8 +420,22 @@ def _race(trials: list[Trial], runs: list, steps_wanted: int, states: dict) -> N
       for i in [i for i in alive if times[i][0] > GIVE_UP_RATIO * fastest]:
         trials[i].verdict, alive = 'slower: timed once', [j for j in alive if j != i]
     alive = [i for i in alive if not _timed_enough(times[i], steps_wanted)]
+    if not alive:
+      alive = _close(times, [t.verdict == '' for t in trials], steps_wanted)
   for trial, timed in zip(trials, times, strict=True):
     trial.step_s = statistics.median(timed)
+
+
+def _close(times: list[list[float]], racing: list[bool], steps: int) -> list[int]:
+  """The candidates (of those `racing`) within CLOSE of the fastest median, if two or more
+  are and they have fewer than CLOSE_STEPS x `steps` steps and MAX_SECONDS timed; else []."""
+  medians = {i: statistics.median(t) for i, t in enumerate(times) if racing[i]}
+  fastest = min(medians.values())
+  close = [i for i, m in medians.items() if m <= CLOSE * fastest]
+  if len(close) < 2 or any(len(times[i]) >= CLOSE_STEPS * steps or
+                           sum(times[i]) >= MAX_SECONDS for i in close):
+    return []
+  return close
 
 
 def _timed_enough(times: list[float], steps: int) -> bool:
@@ -378,10 +517,10 @@ def _mib(n: int) -> str:
 def markdown(trials: list[Trial]) -> str:
   """The trials as a Markdown table, in the order first compiled."""
   fields = list(trials[0].settings) if trials else []
-  rows = [fields + ['compile s', 'step ms', 'peak MiB', ''],
-          ['---'] * (len(fields) + 4)]
+  rows = [fields + ['rows', 'compile s', f'{TIMED_LAYERS}-layer step ms', 'peak MiB (bound)',
+                   ''], ['---'] * (len(fields) + 5)]
   for t in trials:
     rows.append([repr(t.settings[f]) for f in fields] + [
-        f'{t.compile_s:.1f}', '' if t.step_s is None else f'{1e3 * t.step_s:,.1f}',
+        str(t.rows), f'{t.compile_s:.1f}', '' if t.step_s is None else f'{1e3 * t.step_s:,.1f}',
         '' if t.peak_bytes is None else f'{t.peak_bytes / 2**20:,.0f}', t.verdict])
   return '\n'.join('| ' + ' | '.join(row) + ' |' for row in rows)

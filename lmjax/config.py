@@ -143,8 +143,9 @@ def _train() -> ml_collections.ConfigDict:
   c.batch_size = 64  # global batch, in sequences; divides by the data-parallel devices
   c.microbatches = 1  # gradient accumulation: the batch in this many slices, one by one
   c.autotune = False  # before training, time the step's settings (autotune.py); use the fastest
-  c.autotune_pinned = ()  # autotune: fields that keep the config's value, ('model.remat',)
-  c.autotune_steps = 3  # autotune: steps timed per candidate, after one untimed
+  # autotune: fields that keep the config's value; by default the CPU device split (autotune.py)
+  c.autotune_pinned = ('mesh.cpu_devices',)
+  c.autotune_steps = 3  # autotune: steps timed per candidate (at least), after one untimed
   # train steps run by one call of the compiled program (a loop over this many batches):
   # less host work per step for small models; logs, evaluations and checkpoints unchanged
   c.steps_per_dispatch = 1
