@@ -22,6 +22,12 @@ Benchmarks (--bench, repeatable):
               times what training consumes.
   checkpoint  an orbax save of the full train state: how long save() blocks the caller
               (asynchronous), until the write is complete, and a restore; bytes and GB/s.
+  tokenize    the config's tokenizer on --tokenize_mb MB of its training text, 1,024
+              pieces of 4 KB a call (as a tfds: or files: corpus is tokenized): tokens/s,
+              tokens per CPU-second (all threads), the process's peak resident memory.
+              GPT-2's BPE reads data.tokenizer_dir (vocab.json + merges.txt);
+              --compare_hf times Hugging Face tokenizers' encoder after each call, on the
+              same pieces, and says whether the ids agree.
   decode  prefill time, the KV-cached step, the same step recomputed over the whole prefix
           (what decoding without a cache pays), and whole `generate` calls: tokens/s and
           per-token latency, for each --batch_sizes x --strategies. --compare_hf runs the
@@ -54,11 +60,15 @@ from lmjax.errors import run_script
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Model config file.',
                                           lock_config=True)
 _BENCH = flags.DEFINE_multi_enum('bench', ['decode'],
-                                 ['train', 'matmul', 'pipeline', 'checkpoint', 'decode'],
+                                 ['train', 'matmul', 'pipeline', 'checkpoint', 'decode',
+                                  'tokenize'],
                                  'What to measure.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'train: timed steps.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'train: untimed steps after the compiling one.')
 _PIPELINE_BATCHES = flags.DEFINE_integer('pipeline_batches', 200, 'pipeline: batches read.')
+_TOKENIZE_MB = flags.DEFINE_integer(
+    'tokenize_mb', 100, 'tokenize: megabytes of the training text encoded (its documents cut '
+    'into pieces of about 4 KB, repeated as needed).')
 _BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['1', '8'], 'Prompts per generate call.')
 _STRATEGIES = flags.DEFINE_list('strategies', ['greedy', 'beam4'],
                                 'greedy, sample, or beamK (beam search with K beams).')
@@ -68,7 +78,8 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs per measurement (media
 _VOCAB_SIZE = flags.DEFINE_integer(
     'vocab_size', 0, "Vocabulary; 0: GPT-2's 50257 for gpt2_bpe configs, the characters of the "
     'training text (85 for Shakespeare) for char ones, data.vocab_size for sentencepiece.')
-_COMPARE_HF = flags.DEFINE_bool('compare_hf', False, 'Also time Hugging Face generate.')
+_COMPARE_HF = flags.DEFINE_bool('compare_hf', False, 'decode: also time Hugging Face generate; '
+                                  "tokenize: also Hugging Face tokenizers' encoder.")
 _COMPARE_TORCH = flags.DEFINE_bool(
     'compare_torch', False, 'train, matmul (recurrent configs): also time the same model, or '
     'the same products, in PyTorch.')
@@ -351,8 +362,7 @@ def _peak_memory_bytes(device) -> tuple[int, str]:
   stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
   if stats and 'peak_bytes_in_use' in stats:
     return int(stats['peak_bytes_in_use']), 'device peak_bytes_in_use'
-  import resource
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'host max RSS'
+  return _peak_rss_bytes(), 'host max RSS'
 
 
 def _random_batch(config, vocab_size: int) -> dict:
@@ -646,6 +656,71 @@ def bench_pipeline(config, consumed_tokens_per_s: float | None) -> dict:
   return result
 
 
+def bench_tokenize(config) -> list[dict]:
+  """Encodes --tokenize_mb MB of the config's training text with its tokenizer (trained as
+  a run trains it, or data.tokenizer_dir's), 1,024 pieces of about 4 KB a call, as the
+  token cache of a tfds: or files: corpus is written: tokens a second, per CPU-second of all
+  threads, and the process's peak resident memory. With --compare_hf (GPT-2's BPE), each
+  call is followed by Hugging Face `tokenizers`' own encoder on the same pieces, timed the
+  same way, and the ids compared."""
+  import itertools
+  import tempfile
+
+  import numpy as np
+
+  from lmjax.data import corpora, tokenizers
+  data = config.data
+  texts = [text for _, text in corpora.load_split_texts(data.name, 'train',
+                                                      data.data_dir or None)]
+  with tempfile.TemporaryDirectory() as directory:
+    tokenizer = (tokenizers.read_tokenizer_dir(data.tokenizer_dir) if data.tokenizer_dir else
+                 tokenizers.build_tokenizer(data.tokenizer, directory, lambda: texts,
+                                            vocab_size=data.vocab_size or None,
+                                            model_type=data.spm_model_type))
+  encoders = {'lmjax': tokenizer.encode_batch}
+  if _COMPARE_HF.value and tokenizer.kind == 'gpt2_bpe':
+    hf = tokenizer.hf_tokenizer
+    encoders['tokenizers'] = lambda batch: [np.asarray(e.ids, np.int32) for e in
+                                            hf.encode_batch_fast(batch, add_special_tokens=False)]
+  pieces = itertools.cycle([text[i:i + 4096] for text in texts
+                            for i in range(0, len(text), 4096)])
+  totals = {name: [0, 0.0, 0.0] for name in encoders}  # tokens, seconds, CPU-seconds
+  done, same = 0, True
+  while done < _TOKENIZE_MB.value * 10**6:
+    batch = list(itertools.islice(pieces, 1024))
+    done += sum(len(piece.encode('utf-8')) for piece in batch)
+    outputs = []
+    for name, encode in encoders.items():
+      cpu, start = _cpu_seconds(), time.perf_counter()
+      outputs.append(encode(batch))
+      totals[name][1] += time.perf_counter() - start
+      totals[name][2] += _cpu_seconds() - cpu
+      totals[name][0] += sum(len(ids) for ids in outputs[-1])
+    same = same and all(np.array_equal(a, b) for a, b in zip(outputs[0], outputs[-1]))
+  results = []
+  for name, (tokens, seconds, cpu_s) in totals.items():
+    results.append({
+        'bench': 'tokenize', 'impl': name, 'dataset': data.name, 'tokenizer': tokenizer.kind,
+        'vocab': tokenizer.vocab_size, 'megabytes': round(done / 1e6, 1), 'tokens': tokens,
+        'tokens_per_s': round(tokens / seconds), 'tokens_per_cpu_s': round(tokens / cpu_s),
+        'peak_rss_mb': round(_peak_rss_bytes() / 1e6),
+        **({'same_ids': same} if len(encoders) > 1 else {})})
+    print(json.dumps(results[-1]), flush=True)
+  return results
+
+
+def _cpu_seconds() -> float:
+  """CPU time of every thread of this process."""
+  import resource
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
+def _peak_rss_bytes() -> int:
+  import resource
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def bench_checkpoint(config, vocab_size: int) -> dict:
   import shutil
   import tempfile
@@ -700,6 +775,8 @@ _OTHER_COLUMNS = {
               'tokens_per_s', 'mfu', 'peak_memory_gb', 'xla_step_peak_mib', 'compile_s'),
     'matmul': ('impl', 'product', 'shape', 'per_step', 'ms', 'gflop_per_s', 'step_ms'),
     'pipeline': ('dataset', 'batch', 'seq_len', 'tokens_per_s', 'times_training'),
+    'tokenize': ('impl', 'tokenizer', 'vocab', 'megabytes', 'tokens', 'tokens_per_s',
+                 'tokens_per_cpu_s', 'peak_rss_mb'),
     'speculative': ('draft', 'k', 'batch', 'strategy', 'plain_tokens_per_s',
                     'draft_tokens_per_s', 'speedup', 'acceptance', 'tokens_per_call'),
     'checkpoint': ('model', 'bytes', 'first_save_blocking_s', 'save_blocking_s', 'save_total_s',
@@ -770,6 +847,8 @@ def main(argv):
     results += bench_matmul(config, vocab_size)
   if 'pipeline' in _BENCH.value:
     results.append(bench_pipeline(config, consumed))
+  if 'tokenize' in _BENCH.value:
+    results += bench_tokenize(config)
   if 'checkpoint' in _BENCH.value:
     results.append(bench_checkpoint(config, vocab_size))
   if 'decode' in _BENCH.value:

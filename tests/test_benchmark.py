@@ -6,6 +6,7 @@ import os
 import pytest
 
 from tests import script_cases, xla
+from tests.data import test_tokenizers
 
 TINY = '--config=configs/shakespeare_char.py:tiny'
 CASES = {
@@ -20,6 +21,7 @@ CASES = {
                   '--new_tokens=40', '--repeats=1'],
     'torch_without_recurrent': [TINY, '--bench=train', '--compare_torch', '--steps=1'],
     'matmul_of_a_transformer': [TINY, '--bench=matmul'],
+    'tokenize': [TINY, '--bench=tokenize', '--tokenize_mb=1'],
     # train.autotune's search, then the train step with its choice: batch slices only.
     'autotune': [TINY, '--bench=train', '--autotune', '--steps=1', '--warmup=0',
                  '--config.train.batch_size=4', '--config.train.autotune_steps=1',
@@ -29,9 +31,15 @@ CASES = {
 
 
 @pytest.fixture(scope='module')
-def runs():
-  """Every case of CASES as `python experiments/benchmark.py ...` on one device."""
-  return script_cases.run({key: ('benchmark.py', flags) for key, flags in CASES.items()},
+def runs(tmp_path_factory):
+  """Every case of CASES as `python experiments/benchmark.py ...` on one device, and GPT-2's
+  BPE (a small hand-made one) encoded beside Hugging Face's encoder."""
+  gpt2 = tmp_path_factory.mktemp('gpt2')
+  test_tokenizers._write_gpt2_files(gpt2)
+  cases = {**CASES, 'tokenize_gpt2': [
+      TINY, '--bench=tokenize', '--tokenize_mb=1', '--compare_hf', '--table',
+      '--config.data.tokenizer=gpt2_bpe', f'--config.data.tokenizer_dir={gpt2}']}
+  return script_cases.run({key: ('benchmark.py', flags) for key, flags in cases.items()},
                           env=dict(os.environ, XLA_FLAGS=xla.flags()))
 
 
@@ -130,3 +138,20 @@ def test_autotune_prints_its_search_and_benchmarks_the_choice(runs):
       tuned['settings']['train.microbatches'])
   assert ('| mesh.cpu_devices | train.microbatches | rows | compile s | 1-layer step ms | '
           'peak MiB (bound) |') in done.stdout
+
+
+def _rows(done) -> list[dict]:
+  assert done.returncode == 0, done.stderr
+  return [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{')]
+
+
+def test_tokenize_benchmark_reports_rates_and_agrees_with_hugging_face(runs):
+  (char,) = _rows(runs['tokenize'])
+  assert (char['impl'], char['tokenizer']) == ('lmjax', 'char') and char['vocab'] > 50
+  assert char['megabytes'] >= 1 and char['tokens'] == pytest.approx(1e6 * char['megabytes'],
+                                                                    rel=0.01)
+  assert char['tokens_per_s'] > 0 and char['tokens_per_cpu_s'] > 0 and char['peak_rss_mb'] > 0
+  ours, theirs = _rows(runs['tokenize_gpt2'])
+  assert (ours['impl'], theirs['impl']) == ('lmjax', 'tokenizers')
+  assert ours['tokens'] == theirs['tokens'] > 0 and ours['same_ids'] and theirs['same_ids']
+  assert '| lmjax | gpt2_bpe |' in runs['tokenize_gpt2'].stdout

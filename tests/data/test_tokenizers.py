@@ -373,6 +373,43 @@ def test_gpt2_bpe_awkward_text_as_transformers(awkward_gpt2, tmp_path):
   assert [theirs.encode(text) for text in AWKWARD] == list(AWKWARD.values())
 
 
+@pytest.fixture(scope='module')
+def trained_gpt2(train_texts):
+  """A byte-level BPE of 2,000 pieces trained on the corpus with Hugging Face's trainer: many
+  merges, as GPT-2's own files have."""
+  hf = pytest.importorskip('tokenizers')
+  trainer = hf.trainers.BpeTrainer(vocab_size=2000, special_tokens=['<|endoftext|>'],
+                                   initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet(),
+                                   show_progress=False)
+  bpe = hf.Tokenizer(hf.models.BPE())
+  bpe.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  bpe.train_from_iterator(train_texts, trainer)
+  model = json.loads(bpe.to_str())['model']
+  return tokenizers.Gpt2BpeTokenizer(model['vocab'], [tuple(m) for m in model['merges']])
+
+
+def _awkward_texts(n: int, seed: int) -> list[str]:
+  """Texts of characters of every kind GPT-2's pattern tells apart: letters of several
+  scripts, digits, marks, punctuation, spaces, tabs, newlines, other whitespace, emoji,
+  apostrophes next to letters, unassigned code points and the eos token."""
+  rng = np.random.default_rng(seed)
+  parts = list("abcXYZ019 .,;:!?'\"-_()[]\n\t\r  ") + [
+      "'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", '\u00e9', 'e\u0301', '\u00a0',
+      '\u3000', '\u2028', '\u200b', '\u0663', '\u00bd', '\u6771', '\uc5b4', '\U0001F600',
+      '\u200d', '\u0378', '\U000e0001', '\U0010fffd', '<|endoftext|>', '<|endoftext|',
+      ' ' * 5, '\n\n', ' \n ', '\t ']
+  return [''.join(rng.choice(parts, size=size)) for size in rng.integers(0, 120, n)]
+
+
+def test_gpt2_bpe_encodes_as_hugging_face_tokenizers(trained_gpt2, awkward_gpt2, validation):
+  """The encoder (fastokens) gives the ids of the definition's own (tokenizers): on the
+  corpus, on the awkward texts and on 2,000 random ones made of every kind of character."""
+  texts = list(validation.values())[:10] + list(AWKWARD) + _awkward_texts(2000, seed=0)
+  for gpt2 in (trained_gpt2, awkward_gpt2):
+    theirs = [e.ids for e in gpt2._hf.encode_batch(texts, add_special_tokens=False)]
+    assert [ids.tolist() for ids in gpt2.encode_batch(texts)] == theirs
+
+
 def test_gpt2_bpe_without_merges_encodes_bytes(tmp_path):
   pieces = tokenizers._gpt2_byte_chars() + ['<|endoftext|>']
   tokenizer = tokenizers.Gpt2BpeTokenizer({p: i for i, p in enumerate(pieces)}, [])
