@@ -696,7 +696,8 @@ def bench_tokenize(config) -> list[dict]:
       totals[name][1] += time.perf_counter() - start
       totals[name][2] += _cpu_seconds() - cpu
       totals[name][0] += sum(len(ids) for ids in outputs[-1])
-    same = same and all(np.array_equal(a, b) for a, b in zip(outputs[0], outputs[-1]))
+    if len(outputs) > 1:
+      same = same and all(np.array_equal(a, b) for a, b in zip(*outputs, strict=True))
   results = []
   for name, (tokens, seconds, cpu_s) in totals.items():
     results.append({

@@ -13,7 +13,7 @@ reads it back. GPT-2 tokenizers are never trained here: they come with a pretrai
 model (experiments/import_hf.py) or from GPT-2's own vocab.json + merges.txt
 (`read_tokenizer_dir`, which data.tokenizer_dir names). Hugging Face's `tokenizers` (Rust)
 defines them and decodes; `fastokens` (Rust, read from the same definition) encodes, with
-the same ids at about 50 times the rate.
+the same ids at 24-71 times the rate on 2 cores (docs/results.md#tokenizers).
 """
 from __future__ import annotations
 
@@ -363,8 +363,8 @@ class Gpt2BpeTokenizer:
   pieces. Hugging Face's `tokenizers` holds the definition, set up as transformers'
   GPT2TokenizerFast is, so the ids are the ones transformers gives, and decodes.
   `fastokens` encodes from the same definition (its own pattern matcher and BPE, in Rust, a
-  batch on all cores): the same ids, checked against `tokenizers` in the tests, at 130M+
-  tokens/s on 2 cores against 2.5M (docs/results.md#tokenizers).
+  batch on all cores): the same ids, checked against `tokenizers` in the tests, at 186-207M
+  tokens/s on 1 GB on 2 cores against 2.6M (docs/results.md#tokenizers).
   """
 
   kind = 'gpt2_bpe'
